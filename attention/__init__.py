@@ -1,0 +1,21 @@
+"""longctx attention: pure JAX functions with one contract (see attention/registry.py).
+
+Public names: `Mask`, `BlockSizes`, `reference_attention`, `flash_attention`, `local_attention`,
+and the registry (`register`, `get`, `available`). Registered: "dense" (the O(L^2) reference),
+"flash" (blockwise, exact), "local" (flash with a sliding window).
+"""
+
+from attention.block_sizes import BlockSizes
+from attention.flash import flash_attention, local_attention
+from attention.masks import Mask, block_map, local_mask
+from attention.reference import reference_attention
+from attention.registry import available, get, register
+
+register("dense")(reference_attention)
+register("flash")(flash_attention)
+register("local")(local_attention)
+
+__all__ = [
+    "BlockSizes", "Mask", "available", "block_map", "flash_attention", "get", "local_attention",
+    "local_mask", "reference_attention", "register",
+]

@@ -1,0 +1,228 @@
+"""Attention visibility: the `Mask` pytree and block classification.
+
+A query at absolute position `i` sees a key at position `j` iff all of:
+
+* `causal`          -> `j <= i`
+* `window=(l, r)`   -> `i - l <= j <= i + r`
+* segment ids       -> `q_segment_ids[b, t] == kv_segment_ids[b, s] >= 0`
+                       (a negative id is padding: it sees nothing and is seen by nothing)
+
+Query `t` has absolute position `q_offset + t` (`q_offset` is an int or a `[B]` array: decode
+and chunked prefill put the new queries after the cached keys); key `s` has position `s`.
+
+`Mask` is a pytree: `causal` and `window` are static (they shape the kernels' block
+iteration space), the segment ids and `q_offset` are array leaves (they may be traced).
+
+Block classification is what kernels use to skip work. For a tile of queries
+`[q_start, q_start + bq)` and keys `[kv_start, kv_start + bk)`:
+
+* `EMPTY`   -> no query sees any key: the tile is skipped entirely.
+* `FULL`    -> every query sees every key: no mask needs computing.
+* `PARTIAL` -> the mask is evaluated elementwise.
+
+`kv_block_range` / `q_block_range` give the contiguous range of blocks a causal/window mask can
+touch, so loops iterate only over those: a window of width `w` costs O(L * w), causal O(L^2 / 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Int
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+BLOCK_KINDS = {EMPTY: "empty", PARTIAL: "partial", FULL: "full"}
+
+# "Unbounded" window side. Large, yet `position +/- _INF` stays inside int32.
+_INF = 1 << 30
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Mask:
+  """Which keys each query sees. See the module docstring for the exact semantics.
+
+  Attributes:
+    causal: a query never sees keys after its own position.
+    window: `(left, right)`: a query at `i` sees keys in `[i - left, i + right]`.
+      `(0, 0)` is the diagonal only; `(w - 1, 0)` with causal is a w-token sliding window.
+    q_segment_ids: `[B, T]` int; queries see only keys of the same segment; `< 0` is padding.
+    kv_segment_ids: `[B, S]` int; required together with `q_segment_ids`.
+    q_offset: absolute position of query 0: an int or a `[B]` int array.
+  """
+
+  causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
+  window: tuple[int, int] | None = dataclasses.field(default=None, metadata=dict(static=True))
+  q_segment_ids: Int[Array, "B T"] | None = None
+  kv_segment_ids: Int[Array, "B S"] | None = None
+  q_offset: Any = 0
+
+  def __post_init__(self):
+    if self.window is not None:
+      window = tuple(self.window)
+      if len(window) != 2 or not all(isinstance(w, (int, np.integer)) for w in window):
+        raise ValueError(f"Mask.window must be a pair of ints (left, right), got {self.window!r}.")
+      if window[0] < 0 or window[1] < 0:
+        raise ValueError(f"Mask.window sides must be >= 0, got {self.window!r}.")
+      object.__setattr__(self, "window", (int(window[0]), int(window[1])))
+    if (self.q_segment_ids is None) != (self.kv_segment_ids is None):
+      raise ValueError("Mask needs both q_segment_ids and kv_segment_ids, or neither.")
+
+  @property
+  def has_segments(self) -> bool:
+    return self.q_segment_ids is not None
+
+  @property
+  def bounds(self) -> tuple[int, int]:
+    """`(left, right)` reach of a query, folding `causal` into the window (`_INF` = unbounded)."""
+    left, right = self.window if self.window is not None else (_INF, _INF)
+    if self.causal:
+      right = min(right, 0)
+    return left, right
+
+  def is_trivial(self) -> bool:
+    return not self.causal and self.window is None and not self.has_segments
+
+
+def local_mask(window: int, *, causal: bool = True, **kw) -> Mask:
+  """Sliding window of `window` tokens: causal -> the last `window` keys; else centred."""
+  if window < 1:
+    raise ValueError(f"local window must be >= 1 token, got {window}.")
+  if causal:
+    return Mask(causal=True, window=(window - 1, 0), **kw)
+  return Mask(window=(window // 2, window // 2), **kw)
+
+
+def validate(mask: Mask | None, q_shape: tuple[int, ...], kv_shape: tuple[int, ...]) -> Mask:
+  """Checks a mask against `q [B, T, ...]` and `kv [B, S, ...]` shapes; returns a Mask."""
+  if mask is None:
+    return Mask()
+  if not isinstance(mask, Mask):
+    raise ValueError(f"mask must be an attention.Mask or None, got {type(mask).__name__}.")
+  batch, q_len, kv_len = q_shape[0], q_shape[1], kv_shape[1]
+  if mask.has_segments:
+    qs, ks = jnp.shape(mask.q_segment_ids), jnp.shape(mask.kv_segment_ids)
+    if qs != (batch, q_len):
+      raise ValueError(f"q_segment_ids must have shape [B, T] = {(batch, q_len)}, got {qs}.")
+    if ks != (batch, kv_len):
+      raise ValueError(f"kv_segment_ids must have shape [B, S] = {(batch, kv_len)}, got {ks}.")
+  off_shape = jnp.shape(mask.q_offset)
+  if off_shape not in ((), (batch,)):
+    raise ValueError(f"q_offset must be an int or a [B] = [{batch}] array, got shape {off_shape}.")
+  return mask
+
+
+def q_offsets(mask: Mask, batch: int) -> Int[Array, "B"]:
+  return jnp.broadcast_to(jnp.asarray(mask.q_offset, jnp.int32), (batch,))
+
+
+def dense_mask(mask: Mask | None, batch: int, q_len: int, kv_len: int) -> Bool[Array, "B T S"]:
+  """The materialised `[B, T, S]` visibility (True = visible). O(T * S) memory: reference only."""
+  mask = Mask() if mask is None else mask
+  q_pos = q_offsets(mask, batch)[:, None] + jnp.arange(q_len, dtype=jnp.int32)[None]  # B T
+  kv_pos = jnp.arange(kv_len, dtype=jnp.int32)
+  return element_mask(mask, q_pos, kv_pos[None], mask.q_segment_ids, mask.kv_segment_ids)
+
+
+def element_mask(mask: Mask, q_pos, kv_pos, q_seg=None, kv_seg=None) -> Bool[Array, "B T S"]:
+  """Elementwise visibility for position tiles `q_pos [B, t]`, `kv_pos [B|1, s]` (+ segment tiles)."""
+  left, right = mask.bounds
+  diff = kv_pos[:, None, :] - q_pos[:, :, None]  # B t s: key minus query position
+  visible = (diff >= -left) & (diff <= right)
+  if q_seg is not None:
+    visible &= (q_seg[:, :, None] == kv_seg[:, None, :]) & (q_seg[:, :, None] >= 0)
+  return visible
+
+
+# --- block classification ---------------------------------------------------------------------
+
+
+def kv_block_range(mask: Mask, q_lo, q_hi, block_kv: int, num_kv_blocks: int):
+  """Range `[lo, hi)` of kv blocks that queries at absolute positions `[q_lo, q_hi]` can see.
+
+  Works on Python ints and traced int32 scalars alike (kernels compute it per q block).
+  """
+  left, right = mask.bounds
+  first_key = jnp.maximum(q_lo - left, 0) if left < _INF else 0
+  last_key = q_hi + right if right < _INF else num_kv_blocks * block_kv - 1
+  lo = jnp.clip(first_key // block_kv, 0, num_kv_blocks)
+  hi = jnp.clip(last_key // block_kv + 1, lo, num_kv_blocks)
+  return lo, hi
+
+
+def q_block_range(mask: Mask, kv_lo, kv_hi, off_min, off_max, block_q: int, num_q_blocks: int):
+  """Range `[lo, hi)` of q blocks that can see some key in positions `[kv_lo, kv_hi]`.
+
+  Query `t` sits at position `t + offset`, with the offset in `[off_min, off_max]`.
+  """
+  left, right = mask.bounds
+  first_q = jnp.maximum(kv_lo - right - off_max, 0) if right < _INF else 0
+  last_q = kv_hi + left - off_min if left < _INF else num_q_blocks * block_q - 1
+  lo = jnp.clip(first_q // block_q, 0, num_q_blocks)
+  hi = jnp.clip(last_q // block_q + 1, lo, num_q_blocks)
+  return lo, hi
+
+
+def classify_positions(mask: Mask, q_lo, q_hi, kv_lo, kv_hi):
+  """EMPTY / PARTIAL / FULL for query positions `[q_lo, q_hi]` x key positions `[kv_lo, kv_hi]`.
+
+  Only the causal/window part of the mask (positions are absolute, ints or traced scalars).
+  """
+  left, right = mask.bounds
+  # Extreme key-minus-query differences in the tile.
+  d_min, d_max = kv_lo - q_hi, kv_hi - q_lo
+  empty = (d_max < -left) | (d_min > right)
+  full = (d_min >= -left) & (d_max <= right)
+  return jnp.where(empty, EMPTY, jnp.where(full, FULL, PARTIAL))
+
+
+def segment_ranges(seg: Int[Array, "B L"], block: int) -> tuple[Array, Array]:
+  """Per-block `[B, L // block]` min and max segment id, ignoring padding (< 0) ids.
+
+  A block that is all padding gets `min = big, max = -1`, so it meets nothing.
+  """
+  b, length = seg.shape
+  tiles = seg.reshape(b, length // block, block)
+  valid = tiles >= 0
+  seg_min = jnp.min(jnp.where(valid, tiles, _INF), axis=-1)
+  seg_max = jnp.max(jnp.where(valid, tiles, -1), axis=-1)
+  return seg_min, seg_max
+
+
+def classify_segments(q_min, q_max, kv_min, kv_max, q_all_valid, kv_all_valid):
+  """EMPTY / PARTIAL / FULL from per-tile segment ranges (arrays over batch are reduced)."""
+  disjoint = (q_max < kv_min) | (kv_max < q_min)
+  single = (q_min == q_max) & (kv_min == kv_max) & (q_min == kv_min) & q_all_valid & kv_all_valid
+  empty = jnp.all(disjoint)
+  full = jnp.all(single)
+  return jnp.where(empty, EMPTY, jnp.where(full, FULL, PARTIAL))
+
+
+def combine(a, b):
+  """Class of the intersection of two masks' tiles: empty wins, full needs both full."""
+  return jnp.minimum(a, b)
+
+
+def block_map(mask: Mask | None, q_len: int, kv_len: int, block_q: int, block_kv: int,
+              batch_index: int = 0) -> np.ndarray:
+  """`[ceil(T / bq), ceil(S / bk)]` numpy array of block kinds for one batch row (for plots).
+
+  Keys past `kv_len` (padding of the last block) count as invisible, as in the kernels.
+  """
+  mask = Mask() if mask is None else mask
+  dense = np.asarray(dense_mask(mask, max(1, batch_index + 1) if not mask.has_segments
+                                else jnp.shape(mask.q_segment_ids)[0], q_len, kv_len))[batch_index]
+  nq, nk = -(-q_len // block_q), -(-kv_len // block_kv)
+  padded = np.zeros((nq * block_q, nk * block_kv), bool)
+  padded[:q_len, :kv_len] = dense
+  valid = np.zeros_like(padded)
+  valid[:q_len, :kv_len] = True
+  tiles = padded.reshape(nq, block_q, nk, block_kv).transpose(0, 2, 1, 3)
+  valid_tiles = valid.reshape(nq, block_q, nk, block_kv).transpose(0, 2, 1, 3)
+  any_visible = tiles.any(axis=(2, 3))
+  all_visible = (tiles | ~valid_tiles).all(axis=(2, 3)) & valid_tiles.all(axis=(2, 3))
+  return np.where(~any_visible, EMPTY, np.where(all_visible, FULL, PARTIAL))

@@ -1,0 +1,78 @@
+"""Dense O(L^2) softmax attention: the oracle every other variant is tested against.
+
+Materialises the `[B, N, T, S]` scores and the `[B, T, S]` mask; float32 statistics.
+GQA/MQA: q heads are grouped as `[K, G]` (kv head k serves q heads `k*G .. k*G+G-1`, as in
+`jax.nn.dot_product_attention`), so K/V are never repeated in memory.
+A query with no visible key returns zeros (not NaN, not a uniform average).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from attention import masks as masks_lib
+from attention.masks import Mask
+
+# Dtypes whose softmax statistics accumulate in float32.
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def check_qkv(q, k, v) -> tuple[int, int, int, int, int, int]:
+  """Validates `q [B, T, N, H]`, `k, v [B, S, K, H]`; returns `(B, T, S, N, K, H)`."""
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if jnp.ndim(x) != 4:
+      raise ValueError(f"{name} must have rank 4 [batch, seq, heads, head_dim], got shape "
+                       f"{jnp.shape(x)}.")
+  (b, t, n, h), (bk, s, kh, hk) = jnp.shape(q), jnp.shape(k)
+  if jnp.shape(v) != jnp.shape(k):
+    raise ValueError(f"k and v must have the same shape, got {jnp.shape(k)} and {jnp.shape(v)}.")
+  if bk != b:
+    raise ValueError(f"q and k must have the same batch size, got {b} and {bk}.")
+  if hk != h:
+    raise ValueError(f"q and k must have the same head_dim, got {h} and {hk}.")
+  if kh == 0 or n % kh:
+    raise ValueError(f"q heads ({n}) must be a multiple of kv heads ({kh}) for GQA/MQA.")
+  return b, t, s, n, kh, h
+
+
+def default_scale(head_dim: int, scale: float | None) -> float:
+  return head_dim ** -0.5 if scale is None else float(scale)
+
+
+def reference_attention(
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B S K H"],
+    v: Float[Array, "B S K H"],
+    *,
+    mask: Mask | None = None,
+    scale: float | None = None,
+) -> Float[Array, "B T N H"]:
+  """softmax(q k^T * scale + mask) v, dense. O(T * S) memory and compute per head."""
+  b, t, s, n, kh, h = check_qkv(q, k, v)
+  mask = masks_lib.validate(mask, q.shape, k.shape)
+  out, _ = reference_attention_with_lse(q, k, v, mask=mask, scale=scale)
+  return out
+
+
+def reference_attention_with_lse(q, k, v, *, mask: Mask | None = None,
+                                 scale: float | None = None):
+  """Dense attention that also returns the float32 log-sum-exp `[B, N, T]` (-inf if no key)."""
+  b, t, s, n, kh, h = check_qkv(q, k, v)
+  g = n // kh
+  scale = default_scale(h, scale)
+  qg = q.reshape(b, t, kh, g, h)
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
+  visible = masks_lib.dense_mask(mask, b, t, s)[:, None, None]  # B 1 1 T S
+  logits = jnp.where(visible, logits, -jnp.inf)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+  unnormalised = jnp.exp(logits - row_max)  # masked -> exactly 0
+  denom = jnp.sum(unnormalised, axis=-1, keepdims=True)
+  has_key = denom > 0
+  probs = unnormalised / jnp.where(has_key, denom, 1.0)
+  lse = jnp.where(has_key, row_max + jnp.log(jnp.where(has_key, denom, 1.0)), -jnp.inf)[..., 0]
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(jnp.float32))
+  out = out.reshape(b, t, n, h).astype(q.dtype)
+  return out, lse.reshape(b, n, t)
