@@ -141,7 +141,7 @@ def _prepare(q, k, v, mask: Mask, block_q: int, block_kv: int):
 # --- XLA forward --------------------------------------------------------------------------------
 
 
-def _xla_forward(q, k, v, mask: Mask, scale: float, block_q: int, block_kv: int):
+def flash_forward_xla(q, k, v, mask: Mask, scale: float, block_q: int, block_kv: int):
   """Returns `out [B, T, N, H]` (q.dtype) and `lse [B, N, T]` float32."""
   b, t, _, n, kh, h = check_qkv(q, k, v)
   g = n // kh
@@ -192,7 +192,7 @@ def _xla_forward(q, k, v, mask: Mask, scale: float, block_q: int, block_kv: int)
 # --- XLA backward -------------------------------------------------------------------------------
 
 
-def _xla_backward(q, k, v, out, lse, dout, mask: Mask, scale: float, block_q: int,
+def flash_backward_xla(q, k, v, out, lse, dout, mask: Mask, scale: float, block_q: int,
                   block_kv: int):
   """Gradients `(dq, dk, dv)` from the saved `lse`, recomputing scores tile by tile."""
   b, t, s, n, kh, h = check_qkv(q, k, v)
@@ -262,19 +262,19 @@ def _xla_backward(q, k, v, out, lse, dout, mask: Mask, scale: float, block_q: in
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
 def _xla_flash(q, k, v, mask_arrays, offsets, mask_static, scale, block_q, block_kv):
   mask = _rebuild(mask_static, mask_arrays, offsets)
-  return _xla_forward(q, k, v, mask, scale, block_q, block_kv)[0]
+  return flash_forward_xla(q, k, v, mask, scale, block_q, block_kv)[0]
 
 
 def _xla_flash_fwd(q, k, v, mask_arrays, offsets, mask_static, scale, block_q, block_kv):
   mask = _rebuild(mask_static, mask_arrays, offsets)
-  out, lse = _xla_forward(q, k, v, mask, scale, block_q, block_kv)
+  out, lse = flash_forward_xla(q, k, v, mask, scale, block_q, block_kv)
   return out, (q, k, v, mask_arrays, offsets, out, lse)
 
 
 def _xla_flash_bwd(mask_static, scale, block_q, block_kv, res, dout):
   q, k, v, mask_arrays, offsets, out, lse = res
   mask = _rebuild(mask_static, mask_arrays, offsets)
-  dq, dk, dv = _xla_backward(q, k, v, out, lse, dout, mask, scale, block_q, block_kv)
+  dq, dk, dv = flash_backward_xla(q, k, v, out, lse, dout, mask, scale, block_q, block_kv)
   return dq, dk, dv, None, None
 
 
