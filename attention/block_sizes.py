@@ -2,11 +2,22 @@
 
 A frozen (hashable) dataclass, passed as a static argument. Invalid sizes raise a `ValueError`
 that says what is allowed, before anything is traced.
+
+Pallas (Triton) kernels and their tiles (rows of the "resident" block a program keeps in
+registers x rows of the "streamed" block its inner loop loads per step):
+
+| kernel | grid                    | resident tile  | streamed tile  |
+|--------|-------------------------|----------------|----------------|
+| fwd    | q blocks x B x N        | `block_q`      | `block_kv`     |
+| dK/dV  | kv blocks x B x K       | `block_kv_bwd` | `block_q_bwd`  |
+| dQ     | q blocks x B x N        | `block_q_dq`   | `block_kv_dq`  |
 """
 
 from __future__ import annotations
 
 import dataclasses
+
+import numpy as np
 
 # Pallas/Triton tiles must be at least this big (tl.dot needs 16x16 operands).
 MIN_PALLAS_BLOCK = 16
@@ -24,8 +35,11 @@ class BlockSizes:
 
   Attributes:
     block_q, block_kv: forward tiles (queries per program, keys per inner step).
-    block_q_bwd, block_kv_bwd: backward tiles (dK/dV and dQ passes).
-    num_warps, num_stages: Triton launch parameters (ignored by the XLA path).
+    block_q_bwd, block_kv_bwd: backward tiles (dK/dV pass; the XLA path ignores them).
+    block_q_dq, block_kv_dq: tiles of the Pallas dQ pass; None mirrors dK/dV (the resident q
+      tile is `block_kv_bwd`, the streamed kv tile `block_q_bwd`).
+    num_warps, num_stages: Triton launch parameters (ignored by the XLA path); None lets each
+      kernel pick (`pallas_launch`).
   """
 
   block_q: int = 512
@@ -34,10 +48,15 @@ class BlockSizes:
   block_kv_bwd: int = 512
   num_warps: int | None = None
   num_stages: int | None = None
+  block_q_dq: int | None = None
+  block_kv_dq: int | None = None
 
   def __post_init__(self):
-    for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
+    for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd", "block_q_dq",
+                 "block_kv_dq"):
       value = getattr(self, name)
+      if value is None and name.endswith("_dq"):
+        continue
       if not _is_pow2(value):
         raise ValueError(f"BlockSizes.{name} must be a positive power of two, got {value!r}.")
     for name in ("num_warps", "num_stages"):
@@ -52,3 +71,84 @@ class BlockSizes:
     """CPU/XLA tiles: large enough that each step is a few-MFLOP matmul, small enough for L2."""
     del head_dim
     return cls(block_q=512, block_kv=512, block_q_bwd=512, block_kv_bwd=512)
+
+  # --- Pallas (Triton) tiles ---------------------------------------------------------------------
+
+  @property
+  def dq_tiles(self) -> tuple[int, int]:
+    """`(block_q, block_kv)` of the dQ kernel (None fields mirror the dK/dV tiles)."""
+    return (self.block_q_dq or self.block_kv_bwd, self.block_kv_dq or self.block_q_bwd)
+
+  @classmethod
+  def default_pallas(cls, head_dim: int, dtype=np.float32) -> "BlockSizes":
+    """Triton tiles for H100/H200-class GPUs, per head_dim; shrunk until they fit shared memory.
+
+    Forward 128x64 (64x32 at head_dim 256); backward: a 128-row resident tile (dK/dV keys, dQ
+    queries) against 32-row streamed steps (FlashAttention-2's Triton split), 64 rows at 256.
+    """
+    head_dim = _padded_head_dim(head_dim)
+    if head_dim <= 128:
+      sizes = cls(block_q=128, block_kv=64, block_q_bwd=32, block_kv_bwd=128,
+                  block_q_dq=128, block_kv_dq=32)
+    else:
+      sizes = cls(block_q=64, block_kv=32, block_q_bwd=32, block_kv_bwd=64,
+                  block_q_dq=64, block_kv_dq=32)
+    tiles = {"fwd": ("block_q", "block_kv"), "dkdv": ("block_kv_bwd", "block_q_bwd"),
+             "dq": ("block_q_dq", "block_kv_dq")}
+    for kernel, names in tiles.items():  # halve the larger tile of a kernel until it fits
+      while (sizes.shared_memory_bytes(head_dim, dtype)[kernel] > MAX_SHARED_MEMORY_BYTES
+             and max(getattr(sizes, n) for n in names) > MIN_PALLAS_BLOCK):
+        largest = max(names, key=lambda n: getattr(sizes, n))
+        sizes = dataclasses.replace(sizes, **{largest: getattr(sizes, largest) // 2})
+    return sizes
+
+  def pallas_launch(self, kernel: str, head_dim: int) -> tuple[int, int]:
+    """`(num_warps, num_stages)` for kernel "fwd" | "dkdv" | "dq" (explicit fields win).
+
+    Heuristic: 8 warps once the resident f32 accumulators pass 64 registers per thread at 4
+    warps (tile rows x head_dim > 64 x 128), else 4; 3 pipeline stages forward, 2 backward.
+    """
+    resident = {"fwd": self.block_q, "dkdv": self.block_kv_bwd, "dq": self.dq_tiles[0]}[kernel]
+    accumulators = 2 if kernel == "dkdv" else 1
+    warps = 8 if resident * _padded_head_dim(head_dim) * accumulators > 64 * 128 else 4
+    stages = 3 if kernel == "fwd" and head_dim <= 128 else 2
+    return (self.num_warps or warps, self.num_stages or stages)
+
+  def shared_memory_bytes(self, head_dim: int, dtype) -> dict[str, int]:
+    """Estimated shared memory per kernel: resident tiles + `num_stages` buffers of streamed ones.
+
+    fwd: q + stages x (k, v); dK/dV: k, v + stages x (q, dout); dQ: q, dout + stages x (k, v).
+    An estimate (Triton may add layout-conversion scratch), used to reject tiles early.
+    """
+    h, item = _padded_head_dim(head_dim), np.dtype(dtype).itemsize
+    q_dq, kv_dq = self.dq_tiles
+    out = {}
+    for kernel, resident, streamed, n_resident in (
+        ("fwd", self.block_q, self.block_kv, 1),
+        ("dkdv", self.block_kv_bwd, self.block_q_bwd, 2),
+        ("dq", q_dq, kv_dq, 2)):
+      stages = self.pallas_launch(kernel, head_dim)[1]
+      out[kernel] = item * h * (n_resident * resident + stages * 2 * streamed)
+    return out
+
+  def validate_pallas(self, head_dim: int, dtype) -> "BlockSizes":
+    """Raises ValueError unless every tile is >= 16 and each kernel fits in shared memory."""
+    names = ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd", "block_q_dq", "block_kv_dq")
+    for name in names:
+      value = getattr(self, name)
+      if value is not None and value < MIN_PALLAS_BLOCK:
+        raise ValueError(f"BlockSizes.{name} = {value}: Pallas/Triton tiles must be powers of two "
+                         f">= {MIN_PALLAS_BLOCK} (tl.dot needs 16x16 operands).")
+    for kernel, size in self.shared_memory_bytes(head_dim, dtype).items():
+      if size > MAX_SHARED_MEMORY_BYTES:
+        raise ValueError(
+            f"BlockSizes {self} need ~{size // 1024} KiB of shared memory in the {kernel} kernel "
+            f"(head_dim {head_dim}, {np.dtype(dtype).name}), more than the "
+            f"{MAX_SHARED_MEMORY_BYTES // 1024} KiB a GPU block may use; use smaller tiles or "
+            f"fewer num_stages (BlockSizes.default_pallas(head_dim, dtype) always fits).")
+    return self
+
+
+def _padded_head_dim(head_dim: int) -> int:
+  """Kernels pad head_dim to a power of two >= 16 (Triton tensors are power-of-two shaped)."""
+  return max(MIN_PALLAS_BLOCK, 1 << max(0, int(head_dim) - 1).bit_length())
