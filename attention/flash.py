@@ -366,7 +366,8 @@ def local_attention(
   `w // 2` keys each side plus the query) or an explicit `(left, right)`. Combined with any
   window already in `mask` by intersection; causality and segments come from `mask`.
   """
-  mask = Mask() if mask is None else mask
+  check_qkv(q, k, v)
+  mask = masks_lib.validate(mask, q.shape, k.shape)
   if isinstance(window, int):
     window = masks_lib.local_mask(window, causal=mask.causal).window
   if mask.window is not None:

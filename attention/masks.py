@@ -214,8 +214,12 @@ def block_map(mask: Mask | None, q_len: int, kv_len: int, block_q: int, block_kv
   Keys past `kv_len` (padding of the last block) count as invisible, as in the kernels.
   """
   mask = Mask() if mask is None else mask
-  dense = np.asarray(dense_mask(mask, max(1, batch_index + 1) if not mask.has_segments
-                                else jnp.shape(mask.q_segment_ids)[0], q_len, kv_len))[batch_index]
+  batch = batch_index + 1
+  if mask.has_segments:
+    batch = jnp.shape(mask.q_segment_ids)[0]
+  elif jnp.ndim(mask.q_offset):
+    batch = jnp.shape(mask.q_offset)[0]
+  dense = np.asarray(dense_mask(mask, batch, q_len, kv_len))[batch_index]
   nq, nk = -(-q_len // block_q), -(-kv_len // block_kv)
   padded = np.zeros((nq * block_q, nk * block_kv), bool)
   padded[:q_len, :kv_len] = dense
