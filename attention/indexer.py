@@ -1,0 +1,309 @@
+"""DeepSeek Sparse Attention (DSA) lightning indexer: scores, blockwise exact top-k, KL loss.
+
+Index score of query `t` for key `s` (DeepSeek-V3.2-Exp, see shared/specs/dsa.md)::
+
+    I[b, t, s] = sum_j  w[b, t, j] * ReLU( q_I[b, t, j, :] . k_I[b, s, :] )
+
+with `index_q [B, T, J, D]` (J = H_I indexer heads of D = d_I dims), ONE key per token
+`index_k [B, S, D]` shared by all indexer heads (MQA style), head weights `index_w [B, T, J]`.
+Keys a query cannot see under `attention.Mask` (causal, window, segments, `q_offset`) score -inf.
+
+FP8 path (`fp8=True`): q_I and k_I are quantised to float8_e4m3fn with one float32 scale per
+vector (absmax / 448); the dot products accumulate in float32; ReLU, the head weights (times
+the q scale, which is positive so it commutes with ReLU) and the key scale are applied after.
+
+`indexer_topk` never materialises `[T, S]`: it walks blocks of `block_q` queries (`lax.map`),
+scores each block against the key range its mask can reach (causal/window: one of a few static
+widths, so a causal prefix costs ~S/2 on average), and selects the top-k of every row exactly
+with a bisection on the float32 bit pattern (see `select_topk`). Memory O(T * k + block_q * S).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float, Int
+
+from attention import masks as masks_lib
+from attention.masks import Mask
+
+FP8_DTYPE = jnp.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def check_indexer_inputs(index_q, index_k, index_w) -> tuple[int, int, int, int, int]:
+  """Validates `index_q [B, T, J, D]`, `index_k [B, S, D]`, `index_w [B, T, J]`.
+
+  Returns `(B, T, S, J, D)`.
+  """
+  if jnp.ndim(index_q) != 4:
+    raise ValueError(f"index_q must have rank 4 [batch, seq, index_heads, index_dim], got shape "
+                     f"{jnp.shape(index_q)}.")
+  b, t, j, d = jnp.shape(index_q)
+  if jnp.ndim(index_k) != 3 or jnp.shape(index_k)[0] != b or jnp.shape(index_k)[2] != d:
+    raise ValueError(f"index_k must have shape [B, S, D] = [{b}, S, {d}] (one key per token, "
+                     f"shared by the indexer heads), got {jnp.shape(index_k)}.")
+  if jnp.shape(index_w) != (b, t, j):
+    raise ValueError(f"index_w must have shape [B, T, J] = {(b, t, j)}, got "
+                     f"{jnp.shape(index_w)}.")
+  return b, t, jnp.shape(index_k)[1], j, d
+
+
+# --- scores -------------------------------------------------------------------------------------
+
+
+def quantize_fp8(x: Float[Array, "... D"]) -> tuple[Array, Float[Array, "..."]]:
+  """float8_e4m3fn values and one float32 scale per vector (last axis): `x ~= x8 * scale`."""
+  x = x.astype(jnp.float32)
+  absmax = jnp.max(jnp.abs(x), axis=-1)
+  scale = jnp.where(absmax > 0, absmax / FP8_MAX, 1.0)
+  return (x / scale[..., None]).astype(FP8_DTYPE), scale
+
+
+def _prepare_keys(index_k, fp8: bool):
+  """Keys as used by `_score_tile`: `(k [B, S, D], k_scale [B, S] or None)`."""
+  if fp8:
+    return quantize_fp8(index_k)
+  return index_k.astype(jnp.float32), None
+
+
+def _score_tile(q, w, k, k_scale):
+  """Unmasked scores `[B, t, s]` float32 of queries `q [B, t, J, D]`, `w [B, t, J]`, keys `k`."""
+  w = w.astype(jnp.float32)
+  if k_scale is not None:  # FP8: k is float8 already; quantise q, fold its scale into w.
+    q, q_scale = quantize_fp8(q)
+    w = w * q_scale
+  else:
+    q = q.astype(jnp.float32)
+  dots = jnp.einsum("BtJD,BsD->BtJs", q, k, preferred_element_type=jnp.float32)
+  scores = jnp.einsum("BtJs,BtJ->Bts", jax.nn.relu(dots), w)
+  if k_scale is not None:
+    scores = scores * k_scale[:, None, :]
+  return scores
+
+
+def indexer_scores(
+    index_q: Float[Array, "B T J D"],
+    index_k: Float[Array, "B S D"],
+    index_w: Float[Array, "B T J"],
+    *,
+    mask: Mask | None = None,
+    fp8: bool = False,
+) -> Float[Array, "B T S"]:
+  """Dense lightning-indexer scores `[B, T, S]` float32; keys hidden by `mask` are -inf.
+
+  O(T * S * J * D) compute and O(T * S) memory: for tests, small inputs and the KL target.
+  """
+  b, t, s, _, _ = check_indexer_inputs(index_q, index_k, index_w)
+  mask = masks_lib.validate(mask, (b, t), (b, s))
+  k, k_scale = _prepare_keys(index_k, fp8)
+  scores = _score_tile(index_q, index_w, k, k_scale)
+  return jnp.where(masks_lib.dense_mask(mask, b, t, s), scores, -jnp.inf)
+
+
+# --- exact top-k selection ----------------------------------------------------------------------
+
+
+def _order_key(x: Float[Array, "R W"]) -> Array:
+  """uint32 keys with the order of float32 `x` (-0.0 sorts just below +0.0)."""
+  bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  negative = (bits >> 31) == 1
+  return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _lower_bound(sorted_rows, targets):
+  """Per row, the first position `p` with `sorted_rows[r, p] >= targets[r, j]` (binary search)."""
+  r, n = sorted_rows.shape
+  lo = jnp.zeros(targets.shape, jnp.int32)
+  hi = jnp.full(targets.shape, n, jnp.int32)
+  for _ in range(max(1, n).bit_length()):  # static, log2(n) + 1 steps
+    mid = (lo + hi) // 2
+    below = jnp.take_along_axis(sorted_rows, jnp.minimum(mid, n - 1), axis=1,
+                                mode="promise_in_bounds") < targets
+    lo = jnp.where(below, mid + 1, lo)
+    hi = jnp.where(below, hi, mid)
+  return lo
+
+
+def _prefix_counts(flags: Float[Array, "X R W"], chunk: int = 16) -> Float[Array, "X R W"]:
+  """Inclusive prefix sums of 0/1 `flags` along W: a triangular matmul per chunk + chunk offsets.
+
+  Exact (integers below 2^24 in float32); O(W * chunk) flops on the matmul units instead of a
+  log-depth scan, which XLA:CPU runs slowly over long rows.
+  """
+  x, r, w = flags.shape
+  c = min(chunk, w)
+  pad = -w % c
+  f = jnp.pad(flags, ((0, 0), (0, 0), (0, pad))).reshape(x, r, -1, c)  # X R W/c c
+  tri = jnp.triu(jnp.ones((c, c), jnp.float32))  # tri[i, j] = 1 for i <= j
+  within = jnp.einsum("XRnc,cd->XRnd", f, tri)
+  offsets = jnp.cumsum(within[..., -1], axis=-1) - within[..., -1]  # X R W/c, exclusive
+  return (within + offsets[..., None]).reshape(x, r, -1)[..., :w]
+
+
+def select_topk(scores: Float[Array, "R W"], visible, k: int) -> Int[Array, "R k"]:
+  """Exact top-k positions of each row of `scores` among `visible` entries; -1 pads.
+
+  Row r keeps `kk = min(k, #visible)` positions, listed in ascending position order; ties at the
+  threshold are broken towards lower positions, so exactly `kk` are kept and none twice.
+
+  Algorithm (no sort, no `lax.top_k`; every step is a vectorised pass over the row):
+    1. Map float32 scores to uint32 keys with the same order (flip bits of negatives).
+    2. Bisection on the key value: keep `lo` with count(key >= lo) >= kk and `hi` with
+       count(key >= hi) < kk; stop a row when count(key >= mid) == kk (a gap was hit, no ties
+       to break) or hi = lo + 1 (then lo is exactly the kk-th largest key). At most 32 passes,
+       typically ~16 on continuous scores.
+    3. keep = key > lo, plus the first `kk - count(key > lo)` entries equal to lo (ties).
+       Prefix counts of both (triangular matmuls) give the running count of kept entries,
+       and a binary search per output slot finds the position of the j-th kept entry.
+  Cost O(R * W * passes + R * k * log W); memory O(R * W).
+  """
+  r, w = scores.shape
+  if not 1 <= k <= w:
+    raise ValueError(f"select_topk needs 1 <= k <= row length {w}, got k={k}.")
+  # Invisible -> 0, visible -> at least 1, so thresholds >= 1 never keep an invisible entry.
+  key = jnp.where(visible, jnp.maximum(_order_key(scores), 1), 0).astype(jnp.uint32)
+  n_visible = jnp.sum(visible, axis=-1, dtype=jnp.int32)
+  kk = jnp.minimum(n_visible, k)
+  lo = jnp.min(jnp.where(visible, key, jnp.uint32(0xFFFFFFFF)), axis=-1)
+  hi = jnp.max(key, axis=-1) + 1  # key < 2^32 - 1 unless NaN payloads
+  # Rows with <= k visible keep everything visible: done at once (lo = min visible key).
+  done = (kk == n_visible) | (kk == 0)
+  # count(key >= lo) and count(key >= hi), used to interpolate the next guess.
+  c_lo, c_hi = n_visible, jnp.zeros_like(n_visible)
+
+  def cond(state):
+    lo, hi, _, _, done, _ = state
+    return jnp.any(~done & (hi - lo > 1))
+
+  def body(state):
+    lo, hi, c_lo, c_hi, done, step = state
+    span = hi - lo
+    # Even steps interpolate (counts are smooth in the key), odd steps bisect (worst case).
+    frac = (c_lo - kk).astype(jnp.float32) / jnp.maximum(c_lo - c_hi, 1).astype(jnp.float32)
+    guess = (frac * span.astype(jnp.float32)).astype(jnp.uint32)
+    offset = jnp.where(step % 2 == 0, guess, span // 2)
+    mid = lo + jnp.clip(offset, 1, jnp.maximum(span, 2) - 1)
+    count = jnp.sum(key >= mid[:, None], axis=-1, dtype=jnp.int32)
+    active = ~done & (span > 1)
+    up = active & (count >= kk)
+    down = active & (count < kk)
+    return (jnp.where(up, mid, lo), jnp.where(down, mid, hi), jnp.where(up, count, c_lo),
+            jnp.where(down, count, c_hi), done | (active & (count == kk)), step + 1)
+
+  lo, hi, c_lo, _, done, _ = lax.while_loop(cond, body, (lo, hi, c_lo, c_hi, done, 0))
+  # `done` rows: exactly kk keys >= lo. Others: lo is the kk-th largest key and ties at lo
+  # must be cut: keep the first `kk - count(key > lo)` of them.
+  exact = done[:, None]
+  greater = jnp.where(exact, key >= lo[:, None], key > lo[:, None]) & (key > 0)
+  equal = ~exact & (key == lo[:, None]) & (key > 0)
+
+  def cut_ties():
+    prefix = _prefix_counts(jnp.stack([greater, equal]).astype(jnp.float32))  # 2 R W
+    need = (kk - prefix[0, :, -1].astype(jnp.int32)).astype(jnp.float32)
+    return prefix[0] + jnp.minimum(prefix[1], need[:, None])
+
+  def no_ties():  # all rows exact: the kept set is `greater`
+    return _prefix_counts(greater[None].astype(jnp.float32))[0]
+
+  kept = lax.cond(jnp.all(done), no_ties, cut_ties)  # running count of kept entries
+  slots = jnp.arange(1, k + 1, dtype=jnp.float32)[None]  # the j-th kept entry, 1-based
+  pos = _lower_bound(kept, jnp.broadcast_to(slots, (r, k)))
+  return jnp.where(jnp.arange(k)[None] < kk[:, None], pos, -1).astype(jnp.int32)
+
+
+# --- blockwise top-k over queries ---------------------------------------------------------------
+
+
+def _key_widths(mask: Mask, kv_len: int, top_k: int, num_widths: int) -> tuple[int, ...]:
+  """Static key-window widths a q block may use: one (S) unless causal/window bound the reach."""
+  left, right = mask.bounds
+  if left >= masks_lib._INF and right >= masks_lib._INF:  # pylint: disable=protected-access
+    return (kv_len,)
+  widths = {min(kv_len, max(top_k, -(-kv_len * m // num_widths))) for m in range(1, num_widths + 1)}
+  return tuple(sorted(widths))
+
+
+def indexer_topk(
+    index_q: Float[Array, "B T J D"],
+    index_k: Float[Array, "B S D"],
+    index_w: Float[Array, "B T J"],
+    *,
+    top_k: int,
+    mask: Mask | None = None,
+    fp8: bool = False,
+    block_q: int = 16,
+    num_widths: int = 8,
+) -> Int[Array, "B T top_k"]:
+  """Per query, the positions of its `top_k` highest indexer scores among visible keys.
+
+  Returns `[B, T, top_k]` int32: query t keeps `min(top_k, #visible keys)` positions in
+  ascending position order (exactly the top-k set of `indexer_scores`, ties broken towards
+  lower positions, never a duplicate); unused slots are -1.
+
+  Blockwise: `lax.map` over blocks of `block_q` queries. A block scores only the key window
+  `[start, start + W)` its causal/window mask can reach, with `W` the smallest of `num_widths`
+  static widths (multiples of S / num_widths) that covers it (a `lax.switch`), then runs
+  `select_topk` on `[B * block_q, W]`. Compute O(T * S_reach * (J * D + passes)); memory
+  O(T * top_k + block_q * S). `block_q` rows of S float32 scores should fit in L2 on CPU.
+  """
+  b, t, s, _, _ = check_indexer_inputs(index_q, index_k, index_w)
+  mask = masks_lib.validate(mask, (b, t), (b, s))
+  if not isinstance(top_k, int) or top_k < 1:
+    raise ValueError(f"top_k must be a positive int, got {top_k!r}.")
+  if not isinstance(block_q, int) or block_q < 1:
+    raise ValueError(f"block_q must be a positive int, got {block_q!r}.")
+  if not isinstance(num_widths, int) or num_widths < 1:
+    raise ValueError(f"num_widths must be a positive int, got {num_widths!r}.")
+  bq = min(block_q, t)
+  nq = -(-t // bq)
+  tp = nq * bq
+  k_eff = min(top_k, s)
+  keys, k_scale = _prepare_keys(index_k, fp8)
+  pad_t = ((0, 0), (0, tp - t))
+  q = jnp.pad(index_q, pad_t + ((0, 0), (0, 0)))
+  w = jnp.pad(index_w, pad_t + ((0, 0),))
+  offsets = masks_lib.q_offsets(mask, b)
+  q_seg = kv_seg = None
+  if mask.has_segments:
+    q_seg = jnp.pad(jnp.asarray(mask.q_segment_ids, jnp.int32), pad_t, constant_values=-1)
+    kv_seg = jnp.asarray(mask.kv_segment_ids, jnp.int32)
+  widths = _key_widths(mask, s, k_eff, num_widths)
+  left, right = mask.bounds
+
+  def block(i):
+    q_i = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)  # B bq J D
+    w_i = lax.dynamic_slice_in_dim(w, i * bq, bq, axis=1)  # B bq J
+    q_pos = offsets[:, None] + i * bq + jnp.arange(bq, dtype=jnp.int32)[None]  # B bq
+    q_seg_i = None if q_seg is None else lax.dynamic_slice_in_dim(q_seg, i * bq, bq, axis=1)
+    # Key positions any query of the block can reach: [first, last].
+    first = jnp.maximum(jnp.min(q_pos) - left, 0) if left < masks_lib._INF else 0  # pylint: disable=protected-access
+    last = jnp.minimum(jnp.max(q_pos) + right, s - 1) if right < masks_lib._INF else s - 1  # pylint: disable=protected-access
+    first = jnp.minimum(first, last)
+
+    def window(width):
+      start = jnp.clip(first, 0, s - width)
+      k_w = lax.dynamic_slice_in_dim(keys, start, width, axis=1)  # B W D
+      ks_w = None if k_scale is None else lax.dynamic_slice_in_dim(k_scale, start, width, axis=1)
+      kv_pos = start + jnp.arange(width, dtype=jnp.int32)
+      kv_seg_w = None if kv_seg is None else lax.dynamic_slice_in_dim(kv_seg, start, width, 1)
+      visible = masks_lib.element_mask(mask, q_pos, kv_pos[None], q_seg_i, kv_seg_w)
+      visible &= (q_pos < offsets[:, None] + t)[:, :, None]  # padded queries see nothing
+      scores = _score_tile(q_i, w_i, k_w, ks_w)  # B bq W
+      kw = min(k_eff, width)
+      pos = select_topk(scores.reshape(b * bq, width), visible.reshape(b * bq, width), kw)
+      pos = jnp.where(pos >= 0, pos + start, -1).reshape(b, bq, kw)
+      return jnp.pad(pos, ((0, 0), (0, 0), (0, top_k - kw)), constant_values=-1)
+
+    if len(widths) == 1:
+      return window(widths[0])
+    need = last - first + 1
+    branch = jnp.sum(jnp.asarray(widths, jnp.int32) < need)  # smallest width >= need
+    return lax.switch(jnp.minimum(branch, len(widths) - 1),
+                      [functools.partial(window, wd) for wd in widths])
+
+  out = lax.map(block, jnp.arange(nq))  # nq B bq top_k
+  return out.transpose(1, 0, 2, 3).reshape(b, tp, top_k)[:, :t]
