@@ -307,3 +307,150 @@ def indexer_topk(
 
   out = lax.map(block, jnp.arange(nq))  # nq B bq top_k
   return out.transpose(1, 0, 2, 3).reshape(b, tp, top_k)[:, :t]
+
+
+# --- KL training loss ---------------------------------------------------------------------------
+
+
+def indexer_scores_at(
+    index_q: Float[Array, "B T J D"],
+    index_k: Float[Array, "B S D"],
+    index_w: Float[Array, "B T J"],
+    indices: Int[Array, "B T k"],
+    *,
+    fp8: bool = False,
+) -> Float[Array, "B T k"]:
+  """Indexer scores of the selected keys only (`-inf` on -1 slots). O(T * k * J * D)."""
+  b, t, s, _, _ = check_indexer_inputs(index_q, index_k, index_w)
+  _check_indices(indices, b, t, "indices")
+  keys, k_scale = _prepare_keys(index_k, fp8)
+  safe = jnp.clip(indices, 0, s - 1)
+  k_sel = jax.vmap(lambda x, i: x[i])(keys, safe)  # B T k D
+  w = index_w.astype(jnp.float32)
+  if fp8:
+    q, q_scale = quantize_fp8(index_q)
+    w = w * q_scale
+  else:
+    q = index_q.astype(jnp.float32)
+  dots = jnp.einsum("BTJD,BTkD->BTJk", q, k_sel, preferred_element_type=jnp.float32)
+  scores = jnp.einsum("BTJk,BTJ->BTk", jax.nn.relu(dots), w)
+  if fp8:
+    scores = scores * jax.vmap(lambda x, i: x[i])(k_scale, safe)
+  return jnp.where(indices >= 0, scores, -jnp.inf)
+
+
+def _check_indices(indices, b: int, t: int, name: str):
+  if jnp.ndim(indices) != 3 or jnp.shape(indices)[:2] != (b, t):
+    raise ValueError(f"{name} must have shape [B, T, k] = [{b}, {t}, k], got "
+                     f"{jnp.shape(indices)}.")
+
+
+def attention_target(
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B S K H"],
+    *,
+    mask: Mask | None = None,
+    scale: float | None = None,
+    indices: Int[Array, "B T k"] | None = None,
+) -> Float[Array, "B T S"] | Float[Array, "B T k"]:
+  """KL target p: main attention probabilities summed over heads, L1-normalised, no gradient.
+
+  Dense (`indices=None`): `[B, T, S]`, O(T * S * N) memory (warm-up stage, short sequences).
+  Sparse: `[B, T, k]` over the selected slots (softmax over the slots that are >= 0 and
+  visible under `mask`), O(T * k * N * H) compute. Rows with no visible key are all 0.
+  """
+  from attention.reference import check_qkv, default_scale  # pylint: disable=g-import-not-at-top
+  b, t, s, n, kh, h = check_qkv(q, k, k)
+  mask = masks_lib.validate(mask, q.shape, k.shape)
+  scale = default_scale(h, scale)
+  q, k = lax.stop_gradient(q), lax.stop_gradient(k)
+  qg = q.reshape(b, t, kh, n // kh, h)
+  if indices is None:
+    logits = jnp.einsum("BTKGH,BSKH->BTKGS", qg, k, preferred_element_type=jnp.float32)
+    visible = masks_lib.dense_mask(mask, b, t, s)[:, :, None, None]  # B T 1 1 S
+  else:
+    _check_indices(indices, b, t, "indices")
+    from attention.sparse import effective_indices  # pylint: disable=g-import-not-at-top
+    idx = effective_indices(indices, mask, b, t, s, kh)[:, :, 0]  # B T k, -1 = ignored
+    k_sel = jax.vmap(lambda x, i: x[i])(k, jnp.maximum(idx, 0))  # B T k K H
+    logits = jnp.einsum("BTKGH,BTkKH->BTKGk", qg, k_sel, preferred_element_type=jnp.float32)
+    visible = (idx >= 0)[:, :, None, None]
+  logits = jnp.where(visible, logits * scale, -jnp.inf)
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  e = jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0))
+  l = jnp.sum(e, axis=-1, keepdims=True)
+  probs = e / jnp.where(l > 0, l, 1.0)  # B T K G S|k
+  p = jnp.sum(probs, axis=(2, 3))
+  total = jnp.sum(p, axis=-1, keepdims=True)
+  return p / jnp.where(total > 0, total, 1.0)
+
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def indexer_kl_loss(
+    index_scores: Float[Array, "B T S"] | Float[Array, "B T k"],
+    target: Float[Array, "B T S"] | Float[Array, "B T k"],
+    *,
+    reduction: str = "mean",
+) -> Float[Array, ""] | Float[Array, "B T"]:
+  """KL(p || softmax(I)) per query row, `p = target`, `I = index_scores`; float32.
+
+  Dense (warm-up) form: `index_scores = indexer_scores(...)` `[B, T, S]` (-inf where hidden) and
+  `target = attention_target(q, k, mask=mask)`. Sparse form (restricted to the selected set):
+  `index_scores = indexer_scores_at(..., indices)` and `target = attention_target(q, k,
+  mask=mask, indices=indices)`, both `[B, T, k]`. Entries with score -inf are outside the
+  support: softmax(I) and p are renormalised over the rest (p there must be 0, or is dropped).
+  A row with no finite score, or an all-zero target, contributes 0. The loss is exactly 0 when
+  softmax(I) equals p, and never NaN. Gradients flow into `index_scores` only.
+
+  reduction: "mean" over rows with some finite score, "sum" over rows (DeepSeek's sum over t,
+  averaged over the batch by the caller if wanted), or "none" -> `[B, T]`.
+  """
+  if reduction not in REDUCTIONS:
+    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+  if jnp.shape(index_scores) != jnp.shape(target) or jnp.ndim(index_scores) != 3:
+    raise ValueError(f"index_scores and target must both be [B, T, S] or [B, T, k] with equal "
+                     f"shapes, got {jnp.shape(index_scores)} and {jnp.shape(target)}.")
+  scores = index_scores.astype(jnp.float32)
+  support = jnp.isfinite(scores)
+  p = jnp.where(support, lax.stop_gradient(target).astype(jnp.float32), 0.0)
+  p_total = jnp.sum(p, axis=-1, keepdims=True)
+  p = p / jnp.where(p_total > 0, p_total, 1.0)
+  m = jnp.max(jnp.where(support, scores, -jnp.inf), axis=-1, keepdims=True)
+  m = lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  shifted = jnp.where(support, scores - m, 0.0)
+  log_z = jnp.log(jnp.sum(jnp.where(support, jnp.exp(shifted), 0.0), axis=-1, keepdims=True)
+                  + (~jnp.any(support, axis=-1, keepdims=True)))
+  log_q = shifted - log_z
+  log_p = jnp.log(jnp.where(p > 0, p, 1.0))
+  kl = jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)  # B T
+  if reduction == "none":
+    return kl
+  if reduction == "sum":
+    return jnp.sum(kl)
+  rows = jnp.any(support, axis=-1) & (p_total[..., 0] > 0)
+  return jnp.sum(kl) / jnp.maximum(jnp.sum(rows), 1)
+
+
+def topk_overlap(
+    index_q: Float[Array, "B T J D"],
+    index_k: Float[Array, "B S D"],
+    index_w: Float[Array, "B T J"],
+    *,
+    top_k: int,
+    mask: Mask | None = None,
+    **options,
+) -> Float[Array, ""]:
+  """Share of the float32 top-k set that the FP8 path also selects (1.0 = identical sets).
+
+  Averaged over all selected slots; O(T * top_k * log top_k) beyond the two selections.
+  """
+  exact = indexer_topk(index_q, index_k, index_w, top_k=top_k, mask=mask, **options)
+  approx = indexer_topk(index_q, index_k, index_w, top_k=top_k, mask=mask, fp8=True, **options)
+  big = jnp.iinfo(jnp.int32).max
+  approx_sorted = jnp.sort(jnp.where(approx >= 0, approx, big), axis=-1)
+  pos = jax.vmap(jax.vmap(jnp.searchsorted))(approx_sorted, exact)
+  found = jnp.take_along_axis(approx_sorted, jnp.minimum(pos, top_k - 1), axis=-1) == exact
+  hits = jnp.sum(found & (exact >= 0))
+  return hits / jnp.maximum(jnp.sum(exact >= 0), 1)
