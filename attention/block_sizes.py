@@ -67,10 +67,18 @@ class BlockSizes:
       raise ValueError(f"BlockSizes.num_warps must be a power of two, got {self.num_warps}.")
 
   @classmethod
-  def default_xla(cls, head_dim: int) -> "BlockSizes":
-    """CPU/XLA tiles: large enough that each step is a few-MFLOP matmul, small enough for L2."""
+  def default_xla(cls, head_dim: int, window: tuple[int, int] | None = None) -> "BlockSizes":
+    """CPU/XLA tiles: large enough that each step is a few-MFLOP matmul, small enough for L2.
+
+    With a sliding window, tiles shrink towards the window width (not below 128), so a q tile
+    visits about `window + tile` keys rather than `window + 1024`.
+    """
     del head_dim
-    return cls(block_q=512, block_kv=512, block_q_bwd=512, block_kv_bwd=512)
+    block = 512
+    if window is not None:
+      width = window[0] + window[1] + 1
+      block = min(block, max(128, 1 << (width - 1).bit_length()))
+    return cls(block_q=block, block_kv=block, block_q_bwd=block, block_kv_bwd=block)
 
   # --- Pallas (Triton) tiles ---------------------------------------------------------------------
 

@@ -344,7 +344,8 @@ def flash_attention(
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise ValueError(f"block_sizes must be an attention.BlockSizes, got {block_sizes!r}.")
   if implementation == "xla":
-    return xla_flash_attention(q, k, v, mask, scale, block_sizes or BlockSizes.default_xla(h))
+    block_sizes = block_sizes or BlockSizes.default_xla(h, window=mask.window)
+    return xla_flash_attention(q, k, v, mask, scale, block_sizes)
   from attention.kernels import flash_pallas  # pylint: disable=g-import-not-at-top
   return flash_pallas.flash_attention_pallas(q, k, v, mask=mask, scale=scale,
                                              block_sizes=block_sizes, interpret=interpret)

@@ -1,0 +1,273 @@
+r"""Attention benchmark: exact compiled memory/FLOPs and median wall time per method and length.
+
+    python -m experiments.benchmark --workdir=/tmp/longctx_bench
+    python -m experiments.benchmark --preset=acceptance --workdir=/tmp/longctx_bench
+
+For every (method, mask, length) it compiles forward and forward+backward once, reads the
+temp memory (`memory_analysis().temp_size_in_bytes`) and XLA's FLOP count
+(`cost_analysis()`; note XLA counts a while-loop body once, so blockwise methods report the
+FLOPs of one tile) next to the useful attention FLOPs (4 * B * N * H per visible (q, k) pair
+forward; 3.5x that forward+backward, the FlashAttention convention), then times the call:
+median of `--repeats` runs after one warm-up. Times are only comparable within one run.
+Writes `benchmark.csv` and `benchmark.png` (log-log memory and time vs length) under
+`--workdir` and prints the table.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import time
+from typing import Callable
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import attention
+from attention import Mask
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", "/tmp/longctx_benchmark", "Where benchmark.csv/.png are written.")
+flags.DEFINE_enum("preset", "default", ["default", "acceptance"],
+                  "acceptance: the lengths/methods behind the README's performance figures.")
+flags.DEFINE_list("methods", ["jax", "dense", "flash", "local"],
+                  "Methods (keys of METHODS): jax (jax.nn.dot_product_attention), or registered names.")
+flags.DEFINE_list("lengths", ["1024", "4096", "8192", "32768"], "Sequence lengths.")
+flags.DEFINE_list("causal", ["true"], "Causal settings to sweep (true/false); local is always causal.")
+flags.DEFINE_integer("window", 256, "Local attention window (the last `window` keys).")
+flags.DEFINE_integer("batch", 1, "Batch size.")
+flags.DEFINE_integer("heads", 4, "Query heads.")
+flags.DEFINE_integer("kv_heads", None, "KV heads (GQA); default = heads.")
+flags.DEFINE_integer("head_dim", 64, "Head dimension.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Input dtype.")
+flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported) after one warm-up.")
+flags.DEFINE_integer("quadratic_max_len", 32768, "Dense methods are not compiled beyond this.")
+flags.DEFINE_integer("time_max_len", 8192, "Forward is timed up to this length.")
+flags.DEFINE_integer("time_bwd_max_len", 8192, "Forward+backward is timed up to this length.")
+flags.DEFINE_integer("quadratic_time_max_len", 4096, "Dense methods are timed up to this length.")
+
+# The acceptance figures of the foundation issue, in one run.
+PRESETS = {
+    "acceptance": dict(methods=["jax", "flash", "local"], causal=["false", "true"],
+                       lengths=["4096", "8192", "32768", "131072"], window=256,
+                       time_max_len=32768, time_bwd_max_len=8192, quadratic_max_len=32768,
+                       quadratic_time_max_len=8192),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """How to call one attention method: `build(causal) -> (fn(q, k, v), visibility Mask)`."""
+  build: Callable[[bool], tuple[Callable, Mask]]
+  quadratic: bool = False  # materialises T x S: compiled/timed only up to the quadratic limits
+
+
+def _registered(name: str, **options) -> Callable[[bool], tuple[Callable, Mask]]:
+  def build(causal: bool):
+    mask = Mask(causal=causal)
+    fn = attention.get(name)
+    return (lambda q, k, v: fn(q, k, v, mask=mask, **options)), mask
+  return build
+
+
+def _local(causal: bool):
+  del causal  # a sliding window over the past
+  mask = attention.local_mask(FLAGS.window, causal=True)
+  return (lambda q, k, v: attention.local_attention(q, k, v, mask=Mask(causal=True),
+                                                    window=FLAGS.window)), mask
+
+
+def _jax_xla(causal: bool):
+  fn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                                    implementation="xla")
+  return fn, Mask(causal=causal)
+
+
+METHODS: dict[str, Method] = {
+    "jax": Method(_jax_xla, quadratic=True),
+    "dense": Method(_registered("dense"), quadratic=True),
+    "flash": Method(_registered("flash")),
+    "local": Method(_local),
+}
+
+
+def visible_pairs(mask: Mask, q_len: int, kv_len: int) -> int:
+  """Number of visible (query, key) pairs under a causal/window mask, in O(T) numpy."""
+  left, right = mask.bounds
+  i = np.arange(q_len, dtype=np.int64)
+  lo = np.maximum(i - min(left, kv_len), 0)
+  hi = np.minimum(i + min(right, kv_len), kv_len - 1)
+  return int(np.maximum(hi - lo + 1, 0).sum())
+
+
+def compiled_stats(fn, *args) -> tuple[Callable, float, float]:
+  """`(compiled, temp MiB, XLA GFLOPs)` of `jax.jit(fn)` for these argument shapes."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
+  return compiled, temp, float(cost.get("flops", float("nan"))) / 1e9
+
+
+def median_seconds(compiled, args, repeats: int) -> float:
+  jax.block_until_ready(compiled(*args))  # warm-up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def run_one(method: str, causal: bool, length: int) -> dict:
+  fn, mask = METHODS[method].build(causal)
+  b, n, h = FLAGS.batch, FLAGS.heads, FLAGS.head_dim
+  kh = FLAGS.kv_heads or n
+  dtype = jnp.dtype(FLAGS.dtype)
+  shapes = (jax.ShapeDtypeStruct((b, length, n, h), dtype),
+            jax.ShapeDtypeStruct((b, length, kh, h), dtype),
+            jax.ShapeDtypeStruct((b, length, kh, h), dtype))
+  loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32))
+  fwd_bwd = jax.grad(loss, argnums=(0, 1, 2))
+  fwd_c, fwd_mem, fwd_xla = compiled_stats(fn, *shapes)
+  bwd_c, bwd_mem, bwd_xla = compiled_stats(fwd_bwd, *shapes)
+  useful = 4.0 * b * n * h * visible_pairs(mask, length, length) / 1e9
+  row = dict(method=method, mask=_mask_name(mask), length=length,
+             fwd_temp_mib=fwd_mem, fwd_gflops_xla=fwd_xla, fwd_gflops_attn=useful,
+             fwdbwd_temp_mib=bwd_mem, fwdbwd_gflops_xla=bwd_xla, fwdbwd_gflops_attn=3.5 * useful,
+             fwd_ms=float("nan"), fwdbwd_ms=float("nan"))
+  quadratic = METHODS[method].quadratic
+  time_max = min(FLAGS.time_max_len, FLAGS.quadratic_time_max_len if quadratic else 1 << 62)
+  time_bwd_max = min(FLAGS.time_bwd_max_len,
+                     FLAGS.quadratic_time_max_len if quadratic else 1 << 62)
+  if length <= time_max or length <= time_bwd_max:
+    keys = jax.random.split(jax.random.key(length), 3)
+    args = [jax.random.normal(key, s.shape, jnp.float32).astype(dtype)
+            for key, s in zip(keys, shapes)]
+    if length <= time_max:
+      row["fwd_ms"] = 1e3 * median_seconds(fwd_c, args, FLAGS.repeats)
+    if length <= time_bwd_max:
+      row["fwdbwd_ms"] = 1e3 * median_seconds(bwd_c, args, FLAGS.repeats)
+  return row
+
+
+def _mask_name(mask: Mask) -> str:
+  if mask.window is not None:
+    return f"window{mask.window}"
+  return "causal" if mask.causal else "full"
+
+
+COLUMNS = ["method", "mask", "length", "fwd_temp_mib", "fwdbwd_temp_mib", "fwd_gflops_attn",
+           "fwd_gflops_xla", "fwdbwd_gflops_xla", "fwd_ms", "fwdbwd_ms"]
+
+
+def format_table(rows: list[dict]) -> str:
+  def fmt(value):
+    if isinstance(value, float):
+      return "-" if np.isnan(value) else f"{value:.1f}"
+    return str(value)
+  lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+  lines += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def ratios(rows: list[dict]) -> list[str]:
+  """Headline ratios measured in this run (only those whose rows exist)."""
+  by = {(r["method"], r["mask"], r["length"]): r for r in rows}
+  out = []
+
+  def ratio(a, b, col):
+    if a in by and b in by and not np.isnan(by[a][col]) and not np.isnan(by[b][col]):
+      return by[b][col] / by[a][col]
+    return None
+
+  window = f"window{(FLAGS.window - 1, 0)}"
+  checks = [
+      ("flash fwd vs jax.nn.dot_product_attention, full, 8192", ("flash", "full", 8192),
+       ("jax", "full", 8192), "fwd_ms"),
+      ("flash causal vs flash full fwd, 8192", ("flash", "causal", 8192),
+       ("flash", "full", 8192), "fwd_ms"),
+      (f"local {window} vs causal flash fwd, 32768", ("local", window, 32768),
+       ("flash", "causal", 32768), "fwd_ms"),
+  ]
+  for label, fast, slow, col in checks:
+    value = ratio(fast, slow, col)
+    if value is not None:
+      out.append(f"{label}: {value:.2f}x faster")
+  lengths = sorted({r["length"] for r in rows})
+  for method, mask in sorted({(r["method"], r["mask"]) for r in rows}):
+    have = [t for t in lengths if (method, mask, t) in by]
+    pairs = [(t, 8 * t) for t in have if 8 * t in have]
+    for small, large in pairs[:1]:
+      growth = ratio((method, mask, small), (method, mask, large), "fwdbwd_temp_mib")
+      out.append(f"{method} {mask} fwd+bwd temp memory {small} -> {large} tokens: "
+                 f"grows {growth:.1f}x")
+  return out
+
+
+def plot(rows: list[dict], path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  for method, mask in sorted({(r["method"], r["mask"]) for r in rows}):
+    sel = sorted((r for r in rows if (r["method"], r["mask"]) == (method, mask)),
+                 key=lambda r: r["length"])
+    lengths = [r["length"] for r in sel]
+    axes[0].loglog(lengths, [max(r["fwdbwd_temp_mib"], 1e-3) for r in sel], "o-",
+                   label=f"{method} ({mask})")
+    timed = [(r["length"], r["fwd_ms"]) for r in sel if not np.isnan(r["fwd_ms"])]
+    if timed:
+      axes[1].loglog(*zip(*timed), "o-", label=f"{method} ({mask})")
+  axes[0].set(xlabel="tokens", ylabel="fwd+bwd temp memory (MiB)",
+              title="Compiled temp memory (exact)")
+  axes[1].set(xlabel="tokens", ylabel="forward time (ms, median)",
+              title=f"Forward wall time ({jax.default_backend()})")
+  for ax in axes:
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  for name, value in PRESETS.get(FLAGS.preset, {}).items():
+    if not FLAGS[name].present:
+      FLAGS[name].value = value
+  unknown = [m for m in FLAGS.methods if m not in METHODS]
+  if unknown:
+    raise app.UsageError(f"unknown methods {unknown}; available: {sorted(METHODS)}")
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  lengths = [int(t) for t in FLAGS.lengths]
+  causal_values = [c.lower() in ("1", "true", "yes") for c in FLAGS.causal]
+  rows = []
+  print(f"backend={jax.default_backend()} B={FLAGS.batch} N={FLAGS.heads} "
+        f"H={FLAGS.head_dim} dtype={FLAGS.dtype}", flush=True)
+  for method in FLAGS.methods:
+    for causal in (causal_values if method != "local" else [True]):
+      for length in lengths:
+        if METHODS[method].quadratic and length > FLAGS.quadratic_max_len:
+          continue
+        start = time.perf_counter()
+        row = run_one(method, causal, length)
+        rows.append(row)
+        print(f"  {method:6s} {row['mask']:18s} {length:7d}  fwd {row['fwd_ms']:9.1f} ms  "
+              f"fwd+bwd temp {row['fwdbwd_temp_mib']:9.1f} MiB  "
+              f"({time.perf_counter() - start:.0f}s)", flush=True)
+  with open(os.path.join(FLAGS.workdir, "benchmark.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  plot(rows, os.path.join(FLAGS.workdir, "benchmark.png"))
+  print(format_table(rows))
+  print("\n".join(ratios(rows)))
+  print(f"wrote {FLAGS.workdir}/benchmark.csv and benchmark.png")
+
+
+if __name__ == "__main__":
+  app.run(main)
