@@ -1,0 +1,177 @@
+"""`ModelConfig`: one frozen, hashable dataclass describing a Transformer; validated on creation.
+
+    ModelConfig(vocab_size=256, d_model=64, num_layers=6, num_heads=4, num_kv_heads=2,
+                layer_pattern=("global", "local", "local"),
+                kinds={"local": KindSettings(window=32)},
+                rope_scaling="yarn", rope_factor=4.0, rope_original_length=1024)
+
+Layer `i` is of kind `layer_pattern[i % len(layer_pattern)]`; each kind's settings are the
+registered defaults (models/kinds.py) overridden by `kinds[name]`. Every invalid field raises a
+`ValueError` that says what is allowed, before any parameter is created or anything is traced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+import attention
+from models import layers
+from models import rope as rope_lib
+from models.kinds import KindSettings, available_layer_kinds, get_layer_kind
+
+_FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A decoder LM (`causal=True`) or a bidirectional encoder (`causal=False`, MLM head).
+
+  Attributes:
+    vocab_size, d_model, num_layers, num_heads: sizes (positive ints).
+    num_kv_heads: K/V heads (GQA/MQA); `num_heads % num_kv_heads == 0`. None = num_heads.
+    head_dim: per-head width, even (RoPE). None = d_model // num_heads.
+    mlp_dim: hidden width of the gated MLP. None = 4 * d_model.
+    mlp: gated MLP variant, a key of `layers.MLP_ACTIVATIONS` ("geglu", "swiglu").
+    norm: a key of `layers.NORMS` ("rms", "layer"); pre-norm everywhere.
+    causal: decoder (True) or bidirectional encoder (False).
+    layer_pattern: tuple of layer kind names, repeated over depth.
+    kinds: per-kind overrides `{kind: KindSettings}` of the registered defaults.
+    rope_scaling: "none", "linear" (PI), "ntk" or "yarn" (applies to every layer kind).
+    rope_factor: scale s = L'/L (1 for "none").
+    rope_original_length: trained context L (required by "yarn").
+    tie_embeddings: the output projection reuses the embedding matrix.
+    mlm_head: ModernBERT-style head (dense, GELU, norm) before the vocabulary projection.
+    dtype: compute dtype; param_dtype: parameter dtype (bf16 compute + f32 params works).
+    remat: rematerialise each block in the backward pass (`nnx.remat`).
+    init_std: stddev of the embedding initialiser.
+    norm_eps: epsilon of the norms.
+  """
+
+  vocab_size: int = 256
+  d_model: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  mlp_dim: int | None = None
+  mlp: str = "geglu"
+  norm: str = "rms"
+  causal: bool = True
+  layer_pattern: tuple[str, ...] = ("global",)
+  kinds: Any = ()
+  rope_scaling: str = "none"
+  rope_factor: float = 1.0
+  rope_original_length: int | None = None
+  tie_embeddings: bool = True
+  mlm_head: bool = False
+  dtype: Any = "float32"
+  param_dtype: Any = "float32"
+  remat: bool = False
+  init_std: float = 0.02
+  norm_eps: float = 1e-6
+
+  def __post_init__(self):
+    fill = lambda name, value: object.__setattr__(self, name, value)
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads"):
+      _check_positive_int(name, getattr(self, name))
+    if self.num_kv_heads is None:
+      fill("num_kv_heads", self.num_heads)
+    if self.head_dim is None:
+      if self.d_model % self.num_heads:
+        raise ValueError(f"head_dim=None needs d_model ({self.d_model}) divisible by num_heads "
+                         f"({self.num_heads}); set head_dim explicitly.")
+      fill("head_dim", self.d_model // self.num_heads)
+    if self.mlp_dim is None:
+      fill("mlp_dim", 4 * self.d_model)
+    for name in ("num_kv_heads", "head_dim", "mlp_dim"):
+      _check_positive_int(name, getattr(self, name))
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                       f"({self.num_kv_heads}) for GQA/MQA.")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}.")
+    _check_choice("mlp", self.mlp, layers.MLP_ACTIVATIONS)
+    _check_choice("norm", self.norm, layers.NORMS)
+    self._normalise_pattern_and_kinds()
+    for name in ("dtype", "param_dtype"):
+      fill(name, _check_dtype(name, getattr(self, name)))
+    for kind in set(self.layer_pattern):
+      self.rope(kind)  # validates the rope fields for every kind's theta
+    if not self.init_std > 0 or not self.norm_eps > 0:
+      raise ValueError(f"init_std and norm_eps must be > 0, got {self.init_std}, {self.norm_eps}.")
+
+  def _normalise_pattern_and_kinds(self):
+    pattern = self.layer_pattern
+    if isinstance(pattern, str) or not isinstance(pattern, (tuple, list)) or not pattern:
+      raise ValueError(f"layer_pattern must be a non-empty tuple of layer kinds, got {pattern!r}.")
+    for kind in pattern:
+      get_layer_kind(kind)  # ValueError listing the known kinds
+    object.__setattr__(self, "layer_pattern", tuple(pattern))
+    overrides = self.kinds.items() if isinstance(self.kinds, Mapping) else self.kinds
+    overrides = tuple(sorted(dict(overrides).items(), key=lambda pair: pair[0]))
+    object.__setattr__(self, "kinds", overrides)
+    for name, settings in overrides:
+      if name not in available_layer_kinds():
+        raise ValueError(f"kinds has settings for unknown layer kind {name!r}; known kinds: "
+                         f"{available_layer_kinds()}.")
+      if not isinstance(settings, KindSettings):
+        raise ValueError(f"kinds[{name!r}] must be a KindSettings, got {settings!r}.")
+    for name in sorted(set(pattern) | {name for name, _ in overrides}):
+      settings = self.kind_settings(name)
+      window = settings.window
+      if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+        raise ValueError(f"layer kind {name!r}: window must be an int >= 0 (0 = unbounded), got "
+                         f"{window!r}.")
+      attention.get(settings.attention)  # ValueError listing the registered functions
+
+  # --- derived ------------------------------------------------------------------------------
+
+  @property
+  def layer_kinds(self) -> tuple[str, ...]:
+    """The kind of every layer: `layer_pattern` repeated over `num_layers`."""
+    return tuple(self.layer_pattern[i % len(self.layer_pattern)] for i in range(self.num_layers))
+
+  def kind_settings(self, kind: str) -> KindSettings:
+    """Registered defaults of `kind` with this config's overrides applied (all fields set)."""
+    settings = get_layer_kind(kind).defaults
+    override = dict(self.kinds).get(kind)
+    return override.merged_into(settings) if override is not None else settings
+
+  def rope(self, kind: str) -> rope_lib.Rope:
+    """The RoPE of layers of `kind` (its theta, the model's scaling)."""
+    return rope_lib.Rope(self.head_dim, float(self.kind_settings(kind).rope_theta),
+                         self.rope_scaling, float(self.rope_factor), self.rope_original_length)
+
+  @classmethod
+  def modernbert(cls, **overrides) -> "ModelConfig":
+    """A ModernBERT-style encoder: global every third layer (theta 160k), local (64, 64) windows
+    (theta 10k), pre-LayerNorm without biases, GeGLU, MLM head. `overrides` set any field."""
+    fields = dict(causal=False, layer_pattern=("global", "local", "local"), norm="layer",
+                  mlp="geglu", mlm_head=True, num_layers=22,
+                  kinds={"global": KindSettings(rope_theta=160_000.0),
+                         "local": KindSettings(window=128, rope_theta=10_000.0)})
+    fields.update(overrides)
+    return cls(**fields)
+
+
+def _check_positive_int(name: str, value) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    raise ValueError(f"{name} must be a positive int, got {value!r}.")
+
+
+def _check_choice(name: str, value, choices) -> None:
+  if value not in choices:
+    raise ValueError(f"unknown {name} {value!r}; known: {sorted(choices)}.")
+
+
+def _check_dtype(name: str, value) -> jnp.dtype:
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype not in _FLOAT_DTYPES:
+    raise ValueError(f"{name} must be one of {[d.name for d in _FLOAT_DTYPES]}, got {value!r}.")
+  return dtype

@@ -1,0 +1,107 @@
+"""Layer kinds: name -> how a layer of that kind attends. A registry, like attention/registry.py.
+
+A model's depth is a `layer_pattern` of kind names (ModernBERT: `("global", "local", "local")`
+repeated). Each kind carries default `KindSettings`:
+
+* `attention`: the name of the attention function in the `attention` registry,
+* `window`: sliding-window width in tokens (0 = unbounded). A causal layer sees the last
+  `window` tokens (itself included); a bidirectional one `window // 2` on each side
+  (`attention.local_mask`), so ModernBERT's "128" is `(64, 64)`,
+* `rope_theta`: the RoPE base of this kind (ModernBERT: 160k global, 10k local),
+* `options`: extra keyword arguments for the attention function (e.g. `implementation`),
+
+and the attention module that implements it (`None` = `models.layers.Attention`, which handles
+any kind defined by these settings, KV cache included: a windowed kind keeps a ring buffer of
+`window` keys, an unbounded kind caches every position).
+
+Adding a kind never copies the model::
+
+    register_layer_kind("local256", LayerKind(KindSettings("local", 256, 10_000.0)))
+    ModelConfig(layer_pattern=("global", "local256"), ...)
+
+A kind that needs parameters or inputs of its own (DeepSeek sparse attention: an indexer) passes
+`module=`: a class built as `module(config, kind, rngs=rngs)` that follows the protocol of
+`layers.Attention` (`__call__(x, *, positions, segment_ids, cache) -> (y, cache, aux)` and
+`init_cache(batch, max_len)`); whatever it puts in `aux` reaches the model's `aux["layers"]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class KindSettings:
+  """Per-kind attention settings. `None` fields inherit the registered kind's defaults.
+
+  Attributes:
+    attention: name of a registered attention function (`attention.available()`).
+    window: sliding-window width in tokens, `>= 0`; 0 means unbounded (global).
+    rope_theta: RoPE base, `> 0`.
+    options: extra keyword arguments for the attention function, a mapping or pairs.
+  """
+
+  attention: str | None = None
+  window: int | None = None
+  rope_theta: float | None = None
+  options: tuple[tuple[str, Any], ...] | None = None
+
+  def __post_init__(self):
+    if isinstance(self.options, Mapping):
+      object.__setattr__(self, "options", tuple(sorted(self.options.items())))
+    elif self.options is not None:
+      object.__setattr__(self, "options", tuple(tuple(pair) for pair in self.options))
+
+  def merged_into(self, defaults: "KindSettings") -> "KindSettings":
+    """`defaults` with every non-None field of `self` replacing it."""
+    updates = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if getattr(self, f.name) is not None}
+    return dataclasses.replace(defaults, **updates)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+  """A registered kind: complete default settings and its attention module (None = standard)."""
+
+  defaults: KindSettings
+  module: Callable[..., Any] | None = None
+
+
+_KINDS: dict[str, LayerKind] = {}
+
+
+def register_layer_kind(name: str, kind: LayerKind, *, overwrite: bool = False) -> LayerKind:
+  """Registers `kind` under `name`; re-registering a name needs `overwrite=True`."""
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"layer kind name must be a non-empty string, got {name!r}.")
+  if not isinstance(kind, LayerKind):
+    raise ValueError(f"register_layer_kind({name!r}) needs a LayerKind, got {kind!r}.")
+  missing = [f.name for f in dataclasses.fields(KindSettings)
+             if f.name != "options" and getattr(kind.defaults, f.name) is None]
+  if missing:
+    raise ValueError(f"layer kind {name!r}: defaults must set {missing}.")
+  if kind.defaults.options is None:
+    kind = dataclasses.replace(kind, defaults=dataclasses.replace(kind.defaults, options=()))
+  if name in _KINDS and _KINDS[name] != kind and not overwrite:
+    raise ValueError(f"layer kind {name!r} is already registered; pass overwrite=True.")
+  _KINDS[name] = kind
+  return kind
+
+
+def get_layer_kind(name: str) -> LayerKind:
+  """The kind registered as `name`; a `ValueError` lists the known kinds otherwise."""
+  try:
+    return _KINDS[name]
+  except (KeyError, TypeError):
+    raise ValueError(f"unknown layer kind {name!r}; known kinds: {available_layer_kinds()}."
+                     ) from None
+
+
+def available_layer_kinds() -> tuple[str, ...]:
+  """Registered kind names, sorted."""
+  return tuple(sorted(_KINDS))
+
+
+register_layer_kind("global", LayerKind(KindSettings("flash", 0, 160_000.0)))
+register_layer_kind("local", LayerKind(KindSettings("local", 128, 10_000.0)))

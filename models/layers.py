@@ -1,0 +1,151 @@
+"""Transformer layers: norms, the gated MLP, and `Attention` (GQA projections + a registered fn).
+
+`Attention` knows attention only through the public API: it builds an `attention.Mask` from its
+layer kind's settings (causality, sliding window, segment ids, decode offset) and calls
+`attention.get(name)` with it, so a user-registered function works with no change here.
+
+Shapes: B batch, T query length, S key length, D d_model, N q heads, K kv heads, H head dim,
+F mlp hidden width.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+import attention
+from models import cache as cache_lib
+
+if TYPE_CHECKING:
+  from models.config import ModelConfig
+
+# name -> builder `(features, *, epsilon, dtype, param_dtype, rngs)`. No biases (ModernBERT).
+NORMS = {
+    "rms": nnx.RMSNorm,
+    "layer": functools.partial(nnx.LayerNorm, use_bias=False),
+}
+
+# Gated MLP name -> activation of the gate branch.
+MLP_ACTIVATIONS = {
+    "geglu": functools.partial(jax.nn.gelu, approximate=True),
+    "swiglu": jax.nn.silu,
+}
+
+
+def fan_in_init(in_axis, out_axis):
+  """LeCun-normal over the given axes (Einsum kernels with several in/out axes)."""
+  return nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                           in_axis=in_axis, out_axis=out_axis)
+
+
+def make_norm(config: "ModelConfig", *, rngs: nnx.Rngs) -> nnx.Module:
+  """The config's pre-norm over `d_model` (statistics in float32, output in `config.dtype`)."""
+  return NORMS[config.norm](config.d_model, epsilon=config.norm_eps, dtype=config.dtype,
+                            param_dtype=config.param_dtype, rngs=rngs)
+
+
+class MLP(nnx.Module):
+  """Gated MLP (GeGLU / SwiGLU): `out = (act(x W_gate) * (x W_up)) W_out`, no biases."""
+
+  def __init__(self, config: "ModelConfig", *, rngs: nnx.Rngs):
+    dense = functools.partial(nnx.Linear, use_bias=False, dtype=config.dtype,
+                              param_dtype=config.param_dtype, rngs=rngs)
+    self.activation = config.mlp
+    self.wi = dense(config.d_model, 2 * config.mlp_dim)  # gate and up, fused
+    self.wo = dense(config.mlp_dim, config.d_model)
+
+  def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+    gate, up = jnp.split(self.wi(x), 2, axis=-1)  # B T F each
+    return self.wo(MLP_ACTIVATIONS[self.activation](gate) * up)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with GQA projections, RoPE and the layer kind's attention function.
+
+  The kind's settings (`config.kind_settings(kind)`) give the attention function name, the
+  sliding window (0 = unbounded) and the RoPE theta. A function with a `window` parameter
+  (e.g. "local") also receives the window as a keyword; the `Mask` always carries it, so
+  window-agnostic functions ("dense", "flash") compute the same thing.
+  """
+
+  def __init__(self, config: "ModelConfig", kind: str, *, rngs: nnx.Rngs):
+    settings = config.kind_settings(kind)
+    self.kind = kind
+    self.attention_name = settings.attention
+    self.options = tuple(settings.options)
+    self.window = settings.window
+    self.causal = config.causal
+    self.rope = config.rope(kind)
+    self.dtype = config.dtype
+    d, n, kh, h = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
+    self.num_kv_heads, self.head_dim = kh, h
+    proj = functools.partial(nnx.Einsum, dtype=config.dtype, param_dtype=config.param_dtype,
+                             rngs=rngs)
+    self.q_proj = proj("BTD,DNH->BTNH", (d, n, h), kernel_init=fan_in_init(0, (1, 2)))
+    self.k_proj = proj("BTD,DKH->BTKH", (d, kh, h), kernel_init=fan_in_init(0, (1, 2)))
+    self.v_proj = proj("BTD,DKH->BTKH", (d, kh, h), kernel_init=fan_in_init(0, (1, 2)))
+    self.o_proj = proj("BTNH,NHD->BTD", (n, h, d), kernel_init=fan_in_init((0, 1), 2))
+
+  # --- masks and the attention function ----------------------------------------------------
+
+  def mask(self, q_segment_ids=None, kv_segment_ids=None, q_offset=0) -> attention.Mask:
+    """This kind's visibility: causality, sliding window, segments, decode offset."""
+    window = attention.local_mask(self.window, causal=self.causal).window if self.window else None
+    return attention.Mask(causal=self.causal, window=window, q_segment_ids=q_segment_ids,
+                          kv_segment_ids=kv_segment_ids, q_offset=q_offset)
+
+  def attend(self, q: Float[Array, "B T N H"], k: Float[Array, "B S K H"],
+             v: Float[Array, "B S K H"], mask: attention.Mask) -> Float[Array, "B T N H"]:
+    """Calls the registered attention function of this kind."""
+    fn = attention.get(self.attention_name)
+    options = dict(self.options)
+    if self.window and _accepts(fn, "window"):
+      options.setdefault("window", self.window)
+    return fn(q, k, v, mask=mask, **options)
+
+  # --- forward and decoding ------------------------------------------------------------------
+
+  def __call__(self, x: Float[Array, "B T D"], *, positions: Int[Array, "B T"],
+               segment_ids: Int[Array, "B T"] | None = None, cache=None,
+               cache_index=None) -> tuple[Float[Array, "B T D"], Any, dict]:
+    """Returns `(y [B, T, D], updated cache or None, aux {})`.
+
+    Without a cache, queries and keys are `x` itself (segment ids: packed documents). With a
+    cache (from `init_cache`), `x` is the chunk at stream positions `cache_index + t`.
+    """
+    q = self.rope(self.q_proj(x), positions)  # B T N H
+    k = self.rope(self.k_proj(x), positions)  # B T K H
+    v = self.v_proj(x)
+    if cache is None:
+      out = self.attend(q, k, v, self.mask(segment_ids, segment_ids))
+    else:
+      if segment_ids is None:
+        segment_ids = jnp.zeros(x.shape[:2], jnp.int32)
+      (k, v, kv_segment_ids, q_offset), cache = cache.update(cache_index, k, v, segment_ids)
+      out = self.attend(q, k, v, self.mask(segment_ids, kv_segment_ids, q_offset))
+    return self.o_proj(out), cache, {}
+
+  def init_cache(self, batch: int, max_len: int):
+    """Empty cache: a ring of `min(window, max_len)` slots if windowed, else `max_len` slots."""
+    if not self.causal:
+      raise ValueError("KV-cache decoding needs a causal (decoder) model; this layer is "
+                       "bidirectional.")
+    kh, h = self.num_kv_heads, self.head_dim
+    if self.window:
+      return cache_lib.RingCache.create(batch, min(self.window, max_len), kh, h, self.dtype)
+    return cache_lib.FullCache.create(batch, max_len, kh, h, self.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _accepts(fn, name: str) -> bool:
+  """Whether `fn` declares a parameter `name` (not merely **kwargs)."""
+  try:
+    return name in inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False

@@ -1,0 +1,224 @@
+"""The Transformer: a decoder LM or a ModernBERT-style encoder, with KV-cache decoding.
+
+    model = Transformer(ModelConfig(...), rngs=nnx.Rngs(0))
+    logits, aux = model(tokens)                                  # [B, T, V] float32
+    logits, aux = model(tokens, segment_ids=ids)                 # packed documents
+    cache = model.init_cache(batch, max_len)
+    logits, aux = model(prompt, cache=cache); cache = aux["cache"]   # prefill (any chunk)
+    logits, cache = decode_step(model, next_tokens, cache)           # one token
+    tokens = generate(model, prompt, max_new_tokens=32)
+
+Layout: embed -> blocks (pre-norm attention + pre-norm gated MLP, residual) -> final norm ->
+[MLM head: dense, GELU, norm] -> vocabulary projection (tied to the embedding or not).
+Layer `i`'s attention is built by its kind (`config.layer_kinds[i]`, models/kinds.py).
+
+`aux` holds `"cache"` (the updated `Cache`, or None without one) and `"layers"` (each layer's
+attention aux dict: where kinds such as DSA report their losses and statistics).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+from jaxtyping import Array, Float, Int
+
+from models import cache as cache_lib
+from models import layers
+from models.config import ModelConfig
+from models.kinds import get_layer_kind
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+
+  def __init__(self, config: ModelConfig, kind: str, *, rngs: nnx.Rngs):
+    attention_module = get_layer_kind(kind).module or layers.Attention
+    self.attn_norm = layers.make_norm(config, rngs=rngs)
+    self.attn = attention_module(config, kind, rngs=rngs)
+    self.mlp_norm = layers.make_norm(config, rngs=rngs)
+    self.mlp = layers.MLP(config, rngs=rngs)
+
+  def __call__(self, x: Float[Array, "B T D"], positions, segment_ids, cache, cache_index):
+    h, cache, aux = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids,
+                              cache=cache, cache_index=cache_index)
+    x = x + h
+    return x + self.mlp(self.mlp_norm(x)), cache, aux
+
+
+def _apply_block(block: Block, x, positions, segment_ids, cache, cache_index):
+  return block(x, positions, segment_ids, cache, cache_index)
+
+
+class MLMHead(nnx.Module):
+  """ModernBERT's prediction head before the vocabulary projection: dense, GELU, norm."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.dense = nnx.Linear(config.d_model, config.d_model, use_bias=False, dtype=config.dtype,
+                            param_dtype=config.param_dtype, rngs=rngs)
+    self.norm = layers.make_norm(config, rngs=rngs)
+
+  def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+    return self.norm(jax.nn.gelu(self.dense(x)))
+
+
+class Transformer(nnx.Module):
+  """Decoder LM (`config.causal`) or bidirectional encoder; see the module docstring."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    if not isinstance(config, ModelConfig):
+      raise ValueError(f"Transformer needs a ModelConfig, got {type(config).__name__}.")
+    self.config = config
+    self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=config.dtype,
+                           param_dtype=config.param_dtype,
+                           embedding_init=nnx.initializers.normal(config.init_std), rngs=rngs)
+    self.blocks = nnx.List([Block(config, kind, rngs=rngs) for kind in config.layer_kinds])
+    self.final_norm = layers.make_norm(config, rngs=rngs)
+    self.mlm_head = MLMHead(config, rngs=rngs) if config.mlm_head else None
+    self.lm_head = None if config.tie_embeddings else nnx.Linear(
+        config.d_model, config.vocab_size, use_bias=False, dtype=config.dtype,
+        param_dtype=config.param_dtype, rngs=rngs)
+
+  def __call__(
+      self,
+      tokens: Int[Array, "B T"],
+      *,
+      segment_ids: Int[Array, "B T"] | None = None,
+      positions: Int[Array, "B T"] | None = None,
+      cache: cache_lib.Cache | None = None,
+  ) -> tuple[Float[Array, "B T V"], dict]:
+    """Logits `[B, T, V]` (float32) and `aux` (`"cache"`, `"layers"`).
+
+    Args:
+      tokens: `[B, T]` ints.
+      segment_ids: `[B, T]` document ids of packed sequences (`< 0` = padding); a token attends
+        only within its document. Default: one document per row.
+      positions: `[B, T]` RoPE positions. Default: restart at 0 in each document; with a cache,
+        `cache.index + t` (pass positions explicitly to decode packed documents).
+      cache: from `init_cache`: `tokens` continue the cached stream; the updated cache is
+        `aux["cache"]`.
+    """
+    b, t = self._check_inputs(tokens, segment_ids, positions, cache)
+    index = None if cache is None else cache.index
+    if positions is None:
+      positions = _default_positions(b, t, segment_ids, index)
+    positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, t))
+    apply = nnx.remat(_apply_block) if self.config.remat else _apply_block
+
+    x = self.embed(tokens)  # B T D
+    new_caches, layer_aux = [], []
+    for i, block in enumerate(self.blocks):
+      layer_cache = None if cache is None else cache.layers[i]
+      x, layer_cache, aux = apply(block, x, positions, segment_ids, layer_cache, index)
+      new_caches.append(layer_cache)
+      layer_aux.append(aux)
+    x = self.final_norm(x)
+    if self.mlm_head is not None:
+      x = self.mlm_head(x)
+    logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)  # B T V
+    new_cache = None if cache is None else cache_lib.Cache(index + t, tuple(new_caches))
+    return logits.astype(jnp.float32), {"cache": new_cache, "layers": tuple(layer_aux)}
+
+  def init_cache(self, batch: int, max_len: int) -> cache_lib.Cache:
+    """An empty cache for `batch` streams of up to `max_len` tokens (decoders only).
+
+    Unbounded (global) layers hold `max_len` positions; windowed (local) layers a ring of
+    `min(window, max_len)`, so their memory does not grow with `max_len`.
+    """
+    if not self.config.causal:
+      raise ValueError("init_cache: KV-cache decoding needs a decoder (causal=True).")
+    if batch < 1 or max_len < 1:
+      raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}.")
+    return cache_lib.Cache(jnp.zeros((), jnp.int32),
+                           tuple(block.attn.init_cache(batch, max_len) for block in self.blocks))
+
+  def _check_inputs(self, tokens, segment_ids, positions, cache) -> tuple[int, int]:
+    if jnp.ndim(tokens) != 2 or not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
+      raise ValueError(f"tokens must be [batch, seq] ints, got shape {jnp.shape(tokens)} "
+                       f"dtype {jnp.result_type(tokens)}.")
+    b, t = jnp.shape(tokens)
+    if segment_ids is not None and jnp.shape(segment_ids) != (b, t):
+      raise ValueError(f"segment_ids must have the tokens' shape {(b, t)}, got "
+                       f"{jnp.shape(segment_ids)}.")
+    if positions is not None and jnp.shape(positions) not in ((b, t), (t,)):
+      raise ValueError(f"positions must have shape {(b, t)} or {(t,)}, got "
+                       f"{jnp.shape(positions)}.")
+    if cache is not None:
+      if not isinstance(cache, cache_lib.Cache) or len(cache.layers) != len(self.blocks):
+        raise ValueError("cache must come from this model's init_cache.")
+      if segment_ids is not None and positions is None:
+        raise ValueError("with a cache, pass positions together with segment_ids (positions "
+                         "cannot restart per document across decode calls).")
+    return b, t
+
+
+def positions_from_segments(segment_ids: Int[Array, "B T"]) -> Int[Array, "B T"]:
+  """Position of each token within its (contiguous) document: restarts at 0 when the id changes."""
+  b, t = segment_ids.shape
+  idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+                           axis=1)
+  return idx - lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+def _default_positions(b: int, t: int, segment_ids, index) -> Int[Array, "B T"]:
+  if index is not None:
+    return jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
+  if segment_ids is not None:
+    return positions_from_segments(segment_ids)
+  return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+
+# --- decoding -------------------------------------------------------------------------------------
+
+
+def decode_step(model: Transformer, tokens: Int[Array, "B T"],
+                cache: cache_lib.Cache) -> tuple[Float[Array, "B V"], cache_lib.Cache]:
+  """Feeds `tokens` (usually `T = 1`) after the cached stream: `(last logits [B, V], cache)`."""
+  logits, aux = model(tokens, cache=cache)
+  return logits[:, -1], aux["cache"]
+
+
+def generate(model: Transformer, prompt: Int[Array, "B P"], max_new_tokens: int, *,
+             temperature: float = 0.0, rng: jax.Array | None = None) -> Int[Array, "B P+N"]:
+  """Prompt followed by `max_new_tokens` sampled tokens (greedy when `temperature == 0`).
+
+  Prefills the cache with the whole prompt, then decodes one token per step in a `lax.scan`;
+  the whole loop is one jitted computation.
+  """
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}.")
+  if jnp.ndim(prompt) != 2 or jnp.shape(prompt)[1] < 1:
+    raise ValueError(f"prompt must be [batch, length >= 1] ints, got shape {jnp.shape(prompt)}.")
+  rng = jax.random.key(0) if rng is None else rng
+  graphdef, state = nnx.split(model)
+  return _generate(graphdef, state, jnp.asarray(prompt, jnp.int32), rng, max_new_tokens,
+                   float(temperature))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _generate(graphdef, state, prompt, rng, steps: int, temperature: float):
+  model = nnx.merge(graphdef, state)
+  b, p = prompt.shape
+
+  def sample(logits, key):  # [B, V] -> [B]
+    if temperature == 0:
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+
+  keys = jax.random.split(rng, steps)
+  logits, cache = decode_step(model, prompt, model.init_cache(b, p + steps))
+  first = sample(logits, keys[0])
+
+  def step(carry, key):
+    token, cache = carry
+    logits, cache = decode_step(model, token[:, None], cache)
+    return (sample(logits, key), cache), token
+
+  (last, _), emitted = lax.scan(step, (first, cache), keys[1:])  # emitted: [steps - 1, B]
+  return jnp.concatenate([prompt, emitted.T, last[:, None]], axis=1)
