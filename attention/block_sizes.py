@@ -94,7 +94,7 @@ class BlockSizes:
     Forward 128x64 (64x32 at head_dim 256); backward: a 128-row resident tile (dK/dV keys, dQ
     queries) against 32-row streamed steps (FlashAttention-2's Triton split), 64 rows at 256.
     """
-    head_dim = _padded_head_dim(head_dim)
+    head_dim = padded_head_dim(head_dim)
     if head_dim <= 128:
       sizes = cls(block_q=128, block_kv=64, block_q_bwd=32, block_kv_bwd=128,
                   block_q_dq=128, block_kv_dq=32)
@@ -118,7 +118,7 @@ class BlockSizes:
     """
     resident = {"fwd": self.block_q, "dkdv": self.block_kv_bwd, "dq": self.dq_tiles[0]}[kernel]
     accumulators = 2 if kernel == "dkdv" else 1
-    warps = 8 if resident * _padded_head_dim(head_dim) * accumulators > 64 * 128 else 4
+    warps = 8 if resident * padded_head_dim(head_dim) * accumulators > 64 * 128 else 4
     stages = 3 if kernel == "fwd" and head_dim <= 128 else 2
     return (self.num_warps or warps, self.num_stages or stages)
 
@@ -128,7 +128,7 @@ class BlockSizes:
     fwd: q + stages x (k, v); dK/dV: k, v + stages x (q, dout); dQ: q, dout + stages x (k, v).
     An estimate (Triton may add layout-conversion scratch), used to reject tiles early.
     """
-    h, item = _padded_head_dim(head_dim), np.dtype(dtype).itemsize
+    h, item = padded_head_dim(head_dim), np.dtype(dtype).itemsize
     q_dq, kv_dq = self.dq_tiles
     out = {}
     for kernel, resident, streamed, n_resident in (
@@ -157,6 +157,6 @@ class BlockSizes:
     return self
 
 
-def _padded_head_dim(head_dim: int) -> int:
+def padded_head_dim(head_dim: int) -> int:
   """Kernels pad head_dim to a power of two >= 16 (Triton tensors are power-of-two shaped)."""
   return max(MIN_PALLAS_BLOCK, 1 << max(0, int(head_dim) - 1).bit_length())

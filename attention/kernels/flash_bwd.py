@@ -1,0 +1,207 @@
+"""Pallas (Triton) flash attention backward kernels: dK/dV and dQ, recomputing p from the lse.
+
+With `s = q k^T * scale`, `p = exp(s - lse)` (the forward's saved log-sum-exp) and the
+preprocessed `delta = rowsum(out * dout)` (`flash_pallas`, one fused XLA reduction)::
+
+    dv = p^T dout          dp = dout v^T          ds = p * (dp - delta)
+    dk = scale * ds^T q    dq = scale * ds k
+
+Two kernels, so that each output tile is owned by one program (no atomics):
+
+* dK/dV: one program per (kv block, batch row, kv head). It keeps its keys/values and the two
+  float32 accumulators on chip and loops over the G q heads of its group (GQA: the group's
+  gradients are summed in registers, K/V never repeated) and, per head, over the q blocks
+  that can see this kv block: `[lo, hi)` of the kv-major schedule (`flash_tiles`). Scores are
+  computed transposed (`[bk, bq]`), so no tile is transposed in registers.
+* dQ: one program per (q block, batch row, q head), looping over the visible kv blocks
+  exactly like the forward kernel (q-major schedule).
+
+Both skip every tile the mask hides and evaluate the mask only on edge tiles, so a window of
+w costs O(L * w) here too. Rows with no visible key arrive with `lse = +inf` (p = 0).
+Padded query rows have `dout = 0` and contribute nothing. Pure-JAX twin:
+`attention.flash.flash_backward_xla`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from attention.kernels import flash_tiles as tiles
+
+
+# --- dK / dV ------------------------------------------------------------------------------------
+
+
+def _dkdv_kernel(offsets_ref, schedule_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref,
+                 *refs, geom: tiles.Geometry, scale: float, block_q: int, block_kv: int,
+                 group: int):
+  """Refs: offsets `[B]`, schedule `[B, 4, nk]`, q/dout `[Tp, G, H]` (the group's q heads),
+  k/v `[bk, H]`, lse/delta `[G, Tp]` (lse in log2 units), then (segments only) q_seg `[Tp]`,
+  kv_seg `[bk]`, q_tab, kv_tab; outputs dk, dv `[bk, H]`."""
+  if geom.has_segments:
+    q_seg_ref, kv_seg_ref, q_tab_ref, kv_tab_ref, dk_ref, dv_ref = refs
+  else:
+    dk_ref, dv_ref = refs
+  j, b = pl.program_id(0), pl.program_id(1)
+  bq, bk = block_q, block_kv
+  head_dim = k_ref.shape[-1]
+
+  k, v = k_ref[...], v_ref[...]
+  kv_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)[:, None]  # bk 1
+  offset = offsets_ref[b]
+  kv_seg = seg_kind = None
+  if geom.has_segments:
+    kv_seg = kv_seg_ref[...][:, None]
+    kv_tab = tiles.read_row(kv_tab_ref, b, j, 3)
+    seg_kind = lambda i: tiles.segment_kind(kv_tab, tiles.read_row(q_tab_ref, b, i, 3))
+  schedule = tiles.read_row(schedule_ref, b, j, 4)
+  qk_scale = scale * tiles.LOG2E
+
+  def head(g, carry):
+    def step(i, carry, masked: bool):
+      dk, dv = carry
+      rows = pl.ds(pl.multiple_of(i * bq, bq), bq)
+      q, dout = q_ref[rows, g, :], dout_ref[rows, g, :]  # bq H
+      lse, delta = lse_ref[g, rows], delta_ref[g, rows]  # bq
+      p_t = jnp.exp2(plgpu.dot(k, q, trans_b=True) * qk_scale - lse[None, :])  # bk bq
+      if masked:
+        q_pos = offset + i * bq + jnp.arange(bq, dtype=jnp.int32)[None, :]
+        q_seg = q_seg_ref[rows][None, :] if geom.has_segments else None
+        p_t = jnp.where(tiles.visible(geom, q_pos, kv_pos, q_seg, kv_seg), p_t, 0.0)
+      dv = dv + plgpu.dot(p_t.astype(dout.dtype), dout)
+      ds_t = p_t * (plgpu.dot(v, dout, trans_b=True) - delta[None, :])  # bk bq
+      dk = dk + plgpu.dot(ds_t.astype(q.dtype), q)
+      return dk, dv
+
+    return tiles.visit(schedule, step, carry, seg_kind)
+
+  zeros = jnp.zeros((bk, head_dim), jnp.float32)
+  dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def dkdv_call(q, k, v, dout, lse2, delta, offsets, schedule, segments, *, geom: tiles.Geometry,
+              scale: float, block_q: int, block_kv: int, num_warps: int, num_stages: int,
+              interpret: bool = False):
+  """dK, dV `[B, Sp, K, Hp]` from padded q/dout `[B, Tp, N, Hp]`, k/v `[B, Sp, K, Hp]`,
+  lse2 (log2 units, +inf for rows without keys) and delta `[B, N, Tp]` float32."""
+  batch, t_pad, heads, head_dim = q.shape
+  s_pad, kv_heads = k.shape[1], k.shape[2]
+  group = heads // kv_heads
+  nk = s_pad // block_kv
+  # Free reshapes: the G q heads of kv head kh are contiguous.
+  q, dout = (x.reshape(batch, t_pad, kv_heads, group, head_dim) for x in (q, dout))
+  lse2, delta = (x.reshape(batch, kv_heads, group, t_pad) for x in (lse2, delta))
+
+  full = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+  group_spec = pl.BlockSpec((None, t_pad, None, group, head_dim), lambda j, b, h: (b, 0, h, 0, 0))
+  kv_spec = pl.BlockSpec((None, block_kv, None, head_dim), lambda j, b, h: (b, j, h, 0))
+  row_spec = pl.BlockSpec((None, None, group, t_pad), lambda j, b, h: (b, h, 0, 0))
+  in_specs = [full(offsets), full(schedule), group_spec, kv_spec, kv_spec, group_spec, row_spec,
+              row_spec]
+  inputs = [offsets, schedule, q, k, v, dout, lse2, delta]
+  if segments is not None:
+    q_seg, kv_seg, q_tab, kv_tab = segments
+    in_specs += [pl.BlockSpec((None, t_pad), lambda j, b, h: (b, 0)),
+                 pl.BlockSpec((None, block_kv), lambda j, b, h: (b, j)), full(q_tab),
+                 full(kv_tab)]
+    inputs += list(segments)
+
+  kernel = functools.partial(_dkdv_kernel, geom=geom, scale=scale, block_q=block_q,
+                             block_kv=block_kv, group=group)
+  return pl.pallas_call(
+      kernel,
+      grid=(nk, batch, kv_heads),
+      in_specs=in_specs,
+      out_specs=[kv_spec, kv_spec],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="flash_dkdv",
+  )(*inputs)
+
+
+# --- dQ -----------------------------------------------------------------------------------------
+
+
+def _dq_kernel(offsets_ref, schedule_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref,
+               *refs, geom: tiles.Geometry, scale: float, block_q: int, block_kv: int,
+               num_q_blocks: int):
+  """Refs: offsets, schedule `[B, 4, nq]`, q/dout `[bq, H]`, k/v `[Sp, H]`, lse/delta `[bq]`,
+  then (segments only) q_seg `[bq]`, kv_seg `[Sp]`, q_tab, kv_tab; output dq `[bq, H]`."""
+  if geom.has_segments:
+    q_seg_ref, kv_seg_ref, q_tab_ref, kv_tab_ref, dq_ref = refs
+  else:
+    (dq_ref,) = refs
+  i = num_q_blocks - 1 - pl.program_id(0)
+  b = pl.program_id(1)
+  bq, bk = block_q, block_kv
+
+  q, dout = q_ref[...], dout_ref[...]
+  lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]  # bq 1
+  q_pos = offsets_ref[b] + i * bq + jnp.arange(bq, dtype=jnp.int32)[:, None]
+  q_seg = seg_kind = None
+  if geom.has_segments:
+    q_seg = q_seg_ref[...][:, None]
+    q_tab = tiles.read_row(q_tab_ref, b, i, 3)
+    seg_kind = lambda j: tiles.segment_kind(q_tab, tiles.read_row(kv_tab_ref, b, j, 3))
+  qk_scale = scale * tiles.LOG2E
+
+  def step(j, dq, masked: bool):
+    kv = pl.ds(pl.multiple_of(j * bk, bk), bk)
+    k, v = k_ref[kv, :], v_ref[kv, :]
+    p = jnp.exp2(plgpu.dot(q, k, trans_b=True) * qk_scale - lse)  # bq bk
+    if masked:
+      kv_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)[None, :]
+      kv_seg = kv_seg_ref[kv][None, :] if geom.has_segments else None
+      p = jnp.where(tiles.visible(geom, q_pos, kv_pos, q_seg, kv_seg), p, 0.0)
+    ds = p * (plgpu.dot(dout, v, trans_b=True) - delta)
+    return dq + plgpu.dot(ds.astype(k.dtype), k)
+
+  dq = tiles.visit(tiles.read_row(schedule_ref, b, i, 4), step,
+                   jnp.zeros(q.shape, jnp.float32), seg_kind)
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def dq_call(q, k, v, dout, lse2, delta, offsets, schedule, segments, *, geom: tiles.Geometry,
+            scale: float, block_q: int, block_kv: int, num_warps: int, num_stages: int,
+            interpret: bool = False):
+  """dQ `[B, Tp, N, Hp]` (q.dtype); arguments as `dkdv_call` with a q-major schedule."""
+  batch, t_pad, heads, head_dim = q.shape
+  s_pad, kv_heads = k.shape[1], k.shape[2]
+  group = heads // kv_heads
+  nq = t_pad // block_q
+  qi = lambda i: nq - 1 - i
+
+  full = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+  q_spec = pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, n: (b, qi(i), n, 0))
+  kv_spec = pl.BlockSpec((None, s_pad, None, head_dim), lambda i, b, n: (b, 0, n // group, 0))
+  row_spec = pl.BlockSpec((None, None, block_q), lambda i, b, n: (b, n, qi(i)))
+  in_specs = [full(offsets), full(schedule), q_spec, kv_spec, kv_spec, q_spec, row_spec,
+              row_spec]
+  inputs = [offsets, schedule, q, k, v, dout, lse2, delta]
+  if segments is not None:
+    q_seg, kv_seg, q_tab, kv_tab = segments
+    in_specs += [pl.BlockSpec((None, block_q), lambda i, b, n: (b, qi(i))),
+                 pl.BlockSpec((None, s_pad), lambda i, b, n: (b, 0)), full(q_tab), full(kv_tab)]
+    inputs += list(segments)
+
+  kernel = functools.partial(_dq_kernel, geom=geom, scale=scale, block_q=block_q,
+                             block_kv=block_kv, num_q_blocks=nq)
+  return pl.pallas_call(
+      kernel,
+      grid=(nq, batch, heads),
+      in_specs=in_specs,
+      out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="flash_dq",
+  )(*inputs)

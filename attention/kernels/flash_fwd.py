@@ -1,0 +1,130 @@
+"""Pallas (Triton) flash attention forward kernel: online softmax over the visible kv blocks.
+
+One program per (q block, batch row, q head): it keeps its `[bq, H]` queries, the running max
+`m`, denominator `l` (float32, `[bq]`) and numerator `acc` (float32, `[bq, H]`) on chip, and
+streams the kv blocks its schedule lists (`flash_tiles`), base-2 exponentials throughout::
+
+    for j in the kv blocks this q block can see:        # [lo, hi) from the mask, no more
+      s   = q k_j^T * scale * log2(e)                     # [bq, bk] float32
+      s   = where(visible, s, -inf)                       # edge blocks only (diagonal, window)
+      m'  = max(m, rowmax(s));  p = 2^(s - m');  c = 2^(m - m')
+      l   = c l + rowsum(p);  acc = c acc + p v_j;  m = m'
+    out = acc / l;  lse = (m + log2 l) * ln 2             # natural-log lse, as the XLA path
+
+A row that sees no key keeps `l = 0` and returns `out = 0`, `lse = -inf` (never NaN: the
+running max of an all-masked row is replaced by 0 before exponentiating).
+
+GQA/MQA: q head `n` reads kv head `n // G` through the BlockSpec index map; K/V are never
+repeated. Inputs arrive padded (sequence to whole tiles, head_dim to a power of two >= 16)
+by `flash_pallas`, which also builds the schedule tables.
+
+Cost: O(bq * H) registers per program, O(T * S_visible * H) FLOPs, O(T + S) HBM traffic per
+head beyond the inputs. The pure-JAX twin is `attention.flash.flash_forward_xla`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from attention.kernels import flash_tiles as tiles
+
+
+def _forward_kernel(offsets_ref, schedule_ref, q_ref, k_ref, v_ref, *refs, geom: tiles.Geometry,
+                    scale: float, block_q: int, block_kv: int, num_q_blocks: int):
+  """Refs: offsets `[B]`, schedule `[B, 4, nq]`, q `[bq, H]`, k/v `[Sp, H]` (one kv head),
+  then (segments only) q_seg `[bq]`, kv_seg `[Sp]`, q_tab `[B, 3, nq]`, kv_tab `[B, 3, nk]`;
+  outputs out `[bq, H]`, lse `[bq]`."""
+  if geom.has_segments:
+    q_seg_ref, kv_seg_ref, q_tab_ref, kv_tab_ref, out_ref, lse_ref = refs
+  else:
+    out_ref, lse_ref = refs
+  i = num_q_blocks - 1 - pl.program_id(0)  # heaviest (causal) q blocks first: shorter tail
+  b = pl.program_id(1)
+  bq, bk = block_q, block_kv
+  head_dim = q_ref.shape[-1]
+
+  q = q_ref[...]
+  q_pos = offsets_ref[b] + i * bq + jnp.arange(bq, dtype=jnp.int32)[:, None]  # bq 1
+  q_seg = seg_kind = None
+  if geom.has_segments:
+    q_seg = q_seg_ref[...][:, None]
+    q_tab = tiles.read_row(q_tab_ref, b, i, 3)
+    seg_kind = lambda j: tiles.segment_kind(q_tab, tiles.read_row(kv_tab_ref, b, j, 3))
+  qk_scale = scale * tiles.LOG2E
+
+  def step(j, carry, masked: bool):
+    m, l, acc = carry
+    kv = pl.ds(pl.multiple_of(j * bk, bk), bk)
+    k, v = k_ref[kv, :], v_ref[kv, :]
+    s = plgpu.dot(q, k, trans_b=True) * qk_scale  # bq bk, float32
+    if masked:
+      kv_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)[None, :]
+      kv_seg = kv_seg_ref[kv][None, :] if geom.has_segments else None
+      s = jnp.where(tiles.visible(geom, q_pos, kv_pos, q_seg, kv_seg), s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new  # all-masked rows
+    correction = jnp.exp2(m - m_use)
+    p = jnp.exp2(s - m_use[:, None])
+    l = l * correction + jnp.sum(p, axis=1)
+    acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
+    return m_new, l, acc
+
+  init = (jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32),
+          jnp.zeros((bq, head_dim), jnp.float32))
+  m, l, acc = tiles.visit(tiles.read_row(schedule_ref, b, i, 4), step, init, seg_kind)
+
+  has_key = l > 0.0
+  l_safe = jnp.where(has_key, l, 1.0)
+  out_ref[...] = (acc * (1.0 / l_safe)[:, None]).astype(out_ref.dtype)
+  lse_ref[...] = jnp.where(has_key, (m + jnp.log2(l_safe)) * tiles.LN2, -jnp.inf)
+
+
+def forward_call(q, k, v, offsets, schedule, segments, *, geom: tiles.Geometry, scale: float,
+                 block_q: int, block_kv: int, num_warps: int, num_stages: int,
+                 interpret: bool = False):
+  """Runs the forward kernel on padded inputs.
+
+  Args:
+    q: `[B, Tp, N, Hp]`, Tp a multiple of `block_q`. k, v: `[B, Sp, K, Hp]`, Sp a multiple of
+      `block_kv`, `N % K == 0`.
+    offsets: `[B]` int32 absolute position of query 0. schedule: `[B, 4, Tp // block_q]`.
+    segments: None, or `(q_seg [B, Tp], kv_seg [B, Sp], q_tab, kv_tab)` (padding = -1).
+
+  Returns:
+    out `[B, Tp, N, Hp]` (q.dtype), lse `[B, N, Tp]` float32 (natural log; -inf: no key).
+  """
+  batch, t_pad, heads, head_dim = q.shape
+  s_pad, kv_heads = k.shape[1], k.shape[2]
+  group = heads // kv_heads
+  nq = t_pad // block_q
+  qi = lambda i: nq - 1 - i  # grid step -> q block (reversed, as in the kernel)
+
+  full = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+  q_spec = pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, n: (b, qi(i), n, 0))
+  kv_spec = pl.BlockSpec((None, s_pad, None, head_dim), lambda i, b, n: (b, 0, n // group, 0))
+  in_specs = [full(offsets), full(schedule), q_spec, kv_spec, kv_spec]
+  inputs = [offsets, schedule, q, k, v]
+  if segments is not None:
+    q_seg, kv_seg, q_tab, kv_tab = segments
+    in_specs += [pl.BlockSpec((None, block_q), lambda i, b, n: (b, qi(i))),
+                 pl.BlockSpec((None, s_pad), lambda i, b, n: (b, 0)), full(q_tab), full(kv_tab)]
+    inputs += list(segments)
+
+  kernel = functools.partial(_forward_kernel, geom=geom, scale=scale, block_q=block_q,
+                             block_kv=block_kv, num_q_blocks=nq)
+  return pl.pallas_call(
+      kernel,
+      grid=(nq, batch, heads),
+      in_specs=in_specs,
+      out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, b, n: (b, n, qi(i)))],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((batch, heads, t_pad), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="flash_fwd",
+  )(*inputs)

@@ -1,0 +1,218 @@
+"""Flash attention on Pallas GPU (Triton) kernels: the `implementation="pallas"` path.
+
+`flash_attention_pallas(q, k, v, mask=..., scale=...)` computes exactly what
+`attention.reference_attention` (and the XLA path, `attention.flash`) computes, with three
+kernels wired through `jax.custom_vjp`:
+
+    forward   flash_fwd.forward_call   grid (q blocks, B, N)   -> out, lse
+    backward  delta = rowsum(out * dout)                          (one fused XLA reduction)
+              flash_bwd.dkdv_call      grid (kv blocks, B, K)  -> dk, dv
+              flash_bwd.dq_call        grid (q blocks, B, N)   -> dq
+
+What happens here, outside the kernels (all O(T + S) or O(#blocks)):
+
+* tiles are shrunk for short sequences (never below 16), and sequences are zero-padded to whole
+  tiles; padded keys are masked out, padded queries are sliced off (dout = 0 there);
+* head_dim is zero-padded to a power of two >= 16 (zeros change no score and no output);
+* the mask becomes per-block schedules (`flash_tiles`): loop bounds from causal / window /
+  per-row `q_offset` and segment ranges, plus the fully visible middle run that needs no mask;
+* block sizes are validated (powers of two >= 16, fit in shared memory) before any tracing.
+
+Layouts: `q [B, T, N, H]`, `k, v [B, S, K, H]` with `N % K == 0` (GQA/MQA read kv head `n // G`;
+K/V are never repeated); `lse [B, N, T]` float32 natural log, -inf for rows with no visible key
+(the XLA path's convention, so `flash_forward_pallas` / `flash_backward_pallas` can stand in for
+`flash_forward_xla` / `flash_backward_xla`, e.g. in ring attention).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from attention import masks as masks_lib
+from attention.block_sizes import MIN_PALLAS_BLOCK, BlockSizes, padded_head_dim
+from attention.kernels import flash_bwd, flash_fwd
+from attention.kernels import flash_tiles as tiles
+from attention.masks import Mask
+from attention.reference import SUPPORTED_DTYPES, check_qkv, default_scale
+
+
+def _pad_axis(x, axis: int, size: int, value=0):
+  pad = size - x.shape[axis]
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def _fit(block: int, length: int) -> int:
+  """A tile no longer than the sequence needs: the next power of two >= length (>= 16)."""
+  return min(block, max(MIN_PALLAS_BLOCK, 1 << max(0, length - 1).bit_length()))
+
+
+def resolve_block_sizes(block_sizes: BlockSizes | None, head_dim: int, dtype) -> BlockSizes:
+  """Defaults per head_dim/dtype, or the given sizes validated (ValueError before tracing)."""
+  if block_sizes is None:
+    return BlockSizes.default_pallas(head_dim, dtype)
+  if not isinstance(block_sizes, BlockSizes):
+    raise ValueError(f"block_sizes must be an attention.BlockSizes, got {block_sizes!r}.")
+  return block_sizes.validate_pallas(head_dim, dtype)
+
+
+class _Padded:
+  """One kernel call's padded operands: sequences to `(q_tile, kv_tile)` multiples, head_dim to
+  a power of two, segment ids with -1, plus per-tile segment tables."""
+
+  def __init__(self, q, k, v, mask: Mask, q_tile: int, kv_tile: int):
+    b, self.t, self.s, _, _, self.h = check_qkv(q, k, v)
+    self.t_pad = tiles.cdiv(self.t, q_tile) * q_tile
+    self.s_pad = tiles.cdiv(self.s, kv_tile) * kv_tile
+    self.h_pad = padded_head_dim(self.h)
+    self.q = self.seq(q)
+    self.k = _pad_axis(_pad_axis(k, 1, self.s_pad), 3, self.h_pad)
+    self.v = _pad_axis(_pad_axis(v, 1, self.s_pad), 3, self.h_pad)
+    self.offsets = masks_lib.q_offsets(mask, b)
+    self.q_seg = self.kv_seg = None
+    if mask.has_segments:
+      self.q_seg = _pad_axis(jnp.asarray(mask.q_segment_ids, jnp.int32), 1, self.t_pad, -1)
+      self.kv_seg = _pad_axis(jnp.asarray(mask.kv_segment_ids, jnp.int32), 1, self.s_pad, -1)
+
+  def seq(self, x):
+    """`[B, T, N, H]` -> `[B, Tp, N, Hp]` (zeros)."""
+    return _pad_axis(_pad_axis(x, 1, self.t_pad), 3, self.h_pad)
+
+  def segments(self, q_tile: int, kv_tile: int):
+    """Kernel segment operands `(q_seg, kv_seg, q_tab, kv_tab)` for these tiles, or None."""
+    if self.q_seg is None:
+      return None
+    return (self.q_seg, self.kv_seg, tiles.segment_table(self.q_seg, q_tile),
+            tiles.segment_table(self.kv_seg, kv_tile))
+
+
+# --- forward / backward with the XLA path's signatures -------------------------------------------
+
+
+def flash_forward_pallas(q, k, v, mask: Mask, scale: float, block_sizes: BlockSizes,
+                         interpret: bool = False):
+  """Returns `out [B, T, N, H]` (q.dtype) and `lse [B, N, T]` float32 (-inf: no visible key)."""
+  t, s, h = q.shape[1], k.shape[1], q.shape[3]
+  bq, bk = _fit(block_sizes.block_q, t), _fit(block_sizes.block_kv, s)
+  x = _Padded(q, k, v, mask, bq, bk)
+  segments = x.segments(bq, bk)
+  schedule = tiles.q_major_schedule(mask, x.offsets, x.t_pad // bq, bq, s, bk,
+                                    *(segments[2:] if segments else ()))
+  warps, stages = block_sizes.pallas_launch("fwd", h)
+  out, lse = flash_fwd.forward_call(
+      x.q, x.k, x.v, x.offsets, schedule, segments, geom=tiles.Geometry.of(mask, s), scale=scale,
+      block_q=bq, block_kv=bk, num_warps=warps, num_stages=stages, interpret=interpret)
+  return out[:, :t, :, :h], lse[:, :, :t]
+
+
+def flash_backward_pallas(q, k, v, out, lse, dout, mask: Mask, scale: float,
+                          block_sizes: BlockSizes, interpret: bool = False):
+  """Gradients `(dq, dk, dv)` from the saved `lse [B, N, T]`, recomputing scores tile by tile."""
+  t, s, h = q.shape[1], k.shape[1], q.shape[3]
+  q_dq, kv_dq = block_sizes.dq_tiles
+  bq_kv, bk_kv = _fit(block_sizes.block_q_bwd, t), _fit(block_sizes.block_kv_bwd, s)
+  bq_q, bk_q = _fit(q_dq, t), _fit(kv_dq, s)
+  x = _Padded(q, k, v, mask, max(bq_kv, bq_q), max(bk_kv, bk_q))  # powers of two: max = lcm
+  geom = tiles.Geometry.of(mask, s)
+
+  dout_p = x.seq(dout.astype(q.dtype))
+  delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)  # B T N
+  delta = _pad_axis(jnp.swapaxes(delta, 1, 2), 2, x.t_pad)  # B N Tp
+  # Base-2 lse; rows with no visible key (and padded rows) get +inf, hence p = 0.
+  lse2 = _pad_axis(jnp.where(jnp.isfinite(lse), lse * tiles.LOG2E, jnp.inf), 2, x.t_pad, jnp.inf)
+
+  segments = x.segments(bq_kv, bk_kv)
+  schedule = tiles.kv_major_schedule(mask, x.offsets, x.s_pad // bk_kv, bk_kv, s, t, bq_kv,
+                                     *(segments[2:] if segments else ()))
+  warps, stages = block_sizes.pallas_launch("dkdv", h)
+  dk, dv = flash_bwd.dkdv_call(
+      x.q, x.k, x.v, dout_p, lse2, delta, x.offsets, schedule, segments, geom=geom, scale=scale,
+      block_q=bq_kv, block_kv=bk_kv, num_warps=warps, num_stages=stages, interpret=interpret)
+
+  segments = x.segments(bq_q, bk_q)
+  schedule = tiles.q_major_schedule(mask, x.offsets, x.t_pad // bq_q, bq_q, s, bk_q,
+                                    *(segments[2:] if segments else ()))
+  warps, stages = block_sizes.pallas_launch("dq", h)
+  dq = flash_bwd.dq_call(
+      x.q, x.k, x.v, dout_p, lse2, delta, x.offsets, schedule, segments, geom=geom, scale=scale,
+      block_q=bq_q, block_kv=bk_q, num_warps=warps, num_stages=stages, interpret=interpret)
+  return dq[:, :t, :, :h], dk[:, :s, :, :h], dv[:, :s, :, :h]
+
+
+# --- custom_vjp wiring ---------------------------------------------------------------------------
+
+
+def _rebuild(mask_static, mask_arrays, offsets) -> Mask:
+  causal, window = mask_static
+  q_seg, kv_seg = mask_arrays if mask_arrays is not None else (None, None)
+  return Mask(causal=causal, window=window, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+              q_offset=offsets)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _pallas_flash(q, k, v, mask_arrays, offsets, mask_static, scale, block_sizes, interpret):
+  mask = _rebuild(mask_static, mask_arrays, offsets)
+  return flash_forward_pallas(q, k, v, mask, scale, block_sizes, interpret)[0]
+
+
+def _pallas_flash_fwd(q, k, v, mask_arrays, offsets, mask_static, scale, block_sizes, interpret):
+  mask = _rebuild(mask_static, mask_arrays, offsets)
+  out, lse = flash_forward_pallas(q, k, v, mask, scale, block_sizes, interpret)
+  return out, (q, k, v, mask_arrays, offsets, out, lse)
+
+
+def _pallas_flash_bwd(mask_static, scale, block_sizes, interpret, res, dout):
+  q, k, v, mask_arrays, offsets, out, lse = res
+  mask = _rebuild(mask_static, mask_arrays, offsets)
+  dq, dk, dv = flash_backward_pallas(q, k, v, out, lse, dout, mask, scale, block_sizes,
+                                     interpret)
+  return dq, dk, dv, None, None
+
+
+_pallas_flash.defvjp(_pallas_flash_fwd, _pallas_flash_bwd)
+
+
+def flash_attention_pallas(
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B S K H"],
+    v: Float[Array, "B S K H"],
+    *,
+    mask: Mask | None = None,
+    scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> Float[Array, "B T N H"]:
+  """Exact attention with Pallas Triton kernels; equals `reference_attention` (see module doc).
+
+  Args:
+    q: `[B, T, N, H]`; k, v: `[B, S, K, H]`, `N % K == 0`. float32, bfloat16 or float16.
+    mask: `attention.Mask` (causal, window, segment ids, q_offset) or None.
+    scale: logit scale, default `H ** -0.5`.
+    block_sizes: tiles and launch settings; None = `BlockSizes.default_pallas(H, q.dtype)`.
+      Invalid sizes raise ValueError here, before tracing.
+    interpret: run the kernels in Pallas interpret mode (CPU tests).
+
+  Returns:
+    `[B, T, N, H]` in q's dtype; rows with no visible key are 0.
+
+  Cost: O(T * S_visible * H) FLOPs forward (x2.5 backward), S_visible ~ S/2 causal, ~w for a
+  window; O(T + S) memory beyond the inputs in both passes.
+  """
+  _, _, _, _, _, h = check_qkv(q, k, v)
+  if not q.dtype == k.dtype == v.dtype or q.dtype not in map(jnp.dtype, SUPPORTED_DTYPES):
+    raise ValueError(f"Pallas flash attention needs q, k, v of one dtype among float32, bfloat16, "
+                     f"float16; got {q.dtype}, {k.dtype}, {v.dtype}.")
+  mask = masks_lib.validate(mask, q.shape, k.shape)
+  scale = default_scale(h, scale)
+  block_sizes = resolve_block_sizes(block_sizes, h, q.dtype)
+  mask_arrays = (mask.q_segment_ids, mask.kv_segment_ids) if mask.has_segments else None
+  offsets = masks_lib.q_offsets(mask, q.shape[0])
+  return _pallas_flash(q, k, v, mask_arrays, offsets, (mask.causal, mask.window), scale,
+                       block_sizes, bool(interpret))

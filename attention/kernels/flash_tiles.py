@@ -1,0 +1,200 @@
+"""Block schedules for the Pallas flash kernels: which tiles a program visits, and how.
+
+Each kernel program owns one *resident* tile (a q block in the forward and dQ kernels, a kv
+block in the dK/dV kernel) and loops over *streamed* tiles of the other axis. The loop never
+touches a tile the mask hides, and never evaluates the mask elementwise on a tile it fully
+shows. Both facts are precomputed here, in XLA, as small int32 tables (O(B * blocks)):
+
+    schedule[b, :, r] = (lo, hi, full_lo, full_hi)      lo <= full_lo <= full_hi <= hi
+
+* `[lo, hi)`: the streamed blocks that can see resident block `r` of batch row `b`
+  (causal / window bounds with that row's `q_offset`, intersected with the segment ranges);
+* `[full_lo, full_hi)`: the middle run whose position mask is all-visible (no padded keys),
+  visited without any elementwise mask; the ends `[lo, full_lo)` and `[full_hi, hi)` (the
+  diagonal and window edges, 1-3 blocks each) are visited masked.
+
+So causal costs ~T*S/2 and a window w ~T*(w + 2 blocks), in the forward and both backward
+kernels. With segment ids, blocks whose id ranges are disjoint are skipped inside the loop
+(`lax.cond`), and a middle block is only visited unmasked when both tiles hold one segment.
+
+Segment tables `seg_tab[b, :, r] = (min, max, single)`: min/max id over the tile's valid (>= 0)
+ids (`big, -1` if all padding) and `single` = the id when the tile is one unpadded segment,
+else -1.
+
+The in-kernel helpers (`visible`, `segment_kind`, `visit`) are shared by the three kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+from attention import masks as masks_lib
+from attention.masks import EMPTY, FULL, PARTIAL, Mask  # pylint: disable=unused-import
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+_INF = masks_lib._INF  # pylint: disable=protected-access
+
+
+def cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def _ceil_div(a, b: int):
+  return -((-a) // b)
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """Static facts the kernels specialise on (hashable: part of the kernel's identity)."""
+
+  left: int  # mask.bounds: how far a query sees to the left / right (`_INF`: unbounded)
+  right: int
+  kv_len: int  # real keys; positions >= kv_len are padding
+  has_segments: bool
+
+  @classmethod
+  def of(cls, mask: Mask, kv_len: int) -> "Geometry":
+    left, right = mask.bounds
+    return cls(left=int(left), right=int(right), kv_len=int(kv_len),
+               has_segments=mask.has_segments)
+
+
+# --- schedules (XLA, outside the kernels) ------------------------------------------------------
+
+
+def segment_table(seg, block: int):
+  """`[B, 3, L // block]` int32 (min, max, single) per tile of `seg [B, L]` (padded with -1)."""
+  b, length = seg.shape
+  seg_min, seg_max = masks_lib.segment_ranges(seg, block)
+  all_valid = jnp.all(seg.reshape(b, length // block, block) >= 0, axis=-1)
+  single = jnp.where((seg_min == seg_max) & all_valid, seg_min, -1)
+  return jnp.stack([seg_min, seg_max, single], axis=1).astype(jnp.int32)
+
+
+def _segment_range(res_tab, str_tab, n_res: int, n_str: int):
+  """First/last+1 streamed block whose segment range meets each resident block's: `[B, n_res]`.
+
+  O(B * n_res * n_str) booleans (0.5M per row at 64K tokens with 128x64 tiles).
+  """
+  res_min, res_max = res_tab[:, 0, :n_res, None], res_tab[:, 1, :n_res, None]
+  str_min, str_max = str_tab[:, 0, None, :n_str], str_tab[:, 1, None, :n_str]
+  meets = (res_min <= str_max) & (str_min <= res_max)  # B n_res n_str
+  first = jnp.argmax(meets, axis=-1)
+  last = n_str - jnp.argmax(meets[..., ::-1], axis=-1)
+  found = jnp.any(meets, axis=-1)
+  return jnp.where(found, first, 0), jnp.where(found, last, 0)
+
+
+def _finish(lo, hi, full_lo, full_hi, seg_range=None):
+  if seg_range is not None:
+    lo, hi = jnp.maximum(lo, seg_range[0]), jnp.minimum(hi, seg_range[1])
+  hi = jnp.maximum(hi, lo)
+  full_lo = jnp.clip(full_lo, lo, hi)
+  full_hi = jnp.clip(full_hi, full_lo, hi)
+  return jnp.stack(jnp.broadcast_arrays(lo, hi, full_lo, full_hi), axis=1).astype(jnp.int32)
+
+
+def q_major_schedule(mask: Mask, offsets, num_q_blocks: int, block_q: int, kv_len: int,
+                     block_kv: int, q_tab=None, kv_tab=None):
+  """`[B, 4, num_q_blocks]`: per q block, the kv blocks to visit (forward and dQ kernels).
+
+  Only kv blocks holding real keys (`< cdiv(kv_len, block_kv)`) are ever visited.
+  """
+  nk = cdiv(kv_len, block_kv)
+  left, right = mask.bounds
+  q_lo = offsets[:, None] + block_q * jnp.arange(num_q_blocks, dtype=jnp.int32)[None]  # B nq
+  q_hi = q_lo + block_q - 1
+  lo, hi = masks_lib.kv_block_range(mask, q_lo, q_hi, block_kv, nk)
+  # Block j is fully visible iff j*bk >= q_hi - left and (j+1)*bk - 1 <= q_lo + right.
+  full_lo = _ceil_div(q_hi - left, block_kv)
+  full_hi = jnp.minimum((q_lo + right + 1) // block_kv, kv_len // block_kv)  # no padded keys
+  seg = None if q_tab is None else _segment_range(q_tab, kv_tab, num_q_blocks, nk)
+  zero = 0 * q_lo
+  return _finish(lo + zero, hi + zero, full_lo, full_hi, seg)
+
+
+def kv_major_schedule(mask: Mask, offsets, num_kv_blocks: int, block_kv: int, kv_len: int,
+                      q_len: int, block_q: int, q_tab=None, kv_tab=None):
+  """`[B, 4, num_kv_blocks]`: per kv block, the q blocks that can see it (dK/dV kernel).
+
+  Only q blocks holding real queries are visited; blocks of padded keys visit nothing.
+  """
+  nq = cdiv(q_len, block_q)
+  left, right = mask.bounds
+  off = offsets[:, None]  # B 1
+  k_lo = block_kv * jnp.arange(num_kv_blocks, dtype=jnp.int32)[None]  # 1 nk
+  k_hi = k_lo + block_kv - 1
+  zero = 0 * (off + k_lo)  # B nk
+  lo, hi = masks_lib.q_block_range(mask, k_lo, k_hi, off, off, block_q, nq)
+  hi = jnp.where(k_lo >= kv_len, lo, hi)
+  # q block i is fully visible iff q_hi <= k_lo + left and q_lo >= k_hi - right.
+  full_lo = _ceil_div(k_hi - right - off, block_q)
+  full_hi = (k_lo + left - off + 1) // block_q
+  full_hi = jnp.where(k_lo + block_kv > kv_len, full_lo, full_hi)  # padded keys: always mask
+  seg = None if q_tab is None else _segment_range(kv_tab, q_tab, num_kv_blocks, nq)
+  return _finish(lo + zero, hi + zero, full_lo + zero, full_hi + zero, seg)
+
+
+# --- in-kernel helpers -------------------------------------------------------------------------
+
+
+def visible(geom: Geometry, q_pos, kv_pos, q_seg=None, kv_seg=None):
+  """Elementwise visibility of a tile; `q_pos`/`kv_pos` (and segment ids) broadcast to it.
+
+  Callers pass `[r, 1]` and `[1, c]` columns/rows in whichever orientation their scores use.
+  """
+  vis = kv_pos < geom.kv_len  # padded keys are never visible
+  diff = kv_pos - q_pos
+  if geom.left < _INF:
+    vis &= diff >= -geom.left
+  if geom.right < _INF:
+    vis &= diff <= geom.right
+  if q_seg is not None:
+    vis &= (q_seg == kv_seg) & (q_seg >= 0)
+  return vis
+
+
+def segment_kind(res, streamed):
+  """EMPTY / PARTIAL / FULL from two `(min, max, single)` scalar triples (resident, streamed)."""
+  disjoint = (res[1] < streamed[0]) | (streamed[1] < res[0])
+  full = (res[2] == streamed[2]) & (res[2] >= 0)
+  # EMPTY = 0, PARTIAL = 1, FULL = 2, in arithmetic (scalar selects trip the Triton lowering).
+  assert (EMPTY, PARTIAL, FULL) == (0, 1, 2)
+  meets = jnp.logical_not(disjoint).astype(jnp.int32)
+  return meets * (1 + full.astype(jnp.int32))
+
+
+def visit(schedule, step, carry, seg_kind=None):
+  """Runs `step(j, carry, masked)` over the streamed blocks of one resident tile.
+
+  `schedule = (lo, hi, full_lo, full_hi)` scalars: `[lo, full_lo)` and `[full_hi, hi)` masked,
+  `[full_lo, full_hi)` unmasked. `seg_kind(j)` (segment ids only) refines each step: EMPTY
+  skips the block, PARTIAL forces the mask.
+  """
+  lo, hi, full_lo, full_hi = schedule
+
+  def edge(j, c):
+    if seg_kind is None:
+      return step(j, c, True)
+    return lax.cond(seg_kind(j) == EMPTY, lambda c: c, functools.partial(step, j, masked=True), c)
+
+  def middle(j, c):
+    if seg_kind is None:
+      return step(j, c, False)
+    return lax.switch(seg_kind(j), [lambda c: c, functools.partial(step, j, masked=True),
+                                    functools.partial(step, j, masked=False)], c)
+
+  carry = lax.fori_loop(lo, full_lo, edge, carry)
+  carry = lax.fori_loop(full_lo, full_hi, middle, carry)
+  return lax.fori_loop(full_hi, hi, edge, carry)
+
+
+def read_row(table_ref, b, r, rows: int):
+  """`rows` scalars `table_ref[b, 0..rows-1, r]` (a schedule or segment table column)."""
+  return tuple(table_ref[b, k, r] for k in range(rows))
