@@ -1,0 +1,28 @@
+"""Every notebook in notebooks/ runs top to bottom (deselect with -m "not notebooks")."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs(path, tmp_path, monkeypatch):
+  nbformat = pytest.importorskip("nbformat")
+  nbclient = pytest.importorskip("nbclient")
+  notebook = nbformat.read(path, as_version=4)
+  for cell in notebook.cells:  # committed notebooks carry no outputs
+    assert not cell.get("outputs"), f"{path.name}: strip outputs before committing"
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                                   resources={"metadata": {"path": str(tmp_path)}})
+  client.execute()
+
+
+def test_notebooks_exist():
+  assert NOTEBOOKS, "notebooks/ has no .ipynb"
