@@ -90,10 +90,12 @@ class RingCache:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Cache:
-  """The model's decoding state: `index` (tokens seen, int32 scalar) and one cache per layer."""
+  """The model's decoding state: `index` (tokens seen, int32 scalar), one cache per layer, and
+  the static `max_len` it was created for (a stream longer than that is an error)."""
 
   index: Int[Array, ""]
   layers: tuple[Any, ...]
+  max_len: int = dataclasses.field(default=0, metadata=dict(static=True))
 
 
 def nbytes(tree) -> int:

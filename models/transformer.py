@@ -119,21 +119,24 @@ class Transformer(nnx.Module):
     if self.mlm_head is not None:
       x = self.mlm_head(x)
     logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)  # B T V
-    new_cache = None if cache is None else cache_lib.Cache(index + t, tuple(new_caches))
+    new_cache = None if cache is None else cache_lib.Cache(index + t, tuple(new_caches),
+                                                           cache.max_len)
     return logits.astype(jnp.float32), {"cache": new_cache, "layers": tuple(layer_aux)}
 
   def init_cache(self, batch: int, max_len: int) -> cache_lib.Cache:
     """An empty cache for `batch` streams of up to `max_len` tokens (decoders only).
 
     Unbounded (global) layers hold `max_len` positions; windowed (local) layers a ring of
-    `min(window, max_len)`, so their memory does not grow with `max_len`.
+    `min(window, max_len)`, so their memory does not grow with `max_len`. Feeding more than
+    `max_len` tokens in total is an error (a ValueError when decoding eagerly).
     """
     if not self.config.causal:
       raise ValueError("init_cache: KV-cache decoding needs a decoder (causal=True).")
     if batch < 1 or max_len < 1:
       raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}.")
     return cache_lib.Cache(jnp.zeros((), jnp.int32),
-                           tuple(block.attn.init_cache(batch, max_len) for block in self.blocks))
+                           tuple(block.attn.init_cache(batch, max_len) for block in self.blocks),
+                           max_len)
 
   def _check_inputs(self, tokens, segment_ids, positions, cache) -> tuple[int, int]:
     if jnp.ndim(tokens) != 2 or not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
@@ -149,6 +152,10 @@ class Transformer(nnx.Module):
     if cache is not None:
       if not isinstance(cache, cache_lib.Cache) or len(cache.layers) != len(self.blocks):
         raise ValueError("cache must come from this model's init_cache.")
+      # Checked when the index is concrete (eager decoding); under jit it is the caller's job.
+      if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + t > cache.max_len:
+        raise ValueError(f"cache holds {cache.max_len} tokens: {int(cache.index)} cached + {t} "
+                         f"new do not fit; make it with a larger init_cache(batch, max_len).")
       if segment_ids is not None and positions is None:
         raise ValueError("with a cache, pass positions together with segment_ids (positions "
                          "cannot restart per document across decode calls).")

@@ -1,0 +1,49 @@
+"""Parameter and FLOP counts: against the built model and hand-computed cases."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import flops
+from models.config import ModelConfig
+from models.kinds import KindSettings
+from models.transformer import Transformer
+
+TINY = dict(vocab_size=64, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(layer_pattern=("global", "local"), num_layers=3),
+    dict(causal=False, mlm_head=True, norm="layer", tie_embeddings=False),
+])
+def test_param_counts_match_the_model(fields):
+  config = ModelConfig(**{**TINY, **fields})
+  model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))  # shapes only
+  actual = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+  counts = flops.param_counts(config)
+  assert counts["total"] == actual
+  assert counts["non_embedding"] == actual - 64 * 32
+
+
+def test_attention_flops_per_token():
+  config = ModelConfig(**TINY, num_layers=3, layer_pattern=("global", "local", "local"),
+                       kinds={"local": KindSettings(window=16)})
+  per_key = 4 * 4 * 8  # 4 heads x head_dim 8, q.k and p.v
+  assert flops.attention_flops_per_token(config, 1000) == per_key * (1000 + 16 + 16)
+  assert flops.attention_flops_per_token(config, 10) == per_key * 30
+  encoder = ModelConfig(**TINY, causal=False, layer_pattern=("local",),
+                        kinds={"local": KindSettings(window=16)}, num_layers=1)
+  assert flops.attention_flops_per_token(encoder, 1000) == per_key * 17  # 8 each side + self
+
+
+def test_forward_flops_sums_visible_keys_exactly():
+  config = ModelConfig(**TINY, num_layers=2, layer_pattern=("global", "local"),
+                       kinds={"local": KindSettings(window=3)})
+  np.testing.assert_array_equal(flops.visible_keys(config, "local", 5), [1, 2, 3, 3, 3])
+  np.testing.assert_array_equal(flops.visible_keys(config, "global", 5), [1, 2, 3, 4, 5])
+  per_key, matmul = 4 * 4 * 8, flops.matmul_flops_per_token(config)
+  assert matmul == 2 * (2 * (2 * 32 * 32 + 2 * 32 * 16) + 2 * 3 * 32 * 64 + 32 * 64)
+  assert flops.forward_flops(config, 5, batch=2) == 2 * (5 * matmul + per_key * (12 + 15))
