@@ -1,0 +1,199 @@
+r"""Evaluate a trained run: passkey / needle accuracy over (context length x depth).
+
+    python -m experiments.evaluate --workdir=/tmp/longctx_passkey
+    python -m experiments.evaluate --workdir=/tmp/longctx_passkey --tasks=passkey,needle \
+        --length_multiples=1,2,4,8 --rope_scaling=yarn --rope_factor=4 --tag=yarn4
+
+Loads `config.json` and the latest checkpoint of `--workdir`, optionally overrides the RoPE
+scaling (inference-time context extension: PI `linear`, `ntk`, `yarn`), and scores the greedy
+answer of `--examples` prompts per cell by exact match. Lengths are multiples of the training
+length (or `--lengths`, absolute). Writes `eval_<task>[_<tag>].csv` and a heatmap PNG next to
+the run (or under `--outdir`) and prints the accuracy table (rows: depth, columns: length).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+import models
+from experiments import checkpoints as ckpt_lib
+from experiments import tasks, trainer
+
+FLAGS = flags.FLAGS
+
+
+def haystack(config: ml_collections.ConfigDict, name: str) -> tasks.Haystack:
+  """The haystack task `name` with the training task's text settings (filler, instruction)."""
+  known = {f.name for f in dataclasses.fields(tasks.Haystack)}
+  fields = {k: v for k, v in config.task.to_dict().items() if k in known and k != "seq_len"}
+  return tasks.Haystack(**dict(fields, kind=name, seed=config.seed + 1))
+
+
+def grid(model, config: ml_collections.ConfigDict, name: str, lengths: Sequence[int],
+         depths: Sequence[float], examples: int, batch_size: int) -> list[dict[str, Any]]:
+  """One row per (length, depth): exact-match and token accuracy of the greedy answers."""
+  task = haystack(config, name)
+  rows = []
+  for length in lengths:
+    for depth in depths:
+      batches = [task.batch(i, min(batch_size, examples - i * batch_size), seq_len=length,
+                            depth=depth, salt=2)
+                 for i in range(-(-examples // batch_size))]
+      scores = trainer.evaluate_batches(model, batches)
+      rows.append(dict(task=name, length=int(length), depth=float(depth), examples=examples,
+                       accuracy=scores["accuracy"], token_accuracy=scores["token_accuracy"]))
+  return rows
+
+
+def check_generate(model, config: ml_collections.ConfigDict, name: str, length: int,
+                   rows: int) -> float:
+  """Fraction of `rows` prompts where KV-cache greedy decoding agrees with `eval_step`."""
+  task = haystack(config, name)
+  batch = task.batch(0, rows, seq_len=length, depth=0.5, salt=3)
+  answer_len = int(batch["loss_mask"][0].sum())
+  prompt = batch["tokens"][:, :length - answer_len + 1]  # up to the token before the answer
+  out = np.asarray(models.generate(model, jnp.asarray(prompt), answer_len))
+  generated = np.all(out[:, -answer_len:] == batch["tokens"][:, -answer_len:], axis=1)
+  teacher = np.asarray(jax.device_get(trainer.eval_step(model, trainer.to_device(batch)))["exact"])
+  return float(np.mean(generated == teacher))
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+  """Markdown table: one row per depth plus the mean, one column per length."""
+  lengths = sorted({r["length"] for r in rows})
+  depths = sorted({r["depth"] for r in rows})
+  cell = {(r["length"], r["depth"]): r["accuracy"] for r in rows}
+  lines = [f"| {rows[0]['task']} depth \\ length | " + " | ".join(map(str, lengths)) + " |",
+           "|---" * (len(lengths) + 1) + "|"]
+  for depth in depths:
+    lines.append(f"| {depth:.2f} | " + " | ".join(f"{cell[l, depth]:.2f}" for l in lengths) + " |")
+  means = [np.mean([cell[l, d] for d in depths]) for l in lengths]
+  lines.append("| **mean** | " + " | ".join(f"**{m:.2f}**" for m in means) + " |")
+  return "\n".join(lines)
+
+
+def write_csv(rows: list[dict[str, Any]], path: str) -> None:
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def plot_heatmap(rows: list[dict[str, Any]], path: str, title: str) -> None:
+  """Accuracy over (context length x depth), the standard needle-in-a-haystack picture."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  lengths = sorted({r["length"] for r in rows})
+  depths = sorted({r["depth"] for r in rows})
+  cell = {(r["length"], r["depth"]): r["accuracy"] for r in rows}
+  image = np.array([[cell[l, d] for l in lengths] for d in depths])
+  fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2, 0.5 * len(depths) + 2))
+  im = ax.imshow(image, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+  for i in range(len(depths)):
+    for j in range(len(lengths)):
+      ax.text(j, i, f"{image[i, j]:.2f}", ha="center", va="center", fontsize=8)
+  ax.set_xticks(range(len(lengths)), [str(l) for l in lengths])
+  ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+  ax.set_xlabel("context length (tokens)")
+  ax.set_ylabel("needle depth")
+  ax.set_title(title)
+  fig.colorbar(im, ax=ax, label="exact-match accuracy")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def evaluate_and_report(model, config: ml_collections.ConfigDict, outdir: str, *,
+                        task_names=None, lengths=None, depths=None, examples=None,
+                        tag: str = "") -> dict[str, list[dict[str, Any]]]:
+  """Runs the grid for each task, writes CSV + heatmap under `outdir`, prints the tables."""
+  e = config.eval
+  train_len = config.task.seq_len
+  lengths = lengths or [m * train_len for m in e.length_multiples]
+  depths = depths or list(e.depths)
+  results = {}
+  for name in task_names or e.tasks:
+    rows = grid(model, config, name, lengths, depths, examples or e.examples, e.batch_size)
+    stem = os.path.join(outdir, f"eval_{name}{'_' + tag if tag else ''}")
+    write_csv(rows, stem + ".csv")
+    rope = f"rope={model.config.rope_scaling}" + (
+        f" x{model.config.rope_factor:g}" if model.config.rope_scaling != "none" else "")
+    plot_heatmap(rows, stem + ".png", f"{name}: trained at {train_len}, {rope}")
+    print(f"\n{name} exact-match accuracy (trained at length {train_len}; {rope}):")
+    print(format_table(rows), flush=True)
+    results[name] = rows
+  return results
+
+
+def load_run(workdir: str, rope_scaling: str | None = None, rope_factor: float | None = None
+             ) -> tuple[ml_collections.ConfigDict, Any, int]:
+  """(config, model with the latest checkpoint's weights, step) of a training run.
+
+  `rope_scaling`/`rope_factor` override the trained RoPE (inference-time context extension);
+  the original length L of `yarn` is the training length unless the run already had one.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: --workdir must be a training run's workdir.")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  overrides = {}
+  if rope_scaling is not None or rope_factor is not None:
+    overrides = dict(rope_scaling=rope_scaling or config.model.rope_scaling,
+                     rope_factor=float(rope_factor or config.model.rope_factor),
+                     rope_original_length=(config.model.rope_original_length
+                                           or config.task.seq_len))
+  model = trainer.make_model(config, **overrides)
+  step = ckpt_lib.load_params(model, workdir)
+  return config, model, step
+
+
+def main(argv):
+  del argv
+  workdir = os.path.abspath(FLAGS.workdir)
+  config, model, step = load_run(workdir, FLAGS.rope_scaling, FLAGS.rope_factor)
+  logging.info("Loaded %s at step %d.", workdir, step)
+  train_len = config.task.seq_len
+  multiples = FLAGS.length_multiples or config.eval.length_multiples
+  lengths = [int(x) for x in FLAGS.lengths or [float(m) * train_len for m in multiples]]
+  depths = [float(d) for d in FLAGS.depths] if FLAGS.depths else None
+  outdir = FLAGS.outdir or workdir
+  os.makedirs(outdir, exist_ok=True)
+  names = FLAGS.tasks or list(config.eval.tasks)
+  if FLAGS.check_generate:
+    agree = check_generate(model, config, names[0], train_len, FLAGS.check_generate)
+    print(f"KV-cache greedy decoding agrees with teacher-forced scoring on {agree:.0%} of rows.")
+  evaluate_and_report(model, config, outdir, task_names=names, lengths=lengths, depths=depths,
+                      examples=FLAGS.examples, tag=FLAGS.tag)
+
+
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a script, so train.py can import us)."""
+  flags.DEFINE_string("workdir", None, "A training run's workdir (config.json + checkpoints).")
+  flags.DEFINE_string("outdir", None, "Where CSV/PNG go (default: --workdir).")
+  flags.DEFINE_list("tasks", None, "Haystack tasks: passkey, needle (default: config.eval).")
+  flags.DEFINE_list("length_multiples", None, "Lengths as multiples of the training length.")
+  flags.DEFINE_list("lengths", None, "Absolute context lengths (overrides multiples).")
+  flags.DEFINE_list("depths", None, "Needle depths in [0, 1].")
+  flags.DEFINE_integer("examples", None, "Prompts per (length, depth) cell.")
+  flags.DEFINE_string("rope_scaling", None, "Override: none, linear, ntk, yarn.")
+  flags.DEFINE_float("rope_factor", None, "Override: scale s = L'/L.")
+  flags.DEFINE_string("tag", "", "Suffix of the output file names.")
+  flags.DEFINE_integer("check_generate", 4, "Rows cross-checked with KV-cache decoding.")
+
+
+if __name__ == "__main__":
+  define_flags()
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)

@@ -1,0 +1,267 @@
+"""Offline long-context tasks: passkey, needle grid, MQAR, and a byte-level text corpus.
+
+Every task turns `(seed, step)` into a batch, and nothing else: the data a run sees is a pure
+function of the config's seed and the step, so a resumed run continues with the same data.
+A batch is a dict of numpy arrays, all `[B, T]`:
+
+* `tokens`      int32 inputs (bytes 0..255 for the text tasks),
+* `targets`     int32 next tokens (`targets[t]` is what the model should predict at `t`),
+* `loss_mask`   float32, 1 where `targets[t]` is scored (answers only for the recall tasks),
+* `segment_ids` int32 document ids of packed rows (`-1` = padding, never attended or scored).
+
+Formats:
+* passkey (Mohtashami & Jaggi 2023; the PI and YaRN papers): an instruction line, filler
+  ("The grass is green. ...") repeated, one line "The pass key is K. Remember it. K is the pass
+  key." at a chosen depth of the filler, more filler, "What is the pass key? The pass key is";
+  the scored answer is " K". Byte tokens, the whole sequence (prompt + answer) exactly `T` long.
+* needle: the same haystack with a key/value needle ("The special magic number for KEY is V.")
+  and the question "What is the special magic number for KEY? The special magic number for
+  KEY is"; evaluated over a (context length x depth) grid.
+* mqar (Zoology, arXiv 2312.04927, `multiquery_ar`): key/value pairs, then a query region in
+  which keys reappear at power-law-distributed gaps; only the value after each query is scored.
+* text: files from a glob (default: the Python standard library's own sources, via
+  `sysconfig`), concatenated as bytes and cut into rows; short files are packed together and
+  told apart by segment ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob as glob_lib
+import os
+import sysconfig
+from typing import Any
+
+import numpy as np
+
+INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
+               "memorize them. I will quiz you about the important information there.")
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+          "There and back again. ")
+DEFAULT_TEXT_GLOB = os.path.join(sysconfig.get_paths()["stdlib"], "*.py")
+
+
+def _rng(seed: int, step: int, salt: int = 0) -> np.random.Generator:
+  return np.random.default_rng([seed, step, salt])
+
+
+def _encode(text: str) -> np.ndarray:
+  return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+
+def decode(tokens) -> str:
+  """Byte tokens back to text (invalid bytes replaced)."""
+  return bytes(int(t) % 256 for t in tokens).decode("utf-8", errors="replace")
+
+
+def _lm_example(sequence: np.ndarray, answer_len: int) -> dict[str, np.ndarray]:
+  """One row from a full sequence whose last `answer_len` tokens are the scored answer."""
+  t = len(sequence)
+  mask = np.zeros(t, np.float32)
+  mask[t - answer_len - 1:t - 1] = 1.0  # positions whose next token is an answer token
+  targets = np.concatenate([sequence[1:], [0]]).astype(np.int32)
+  return dict(tokens=sequence.astype(np.int32), targets=targets, loss_mask=mask,
+              segment_ids=np.zeros(t, np.int32))
+
+
+def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+
+# --- haystack tasks: passkey and needle ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Haystack:
+  """A needle line hidden at a depth of filler text; the answer follows the final question.
+
+  `instruction=""` drops the instruction line (more room for filler at short lengths).
+  """
+
+  seq_len: int = 512
+  digits: int = 5
+  instruction: str = INSTRUCTION
+  filler: str = FILLER
+  kind: str = "passkey"  # "passkey" or "needle"
+  seed: int = 0
+  key_letters: int = 4
+
+  def parts(self, rng: np.random.Generator) -> tuple[str, str, str]:
+    """(needle line, final question, answer) of one example."""
+    value = str(rng.integers(10 ** (self.digits - 1), 10 ** self.digits))
+    if self.kind == "passkey":
+      return (f"The pass key is {value}. Remember it. {value} is the pass key.",
+              "What is the pass key? The pass key is", f" {value}")
+    key = "".join(chr(c) for c in rng.integers(ord("a"), ord("z") + 1, self.key_letters))
+    return (f"The special magic number for {key} is {value}.",
+            f"What is the special magic number for {key}? The special magic number for {key} is",
+            f" {value}")
+
+  def example(self, rng: np.random.Generator, depth: float, seq_len: int | None = None
+              ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """One row exactly `seq_len` tokens long, and its info (answer, needle position, depth)."""
+    seq_len = seq_len or self.seq_len
+    needle, question, answer = self.parts(rng)
+    head = _encode(self.instruction + "\n") if self.instruction else np.zeros(0, np.int32)
+    needle_t, question_t = _encode("\n" + needle + "\n"), _encode("\n" + question)
+    answer_t = _encode(answer)
+    n_filler = seq_len - len(head) - len(needle_t) - len(question_t) - len(answer_t)
+    if n_filler < 0:
+      raise ValueError(f"{self.kind}: seq_len {seq_len} is too short for the fixed text "
+                       f"({seq_len - n_filler} tokens); use a longer seq_len or instruction=''.")
+    repeats = n_filler // len(self.filler) + 1
+    filler = _encode(self.filler * repeats)[:n_filler]
+    cut = int(round(float(depth) * n_filler))
+    sequence = np.concatenate([head, filler[:cut], needle_t, filler[cut:], question_t, answer_t])
+    info = dict(answer=answer, depth=float(depth), needle_start=len(head) + cut + 1,
+                filler_start=len(head), filler_len=n_filler, needle=needle)
+    return _lm_example(sequence, len(answer_t)), info
+
+  def batch(self, step: int, batch_size: int, *, salt: int = 0, seq_len: int | None = None,
+            depth: float | None = None) -> dict[str, np.ndarray]:
+    """`batch_size` rows at random depths (or the given one): a pure function of (seed, step).
+
+    `salt` selects an independent stream (0 = training, 1 = held-out evaluation, ...).
+    """
+    rng = _rng(self.seed, step, salt)
+    rows = [self.example(rng, rng.uniform() if depth is None else depth, seq_len)[0]
+            for _ in range(batch_size)]
+    return _stack(rows)
+
+
+# --- multi-query associative recall (Zoology) ----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MQAR:
+  """Zoology's `multiquery_ar`: keys in [1, V/2), values in [V/2, V); only answers are scored."""
+
+  seq_len: int = 128
+  num_kv_pairs: int = 8
+  vocab_size: int = 256
+  power_a: float = 0.01
+  random_non_queries: bool = True
+  seed: int = 0
+
+  def example(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    t, n, v = self.seq_len, self.num_kv_pairs, self.vocab_size
+    context = 2 * n
+    space = (t - context) // 2
+    if space < n or n > v // 2 - 1:
+      raise ValueError(f"mqar: seq_len {t} / vocab_size {v} cannot hold {n} key-value pairs and "
+                       f"their queries (need seq_len >= {4 * n}, vocab_size >= {2 * n + 2}).")
+    keys = rng.choice(np.arange(1, v // 2), n, replace=False)
+    values = rng.choice(np.arange(v // 2, v), n, replace=False)
+    kvs = np.stack([keys, values], axis=1).reshape(-1)  # k1 v1 k2 v2 ...
+    p = self.power_a * np.arange(1, space + 1) ** (self.power_a - 1)
+    gaps = rng.choice(space, n, replace=False, p=p / p.sum())
+    queries = np.zeros(t - context + 1, np.int64)
+    queries[gaps * 2] = keys
+    sequence = np.concatenate([kvs, queries])  # T + 1
+    labels = np.full(t + 1, -1, np.int64)
+    labels[context + gaps * 2 + 1] = values
+    tokens, targets = sequence[:-1], labels[1:]
+    if self.random_non_queries:
+      zeros = tokens == 0
+      tokens = np.where(zeros, rng.integers(0, v, t), tokens)
+    mask = (targets >= 0).astype(np.float32)
+    return dict(tokens=tokens.astype(np.int32), targets=np.maximum(targets, 0).astype(np.int32),
+                loss_mask=mask, segment_ids=np.zeros(t, np.int32))
+
+  def batch(self, step: int, batch_size: int, *, salt: int = 0) -> dict[str, np.ndarray]:
+    rng = _rng(self.seed, step, salt)
+    return _stack([self.example(rng) for _ in range(batch_size)])
+
+
+# --- plain text from a glob ------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def load_corpus(pattern: str, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+  """(bytes [N] int32, document id [N] int32) of the sorted files matching `pattern`."""
+  files = sorted(f for f in glob_lib.glob(os.path.expanduser(pattern), recursive=True)
+                 if os.path.isfile(f))
+  docs, total = [], 0
+  for path in files:
+    with open(path, "rb") as f:
+      data = f.read(max_bytes - total)
+    if data:
+      docs.append(np.frombuffer(data, np.uint8))
+      total += len(data)
+    if total >= max_bytes:
+      break
+  if not docs:
+    raise ValueError(f"text: no readable, non-empty files match {pattern!r}.")
+  ids = np.concatenate([np.full(len(d), i, np.int32) for i, d in enumerate(docs)])
+  return np.concatenate(docs).astype(np.int32), ids
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+  """Byte-level LM on files matching `glob`, packed into rows of `seq_len` with segment ids.
+
+  The corpus (files in sorted order) is one stream cut into `seq_len + 1` windows; each epoch
+  visits the windows in a seed-dependent permutation. A row holds the ends and starts of
+  several files when they are short; `segment_ids` separates them, and a token is scored only
+  when its target lies in the same file.
+  """
+
+  seq_len: int = 256
+  glob: str = DEFAULT_TEXT_GLOB
+  max_bytes: int = 64 << 20
+  seed: int = 0
+
+  def corpus(self) -> tuple[np.ndarray, np.ndarray]:
+    return load_corpus(self.glob, self.max_bytes)
+
+  def num_windows(self) -> int:
+    n = (len(self.corpus()[0]) - 1) // self.seq_len
+    if n < 1:
+      raise ValueError(f"text: corpus {self.glob!r} is shorter than one row of {self.seq_len}.")
+    return n
+
+  def window(self, index: int) -> dict[str, np.ndarray]:
+    data, ids = self.corpus()
+    lo = index * self.seq_len
+    chunk, doc = data[lo:lo + self.seq_len + 1], ids[lo:lo + self.seq_len + 1]
+    _, segment_ids = np.unique(doc[:-1], return_inverse=True)
+    return dict(tokens=chunk[:-1].astype(np.int32), targets=chunk[1:].astype(np.int32),
+                loss_mask=(doc[1:] == doc[:-1]).astype(np.float32),
+                segment_ids=segment_ids.astype(np.int32).reshape(-1))
+
+  def batch(self, step: int, batch_size: int, *, salt: int = 0) -> dict[str, np.ndarray]:
+    """Rows `step * B .. (step + 1) * B` of the epoch permutations (`salt` offsets the seed)."""
+    n = self.num_windows()
+    rows = []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+      epoch, offset = divmod(i, n)
+      order = _epoch_order(self.seed + 7919 * salt, epoch, n)
+      rows.append(self.window(int(order[offset])))
+    return _stack(rows)
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+# --- registry ------------------------------------------------------------------------------------
+
+TASKS = {"passkey": Haystack, "needle": Haystack, "mqar": MQAR, "text": Text}
+
+
+def make_task(config, seed: int = 0):
+  """The task of a `config.task` (a dict-like with `name` and the task's fields)."""
+  fields = dict(config)
+  name = fields.pop("name", None)
+  if name not in TASKS:
+    raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}.")
+  cls = TASKS[name]
+  if cls is Haystack:
+    fields["kind"] = name
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f"task {name!r} has no fields {unknown}; known: {sorted(known - {'kind'})}.")
+  return cls(**fields, seed=seed) if "seed" not in fields else cls(**fields)

@@ -1,0 +1,150 @@
+"""Importable training and evaluation loop: model and optimizer from a config, jitted steps.
+
+    config = configs.passkey.get_config()
+    model = make_model(config)
+    optimizer = make_optimizer(model, config)
+    metrics = train_step(model, optimizer, batch)          # one AdamW update (nnx.jit)
+    scores = eval_step(model, batch)                        # greedy exact match of the answers
+
+Loss: token cross-entropy averaged over `batch["loss_mask"]` (only scored tokens count: the
+answers of the recall tasks, every in-document next byte of the text task). With
+`config.grad_accum = A` a step splits its batch into A micro-batches and averages their
+gradients before one update. The optimizer is optax AdamW on a linear-warmup + cosine schedule,
+after global-norm gradient clipping.
+
+Exact match of greedy decoding is computed with teacher forcing: the greedy continuation equals
+the answer iff the argmax at every answer position, given the correct previous answer tokens,
+is the answer token. So one forward pass scores a whole batch (`eval_step`); `evaluate.py`
+cross-checks a few rows with `models.generate` (KV-cache decoding).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from models import KindSettings, ModelConfig, Transformer
+
+_KIND_FIELDS = ("attention", "window", "rope_theta")
+
+
+# --- config -> model and optimizer ---------------------------------------------------------------
+
+
+def model_config(config: ml_collections.ConfigDict, **overrides) -> ModelConfig:
+  """The `ModelConfig` of `config.model` (with field `overrides`, e.g. a new rope scaling)."""
+  fields = dict(config.model.to_dict())
+  fields.update(overrides)
+  pattern = fields.pop("layer_pattern")
+  if isinstance(pattern, str):
+    pattern = tuple(p.strip() for p in pattern.split(",") if p.strip())
+  kinds = {}
+  for name, settings in (fields.pop("kinds") or {}).items():
+    unknown = sorted(set(settings) - set(_KIND_FIELDS))
+    if unknown:
+      raise ValueError(f"config.model.kinds.{name} has unknown fields {unknown}; known: "
+                       f"{list(_KIND_FIELDS)}.")
+    kinds[name] = KindSettings(**settings)
+  return ModelConfig(layer_pattern=tuple(pattern), kinds=kinds, **fields)
+
+
+def make_model(config: ml_collections.ConfigDict, **overrides) -> Transformer:
+  """A freshly initialised Transformer (parameters from `config.seed`)."""
+  return Transformer(model_config(config, **overrides), rngs=nnx.Rngs(config.seed))
+
+
+def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup to `optim.lr`, then cosine decay to `optim.lr * optim.final_lr_ratio`."""
+  o = config.optim
+  warmup = min(o.warmup_steps, max(config.num_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      0.0, o.lr, warmup_steps=warmup, decay_steps=max(config.num_steps, warmup + 1),
+      end_value=o.lr * o.final_lr_ratio)
+
+
+def make_optimizer(model: Transformer, config: ml_collections.ConfigDict) -> nnx.Optimizer:
+  """AdamW on `learning_rate(config)` after clipping the global gradient norm."""
+  o = config.optim
+  tx = optax.chain(
+      optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity(),
+      optax.adamw(learning_rate(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+  return nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+# --- steps ---------------------------------------------------------------------------------------
+
+
+def loss_fn(model: Transformer, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
+  """Masked mean cross-entropy over the scored tokens, and the scored-token count."""
+  logits, _ = model(batch["tokens"], segment_ids=batch["segment_ids"])  # B T V
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # B T
+  mask = batch["loss_mask"]
+  count = jnp.maximum(mask.sum(), 1.0)
+  return (losses * mask).sum() / count, {"scored_tokens": mask.sum()}
+
+
+@functools.partial(nnx.jit, static_argnames=("grad_accum",))
+def train_step(model: Transformer, optimizer: nnx.Optimizer, batch: dict[str, jax.Array],
+               grad_accum: int = 1) -> dict[str, jax.Array]:
+  """One optimizer update on `batch` (split into `grad_accum` equal micro-batches)."""
+  grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
+  micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+  loss, grads = 0.0, None
+  for i in range(grad_accum):  # unrolled: grad_accum is small and static
+    (micro_loss, _), micro_grads = grad_fn(model, jax.tree.map(lambda x: x[i], micro))
+    loss = loss + micro_loss / grad_accum
+    grads = micro_grads if grads is None else jax.tree.map(jnp.add, grads, micro_grads)
+  grads = jax.tree.map(lambda g: g / grad_accum, grads)
+  optimizer.update(model, grads)
+  return {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+
+@nnx.jit
+def eval_step(model: Transformer, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Per-row scores: `exact` (every answer token greedy-correct), `correct`/`scored` tokens, loss."""
+  logits, _ = model(batch["tokens"], segment_ids=batch["segment_ids"])
+  mask = batch["loss_mask"] > 0
+  hit = (jnp.argmax(logits, axis=-1) == batch["targets"]) & mask
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  return {"exact": jnp.all(hit | ~mask, axis=1) & jnp.any(mask, axis=1),
+          "correct": hit.sum(axis=1), "scored": mask.sum(axis=1),
+          "loss": (losses * mask).sum(axis=1)}
+
+
+def evaluate_batches(model: Transformer, batches) -> dict[str, float]:
+  """Aggregate `eval_step` over batches: exact-match accuracy, token accuracy, loss per token."""
+  totals = {"exact": 0.0, "rows": 0, "correct": 0.0, "scored": 0.0, "loss": 0.0}
+  for batch in batches:
+    scores = jax.device_get(eval_step(model, to_device(batch)))
+    totals["exact"] += float(np.sum(scores["exact"]))
+    totals["rows"] += len(scores["exact"])
+    for key in ("correct", "scored", "loss"):
+      totals[key] += float(np.sum(scores[key]))
+  scored = max(totals["scored"], 1.0)
+  return {"accuracy": totals["exact"] / max(totals["rows"], 1),
+          "token_accuracy": totals["correct"] / scored, "eval_loss": totals["loss"] / scored}
+
+
+def to_device(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  return {key: jnp.asarray(value) for key, value in batch.items()}
+
+
+def num_params(model: Transformer) -> int:
+  return sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+
+
+def tokens_per_step(config: ml_collections.ConfigDict) -> int:
+  return config.batch_size * config.task.seq_len
+
+
+def describe(config: ml_collections.ConfigDict, model: Transformer) -> dict[str, Any]:
+  """A one-line summary of the run for logs."""
+  return {"params": num_params(model), "layers": list(model.config.layer_kinds),
+          "tokens_per_step": tokens_per_step(config)}
