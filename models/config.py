@@ -38,7 +38,8 @@ class ModelConfig:
     norm: a key of `layers.NORMS` ("rms", "layer"); pre-norm everywhere.
     causal: decoder (True) or bidirectional encoder (False).
     layer_pattern: tuple of layer kind names, repeated over depth.
-    kinds: per-kind overrides `{kind: KindSettings}` of the registered defaults.
+    kinds: per-kind overrides `{kind: KindSettings or dict of its fields}` of the registered
+      defaults; stored as a sorted tuple of pairs (hashable).
     rope_scaling: "none", "linear" (PI), "ntk" or "yarn" (applies to every layer kind).
     rope_factor: scale s = L'/L (1 for "none").
     rope_original_length: trained context L (required by "yarn").
@@ -61,7 +62,7 @@ class ModelConfig:
   norm: str = "rms"
   causal: bool = True
   layer_pattern: tuple[str, ...] = ("global",)
-  kinds: Any = ()
+  kinds: Mapping[str, KindSettings] | tuple[tuple[str, KindSettings], ...] = ()
   rope_scaling: str = "none"
   rope_factor: float = 1.0
   rope_original_length: int | None = None
@@ -111,7 +112,9 @@ class ModelConfig:
       get_layer_kind(kind)  # ValueError listing the known kinds
     object.__setattr__(self, "layer_pattern", tuple(pattern))
     overrides = self.kinds.items() if isinstance(self.kinds, Mapping) else self.kinds
-    overrides = tuple(sorted(dict(overrides).items(), key=lambda pair: pair[0]))
+    overrides = tuple(sorted(
+        ((name, KindSettings(**settings) if isinstance(settings, Mapping) else settings)
+         for name, settings in dict(overrides).items()), key=lambda pair: pair[0]))
     object.__setattr__(self, "kinds", overrides)
     for name, settings in overrides:
       if name not in available_layer_kinds():

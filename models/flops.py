@@ -11,9 +11,9 @@ and activations are not counted (they are O(D) or O(S) per token against O(D^2) 
 
 from __future__ import annotations
 
-import attention
 import numpy as np
 
+import attention
 from models.config import ModelConfig
 
 

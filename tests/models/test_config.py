@@ -38,7 +38,7 @@ def test_six_layer_pattern_builds_global_at_0_and_3_only():
 def test_kind_overrides_merge_with_defaults():
   config = ModelConfig(layer_pattern=("global", "local"),
                        kinds={"global": KindSettings(attention="dense", rope_theta=1e6),
-                              "local": KindSettings(window=16, options={"implementation": "xla"})},
+                              "local": dict(window=16, options={"implementation": "xla"})},
                        **TINY)
   assert config.kind_settings("global") == KindSettings("dense", 0, 1e6, ())
   assert config.kind_settings("local") == KindSettings("local", 16, 10_000.0,
