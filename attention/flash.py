@@ -358,17 +358,23 @@ def local_attention(
     *,
     mask: Mask | None = None,
     scale: float | None = None,
-    window: int | tuple[int, int] = 128,
+    window: int | tuple[int, int] | None = None,
     **options,
 ) -> Float[Array, "B T N H"]:
   """Sliding-window attention: `flash_attention` with a window. O(T * w) compute and memory.
 
   `window` is an int `w` (causal masks: the last `w` keys including the query itself; otherwise
   `w // 2` keys each side plus the query) or an explicit `(left, right)`. Combined with any
-  window already in `mask` by intersection; causality and segments come from `mask`.
+  window already in `mask` by intersection; None uses the mask's window (one is required).
+  Causality and segments come from `mask`.
   """
   check_qkv(q, k, v)
   mask = masks_lib.validate(mask, q.shape, k.shape)
+  if window is None:
+    if mask.window is None:
+      raise ValueError("local attention needs a window: pass window=w (or (left, right)) or a "
+                       "Mask with a window.")
+    window = mask.window
   if isinstance(window, int):
     window = masks_lib.local_mask(window, causal=mask.causal).window
   if mask.window is not None:

@@ -65,8 +65,9 @@ def _bad_inputs():
 @pytest.mark.parametrize("case", _bad_inputs(), ids=[c[0] for c in _bad_inputs()])
 def test_bad_input_raises_value_error(fn_name, case):
   _, args, kwargs, message = case
+  options = dict(window=4) if fn_name == "local" else {}
   with pytest.raises(ValueError, match=message):
-    attention.get(fn_name)(*args, **kwargs)
+    attention.get(fn_name)(*args, **kwargs, **options)
 
 
 def test_bad_mask_and_block_sizes():
@@ -84,3 +85,5 @@ def test_bad_mask_and_block_sizes():
     attention.flash_attention(q, k, v, implementation="cuda")
   with pytest.raises(ValueError, match="local window must be >= 1"):
     attention.local_attention(q, k, v, window=0)
+  with pytest.raises(ValueError, match="local attention needs a window"):
+    attention.local_attention(q, k, v, mask=Mask(causal=True))
