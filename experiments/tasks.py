@@ -77,6 +77,10 @@ class Haystack:
   """A needle line hidden at a depth of filler text; the answer follows the final question.
 
   `instruction=""` drops the instruction line (more room for filler at short lengths).
+  `min_len > 0` packs training rows with several documents of random lengths in
+  `[min_len, seq_len]` (segment ids tell them apart; the unused tail is padding, id -1):
+  more answers per row and a spread of needle distances. Evaluation rows (`seq_len=` or
+  `depth=` given) always hold one document of exactly the requested length.
   """
 
   seq_len: int = 512
@@ -86,6 +90,7 @@ class Haystack:
   kind: str = "passkey"  # "passkey" or "needle"
   seed: int = 0
   key_letters: int = 4
+  min_len: int = 0
 
   def parts(self, rng: np.random.Generator) -> tuple[str, str, str]:
     """(needle line, final question, answer) of one example."""
@@ -125,9 +130,28 @@ class Haystack:
     `salt` selects an independent stream (0 = training, 1 = held-out evaluation, ...).
     """
     rng = _rng(self.seed, step, salt)
+    if self.min_len and seq_len is None and depth is None:
+      return _stack([self.packed_row(rng) for _ in range(batch_size)])
     rows = [self.example(rng, rng.uniform() if depth is None else depth, seq_len)[0]
             for _ in range(batch_size)]
     return _stack(rows)
+
+  def packed_row(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Documents of random lengths in [min_len, seq_len] filling one row."""
+    docs, free = [], self.seq_len
+    while free >= self.min_len:
+      length = int(rng.integers(self.min_len, free + 1))
+      if free - length < self.min_len:
+        length = free  # no room for another document: this one fills the row
+      doc = self.example(rng, rng.uniform(), length)[0]
+      doc["segment_ids"][:] = len(docs)
+      docs.append(doc)
+      free -= length
+    if free:
+      docs.append(dict(tokens=np.zeros(free, np.int32), targets=np.zeros(free, np.int32),
+                       loss_mask=np.zeros(free, np.float32),
+                       segment_ids=np.full(free, -1, np.int32)))
+    return {key: np.concatenate([doc[key] for doc in docs]) for key in docs[0]}
 
 
 # --- multi-query associative recall (Zoology) ----------------------------------------------------

@@ -115,7 +115,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                      f"({config.grad_accum}).")
   model = trainer.make_model(config)
   optimizer = trainer.make_optimizer(model, config)
-  model_meta = config.model.to_dict()
+  model_meta = json.loads(json.dumps(config.model.to_dict()))  # as the checkpoint stores it
 
   ckpt = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), config.max_to_keep)
   meta = ckpt.restore(model, optimizer, model_meta)  # CheckpointError before anything is written
@@ -138,7 +138,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   timer, timed_tokens = time.perf_counter(), 0
   for step in bar:
     batch = trainer.to_device(task.batch(step, config.batch_size))
-    metrics = trainer.train_step(model, optimizer, batch, grad_accum=config.grad_accum)
+    metrics = trainer.train_step(model, optimizer, batch, grad_accum=config.grad_accum,
+                                 lm_weight=float(config.lm_loss_weight))
     timed_tokens += trainer.tokens_per_step(config)
     done = step + 1
     if done % config.log_every == 0 or done == end:

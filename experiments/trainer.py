@@ -7,7 +7,8 @@
     scores = eval_step(model, batch)                        # greedy exact match of the answers
 
 Loss: token cross-entropy averaged over `batch["loss_mask"]` (only scored tokens count: the
-answers of the recall tasks, every in-document next byte of the text task). With
+answers of the recall tasks, every in-document next byte of the text task), plus optionally
+`config.lm_loss_weight` times the mean over the other tokens of the documents. With
 `config.grad_accum = A` a step splits its batch into A micro-batches and averages their
 gradients before one update. The optimizer is optax AdamW on a linear-warmup + cosine schedule,
 after global-norm gradient clipping.
@@ -81,29 +82,42 @@ def make_optimizer(model: Transformer, config: ml_collections.ConfigDict) -> nnx
 # --- steps ---------------------------------------------------------------------------------------
 
 
-def loss_fn(model: Transformer, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
-  """Masked mean cross-entropy over the scored tokens, and the scored-token count."""
+def loss_fn(model: Transformer, batch: dict[str, jax.Array],
+            lm_weight: float = 0.0) -> tuple[jax.Array, dict]:
+  """Mean cross-entropy over the scored tokens (`loss_mask`), plus `lm_weight` times the mean
+  over the other in-document tokens (an auxiliary language-modelling loss; 0 = answers only)."""
   logits, _ = model(batch["tokens"], segment_ids=batch["segment_ids"])  # B T V
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # B T
   mask = batch["loss_mask"]
-  count = jnp.maximum(mask.sum(), 1.0)
-  return (losses * mask).sum() / count, {"scored_tokens": mask.sum()}
+  scored = (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+  if not lm_weight:
+    return scored, {"scored_loss": scored}
+  segments = batch["segment_ids"]
+  same_doc = jnp.concatenate([segments[:, 1:] == segments[:, :-1],
+                              jnp.zeros_like(segments[:, :1], bool)], axis=1)
+  other = (same_doc & (segments >= 0)).astype(losses.dtype) * (1.0 - mask)
+  lm = (losses * other).sum() / jnp.maximum(other.sum(), 1.0)
+  return scored + lm_weight * lm, {"scored_loss": scored}
 
 
-@functools.partial(nnx.jit, static_argnames=("grad_accum",))
+@functools.partial(nnx.jit, static_argnames=("grad_accum", "lm_weight"))
 def train_step(model: Transformer, optimizer: nnx.Optimizer, batch: dict[str, jax.Array],
-               grad_accum: int = 1) -> dict[str, jax.Array]:
-  """One optimizer update on `batch` (split into `grad_accum` equal micro-batches)."""
-  grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
+               grad_accum: int = 1, lm_weight: float = 0.0) -> dict[str, jax.Array]:
+  """One optimizer update on `batch` (split into `grad_accum` equal micro-batches).
+
+  Returns the loss that was minimised and `scored_loss`, the answers-only part of it.
+  """
+  grad_fn = nnx.value_and_grad(functools.partial(loss_fn, lm_weight=lm_weight), has_aux=True)
   micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
-  loss, grads = 0.0, None
+  loss, scored, grads = 0.0, 0.0, None
   for i in range(grad_accum):  # unrolled: grad_accum is small and static
-    (micro_loss, _), micro_grads = grad_fn(model, jax.tree.map(lambda x: x[i], micro))
+    (micro_loss, aux), micro_grads = grad_fn(model, jax.tree.map(lambda x: x[i], micro))
     loss = loss + micro_loss / grad_accum
+    scored = scored + aux["scored_loss"] / grad_accum
     grads = micro_grads if grads is None else jax.tree.map(jnp.add, grads, micro_grads)
   grads = jax.tree.map(lambda g: g / grad_accum, grads)
   optimizer.update(model, grads)
-  return {"loss": loss, "grad_norm": optax.global_norm(grads)}
+  return {"loss": loss, "scored_loss": scored, "grad_norm": optax.tree.norm(grads)}
 
 
 @nnx.jit

@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.batch_size = 16
   c.grad_accum = 1           # micro-batches per step (batch_size must divide evenly)
+  c.lm_loss_weight = 0.0     # + this x the LM loss on the unscored tokens (0 = answers only)
   c.num_steps = 300
   c.optim = ml_collections.ConfigDict(dict(
       lr=3e-3, warmup_steps=30, final_lr_ratio=0.1, b1=0.9, b2=0.99, weight_decay=0.01,

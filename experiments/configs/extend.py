@@ -1,0 +1,39 @@
+r"""Context extension: fine-tune a passkey model at 2x its length with a RoPE scaling.
+
+    python -m experiments.train --config=experiments/configs/passkey.py --workdir=/tmp/longctx_passkey
+    python -m experiments.train --config=experiments/configs/extend.py:yarn \
+        --config.init_from=/tmp/longctx_passkey --workdir=/tmp/longctx_extend_yarn
+
+One command per method (`:linear` = position interpolation, `:ntk`, `:yarn`, `:none` = plain
+fine-tuning at the longer length); each evaluates at 1x-4x the *new* length when done, so the
+printed tables compare the methods. The model settings must match the source run (they are
+those of passkey.py); only the RoPE fields change, and RoPE has no parameters. Tiny variant
+for tests: `:smoke` (`:smoke-yarn` etc.; its source is a `passkey.py:smoke` run).
+"""
+
+from experiments.configs import passkey
+
+METHODS = ("none", "linear", "ntk", "yarn")
+
+
+def get_config(variant: str | None = None):
+  variant = variant or "yarn"
+  smoke = variant.startswith("smoke")
+  method = variant.split("-", 1)[1] if variant.startswith("smoke-") else (
+      "yarn" if smoke else variant)
+  if method not in METHODS:
+    raise ValueError(f"unknown variant {variant!r} of extend.py; known: {METHODS} and "
+                     f"smoke[-method].")
+  config = passkey.get_config("smoke" if smoke else None)
+  factor = 2
+  original = config.task.seq_len
+  config.task.seq_len = factor * original
+  if method != "none":
+    config.model.update(rope_scaling=method, rope_factor=float(factor),
+                        rope_original_length=original)
+  config.init_from = "" if smoke else "/tmp/longctx_passkey"
+  if not smoke:
+    config.num_steps = 100
+    config.optim.update(lr=1e-3, warmup_steps=10)
+    config.eval_every = 50
+  return config

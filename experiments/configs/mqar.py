@@ -1,0 +1,33 @@
+r"""Multi-query associative recall (Zoology) with the ModernBERT-style layer pattern.
+
+    python -m experiments.train --config=experiments/configs/mqar.py --workdir=/tmp/longctx_mqar
+
+Zoology's grid point (seq_len 128, 8 key-value pairs), 2-layer-style small decoder; only the
+value after each query is scored, and the logged `token_accuracy` is Zoology's per-query
+accuracy. Other grid points: `--config.task.seq_len=256 --config.task.num_kv_pairs=16`, ...
+Tiny variant for tests: `:smoke`.
+"""
+
+from experiments.configs import common
+
+
+def get_config(variant: str | None = None):
+  config = common.base_config()
+  config.task = dict(name="mqar", seq_len=128, num_kv_pairs=8, vocab_size=256)
+  config.model.update(d_model=64, num_layers=3, num_heads=4, mlp_dim=128)
+  config.model.kinds.local.window = 32
+  config.batch_size = 32
+  config.num_steps = 500
+  config.optim.update(lr=3e-3, warmup_steps=50)
+  if variant == "smoke":
+    config.task.update(seq_len=32, num_kv_pairs=4)
+    config.model.update(d_model=32, num_layers=3, num_heads=2, mlp_dim=64)
+    config.model.kinds.local.window = 8
+    config.batch_size = 4
+    config.num_steps = 2
+    config.log_every = config.eval_every = config.checkpoint_every = 1
+    config.eval_batches = 1
+    config.progress = False
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of mqar.py; known: smoke.")
+  return config

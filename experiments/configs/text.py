@@ -1,0 +1,36 @@
+r"""Byte-level language modelling on plain text files (default: the Python standard library).
+
+    python -m experiments.train --config=experiments/configs/text.py --workdir=/tmp/longctx_text
+    python -m experiments.train --config=experiments/configs/text.py --workdir=/tmp/t \
+        --config.task.glob='/path/to/corpus/**/*.txt'
+
+The corpus is every file matching `task.glob` (sorted), concatenated as bytes; rows of
+`seq_len` bytes pack short files together, told apart by segment ids (attention and loss stay
+within a file). Nothing is downloaded. Tiny variant for tests: `:smoke`.
+"""
+
+from experiments.configs import common
+from experiments import tasks
+
+
+def get_config(variant: str | None = None):
+  config = common.base_config()
+  config.task = dict(name="text", seq_len=512, glob=tasks.DEFAULT_TEXT_GLOB, max_bytes=64 << 20)
+  config.model.update(d_model=128, num_layers=6, num_heads=4, mlp_dim=256)
+  config.model.kinds.local.window = 128
+  config.batch_size = 16
+  config.num_steps = 1000
+  config.optim.update(lr=2e-3, warmup_steps=100)
+  config.eval_every = 250
+  if variant == "smoke":
+    config.task.update(seq_len=64, max_bytes=1 << 16)
+    config.model.update(d_model=32, num_layers=3, num_heads=2, mlp_dim=64)
+    config.model.kinds.local.window = 16
+    config.batch_size = 4
+    config.num_steps = 2
+    config.log_every = config.eval_every = config.checkpoint_every = 1
+    config.eval_batches = 1
+    config.progress = False
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of text.py; known: smoke.")
+  return config
