@@ -18,6 +18,7 @@ from attention import BlockSizes, Mask, flash_attention, reference_attention
 from attention import masks as masks_lib
 from attention.kernels import flash_pallas
 from attention.kernels import flash_tiles as tiles
+from attention.reference import reference_attention_with_lse
 from tests.helpers import assert_close, random_qkv, random_segments, vjp_of
 
 # Small tiles so that short sequences still span several blocks of each kind.
@@ -112,14 +113,26 @@ def test_rows_without_keys_are_zero():
   out, lse = flash_pallas.flash_forward_pallas(q, k, v, mask, 32 ** -0.5, SMALL, interpret=True)
   np.testing.assert_array_equal(np.asarray(out[:, :5]), 0.0)  # positions -5..-1: no keys
   assert np.all(np.isneginf(np.asarray(lse[..., :5])))
-  ref_out, ref_lse = _reference_with_lse(q, k, v, mask)
+  ref_out, ref_lse = reference_attention_with_lse(q, k, v, mask=mask)
   assert_close(lse[..., 5:], ref_lse[..., 5:])
   assert_close(out, ref_out)
 
 
-def _reference_with_lse(q, k, v, mask):
-  from attention.reference import reference_attention_with_lse  # pylint: disable=g-import-not-at-top
-  return reference_attention_with_lse(q, k, v, mask=mask)
+def test_traced_mask_leaves():
+  """Segment ids and a per-row q_offset passed through jit as traced arrays (mask is a pytree)."""
+  q, k, v, _ = BY_NAME["chunk_offsets"].inputs(jnp.float32)
+  seg = random_segments(1, 2, 96, 3, pad=5)
+  mask = Mask(causal=True, window=(47, 0), q_segment_ids=seg[:, 64:], kv_segment_ids=seg,
+              q_offset=jnp.array([64, 50], jnp.int32))
+
+  @jax.jit
+  def grads(q, k, v, mask):
+    loss = lambda q, k, v: jnp.sum(jnp.sin(_pallas(mask)(q, k, v)))
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  ref_loss = lambda q, k, v: jnp.sum(jnp.sin(reference_attention(q, k, v, mask=mask)))
+  for got, want in zip(grads(q, k, v, mask), jax.grad(ref_loss, argnums=(0, 1, 2))(q, k, v)):
+    assert_close(got, want, grad=True)
 
 
 def test_default_block_sizes_and_public_dispatch():
