@@ -1,0 +1,165 @@
+"""Lightning indexer: scores, exact blockwise top-k, FP8 path, KL loss."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from attention import Mask, indexer
+from attention.masks import dense_mask
+from tests.helpers import assert_close, random_segments
+
+
+def random_indexer(seed: int, batch: int, q_len: int, kv_len: int, heads: int = 3, dim: int = 8):
+  kq, kk, kw = jax.random.split(jax.random.key(seed), 3)
+  return (jax.random.normal(kq, (batch, q_len, heads, dim)),
+          jax.random.normal(kk, (batch, kv_len, dim)),
+          jax.random.normal(kw, (batch, q_len, heads)) * heads ** -0.5)
+
+
+MASKS = {
+    "none": lambda b, t, s: Mask(),
+    "causal": lambda b, t, s: Mask(causal=True),
+    "window": lambda b, t, s: Mask(causal=True, window=(9, 0)),
+    "offset": lambda b, t, s: Mask(causal=True, q_offset=jnp.array([s - t, 2])[:b]),
+    "segments": lambda b, t, s: Mask(causal=True, q_segment_ids=random_segments(1, b, t),
+                                     kv_segment_ids=random_segments(1, b, s)),
+}
+
+
+def test_scores_formula():
+  q, k, w = random_indexer(0, 2, 5, 7)
+  got = indexer.indexer_scores(q, k, w)
+  want = np.einsum("btj,btjs->bts", np.asarray(w),
+                   np.maximum(np.einsum("btjd,bsd->btjs", np.asarray(q), np.asarray(k)), 0))
+  assert_close(got, want)
+  causal = indexer.indexer_scores(q, k, w, mask=Mask(causal=True))
+  assert np.all(np.isneginf(np.asarray(causal)[~np.asarray(dense_mask(Mask(causal=True), 2, 5, 7))]))
+
+
+@pytest.mark.parametrize("mask_name,top_k", [(name, 6) for name in MASKS] +
+                         [("causal", 1), ("none", 40), ("window", 40)])
+def test_topk_is_exact_set(mask_name, top_k):
+  b, t, s = 2, 37, 37 if mask_name != "offset" else 45
+  q, k, w = random_indexer(1, b, t, s)
+  mask = MASKS[mask_name](b, t, s)
+  scores = np.asarray(indexer.indexer_scores(q, k, w, mask=mask)).reshape(b * t, s)
+  got = np.asarray(indexer.indexer_topk(q, k, w, top_k=top_k, mask=mask, block_q=8,
+                                        num_widths=4))
+  assert got.shape == (b, t, top_k) and got.dtype == np.int32
+  got = got.reshape(b * t, top_k)
+  n_visible = np.isfinite(scores).sum(-1)
+  kk = np.minimum(top_k, n_visible)
+  # lax.top_k of the dense scores; ties (ReLU zeros) go to lower positions in both.
+  want = np.asarray(jax.lax.top_k(jnp.asarray(scores), min(top_k, s))[1])
+  for row, sel, ref, n in zip(scores, got, want, kk):
+    assert np.all(sel[n:] == -1)
+    assert np.all(np.diff(sel[:n]) > 0)  # ascending, hence no duplicates
+    assert set(sel[:n]) == set(ref[:n])
+
+
+def test_topk_matches_lax_top_k_random_rows():
+  r, w, k = 12, 3000, 257
+  scores = jax.random.normal(jax.random.key(3), (r, w)) * jnp.exp(
+      jax.random.normal(jax.random.key(4), (r, 1)) * 3)  # no ties, varied scales and signs
+  visible = jnp.ones((r, w), bool)
+  got = indexer.select_topk(scores, visible, k)
+  np.testing.assert_array_equal(got, np.sort(lax.top_k(scores, k)[1], axis=-1))
+
+
+def test_select_ties_keep_exactly_k():
+  scores = jnp.array([[0.0, 1.0, 0.0, 0.0, 2.0, 0.0, -1.0],
+                      [3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0]])
+  visible = jnp.array([[True] * 7, [True, False, True, True, True, True, True]])
+  got = np.asarray(indexer.select_topk(scores, visible, 4))
+  np.testing.assert_array_equal(got, [[0, 1, 2, 4], [0, 2, 3, 4]])
+
+
+def test_topk_pads_with_minus_one_and_no_visible_rows():
+  q, k, w = random_indexer(5, 1, 6, 6)
+  seg = jnp.array([[0, 0, -1, 1, 1, 1]])
+  got = np.asarray(indexer.indexer_topk(q, k, w, top_k=4, block_q=4, mask=Mask(
+      causal=True, q_segment_ids=seg, kv_segment_ids=seg)))
+  assert np.all(got[0, 2] == -1)  # a padding query sees nothing
+  np.testing.assert_array_equal(got[0, 0], [0, -1, -1, -1])
+  np.testing.assert_array_equal(got[0, 5], [3, 4, 5, -1])
+
+
+@pytest.mark.slow
+def test_topk_memory_at_32k_is_blockwise():
+  t, top_k = 32768, 2048
+  args = (jax.ShapeDtypeStruct((1, t, 4, 32), jnp.float32),
+          jax.ShapeDtypeStruct((1, t, 32), jnp.float32),
+          jax.ShapeDtypeStruct((1, t, 4), jnp.float32))
+  fn = lambda q, k, w: indexer.indexer_topk(q, k, w, top_k=top_k, mask=Mask(causal=True))
+  temp = jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+  assert temp < 1 << 30, temp
+  assert temp < t * t * 4 // 8  # far from the O(T * S) dense scores
+
+
+def test_fp8_close_to_float32():
+  q, k, w = random_indexer(6, 1, 64, 64, heads=4, dim=32)
+  exact = indexer.indexer_scores(q, k, w, mask=Mask(causal=True))
+  approx = indexer.indexer_scores(q, k, w, mask=Mask(causal=True), fp8=True)
+  finite = np.isfinite(np.asarray(exact))
+  np.testing.assert_array_equal(finite, np.isfinite(np.asarray(approx)))
+  err = np.abs(np.asarray(approx)[finite] - np.asarray(exact)[finite])
+  assert err.max() < 0.15 * np.abs(np.asarray(exact)[finite]).max()
+  overlap = float(indexer.topk_overlap(q, k, w, top_k=16, mask=Mask(causal=True)))
+  assert 0.85 <= overlap <= 1.0
+  quantised, scale = indexer.quantize_fp8(q)
+  assert quantised.dtype == jnp.float8_e4m3fn and scale.shape == q.shape[:-1]
+
+
+def test_kl_zero_when_equal_and_never_nan():
+  q, k, w = random_indexer(7, 2, 9, 9)
+  mask = Mask(causal=True, q_segment_ids=jnp.array([[0] * 4 + [-1] * 5, [1] * 9]),
+              kv_segment_ids=jnp.array([[0] * 4 + [-1] * 5, [1] * 9]))
+  scores = indexer.indexer_scores(q, k, w, mask=mask)
+  target = jax.nn.softmax(jnp.where(jnp.isfinite(scores), scores, -1e30), axis=-1)
+  target = jnp.where(jnp.isfinite(scores), target, 0.0)
+  loss, grad = jax.value_and_grad(indexer.indexer_kl_loss)(scores, target)
+  assert abs(float(loss)) < 1e-6
+  assert np.all(np.isfinite(np.asarray(grad)[np.isfinite(np.asarray(scores))]))
+  other = indexer.indexer_kl_loss(scores, jnp.where(jnp.isfinite(scores), 1.0, 0.0))
+  assert float(other) > 0 and np.isfinite(float(other))
+  rows = indexer.indexer_kl_loss(scores, target, reduction="none")
+  assert rows.shape == (2, 9) and np.all(np.isfinite(np.asarray(rows)))
+
+
+def test_kl_dense_and_sparse_targets():
+  from tests.helpers import random_qkv  # pylint: disable=g-import-not-at-top
+  q_main, k_main, _ = random_qkv(8, 1, 12, 12, 4, 2, 8)
+  mask = Mask(causal=True)
+  target = indexer.attention_target(q_main, k_main, mask=mask)
+  np.testing.assert_allclose(np.asarray(target).sum(-1), 1.0, rtol=1e-5)
+  # The target is the head-average of the reference attention probabilities.
+  logits = jnp.einsum("btkgh,bskh->bkgts", q_main.reshape(1, 12, 2, 2, 8), k_main) * 8 ** -0.5
+  logits = jnp.where(dense_mask(mask, 1, 12, 12)[:, None, None], logits, -jnp.inf)
+  want = jax.nn.softmax(logits, -1).mean(axis=(1, 2))
+  assert_close(target, want)
+  # Sparse form with every visible key selected equals the dense form.
+  iq, ik, iw = random_indexer(9, 1, 12, 12)
+  indices = indexer.indexer_topk(iq, ik, iw, top_k=12, mask=mask)
+  dense = indexer.indexer_kl_loss(indexer.indexer_scores(iq, ik, iw, mask=mask), target)
+  sparse_target = indexer.attention_target(q_main, k_main, mask=mask, indices=indices)
+  sparse = indexer.indexer_kl_loss(indexer.indexer_scores_at(iq, ik, iw, indices), sparse_target)
+  np.testing.assert_allclose(float(sparse), float(dense), rtol=1e-5)
+  grads = jax.grad(lambda a: indexer.indexer_kl_loss(
+      indexer.indexer_scores_at(a, ik, iw, indices), sparse_target))(iq)
+  assert np.all(np.isfinite(np.asarray(grads))) and np.any(np.asarray(grads) != 0)
+
+
+def test_bad_inputs_raise():
+  q, k, w = random_indexer(10, 1, 4, 4)
+  with pytest.raises(ValueError, match="index_k must have shape"):
+    indexer.indexer_scores(q, k[..., :3], w)
+  with pytest.raises(ValueError, match="index_w must have shape"):
+    indexer.indexer_scores(q, k, w[..., :1])
+  with pytest.raises(ValueError, match="top_k must be a positive int"):
+    indexer.indexer_topk(q, k, w, top_k=0)
+  with pytest.raises(ValueError, match="reduction must be one of"):
+    indexer.indexer_kl_loss(jnp.zeros((1, 2, 2)), jnp.zeros((1, 2, 2)), reduction="avg")
