@@ -79,6 +79,7 @@ class _Ring:
   implementation: str
   block_sizes: BlockSizes
   interpret: bool
+  head_chunks: int
   # Sweeps `(shift, hops)`: with `shift` +1 device r receives from r - 1 (blocks r-1, r-2, ...).
   # The first sweep also visits the device's own block.
   sweeps: tuple[tuple[int, int], ...]
@@ -173,7 +174,7 @@ def _merge(out, lse, out_i, lse_i):
   return out * w_old + out_i.astype(jnp.float32) * w_new, new
 
 
-def _ring_forward(ring: _Ring, q, k, v, q_seg, kv_seg, offsets):
+def _forward_pass(ring: _Ring, q, k, v, q_seg, kv_seg, offsets):
   """`(out [B, T, N, H] q.dtype, lse [B, N, T] f32)` of the local queries against all keys."""
   b, t, s_len, n, _, _ = check_qkv(q, k, v)
   r = lax.axis_index(ring.axis_name)
@@ -209,7 +210,7 @@ def _ring_forward(ring: _Ring, q, k, v, q_seg, kv_seg, offsets):
 # --- backward --------------------------------------------------------------------------------
 
 
-def _ring_backward(ring: _Ring, q, k, v, q_seg, kv_seg, offsets, out, lse, dout):
+def _backward_pass(ring: _Ring, q, k, v, q_seg, kv_seg, offsets, out, lse, dout):
   """`(dq, dk, dv)`: blockwise, with the dK/dV accumulators travelling with their K/V block."""
   _, t, s_len, _, _, _ = check_qkv(q, k, v)
   r = lax.axis_index(ring.axis_name)
@@ -253,6 +254,38 @@ def _ring_backward(ring: _Ring, q, k, v, q_seg, kv_seg, offsets, out, lse, dout)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
+# --- head chunks: a whole ring per group of kv heads, one group after the other ----------------
+#
+# Every per-device buffer of the ring (K/V in flight, accumulators, flash tiles) scales with the
+# heads it carries; `head_chunks = C` runs C rings of K/C kv heads (and their N/C q heads)
+# sequentially, dividing the temporary memory by ~C for C x more (C x smaller) hops. The chunks
+# are unrolled (C is small and static): a loop would copy q, k, v and the outputs into its carry.
+
+
+def _ring_forward(ring: _Ring, q, k, v, q_seg, kv_seg, offsets):
+  c = ring.head_chunks
+  if c == 1:
+    return _forward_pass(ring, q, k, v, q_seg, kv_seg, offsets)
+  b, t, s, n, kh, h = check_qkv(q, k, v)
+  qc = q.reshape(b, t, c, n // c, h)
+  kc, vc = (x.reshape(b, s, c, kh // c, h) for x in (k, v))
+  outs, lses = zip(*(_forward_pass(ring, qc[:, :, i], kc[:, :, i], vc[:, :, i], q_seg, kv_seg,
+                                   offsets) for i in range(c)))
+  return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=1)
+
+
+def _ring_backward(ring: _Ring, q, k, v, q_seg, kv_seg, offsets, out, lse, dout):
+  c = ring.head_chunks
+  if c == 1:
+    return _backward_pass(ring, q, k, v, q_seg, kv_seg, offsets, out, lse, dout)
+  b, t, s, n, kh, h = check_qkv(q, k, v)
+  qc, oc, doc = (x.reshape(b, t, c, n // c, h) for x in (q, out, dout))
+  kc, vc = (x.reshape(b, s, c, kh // c, h) for x in (k, v))
+  lc = lse.reshape(b, c, n // c, t)
+  grads = [_backward_pass(ring, qc[:, :, i], kc[:, :, i], vc[:, :, i], q_seg, kv_seg, offsets,
+                          oc[:, :, i], lc[:, i], doc[:, :, i]) for i in range(c)]
+  return tuple(jnp.concatenate(g, axis=2) for g in zip(*grads))
+
 # --- custom_vjp wiring --------------------------------------------------------------------------
 
 
@@ -293,6 +326,7 @@ def ring_attention(
     implementation: str | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
+    head_chunks: int = 1,
 ) -> Float[Array, "B T N H"]:
   """Exact attention over a sequence sharded on mesh axis `axis_name`; call inside shard_map.
 
@@ -309,15 +343,20 @@ def ring_attention(
       `interpret=True`); None: Pallas on GPU, XLA elsewhere.
     block_sizes: flash tiles (`BlockSizes`); defaults as in `flash_attention`.
     interpret: run the Pallas kernels in interpret mode (tests).
+    head_chunks: run the ring for this many groups of kv heads one after the other (must
+      divide K): ~1/head_chunks of the temporary memory, head_chunks x as many (smaller) hops.
 
   Returns:
     The local `[B, T, N, H]` output block, q's dtype; rows with no visible key are 0.
 
   Must run inside `jax.shard_map(..., check_vma=False)` (see the module docstring).
   """
-  _, t, s, _, _, h = check_qkv(q, k, v)
+  _, t, s, _, kh, h = check_qkv(q, k, v)
   mask = masks_lib.validate(mask, q.shape, k.shape)
   scale = default_scale(h, scale)
+  if not isinstance(head_chunks, int) or head_chunks < 1 or kh % head_chunks:
+    raise ValueError(f"head_chunks must be a positive int dividing the {kh} kv heads, got "
+                     f"{head_chunks!r}.")
   if implementation is None:
     implementation = "pallas" if interpret else flash_lib._default_implementation()  # pylint: disable=protected-access
   if implementation not in IMPLEMENTATIONS:
@@ -338,7 +377,7 @@ def ring_attention(
                      f"ring_attention_sharded).") from e
   static_offset = isinstance(mask.q_offset, int) and mask.q_offset == 0
   ring = _Ring(axis_name, int(num_devices), mask.causal, mask.window, scale, implementation,
-               block_sizes, bool(interpret),
+               block_sizes, bool(interpret), head_chunks,
                ring_sweeps(mask, int(num_devices), t, s, static_offset))
   segments = None
   if mask.has_segments:
@@ -399,6 +438,7 @@ def ring_attention_sharded(
     implementation: str | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
+    head_chunks: int = 1,
 ) -> Float[Array, "B T N H"]:
   """`ring_attention` on global arrays: shards the sequence over `axis_name` with shard_map.
 
@@ -408,7 +448,8 @@ def ring_attention_sharded(
   or an axis of size 1, it is plain `flash_attention` (one device).
 
   Args:
-    q, k, v, mask, scale, implementation, block_sizes, interpret: as `ring_attention`, with
+    q, k, v, mask, scale, implementation, block_sizes, interpret, head_chunks: as
+      `ring_attention` (head_chunks is ignored on one device), with
       global `[B, T, ...]` arrays and a global mask (segment ids `[B, T]`, `[B, S]`).
     mesh: a `jax.sharding.Mesh`, or None for the ambient one.
     axis_name: the mesh axis the sequence is split over; `T` and `S` must divide by its size.
@@ -438,7 +479,7 @@ def ring_attention_sharded(
                       q_offset=static_offset if offsets is None else offsets)
     return ring_attention(q, k, v, mask=local_mask, scale=scale, axis_name=axis_name,
                           implementation=implementation, block_sizes=block_sizes,
-                          interpret=interpret)
+                          interpret=interpret, head_chunks=head_chunks)
 
   segments = None
   if mask.has_segments:

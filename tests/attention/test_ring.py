@@ -86,8 +86,8 @@ def slow_cases():
 
 
 def explicit_shard_map_and_hlo():
-  """Worker: `ring_attention` in a user's shard_map (data x seq mesh), the ambient-mesh "ring"
-  registry entry, and the compiled HLO's collectives."""
+  """Worker: `ring_attention` in a user's shard_map (data x seq mesh, 2 head chunks), the
+  ambient-mesh "ring" registry entry, and the compiled HLO's collectives."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax.sharding import AxisType  # pylint: disable=g-import-not-at-top
   import attention  # pylint: disable=g-import-not-at-top
@@ -99,7 +99,8 @@ def explicit_shard_map_and_hlo():
 
   def user_fn(q, k, v, mask):
     local = lambda q, k, v: ring.ring_attention(q, k, v, mask=Mask(causal=True),
-                                                axis_name="seq", implementation="xla")
+                                                axis_name="seq", implementation="xla",
+                                                head_chunks=2)
     return jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(
         q, k, v)
 
