@@ -34,18 +34,15 @@ import jax.numpy as jnp
 from jax import lax
 
 from attention import masks as masks_lib
-from attention.masks import EMPTY, FULL, PARTIAL, Mask  # pylint: disable=unused-import
+from attention.masks import EMPTY, FULL, PARTIAL, Mask
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 _INF = masks_lib._INF  # pylint: disable=protected-access
 
 
-def cdiv(a: int, b: int) -> int:
-  return -(-a // b)
-
-
-def _ceil_div(a, b: int):
+def cdiv(a, b: int):
+  """Ceiling division for ints and int arrays (negative numerators included)."""
   return -((-a) // b)
 
 
@@ -112,7 +109,7 @@ def q_major_schedule(mask: Mask, offsets, num_q_blocks: int, block_q: int, kv_le
   q_hi = q_lo + block_q - 1
   lo, hi = masks_lib.kv_block_range(mask, q_lo, q_hi, block_kv, nk)
   # Block j is fully visible iff j*bk >= q_hi - left and (j+1)*bk - 1 <= q_lo + right.
-  full_lo = _ceil_div(q_hi - left, block_kv)
+  full_lo = cdiv(q_hi - left, block_kv)
   full_hi = jnp.minimum((q_lo + right + 1) // block_kv, kv_len // block_kv)  # no padded keys
   seg = None if q_tab is None else _segment_range(q_tab, kv_tab, num_q_blocks, nk)
   zero = 0 * q_lo
@@ -134,7 +131,7 @@ def kv_major_schedule(mask: Mask, offsets, num_kv_blocks: int, block_kv: int, kv
   lo, hi = masks_lib.q_block_range(mask, k_lo, k_hi, off, off, block_q, nq)
   hi = jnp.where(k_lo >= kv_len, lo, hi)
   # q block i is fully visible iff q_hi <= k_lo + left and q_lo >= k_hi - right.
-  full_lo = _ceil_div(k_hi - right - off, block_q)
+  full_lo = cdiv(k_hi - right - off, block_q)
   full_hi = (k_lo + left - off + 1) // block_q
   full_hi = jnp.where(k_lo + block_kv > kv_len, full_lo, full_hi)  # padded keys: always mask
   seg = None if q_tab is None else _segment_range(kv_tab, q_tab, num_kv_blocks, nq)
