@@ -1,0 +1,244 @@
+"""DeepSeek Sparse Attention (DSA) layer kind: main attention + lightning indexer per layer.
+
+    ModelConfig(layer_pattern=("dsa",), kinds={"dsa": KindSettings(options=dict(
+        top_k=64, index_heads=4, index_dim=32, stage="sparse"))})
+
+`DsaAttention` reuses `layers.Attention` (its q/k/v/o projections, RoPE and `Mask`) and adds
+an `Indexer` (DeepSeek-V3.2-Exp, shared/specs/dsa.md):
+
+    q_I = x W_q               [B, T, J, D]   J = index_heads, D = index_dim
+    k_I = LayerNorm(x W_k)    [B, T, D]      one key per token, shared by the J heads
+    w   = (x W_w) * J^-0.5    [B, T, J]      per-head weights of the query token
+    I[t, s] = sum_j w[t, j] ReLU(q_I[t, j] . k_I[s])
+
+with RoPE (the kind's theta) on the first `rope_dims` dims of q_I and k_I (default D / 2).
+The indexer reads `stop_gradient(x)`: it learns only from its KL loss and never pushes
+gradients into the main model.
+
+Stages (`DsaSettings.stage`):
+  * "dense" (warm-up): attention stays dense (flash, causal); the KL target is the dense main
+    attention distribution, `KL(p || softmax(I))` over every visible key. O(T * S) memory:
+    train it at warm-up lengths.
+  * "sparse": every query attends to its `top_k` indexer-selected keys
+    (`attention.dsa_attention`: blockwise exact top-k + top-k gather attention, no gradient
+    through the selection); the KL is restricted to the selected set. O(T * top_k) memory.
+Either way `aux["indexer_kl"]` holds the (mean over query rows) KL, float32 scalar.
+
+Decoding caches the main K/V (`FullCache`, absolute positions, keys after RoPE) and the indexer
+keys `k_I`; each new token selects its top-k over the whole cache, so token-by-token decoding
+computes exactly what the full forward does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+from jaxtyping import Array, Float, Int
+
+import attention
+from attention import indexer as indexer_lib
+from attention import sparse as sparse_lib
+from models import cache as cache_lib
+from models import layers
+from models.kinds import KindSettings, LayerKind, register_layer_kind
+
+STAGES = ("dense", "sparse")
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DsaSettings:
+  """DSA options of a layer kind (given as `KindSettings.options`, so configs stay hashable).
+
+  Attributes:
+    index_heads: J, lightning-indexer heads (DeepSeek: 64).
+    index_dim: D, indexer head width, even (DeepSeek: 128).
+    rope_dims: dims of q_I / k_I that get RoPE (the first ones); None = index_dim // 2.
+    top_k: keys each query attends to in the sparse stage (DeepSeek: 2048).
+    fp8: score the indexer in float8_e4m3fn (per-vector scales, float32 accumulation).
+    stage: "dense" (warm-up: dense attention, dense KL) or "sparse" (top-k attention).
+    block_q: queries per block of the indexer's top-k selection.
+  """
+
+  index_heads: int = 4
+  index_dim: int = 32
+  rope_dims: int | None = None
+  top_k: int = 2048
+  fp8: bool = False
+  stage: str = "sparse"
+  block_q: int = 16
+
+  def __post_init__(self):
+    for name in ("index_heads", "index_dim", "top_k", "block_q"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"DSA option {name} must be a positive int, got {value!r}.")
+    if self.index_dim % 2:
+      raise ValueError(f"DSA option index_dim must be even (RoPE), got {self.index_dim}.")
+    if self.rope_dims is None:
+      object.__setattr__(self, "rope_dims", self.index_dim // 2 // 2 * 2)
+    if (not isinstance(self.rope_dims, int) or self.rope_dims % 2 or
+        not 0 <= self.rope_dims <= self.index_dim):
+      raise ValueError(f"DSA option rope_dims must be an even int in [0, index_dim="
+                       f"{self.index_dim}], got {self.rope_dims!r}.")
+    if self.stage not in STAGES:
+      raise ValueError(f"DSA option stage must be one of {STAGES}, got {self.stage!r}.")
+    if not isinstance(self.fp8, bool):
+      raise ValueError(f"DSA option fp8 must be a bool, got {self.fp8!r}.")
+
+  @classmethod
+  def from_options(cls, options: Mapping[str, Any] | tuple | None) -> "DsaSettings":
+    """From a kind's `options` (mapping or pairs); unknown names raise a ValueError."""
+    options = dict(options or ())
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+      raise ValueError(f"unknown DSA option(s) {unknown}; known: {sorted(known)}.")
+    return cls(**options)
+
+
+# --- indexer ---------------------------------------------------------------------------------------
+
+
+class Indexer(nnx.Module):
+  """Lightning indexer projections: `x [B, T, D_model]` -> `(q_I, k_I, w)` (module docstring)."""
+
+  def __init__(self, config, settings: DsaSettings, rope, *, rngs: nnx.Rngs):
+    d, j, e = config.d_model, settings.index_heads, settings.index_dim
+    dense = functools.partial(nnx.Linear, use_bias=False, dtype=config.dtype,
+                              param_dtype=config.param_dtype, rngs=rngs)
+    self.wq = nnx.Einsum("BTd,dJE->BTJE", (d, j, e), dtype=config.dtype,
+                         param_dtype=config.param_dtype,
+                         kernel_init=layers.fan_in_init(0, (1, 2)), rngs=rngs)
+    self.wk = dense(d, e)
+    self.k_norm = nnx.LayerNorm(e, epsilon=config.norm_eps, dtype=config.dtype,
+                                param_dtype=config.param_dtype, rngs=rngs)
+    self.ww = dense(d, j)
+    self.head_scale = j ** -0.5
+    self.rope_dims = settings.rope_dims
+    self.rope = dataclasses.replace(rope, head_dim=settings.rope_dims) if settings.rope_dims else None
+
+  def _rotate(self, x: Float[Array, "B T J E"], positions) -> Float[Array, "B T J E"]:
+    """RoPE on the first `rope_dims` dims (half-split layout within them), the rest unrotated."""
+    if self.rope is None:
+      return x
+    return jnp.concatenate([self.rope(x[..., :self.rope_dims], positions),
+                            x[..., self.rope_dims:]], axis=-1)
+
+  def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"]):
+    """`(index_q [B, T, J, E], index_k [B, T, E], index_w [B, T, J])`."""
+    q = self._rotate(self.wq(x), positions)
+    k = self._rotate(self.k_norm(self.wk(x))[:, :, None], positions)[:, :, 0]
+    w = self.ww(x) * self.head_scale
+    return q, k, w
+
+
+# --- cache ---------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DsaCache:
+  """Main K/V of every position (`FullCache`) and the indexer keys `index_k [B, L, E]`."""
+
+  kv: cache_lib.FullCache
+  index_k: Float[Array, "B L E"]
+
+  def update(self, index, k, v, segment_ids, index_k):
+    """Writes the chunk at `index ..`; returns `((k, v, kv_segment_ids, q_offset, index_k), new)`."""
+    (k_all, v_all, seg_all, q_offset), kv = self.kv.update(index, k, v, segment_ids)
+    ik = lax.dynamic_update_slice_in_dim(self.index_k, index_k.astype(self.index_k.dtype),
+                                         index, 1)
+    return (k_all, v_all, seg_all, q_offset, ik), DsaCache(kv, ik)
+
+
+# --- the layer -----------------------------------------------------------------------------------
+
+
+class DsaAttention(layers.Attention):
+  """`layers.Attention` whose keys are chosen per query by a lightning indexer (DSA).
+
+  Same protocol as `layers.Attention`: `__call__(x, *, positions, segment_ids, cache,
+  cache_index) -> (y, cache, aux)` with `aux = {"indexer_kl": scalar}`, and `init_cache`.
+  Options come from the kind's `KindSettings.options` (`DsaSettings`); the kind must be causal
+  and unwindowed (DSA selects among all earlier tokens).
+  """
+
+  def __init__(self, config, kind: str, *, rngs: nnx.Rngs):
+    super().__init__(config, kind, rngs=rngs)
+    self.dsa = DsaSettings.from_options(self.options)
+    if not config.causal or self.window:
+      raise ValueError(f"layer kind {kind!r} (DSA) needs a causal model and window=0, got "
+                       f"causal={config.causal}, window={self.window}.")
+    self.indexer = Indexer(config, self.dsa, self.rope, rngs=rngs)
+
+  def __call__(self, x: Float[Array, "B T D"], *, positions: Int[Array, "B T"],
+               segment_ids: Int[Array, "B T"] | None = None, cache=None,
+               cache_index=None) -> tuple[Float[Array, "B T D"], Any, dict]:
+    q = self.rope(self.q_proj(x), positions)  # B T N H
+    k = self.rope(self.k_proj(x), positions)  # B T K H
+    v = self.v_proj(x)
+    iq, ik, iw = self.indexer(lax.stop_gradient(x), positions)  # detached from the main model
+    if cache is None:
+      mask = self.mask(segment_ids, segment_ids)
+    else:
+      if segment_ids is None:
+        segment_ids = jnp.zeros(x.shape[:2], jnp.int32)
+      (k, v, kv_segment_ids, q_offset, ik), cache = cache.update(cache_index, k, v, segment_ids, ik)
+      mask = self.mask(segment_ids, kv_segment_ids, q_offset)
+    out, kl = STAGE_FNS[self.dsa.stage](self, q, k, v, iq, ik, iw, mask)
+    return self.o_proj(out), cache, {"indexer_kl": kl}
+
+  def _dense(self, q, k, v, iq, ik, iw, mask):
+    """Warm-up: dense causal attention; KL over every visible key."""
+    out = attention.flash_attention(q, k, v, mask=mask)
+    scores = indexer_lib.indexer_scores(iq, ik, iw, mask=mask, fp8=self.dsa.fp8)
+    target = indexer_lib.attention_target(q, k, mask=mask)
+    return out, indexer_lib.indexer_kl_loss(scores, target)
+
+  def _sparse(self, q, k, v, iq, ik, iw, mask):
+    """Top-k attention; KL restricted to the selected set."""
+    s = self.dsa
+    indices = indexer_lib.indexer_topk(lax.stop_gradient(iq), lax.stop_gradient(ik),
+                                       lax.stop_gradient(iw), top_k=s.top_k, mask=mask,
+                                       fp8=s.fp8, block_q=s.block_q)  # B T top_k
+    out = sparse_lib.sparse_attention(q, k, v, indices, mask=mask)
+    scores = indexer_lib.indexer_scores_at(iq, ik, iw, indices, fp8=s.fp8)
+    target = indexer_lib.attention_target(q, k, mask=mask, indices=indices)
+    return out, indexer_lib.indexer_kl_loss(scores, target)
+
+  def init_cache(self, batch: int, max_len: int) -> DsaCache:
+    """Every position of K/V and of the indexer keys (top-k looks at the whole stream)."""
+    kv = cache_lib.FullCache.create(batch, max_len, self.num_kv_heads, self.head_dim, self.dtype)
+    return DsaCache(kv, jnp.zeros((batch, max_len, self.dsa.index_dim), self.dtype))
+
+
+STAGE_FNS = {"dense": DsaAttention._dense, "sparse": DsaAttention._sparse}  # pylint: disable=protected-access
+
+
+# The indexer's parameters (`nnx.state(model, INDEXER_PARAMS)`): what the warm-up stage trains.
+INDEXER_PARAMS = nnx.All(nnx.Param, nnx.PathContains("indexer"))
+MAIN_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("indexer")))
+
+
+def indexer_kl(aux: Mapping[str, Any]) -> Float[Array, ""]:
+  """Mean of `aux["layers"][i]["indexer_kl"]` over the DSA layers of a model (0 if none)."""
+  losses = [layer["indexer_kl"] for layer in aux["layers"] if "indexer_kl" in layer]
+  return sum(losses) / len(losses) if losses else jnp.zeros((), jnp.float32)
+
+
+def dsa_kind(**options) -> KindSettings:
+  """`KindSettings` overriding the "dsa" kind's options, e.g. `dsa_kind(top_k=64)`."""
+  DsaSettings.from_options(options)  # validate early
+  return KindSettings(options=options)
+
+
+register_layer_kind("dsa", LayerKind(KindSettings("dsa", 0, 10_000.0), module=DsaAttention))

@@ -1,0 +1,102 @@
+"""The "dsa" layer kind: decode equals forward, dense equivalence at top_k >= T, KL, gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from models import KindSettings, ModelConfig, Transformer, dsa
+from tests.models.test_decode import cached_logits, forward
+
+VOCAB, T = 64, 16
+TINY = dict(vocab_size=VOCAB, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64)
+
+
+def dsa_config(pattern=("dsa", "global"), **options) -> ModelConfig:
+  options = dict(dict(top_k=5, index_heads=2, index_dim=8), **options)
+  return ModelConfig(layer_pattern=pattern, num_layers=len(pattern),
+                     kinds={"dsa": KindSettings(options=options)}, **TINY)
+
+
+def tokens(seed=1, batch=2, length=T):
+  return jax.random.randint(jax.random.key(seed), (batch, length), 0, VOCAB, jnp.int32)
+
+
+@pytest.mark.parametrize("stage", ["sparse", "dense"])
+def test_token_by_token_decode_equals_full_forward(stage):
+  """top_k=5 < T: later tokens really choose; each decode step selects over the whole cache."""
+  model = Transformer(dsa_config(stage=stage), rngs=nnx.Rngs(0))
+  x = tokens()
+  decoded, index = cached_logits(model, x, 1)
+  assert int(index) == T
+  np.testing.assert_allclose(decoded, forward(model, x), atol=1e-4, rtol=1e-4)
+
+
+def test_top_k_at_least_length_equals_dense_causal():
+  """Same parameters (same seed and structure); sparse with top_k >= T vs the dense stage."""
+  sparse = Transformer(dsa_config(top_k=T, stage="sparse"), rngs=nnx.Rngs(3))
+  dense = Transformer(dsa_config(top_k=T, stage="dense"), rngs=nnx.Rngs(3))
+  x = tokens(4)
+  np.testing.assert_allclose(forward(sparse, x), forward(dense, x), atol=1e-5, rtol=1e-5)
+
+
+def test_top_k_below_length_differs_from_dense():
+  sparse = Transformer(dsa_config(top_k=3, stage="sparse"), rngs=nnx.Rngs(3))
+  dense = Transformer(dsa_config(top_k=3, stage="dense"), rngs=nnx.Rngs(3))
+  x = tokens(4)
+  assert not np.allclose(forward(sparse, x), forward(dense, x), atol=1e-3)
+
+
+@nnx.jit
+def layer_kls(model, x):
+  return [layer.get("indexer_kl") for layer in model(x)[1]["layers"]]
+
+
+def test_kl_in_aux_and_zero_when_indexer_matches_target():
+  """top_k=1: the selected-set distributions of indexer and target are both one-hot -> KL 0."""
+  kls = layer_kls(Transformer(dsa_config(top_k=1), rngs=nnx.Rngs(0)), tokens())
+  assert kls[1] is None  # the global layer reports nothing
+  np.testing.assert_allclose(kls[0], 0.0, atol=1e-6)
+  for stage in ("dense", "sparse"):
+    kl = layer_kls(Transformer(dsa_config(stage=stage), rngs=nnx.Rngs(0)), tokens())[0]
+    assert np.isfinite(kl) and kl > 1e-4
+
+
+def _loss_grads(model, x, which):
+  def loss(model):
+    logits, aux = model(x)
+    lm = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], x[:, 1:]).mean()
+    return lm if which == "lm" else dsa.indexer_kl(aux)
+  return nnx.grad(loss)(model)
+
+
+@pytest.mark.parametrize("stage", ["sparse", "dense"])
+def test_lm_loss_never_reaches_indexer_and_kl_never_reaches_main(stage):
+  model = Transformer(dsa_config(stage=stage), rngs=nnx.Rngs(0))
+  x = tokens()
+  grads = nnx.jit(_loss_grads, static_argnums=2)
+  norm = lambda g, f: optax.tree.norm(nnx.state(g, f))
+  lm, kl = grads(model, x, "lm"), grads(model, x, "kl")
+  assert float(norm(lm, dsa.INDEXER_PARAMS)) == 0.0
+  assert float(norm(kl, dsa.MAIN_PARAMS)) == 0.0
+  assert float(norm(lm, dsa.MAIN_PARAMS)) > 0.0
+  assert float(norm(kl, dsa.INDEXER_PARAMS)) > 0.0
+
+
+def test_partial_rope_and_settings_validation():
+  settings = dsa.DsaSettings(index_dim=8)
+  assert settings.rope_dims == 4
+  with pytest.raises(ValueError, match="unknown DSA option"):
+    Transformer(dsa_config(topk=4), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="stage"):
+    dsa.DsaSettings(stage="warmup")
+  with pytest.raises(ValueError, match="rope_dims"):
+    dsa.DsaSettings(index_dim=8, rope_dims=3)
+  windowed = ModelConfig(layer_pattern=("dsa",), num_layers=1,
+                         kinds={"dsa": KindSettings(window=4)}, **TINY)
+  with pytest.raises(ValueError, match="window=0"):
+    Transformer(windowed, rngs=nnx.Rngs(0))
