@@ -132,6 +132,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
 
   end = config.num_steps if stop_at_step is None else min(stop_at_step, config.num_steps)
   schedule = trainer.learning_rate(config)
+  aux_losses = tuple(sorted((k, float(v)) for k, v in config.aux_losses.items()))
   last: dict[str, Any] = {}
   bar = tqdm.tqdm(range(start, end), initial=start, total=config.num_steps, unit="step",
                   disable=not config.progress, dynamic_ncols=True)
@@ -139,7 +140,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   for step in bar:
     batch = trainer.to_device(task.batch(step, config.batch_size))
     metrics = trainer.train_step(model, optimizer, batch, grad_accum=config.grad_accum,
-                                 lm_weight=float(config.lm_loss_weight))
+                                 lm_weight=float(config.lm_loss_weight),
+                                 aux_losses=aux_losses, trainable=config.trainable)
     timed_tokens += trainer.tokens_per_step(config)
     done = step + 1
     if done % config.log_every == 0 or done == end:

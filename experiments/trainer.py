@@ -33,7 +33,7 @@ from flax import nnx
 
 from models import KindSettings, ModelConfig, Transformer
 
-_KIND_FIELDS = ("attention", "window", "rope_theta")
+_KIND_FIELDS = ("attention", "window", "rope_theta", "options")
 
 
 # --- config -> model and optimizer ---------------------------------------------------------------
@@ -70,54 +70,81 @@ def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
       end_value=o.lr * o.final_lr_ratio)
 
 
+def trainable_params(trainable: str = "") -> nnx.filterlib.Filter:
+  """The parameters a run updates: all (`""`), or those whose path contains `trainable`
+  (e.g. "indexer": only the DSA lightning indexers, the rest frozen)."""
+  return nnx.Param if not trainable else nnx.All(nnx.Param, nnx.PathContains(trainable))
+
+
 def make_optimizer(model: Transformer, config: ml_collections.ConfigDict) -> nnx.Optimizer:
-  """AdamW on `learning_rate(config)` after clipping the global gradient norm."""
+  """AdamW on `learning_rate(config)` after clipping the global gradient norm, over the
+  parameters `trainable_params(config.trainable)` selects."""
   o = config.optim
   tx = optax.chain(
       optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity(),
       optax.adamw(learning_rate(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
-  return nnx.Optimizer(model, tx, wrt=nnx.Param)
+  return nnx.Optimizer(model, tx, wrt=trainable_params(config.trainable))
 
 
 # --- steps ---------------------------------------------------------------------------------------
 
 
-def loss_fn(model: Transformer, batch: dict[str, jax.Array],
-            lm_weight: float = 0.0) -> tuple[jax.Array, dict]:
+def layer_losses(aux: dict, aux_losses: tuple[tuple[str, float], ...]) -> dict[str, jax.Array]:
+  """`{name: mean over the layers that report aux["layers"][i][name]}` for each named loss."""
+  out = {}
+  for name, _ in aux_losses:
+    values = [layer[name] for layer in aux["layers"] if name in layer]
+    out[name] = sum(values) / len(values) if values else jnp.zeros((), jnp.float32)
+  return out
+
+
+def loss_fn(model: Transformer, batch: dict[str, jax.Array], lm_weight: float = 0.0,
+            aux_losses: tuple[tuple[str, float], ...] = ()) -> tuple[jax.Array, dict]:
   """Mean cross-entropy over the scored tokens (`loss_mask`), plus `lm_weight` times the mean
-  over the other in-document tokens (an auxiliary language-modelling loss; 0 = answers only)."""
-  logits, _ = model(batch["tokens"], segment_ids=batch["segment_ids"])  # B T V
+  over the other in-document tokens (an auxiliary language-modelling loss; 0 = answers only),
+  plus `weight * layer_losses(...)[name]` for each `(name, weight)` of `aux_losses` (losses the
+  layers report in `aux`, e.g. DSA's "indexer_kl")."""
+  logits, aux = model(batch["tokens"], segment_ids=batch["segment_ids"])  # B T V
+  extra = layer_losses(aux, aux_losses)
+  extra_total = sum(weight * extra[name] for name, weight in aux_losses)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # B T
   mask = batch["loss_mask"]
   scored = (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
   if not lm_weight:
-    return scored, {"scored_loss": scored}
+    return scored + extra_total, {"scored_loss": scored, **extra}
   segments = batch["segment_ids"]
   same_doc = jnp.concatenate([segments[:, 1:] == segments[:, :-1],
                               jnp.zeros_like(segments[:, :1], bool)], axis=1)
   other = (same_doc & (segments >= 0)).astype(losses.dtype) * (1.0 - mask)
   lm = (losses * other).sum() / jnp.maximum(other.sum(), 1.0)
-  return scored + lm_weight * lm, {"scored_loss": scored}
+  return scored + lm_weight * lm + extra_total, {"scored_loss": scored, **extra}
 
 
-@functools.partial(nnx.jit, static_argnames=("grad_accum", "lm_weight"))
+@functools.partial(nnx.jit, static_argnames=("grad_accum", "lm_weight", "aux_losses",
+                                             "trainable"))
 def train_step(model: Transformer, optimizer: nnx.Optimizer, batch: dict[str, jax.Array],
-               grad_accum: int = 1, lm_weight: float = 0.0) -> dict[str, jax.Array]:
+               grad_accum: int = 1, lm_weight: float = 0.0,
+               aux_losses: tuple[tuple[str, float], ...] = (),
+               trainable: str = "") -> dict[str, jax.Array]:
   """One optimizer update on `batch` (split into `grad_accum` equal micro-batches).
 
-  Returns the loss that was minimised and `scored_loss`, the answers-only part of it.
+  Gradients are taken only for `trainable_params(trainable)` (must match the optimizer's).
+  Returns the loss that was minimised, `scored_loss` (its answers-only part) and each
+  auxiliary layer loss of `aux_losses`.
   """
-  grad_fn = nnx.value_and_grad(functools.partial(loss_fn, lm_weight=lm_weight), has_aux=True)
+  grad_fn = nnx.value_and_grad(
+      functools.partial(loss_fn, lm_weight=lm_weight, aux_losses=aux_losses),
+      argnums=nnx.DiffState(0, trainable_params(trainable)), has_aux=True)
   micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
-  loss, scored, grads = 0.0, 0.0, None
+  loss, parts, grads = 0.0, {}, None
   for i in range(grad_accum):  # unrolled: grad_accum is small and static
     (micro_loss, aux), micro_grads = grad_fn(model, jax.tree.map(lambda x: x[i], micro))
     loss = loss + micro_loss / grad_accum
-    scored = scored + aux["scored_loss"] / grad_accum
+    parts = {k: parts.get(k, 0.0) + v / grad_accum for k, v in aux.items()}
     grads = micro_grads if grads is None else jax.tree.map(jnp.add, grads, micro_grads)
   grads = jax.tree.map(lambda g: g / grad_accum, grads)
   optimizer.update(model, grads)
-  return {"loss": loss, "scored_loss": scored, "grad_norm": optax.tree.norm(grads)}
+  return {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads)}
 
 
 @nnx.jit

@@ -12,7 +12,7 @@ from ml_collections import config_dict
 
 # Sections whose fields are free-form (checked by their consumer): the task's fields depend on
 # its name (experiments/tasks.py), a layer kind's on models.KindSettings.
-_FREE = ("task", "model.kinds")
+_FREE = ("task", "model.kinds", "aux_losses")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -34,6 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 16
   c.grad_accum = 1           # micro-batches per step (batch_size must divide evenly)
   c.lm_loss_weight = 0.0     # + this x the LM loss on the unscored tokens (0 = answers only)
+  c.aux_losses = ml_collections.ConfigDict()  # {name: weight} of losses layers put in aux
+  c.trainable = ""           # train only params whose path contains this ("" = all)
   c.num_steps = 300
   c.optim = ml_collections.ConfigDict(dict(
       lr=3e-3, warmup_steps=30, final_lr_ratio=0.1, b1=0.9, b2=0.99, weight_decay=0.01,

@@ -1,0 +1,67 @@
+r"""DeepSeek Sparse Attention on passkey: dense model, indexer warm-up, sparse training.
+
+    python -m experiments.train --config=experiments/configs/dsa.py --workdir=/tmp/dsa_dense
+    python -m experiments.train --config=experiments/configs/dsa.py:warmup --workdir=/tmp/dsa_warmup \
+        --config.init_from=/tmp/dsa_dense
+    python -m experiments.train --config=experiments/configs/dsa.py:sparse --workdir=/tmp/dsa_sparse \
+        --config.init_from=/tmp/dsa_warmup
+
+A 4-layer byte-level decoder whose layers are all of kind "dsa" (models/dsa.py: main attention
++ lightning indexer, 4 heads x 32 dims, top_k = 32) on passkey at 256 tokens = 8x top_k.
+
+* (no variant) the dense model: stage "dense" (flash attention); everything trains, the
+  model on the answer loss and, since the indexer reads a detached input, the indexer on its
+  dense KL at the same time (it cannot change the model).
+* `:warmup` (DeepSeek stage 1): stage "dense", only the indexer trains (`trainable=indexer`)
+  on KL(p || softmax(I)) against the dense attention distribution; lr 1e-3.
+* `:sparse` (DeepSeek stage 2): stage "sparse": each query attends to its top_k selected keys;
+  everything trains: the model on the answer loss, the indexer on the KL restricted to the
+  selected set (detached, so neither loss reaches the other's parameters).
+`:smoke` (alone, or after a stage: `:warmup,smoke`, `:sparse,smoke`) is a tiny, fast run.
+"""
+
+from experiments.configs import common
+
+VARIANTS = ("dense", "warmup", "sparse")
+
+
+def get_config(variant: str | None = None):
+  words = [w for w in (variant or "").split(",") if w]
+  unknown = sorted(set(words) - set(VARIANTS) - {"smoke"})
+  stages = [w for w in words if w in VARIANTS]
+  if unknown or len(stages) > 1:
+    raise ValueError(f"unknown variant {variant!r} of dsa.py; use one of {VARIANTS} and/or "
+                     f"smoke, comma-separated (e.g. 'sparse,smoke').")
+  stage = stages[0] if stages else "dense"
+
+  config = common.base_config()
+  config.task = dict(name="passkey", seq_len=256, digits=5, instruction="")
+  config.model.update(d_model=64, num_layers=4, num_heads=4, mlp_dim=128, layer_pattern=("dsa",))
+  config.model.kinds = dict(dsa=dict(rope_theta=10_000.0, options=dict(
+      index_heads=4, index_dim=32, top_k=32, stage="sparse" if stage == "sparse" else "dense")))
+  config.aux_losses = dict(indexer_kl=1.0)
+  config.batch_size = 16
+  config.num_steps = 400
+  config.optim.update(lr=3e-3, warmup_steps=30)
+  config.eval_every = 100
+  config.eval_after_train = True
+  config.eval.update(length_multiples=(1,))
+  if stage == "warmup":
+    config.trainable = "indexer"
+    config.num_steps = 150
+    config.optim.update(lr=1e-3, warmup_steps=10)
+  elif stage == "sparse":
+    config.num_steps = 200
+    config.optim.update(lr=1e-3, warmup_steps=10)
+
+  if "smoke" in words:
+    config.task.seq_len = 128
+    config.model.update(d_model=32, num_layers=2, num_heads=2, mlp_dim=64)
+    config.model.kinds.dsa.options.update(index_heads=2, index_dim=8, top_k=16)
+    config.batch_size = 2
+    config.num_steps = 2
+    config.log_every = config.eval_every = config.checkpoint_every = 2
+    config.eval_batches = 1
+    config.eval_after_train = False
+    config.progress = False
+  return config
