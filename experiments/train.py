@@ -1,5 +1,6 @@
 r"""Train a model on an offline task; resumes automatically from `--workdir`/checkpoints.
 
+    python -m experiments.train --workdir=/tmp/longctx_passkey      # configs/passkey.py
     python -m experiments.train --config=experiments/configs/passkey.py --workdir=/tmp/passkey
     python -m experiments.train --config=experiments/configs/mqar.py:smoke --workdir=/tmp/m \
         --config.num_steps=50 --config.model.d_model=128
@@ -28,8 +29,10 @@ from experiments import checkpoints as ckpt_lib
 from experiments import tasks, trainer
 from experiments.configs import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
-                                          lock_config=True)
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "passkey.py")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", DEFAULT_CONFIG, "Experiment config file[:variant] (default: configs/passkey.py).",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for everything the run writes.")
 
 
@@ -179,5 +182,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.mark_flags_as_required(["workdir"])
   app.run(main)
