@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Mapping
 
 import jax
@@ -100,7 +101,16 @@ def make_mesh(spec: str, devices=None) -> Mesh:
 
 
 def initialize_distributed(**kwargs) -> None:
-  """`jax.distributed.initialize(**kwargs)` for multi-host runs; call before any device use."""
+  """`jax.distributed.initialize()` for multi-host runs; call before anything uses a device.
+
+  The cluster is detected (SLURM, Open MPI, Kubernetes, Cloud TPU), or given by environment
+  variables on every process: `JAX_COORDINATOR_ADDRESS=host:port` (process 0's host),
+  `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` (the last two read here: jax reads only the first).
+  `kwargs` (e.g. `local_device_ids`) are passed on.
+  """
+  for name, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+    if key not in kwargs and os.environ.get(name):
+      kwargs[key] = int(os.environ[name])
   jax.distributed.initialize(**kwargs)
 
 
