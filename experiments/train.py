@@ -14,6 +14,8 @@ order (batches are a pure function of (seed, step)).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import time
@@ -26,7 +28,7 @@ from ml_collections import config_flags
 import tqdm
 
 from experiments import checkpoints as ckpt_lib
-from experiments import tasks, trainer
+from experiments import sharding, tasks, trainer
 from experiments.configs import common
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "passkey.py")
@@ -110,14 +112,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   (tests of resume determinism).
   """
   common.check_config(config)
+  if config.multihost:
+    sharding.initialize_distributed()  # before anything touches a device
   workdir = prepare_workdir(workdir)
   task = tasks.make_task(config.task, seed=config.seed)
   task.batch(0, 1)  # fails fast on task settings that cannot make an example
   if config.batch_size % config.grad_accum:
     raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of grad_accum "
                      f"({config.grad_accum}).")
-  model = trainer.make_model(config)
+  mesh = sharding.make_mesh(config.mesh) if config.mesh else None
+  if mesh is not None:
+    sharding.check_divisible(mesh, config.batch_size // config.grad_accum, config.task.seq_len)
+  model = trainer.make_model(config, mesh=mesh)
   optimizer = trainer.make_optimizer(model, config)
+  put = trainer.to_device
+  if mesh is not None:  # before restoring: orbax restores onto these shardings
+    sharding.shard_state(model, optimizer, mesh, fsdp=config.fsdp)
+    put = functools.partial(sharding.shard_batch, mesh=mesh)
   model_meta = json.loads(json.dumps(config.model.to_dict()))  # as the checkpoint stores it
 
   ckpt = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), config.max_to_keep)
@@ -131,7 +142,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start)
-  logging.info("Model: %s", trainer.describe(config, model))
+  logging.info("Model: %s %s", trainer.describe(config, model),
+               sharding.describe(mesh, config.fsdp))
 
   end = config.num_steps if stop_at_step is None else min(stop_at_step, config.num_steps)
   schedule = trainer.learning_rate(config)
@@ -140,25 +152,27 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   bar = tqdm.tqdm(range(start, end), initial=start, total=config.num_steps, unit="step",
                   disable=not config.progress, dynamic_ncols=True)
   timer, timed_tokens = time.perf_counter(), 0
-  for step in bar:
-    batch = trainer.to_device(task.batch(step, config.batch_size))
-    metrics = trainer.train_step(model, optimizer, batch, grad_accum=config.grad_accum,
-                                 lm_weight=float(config.lm_loss_weight),
-                                 aux_losses=aux_losses, trainable=config.trainable)
-    timed_tokens += trainer.tokens_per_step(config)
-    done = step + 1
-    if done % config.log_every == 0 or done == end:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      elapsed = time.perf_counter() - timer
-      last = dict(step=done, lr=float(schedule(step)), tokens_per_s=timed_tokens / elapsed,
-                  **metrics)
-      if (config.eval_every and done % config.eval_every == 0) or done == config.num_steps:
-        last.update(trainer.evaluate_batches(model, eval_batches(task, config)))
-      log.write(last)
-      bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
-      timer, timed_tokens = time.perf_counter(), 0
-    if done % config.checkpoint_every == 0 or done == end:
-      ckpt.save(done, model, optimizer, dict(seed=config.seed, data_step=done, model=model_meta))
+  mesh_context = jax.sharding.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+  with mesh_context:  # ring attention layers read the ambient mesh while tracing
+    for step in bar:
+      batch = put(task.batch(step, config.batch_size))
+      metrics = trainer.train_step(model, optimizer, batch, grad_accum=config.grad_accum,
+                                   lm_weight=float(config.lm_loss_weight),
+                                   aux_losses=aux_losses, trainable=config.trainable)
+      timed_tokens += trainer.tokens_per_step(config)
+      done = step + 1
+      if done % config.log_every == 0 or done == end:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed = time.perf_counter() - timer
+        last = dict(step=done, lr=float(schedule(step)), tokens_per_s=timed_tokens / elapsed,
+                    **metrics)
+        if (config.eval_every and done % config.eval_every == 0) or done == config.num_steps:
+          last.update(trainer.evaluate_batches(model, eval_batches(task, config), put))
+        log.write(last)
+        bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+        timer, timed_tokens = time.perf_counter(), 0
+      if done % config.checkpoint_every == 0 or done == end:
+        ckpt.save(done, model, optimizer, dict(seed=config.seed, data_step=done, model=model_meta))
   bar.close()
   ckpt.close()
   plot_loss(read_metrics(log.path), os.path.join(workdir, "loss.png"))

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from experiments import sharding
 from models import KindSettings, ModelConfig, Transformer
 
 _KIND_FIELDS = ("attention", "window", "rope_theta", "options")
@@ -56,9 +57,14 @@ def model_config(config: ml_collections.ConfigDict, **overrides) -> ModelConfig:
   return ModelConfig(layer_pattern=tuple(pattern), kinds=kinds, **fields)
 
 
-def make_model(config: ml_collections.ConfigDict, **overrides) -> Transformer:
-  """A freshly initialised Transformer (parameters from `config.seed`)."""
-  return Transformer(model_config(config, **overrides), rngs=nnx.Rngs(config.seed))
+def make_model(config: ml_collections.ConfigDict, *, mesh=None, **overrides) -> Transformer:
+  """A freshly initialised Transformer (parameters from `config.seed`).
+
+  With a `mesh` whose `seq` axis is > 1, exact attention kinds run as ring attention
+  (`sharding.ring_config`; same parameters).
+  """
+  return Transformer(sharding.ring_config(model_config(config, **overrides), mesh),
+                     rngs=nnx.Rngs(config.seed))
 
 
 def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -159,11 +165,14 @@ def eval_step(model: Transformer, batch: dict[str, jax.Array]) -> dict[str, jax.
           "loss": (losses * mask).sum(axis=1)}
 
 
-def evaluate_batches(model: Transformer, batches) -> dict[str, float]:
-  """Aggregate `eval_step` over batches: exact-match accuracy, token accuracy, loss per token."""
+def evaluate_batches(model: Transformer, batches, put=None) -> dict[str, float]:
+  """Aggregate `eval_step` over batches: exact-match accuracy, token accuracy, loss per token.
+
+  `put` places a host batch on devices (default `to_device`; sharded runs pass theirs).
+  """
   totals = {"exact": 0.0, "rows": 0, "correct": 0.0, "scored": 0.0, "loss": 0.0}
   for batch in batches:
-    scores = jax.device_get(eval_step(model, to_device(batch)))
+    scores = jax.device_get(eval_step(model, (put or to_device)(batch)))
     totals["exact"] += float(np.sum(scores["exact"]))
     totals["rows"] += len(scores["exact"])
     for key in ("correct", "scored", "loss"):

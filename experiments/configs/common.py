@@ -49,6 +49,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ""           # a workdir (or checkpoint dir) whose weights initialise the model
   c.progress = True          # tqdm progress bar
 
+  # Devices (experiments/sharding.py): "" = one device; "data:2,seq:4" = 2-way data x 4-way
+  # sequence (ring attention) parallel; "data:-1" = data parallel over every device.
+  c.mesh = ""
+  c.fsdp = False             # shard parameters + optimizer state over the data axis
+  c.multihost = False        # jax.distributed.initialize() first (one process per host)
+
   # After training: accuracy over (context length x depth) with the haystack tasks.
   c.eval_after_train = False
   c.eval = ml_collections.ConfigDict(dict(

@@ -118,6 +118,35 @@ def checkpoint_resharding():
   return out
 
 
+def train_entry_point():
+  """Worker: `experiments.train.train` on data:2,seq:4 with multihost=True (one process, a local
+  coordinator), 2 steps; then resumed for a 3rd step on data:8 with FSDP (a different mesh)."""
+  import os  # pylint: disable=g-import-not-at-top
+  import socket  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    port = sock.getsockname()[1]
+  os.environ.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="1",
+                    JAX_PROCESS_ID="0")
+  import jax  # pylint: disable=g-import-not-at-top
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  config = _config()
+  config.update(num_steps=2, log_every=1, checkpoint_every=2, eval_after_train=False,
+                progress=False, mesh="data:2,seq:4", multihost=True)
+  out = {}
+  with tempfile.TemporaryDirectory() as workdir:
+    first = train.train(config, workdir)
+    out["processes"] = jax.process_count()
+    config.update(num_steps=3, batch_size=8, mesh="data:8", fsdp=True, multihost=False)
+    second = train.train(config, workdir)
+    out["first"] = {k: first[k] for k in ("step", "loss", "eval_loss")}
+    out["second"] = {k: second[k] for k in ("step", "loss")}
+    out["steps_logged"] = [row["step"] for row in train.read_metrics(
+        os.path.join(workdir, "metrics.jsonl"))]
+  return out
+
+
 # --- pytest --------------------------------------------------------------------------------------
 
 
@@ -180,3 +209,13 @@ def test_checkpoint_from_data8_restores_on_other_meshes():
   assert "data" in result["saved_sharding"], result
   assert result["one_device"] == {"params_equal": True, "opt_equal": True, "devices": 1}, result
   assert result["data2_seq4"] == {"params_equal": True, "opt_equal": True, "devices": 8}, result
+
+
+def test_train_entry_point_mesh_multihost_and_resume_on_another_mesh():
+  import math  # pylint: disable=g-import-not-at-top
+  result = run_worker(__name__, "train_entry_point")
+  assert result["processes"] == 1, result
+  assert result["first"]["step"] == 2 and result["second"]["step"] == 3, result
+  assert all(math.isfinite(result[k]["loss"]) for k in ("first", "second")), result
+  assert math.isfinite(result["first"]["eval_loss"]), result
+  assert result["steps_logged"] == [1, 2, 3], result
