@@ -19,11 +19,11 @@ CASES = [
     ("p8-window-3hops", 8, 1, 64, 2, 1, 16, True, (20, 0), False, 0, "float32"),
     ("p8-window-both-sides", 8, 1, 64, 2, 1, 16, False, (20, 9), False, 0, "float32"),
     ("p4-segments-window", 4, 2, 64, 2, 2, 16, True, (9, 0), True, 0, "float32"),
-    ("p2-segments-bidir", 2, 2, 32, 2, 1, 16, False, None, True, 0, "float32"),
-    ("p4-causal-bf16", 4, 1, 64, 4, 2, 16, True, None, False, 0, "bfloat16"),
 ]
 # More of the grid, in CI only (-m slow).
 SLOW_CASES = [
+    ("p4-causal-bf16", 4, 1, 64, 4, 2, 16, True, None, False, 0, "bfloat16"),
+    ("p2-segments-bidir", 2, 2, 32, 2, 1, 16, False, None, True, 0, "float32"),
     ("p4-causal-mqa", 4, 1, 64, 2, 1, 16, True, None, False, 0, "float32"),
     ("p8-full", 8, 1, 64, 2, 2, 16, False, None, False, 0, "float32"),
     ("p4-window-bidir", 4, 1, 64, 2, 2, 16, False, (6, 6), False, 0, "float32"),
