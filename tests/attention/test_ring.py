@@ -87,8 +87,10 @@ def slow_cases():
 
 def explicit_shard_map_and_hlo():
   """Worker: `ring_attention` in a user's shard_map (data x seq mesh, 2 head chunks), the
-  ambient-mesh "ring" registry entry, and the compiled HLO's collectives."""
+  ambient-mesh "ring" registry entry, the compiled HLO's collectives, and the Pallas path
+  lowered for CUDA."""
   import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.sharding import AxisType  # pylint: disable=g-import-not-at-top
   import attention  # pylint: disable=g-import-not-at-top
   from attention import Mask, ring  # pylint: disable=g-import-not-at-top
@@ -121,6 +123,16 @@ def explicit_shard_map_and_hlo():
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
   out["hlo"] = {op: hlo.count(op + "(") + hlo.count(op + "-start(")
                 for op in ("all-gather", "collective-permute", "all-to-all")}
+
+  def pallas_loss(q, k, v):  # Triton kernels per block: must lower for CUDA (no GPU needed)
+    return ring.ring_attention_sharded(q, k, v, mask=Mask(causal=True), mesh=mesh,
+                                       implementation="pallas").astype(jnp.float32).sum()
+
+  qb = q.astype(jnp.bfloat16)
+  lowered = jax.jit(jax.grad(pallas_loss, argnums=(0, 1, 2))).trace(qb, qb, qb).lower(
+      lowering_platforms=("cuda",)).as_text()
+  out["cuda_lowering"] = {"triton_calls": lowered.count("triton"),
+                          "collective_permutes": lowered.count("collective_permute")}
   return out
 
 
@@ -191,6 +203,9 @@ def test_user_shard_map_registry_and_no_all_gather():
   # K/V travel by collective-permute only: the sequence is never all-gathered.
   assert result["hlo"]["all-gather"] == 0 and result["hlo"]["all-to-all"] == 0, result["hlo"]
   assert result["hlo"]["collective-permute"] > 0, result["hlo"]
+  # implementation="pallas": forward, dK/dV and dQ Triton kernels around the permutes.
+  assert result["cuda_lowering"]["triton_calls"] >= 3, result["cuda_lowering"]
+  assert result["cuda_lowering"]["collective_permutes"] > 0, result["cuda_lowering"]
 
 
 @pytest.mark.slow
