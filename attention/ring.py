@@ -112,8 +112,8 @@ class _Ring:
 
   def _xla_tiles(self, t: int, s: int) -> tuple[int, int]:
     # The same tile rounding as flash_attention's XLA path.
-    return (flash_lib._round_block(self.block_sizes.block_q, t),  # pylint: disable=protected-access
-            flash_lib._round_block(self.block_sizes.block_kv, s))  # pylint: disable=protected-access
+    round_block = flash_lib._round_block  # pylint: disable=protected-access
+    return round_block(self.block_sizes.block_q, t), round_block(self.block_sizes.block_kv, s)
 
 
 def ring_sweeps(mask: Mask, num_devices: int, q_len: int, kv_len: int,
@@ -362,7 +362,8 @@ def ring_attention(
     raise ValueError(f"head_chunks must be a positive int dividing the {kh} kv heads, got "
                      f"{head_chunks!r}.")
   if implementation is None:
-    implementation = "pallas" if interpret else flash_lib._default_implementation()  # pylint: disable=protected-access
+    default = flash_lib._default_implementation  # pylint: disable=protected-access
+    implementation = "pallas" if interpret else default()
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got "
                      f"{implementation!r}.")

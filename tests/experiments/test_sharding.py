@@ -75,7 +75,8 @@ def checkpoint_resharding():
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from experiments import checkpoints, sharding, tasks, trainer  # pylint: disable=g-import-not-at-top
+  from experiments import checkpoints  # pylint: disable=g-import-not-at-top
+  from experiments import sharding, tasks, trainer  # pylint: disable=g-import-not-at-top
   from models import Transformer  # pylint: disable=g-import-not-at-top
   config = _config()
   meta = {"model": json.loads(json.dumps(config.model.to_dict()))}  # as train.py stores it
