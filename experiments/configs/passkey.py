@@ -13,13 +13,14 @@ from experiments.configs import common
 
 def get_config(variant: str | None = None):
   config = common.base_config()
-  config.task = dict(name="passkey", seq_len=256, digits=5, instruction="")
+  config.task = dict(name="passkey", seq_len=256, digits=5, instruction="", min_len=112)
   config.model.update(d_model=64, num_layers=4, num_heads=4, mlp_dim=128,
                       layer_pattern=("global", "local", "local"))
+  config.model.kinds = {"global": dict(rope_theta=1e7), "local": dict(window=64, rope_theta=1e4)}
   config.batch_size = 16
-  config.num_steps = 400
-  config.optim.update(lr=3e-3, warmup_steps=30)
-  config.eval_every = 100
+  config.num_steps = 1000
+  config.optim.update(lr=3e-3, warmup_steps=50)
+  config.eval_every = 250
   config.eval_after_train = True
   if variant == "smoke":
     config.task.seq_len = 128

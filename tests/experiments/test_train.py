@@ -166,3 +166,15 @@ def test_extend_config_starts_from_a_run(finished_run, tmp_path):
   with open(os.path.join(str(tmp_path), "config.json")) as f:
     saved = json.load(f)
   assert saved["model"]["rope_scaling"] == "linear" and saved["init_from"] == finished_run
+
+
+def test_evaluate_loads_a_run_with_a_rope_override(finished_run, tmp_path):
+  from experiments import evaluate
+  config, model, step = evaluate.load_run(finished_run, "yarn", 2.0)
+  assert step == 4 and model.config.rope_scaling == "yarn"
+  assert model.config.rope_original_length == config.task.seq_len
+  assert evaluate.check_generate(model, config, "passkey", config.task.seq_len, 2) == 1.0
+  rows = evaluate.evaluate_and_report(model, config, str(tmp_path), task_names=["needle"],
+                                      lengths=[160, 256], depths=[0.5], examples=2, tag="yarn")
+  assert [(r["length"], r["depth"]) for r in rows["needle"]] == [(160, 0.5), (256, 0.5)]
+  assert (tmp_path / "eval_needle_yarn.csv").exists() and (tmp_path / "eval_needle_yarn.png").exists()
