@@ -226,15 +226,11 @@ def test_validation_errors():
 
 @pytest.mark.slow
 def test_ring_memory_per_device_at_64k_tokens():
-  """Acceptance target: ring fwd+bwd temp memory per device <= 1/6 of single-device flash.
+  """Acceptance: ring fwd+bwd temp memory per device <= 1/6 of flash on one device.
 
-  Measured (jax 0.10.2, CPU, B=1, N=K=4, H=64, causal, float32): 135 MiB/device (ratio
-  0.39) with the defaults and 77 MiB (0.22) with head_chunks=4, against 345 MiB: NOT yet at
-  1/6. Each visit pays the flash path's own per-call copies (q/k/v/dout layout transposes,
-  stacked dK/dV, f32 score tiles) on top of the ring's K/V + dK/dV in flight.
-  This test guards the current figure.
+  Measured (jax 0.10.2, CPU, B=1, N=K=4, H=64, causal, float32): flash 345 MiB on one device;
+  ring on 8 devices 135 MiB (0.39) with the defaults, 50 MiB (0.145) with head_chunks=4.
   """
   result = run_worker(__name__, "memory_figures")
-  ratio = result["ring_head_chunks_4"] / result["single_flash"]
   assert result["ring_head_chunks_1"] < result["single_flash"] / 2, result
-  assert ratio <= 0.25, result
+  assert result["ring_head_chunks_4"] <= result["single_flash"] / 6, result
