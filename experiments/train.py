@@ -139,9 +139,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   elif config.init_from:
     loaded = ckpt_lib.load_params(model, config.init_from)
     logging.info("Initialised the weights from %s (step %d).", config.init_from, loaded)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start)
+  primary = jax.process_index() == 0  # several hosts: one writer of the run's own files
+  if primary:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start) if primary else None
   logging.info("Model: %s %s", trainer.describe(config, model),
                sharding.describe(mesh, config.fsdp))
 
@@ -168,14 +170,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                     **metrics)
         if (config.eval_every and done % config.eval_every == 0) or done == config.num_steps:
           last.update(trainer.evaluate_batches(model, eval_batches(task, config), put))
-        log.write(last)
+        if log is not None:
+          log.write(last)
         bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
         timer, timed_tokens = time.perf_counter(), 0
       if done % config.checkpoint_every == 0 or done == end:
         ckpt.save(done, model, optimizer, dict(seed=config.seed, data_step=done, model=model_meta))
   bar.close()
   ckpt.close()
-  plot_loss(read_metrics(log.path), os.path.join(workdir, "loss.png"))
+  if log is not None:
+    plot_loss(read_metrics(log.path), os.path.join(workdir, "loss.png"))
   result = {"step": end, "workdir": workdir, **last}
   if config.eval_after_train and end == config.num_steps:
     from experiments import evaluate  # pylint: disable=g-import-not-at-top
