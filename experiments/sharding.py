@@ -21,7 +21,8 @@ attention layers only.
   (`attention.ring`): global layers pass K/V blocks around the ring; local (sliding-window)
   layers reuse the same call, whose plan visits only the blocks the window reaches: a window
   `w <= T / seq` exchanges one neighbour block (the halo) and computes O(T * w). Other kinds
-  (e.g. "dsa") are left to XLA's sharding propagation.
+  (e.g. "dsa") are left to XLA's sharding propagation. A kind's `options` reach the ring call:
+  `{"head_chunks": 4}` runs it per group of kv heads (~1/4 of its temporary memory).
 * Several hosts: `initialize_distributed()` (`jax.distributed.initialize()`, configured by the
   cluster environment: SLURM, Cloud TPU, or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
   JAX_PROCESS_ID variables) before anything touches a device. Every process computes the same
