@@ -2,10 +2,18 @@ r"""Passkey retrieval with ModernBERT's ("global", "local", "local") layers; the
 
     python -m experiments.train --config=experiments/configs/passkey.py --workdir=/tmp/longctx_passkey
 
-A 4-layer byte-level decoder (layers global, local, local, global; local window 64) learns to
-copy a 5-digit pass key hidden at a random depth of 256 tokens of filler, scored only on the
-answer. It is then evaluated at 256, 512, 768 and 1024 tokens (1x-4x) over 5 depths and the
-accuracy table is printed (`eval_passkey.csv`/`.png`). Tiny variant for tests: `:smoke`.
+The trainer's default config (`python -m experiments.train --workdir=...` runs it). A 4-layer
+byte-level decoder (d_model 64, 181k parameters; layers global, local, local, global; local
+window 64 with RoPE theta 1e4, global layers with theta 1e7, i.e. nearly position-free) learns
+to copy a 5-digit pass key from the published passkey prompt (instruction line dropped to leave
+room for filler). Rows of 256 tokens pack documents of 112-256 tokens (segment ids), so a step
+sees more answers and a spread of needle distances; only the answer is scored. 1000 steps of
+16 rows (~5 CPU-minutes), then the accuracy over 256, 512, 768 and 1024 tokens (1x-4x) and 5
+depths is printed and written to `eval_passkey.csv`/`.png`.
+
+Result (seed 0): 0.99 exact match at the training length; beyond it accuracy collapses (RoPE
+models do not extrapolate); `python -m experiments.evaluate --workdir=... --rope_scaling=yarn
+--rope_factor=4` or fine-tuning with `extend.py` recovers part of it. Tiny variant: `:smoke`.
 """
 
 from experiments.configs import common
