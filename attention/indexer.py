@@ -117,15 +117,17 @@ def _order_key(x: Float[Array, "R W"]) -> Array:
 def _lower_bound(sorted_rows, targets):
   """Per row, the first position `p` with `sorted_rows[r, p] >= targets[r, j]` (binary search)."""
   r, n = sorted_rows.shape
-  lo = jnp.zeros(targets.shape, jnp.int32)
-  hi = jnp.full(targets.shape, n, jnp.int32)
-  for _ in range(max(1, n).bit_length()):  # static, log2(n) + 1 steps
+
+  def step(_, bounds):  # a loop, not unrolled: one body to compile
+    lo, hi = bounds
     mid = (lo + hi) // 2
     below = jnp.take_along_axis(sorted_rows, jnp.minimum(mid, n - 1), axis=1,
                                 mode="promise_in_bounds") < targets
-    lo = jnp.where(below, mid + 1, lo)
-    hi = jnp.where(below, hi, mid)
-  return lo
+    return jnp.where(below, mid + 1, lo), jnp.where(below, hi, mid)
+
+  lo = jnp.zeros(targets.shape, jnp.int32)
+  hi = jnp.full(targets.shape, n, jnp.int32)
+  return lax.fori_loop(0, max(1, n).bit_length(), step, (lo, hi))[0]  # log2(n) + 1 steps
 
 
 def _prefix_counts(flags: Float[Array, "X R W"], chunk: int = 16) -> Float[Array, "X R W"]:
@@ -201,15 +203,9 @@ def select_topk(scores: Float[Array, "R W"], visible, k: int) -> Int[Array, "R k
   greater = jnp.where(exact, key >= lo[:, None], key > lo[:, None]) & (key > 0)
   equal = ~exact & (key == lo[:, None]) & (key > 0)
 
-  def cut_ties():
-    prefix = _prefix_counts(jnp.stack([greater, equal]).astype(jnp.float32))  # 2 R W
-    need = (kk - prefix[0, :, -1].astype(jnp.int32)).astype(jnp.float32)
-    return prefix[0] + jnp.minimum(prefix[1], need[:, None])
-
-  def no_ties():  # all rows exact: the kept set is `greater`
-    return _prefix_counts(greater[None].astype(jnp.float32))[0]
-
-  kept = lax.cond(jnp.all(done), no_ties, cut_ties)  # running count of kept entries
+  prefix = _prefix_counts(jnp.stack([greater, equal]).astype(jnp.float32))  # 2 R W
+  need = (kk - prefix[0, :, -1].astype(jnp.int32)).astype(jnp.float32)
+  kept = prefix[0] + jnp.minimum(prefix[1], need[:, None])  # running count of kept entries
   slots = jnp.arange(1, k + 1, dtype=jnp.float32)[None]  # the j-th kept entry, 1-based
   pos = _lower_bound(kept, jnp.broadcast_to(slots, (r, k)))
   return jnp.where(jnp.arange(k)[None] < kk[:, None], pos, -1).astype(jnp.int32)
@@ -236,7 +232,7 @@ def indexer_topk(
     mask: Mask | None = None,
     fp8: bool = False,
     block_q: int = 16,
-    num_widths: int = 8,
+    num_widths: int = 4,
 ) -> Int[Array, "B T top_k"]:
   """Per query, the positions of its `top_k` highest indexer scores among visible keys.
 

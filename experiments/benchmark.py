@@ -86,11 +86,32 @@ def _jax_xla(causal: bool):
   return fn, Mask(causal=causal)
 
 
+def _dsa(causal: bool, index_heads: int = 4, index_dim: int = 32, top_k: int = 2048):
+  """DeepSeek sparse attention; its indexer inputs are fixed random projections of q and k
+  (seeded, so every call sees the same function): q_I, w from q, k_I from k (the layer's
+  projections from the hidden state cost the same). Timed: indexer + top-k + sparse gather."""
+  mask = Mask(causal=causal)
+
+  def fn(q, k, v):
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    wq, wk, ww = (jax.random.normal(key, shape, q.dtype) * shape[0] ** -0.5 for key, shape in zip(
+        jax.random.split(jax.random.key(0), 3),
+        ((n * h, index_heads * index_dim), (kh * h, index_dim), (n * h, index_heads))))
+    index_q = (q.reshape(b, t, n * h) @ wq).reshape(b, t, index_heads, index_dim)
+    index_k = k.reshape(b, s, kh * h) @ wk
+    index_w = (q.reshape(b, t, n * h) @ ww) * index_heads ** -0.5
+    return attention.dsa_attention(q, k, v, mask=mask, index_q=index_q, index_k=index_k,
+                                   index_w=index_w, top_k=top_k)
+  return fn, mask
+
+
 METHODS: dict[str, Method] = {
     "jax": Method(_jax_xla, quadratic=True),
     "dense": Method(_registered("dense"), quadratic=True),
     "flash": Method(_registered("flash")),
     "local": Method(_local),
+    "dsa": Method(_dsa),
 }
 
 
