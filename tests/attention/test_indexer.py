@@ -70,6 +70,22 @@ def test_topk_matches_lax_top_k_random_rows():
   np.testing.assert_array_equal(got, np.sort(lax.top_k(scores, k)[1], axis=-1))
 
 
+@pytest.mark.parametrize("k", [1, 100, 700])
+def test_select_long_rows_with_ties_and_hidden_keys(k):
+  """Rows long enough for the sampled starting bracket; many ties, random visibility."""
+  r, w = 6, 2048
+  rng = np.random.default_rng(k)
+  scores = np.round(rng.normal(size=(r, w)) * 4) / 4  # ~25 distinct values: heavy ties
+  scores[1] *= 1e-30  # tiny magnitudes
+  visible = rng.random((r, w)) < np.array([1.0, 0.9, 0.5, 0.3, 0.05, 0.0])[:, None]
+  got = np.asarray(indexer.select_topk(jnp.asarray(scores, jnp.float32), jnp.asarray(visible), k))
+  for row, vis, sel in zip(scores.astype(np.float32), visible, got):
+    pos = np.flatnonzero(vis)
+    order = pos[np.lexsort((pos, -row[pos]))][:k]  # score desc, then position asc
+    np.testing.assert_array_equal(sel[:len(order)], np.sort(order))
+    assert np.all(sel[len(order):] == -1)
+
+
 def test_select_ties_keep_exactly_k():
   scores = jnp.array([[0.0, 1.0, 0.0, 0.0, 2.0, 0.0, -1.0],
                       [3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0]])
