@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import train, trainer
+from experiments import checkpoints, train, trainer
 from experiments.configs import dsa as dsa_config
 from models import dsa
 
@@ -22,27 +22,41 @@ def params(model, which):
   return jax.tree_util.tree_leaves(nnx.state(model, which))
 
 
-def test_dense_then_warmup_then_sparse(tmp_path):
-  dense = run("smoke", tmp_path / "dense")
-  assert np.isfinite(dense["indexer_kl"]) and np.isfinite(dense["scored_loss"])
-
-  warm_dir = tmp_path / "warmup"
-  warm = run("warmup,smoke", warm_dir, init_from=str(tmp_path / "dense"))
-  assert np.isfinite(warm["indexer_kl"])
-  # Warm-up changed only the indexer.
-  config = dsa_config.get_config("warmup,smoke")
-  before, after = trainer.make_model(config), trainer.make_model(config)
-  from experiments import checkpoints  # pylint: disable=g-import-not-at-top
-  checkpoints.load_params(before, str(tmp_path / "dense"))
-  checkpoints.load_params(after, str(warm_dir))
+def assert_only_indexer_changed(before, after):
   for a, b in zip(params(before, dsa.MAIN_PARAMS), params(after, dsa.MAIN_PARAMS)):
     np.testing.assert_array_equal(a, b)
   assert any(not np.array_equal(a, b) for a, b in zip(params(before, dsa.INDEXER_PARAMS),
                                                       params(after, dsa.INDEXER_PARAMS)))
 
+
+def test_warmup_trains_only_the_indexer_then_sparse(tmp_path):
+  """Warm-up (from the seed's initial weights) then sparse training from its checkpoint."""
+  warm_dir = tmp_path / "warmup"
+  warm = run("warmup,smoke", warm_dir)
+  assert np.isfinite(warm["indexer_kl"]) and np.isfinite(warm["scored_loss"])
+  config = dsa_config.get_config("warmup,smoke")
+  initial, trained = trainer.make_model(config), trainer.make_model(config)
+  checkpoints.load_params(trained, str(warm_dir))
+  assert_only_indexer_changed(initial, trained)
+
   sparse = run("sparse,smoke", tmp_path / "sparse", init_from=str(warm_dir))
   assert np.isfinite(sparse["indexer_kl"]) and np.isfinite(sparse["loss"])
   assert os.path.exists(tmp_path / "sparse" / "metrics.jsonl")
+
+
+@pytest.mark.slow
+def test_dense_then_warmup_then_sparse_commands(tmp_path):
+  """The three documented commands in a row (smoke sizes)."""
+  dense = run("smoke", tmp_path / "dense")
+  assert np.isfinite(dense["indexer_kl"])
+  run("warmup,smoke", tmp_path / "warmup", init_from=str(tmp_path / "dense"))
+  config = dsa_config.get_config("warmup,smoke")
+  before, after = trainer.make_model(config), trainer.make_model(config)
+  checkpoints.load_params(before, str(tmp_path / "dense"))
+  checkpoints.load_params(after, str(tmp_path / "warmup"))
+  assert_only_indexer_changed(before, after)
+  sparse = run("sparse,smoke", tmp_path / "sparse", init_from=str(tmp_path / "warmup"))
+  assert np.isfinite(sparse["loss"])
 
 
 def test_variants_and_stages():
