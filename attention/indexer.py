@@ -412,6 +412,19 @@ def attention_target(
   return p / jnp.where(total > 0, total, 1.0)
 
 
+def selected_mass(
+    target: Float[Array, "B T S"],
+    indices: Int[Array, "B T k"],
+) -> Float[Array, "B T"]:
+  """Indexer recall per query: the share of the dense attention distribution `target`
+  (`attention_target(q, k, mask=mask)`, rows summing to 1) that falls on the selected keys
+  (-1 slots ignored; `indexer_topk` never selects a key twice). 1.0 = nothing missed."""
+  b, t, s = jnp.shape(target)
+  _check_indices(indices, b, t, "indices")
+  picked = jnp.take_along_axis(target, jnp.clip(indices, 0, s - 1), axis=-1)
+  return jnp.sum(jnp.where(indices >= 0, picked, 0.0), axis=-1)
+
+
 REDUCTIONS = ("mean", "sum", "none")
 
 

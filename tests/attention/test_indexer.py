@@ -10,7 +10,7 @@ from jax import lax
 
 from attention import Mask, indexer
 from attention.masks import dense_mask
-from tests.helpers import assert_close, random_segments
+from tests.helpers import assert_close, random_qkv, random_segments
 
 
 def random_indexer(seed: int, batch: int, q_len: int, kv_len: int, heads: int = 3, dim: int = 8):
@@ -147,7 +147,6 @@ def test_kl_zero_when_equal_and_never_nan():
 
 
 def test_kl_dense_and_sparse_targets():
-  from tests.helpers import random_qkv  # pylint: disable=g-import-not-at-top
   q_main, k_main, _ = random_qkv(8, 1, 12, 12, 4, 2, 8)
   mask = Mask(causal=True)
   target = indexer.attention_target(q_main, k_main, mask=mask)
@@ -179,3 +178,16 @@ def test_bad_inputs_raise():
     indexer.indexer_topk(q, k, w, top_k=0)
   with pytest.raises(ValueError, match="reduction must be one of"):
     indexer.indexer_kl_loss(jnp.zeros((1, 2, 2)), jnp.zeros((1, 2, 2)), reduction="avg")
+
+
+def test_selected_mass_is_recall():
+  b, t, n, h = 1, 24, 2, 8
+  q, k, w = random_indexer(5, b, t, t)
+  mq, mk, _ = random_qkv(6, b, t, t, n, n, h)
+  mask = Mask(causal=True)
+  target = indexer.attention_target(mq, mk, mask=mask)
+  everything = indexer.indexer_topk(q, k, w, top_k=t, mask=mask)
+  np.testing.assert_allclose(indexer.selected_mass(target, everything), 1.0, atol=1e-5)
+  some = indexer.indexer_topk(q, k, w, top_k=4, mask=mask)
+  mass = np.asarray(indexer.selected_mass(target, some))
+  assert np.all(mass[0, :4] > 1 - 1e-5) and np.all((mass > 0) & (mass <= 1 + 1e-5))
