@@ -192,9 +192,17 @@ def eval_batches(task, config: ml_collections.ConfigDict):
   return [task.batch(i, config.batch_size, salt=1) for i in range(config.eval_batches)]
 
 
+class _QuietLibraries:
+  """Drops other libraries' INFO lines (orbax logs every checkpoint step); keeps warnings."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "orbax" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}; set fields with --config.x=y.")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   result = train(_CONFIG.value, _WORKDIR.value)
   logging.info("Done: %s", {k: v for k, v in result.items() if k != "eval"})
 
