@@ -301,8 +301,14 @@ def xla_flash_attention(q, k, v, mask: Mask, scale: float, block_sizes: BlockSiz
 # --- public entry point -------------------------------------------------------------------------
 
 
-def _default_implementation() -> str:
-  return "pallas" if jax.default_backend() == "gpu" else "xla"
+def resolve_implementation(implementation: str | None, interpret: bool) -> str:
+  """"xla" or "pallas": None picks Pallas on GPU (or with `interpret`), XLA elsewhere."""
+  if implementation is None:
+    return "pallas" if interpret or jax.default_backend() == "gpu" else "xla"
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got "
+                     f"{implementation!r}.")
+  return implementation
 
 
 def flash_attention(
@@ -336,11 +342,7 @@ def flash_attention(
   _, _, _, _, _, h = check_qkv(q, k, v)
   mask = masks_lib.validate(mask, q.shape, k.shape)
   scale = default_scale(h, scale)
-  if implementation is None:
-    implementation = "pallas" if interpret else _default_implementation()
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got "
-                     f"{implementation!r}.")
+  implementation = resolve_implementation(implementation, interpret)
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise ValueError(f"block_sizes must be an attention.BlockSizes, got {block_sizes!r}.")
   if implementation == "xla":

@@ -65,8 +65,6 @@ from attention.block_sizes import BlockSizes
 from attention.masks import EMPTY, Mask
 from attention.reference import check_qkv, default_scale
 
-IMPLEMENTATIONS = ("xla", "pallas")
-
 
 # --- static configuration -----------------------------------------------------------------------
 
@@ -381,12 +379,7 @@ def ring_attention(
   if not isinstance(head_chunks, int) or head_chunks < 1 or kh % head_chunks:
     raise ValueError(f"head_chunks must be a positive int dividing the {kh} kv heads, got "
                      f"{head_chunks!r}.")
-  if implementation is None:
-    default = flash_lib._default_implementation  # pylint: disable=protected-access
-    implementation = "pallas" if interpret else default()
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got "
-                     f"{implementation!r}.")
+  implementation = flash_lib.resolve_implementation(implementation, interpret)
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise ValueError(f"block_sizes must be an attention.BlockSizes, got {block_sizes!r}.")
   if implementation == "xla":

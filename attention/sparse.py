@@ -29,11 +29,11 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from attention import indexer as indexer_lib
+from attention.flash import resolve_implementation
 from attention import masks as masks_lib
 from attention.masks import Mask
 from attention.reference import check_qkv, default_scale
 
-IMPLEMENTATIONS = ("xla", "pallas")
 
 
 def effective_indices(indices, mask: Mask, batch: int, q_len: int, kv_len: int, kv_heads: int):
@@ -194,10 +194,6 @@ _xla_sparse.defvjp(_xla_sparse_fwd, _xla_sparse_bwd)
 # --- public entry points ------------------------------------------------------------------------
 
 
-def _default_implementation() -> str:
-  return "pallas" if jax.default_backend() == "gpu" else "xla"
-
-
 def sparse_attention(
     q: Float[Array, "B T N H"],
     k: Float[Array, "B S K H"],
@@ -229,11 +225,7 @@ def sparse_attention(
   b, t, s, _, kh, h = check_qkv(q, k, v)
   mask = masks_lib.validate(mask, q.shape, k.shape)
   scale = default_scale(h, scale)
-  if implementation is None:
-    implementation = "pallas" if interpret else _default_implementation()
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got "
-                     f"{implementation!r}.")
+  implementation = resolve_implementation(implementation, interpret)
   if not isinstance(block_q, int) or block_q < 1:
     raise ValueError(f"block_q must be a positive int, got {block_q!r}.")
   idx = effective_indices(indices, mask, b, t, s, kh)
