@@ -259,26 +259,40 @@ def flash_backward_xla(q, k, v, out, lse, dout, mask: Mask, scale: float, block_
 # --- custom_vjp wiring --------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _xla_flash(q, k, v, mask_arrays, offsets, mask_static, scale, block_q, block_kv):
-  mask = _rebuild(mask_static, mask_arrays, offsets)
-  return flash_forward_xla(q, k, v, mask, scale, block_q, block_kv)[0]
+def with_lse_vjp(forward: Callable, backward: Callable) -> Callable:
+  """Wraps a blockwise `(forward, backward)` pair into an attention with a `custom_vjp`.
 
+  `forward(q, k, v, mask, scale, *static) -> (out, lse)` and
+  `backward(q, k, v, out, lse, dout, mask, scale, *static) -> (dq, dk, dv)`; the residuals are
+  the inputs, `out` and the float32 `lse`, so backward memory stays O(T + S). Returns
+  `attend(q, k, v, mask, scale, *static) -> out` (`static`: hashable settings such as tiles).
+  The mask's array leaves (segment ids, offsets) travel as primal inputs with no cotangent;
+  its static structure (causal, window) is a non-differentiable argument.
+  """
 
-def _xla_flash_fwd(q, k, v, mask_arrays, offsets, mask_static, scale, block_q, block_kv):
-  mask = _rebuild(mask_static, mask_arrays, offsets)
-  out, lse = flash_forward_xla(q, k, v, mask, scale, block_q, block_kv)
-  return out, (q, k, v, mask_arrays, offsets, out, lse)
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+  def attend(q, k, v, mask_arrays, offsets, mask_static, scale, static):
+    return forward(q, k, v, _rebuild(mask_static, mask_arrays, offsets), scale, *static)[0]
 
+  def attend_fwd(q, k, v, mask_arrays, offsets, mask_static, scale, static):
+    mask = _rebuild(mask_static, mask_arrays, offsets)
+    out, lse = forward(q, k, v, mask, scale, *static)
+    return out, (q, k, v, mask_arrays, offsets, out, lse)
 
-def _xla_flash_bwd(mask_static, scale, block_q, block_kv, res, dout):
-  q, k, v, mask_arrays, offsets, out, lse = res
-  mask = _rebuild(mask_static, mask_arrays, offsets)
-  dq, dk, dv = flash_backward_xla(q, k, v, out, lse, dout, mask, scale, block_q, block_kv)
-  return dq, dk, dv, None, None
+  def attend_bwd(mask_static, scale, static, res, dout):
+    q, k, v, mask_arrays, offsets, out, lse = res
+    mask = _rebuild(mask_static, mask_arrays, offsets)
+    dq, dk, dv = backward(q, k, v, out, lse, dout, mask, scale, *static)
+    return dq, dk, dv, None, None
 
+  attend.defvjp(attend_fwd, attend_bwd)
 
-_xla_flash.defvjp(_xla_flash_fwd, _xla_flash_bwd)
+  def call(q, k, v, mask: Mask, scale: float, *static):
+    mask_arrays = (mask.q_segment_ids, mask.kv_segment_ids) if mask.has_segments else None
+    offsets = masks_lib.q_offsets(mask, q.shape[0])
+    return attend(q, k, v, mask_arrays, offsets, (mask.causal, mask.window), scale, static)
+
+  return call
 
 
 def _rebuild(mask_static, mask_arrays, offsets) -> Mask:
@@ -288,14 +302,15 @@ def _rebuild(mask_static, mask_arrays, offsets) -> Mask:
               q_offset=offsets)
 
 
+_xla_flash = with_lse_vjp(flash_forward_xla, flash_backward_xla)
+
+
 def xla_flash_attention(q, k, v, mask: Mask, scale: float, block_sizes: BlockSizes):
   """The pure-JAX path of `flash_attention` (inputs already validated)."""
-  b, t, s = q.shape[0], q.shape[1], k.shape[1]
+  t, s = q.shape[1], k.shape[1]
   bq, bk = _round_block(block_sizes.block_q, t), _round_block(block_sizes.block_kv, s)
   # One tile size for both passes keeps the saved lse layout trivially shared.
-  mask_arrays = (mask.q_segment_ids, mask.kv_segment_ids) if mask.has_segments else None
-  offsets = masks_lib.q_offsets(mask, b)
-  return _xla_flash(q, k, v, mask_arrays, offsets, (mask.causal, mask.window), scale, bq, bk)
+  return _xla_flash(q, k, v, mask, scale, bq, bk)
 
 
 # --- public entry point -------------------------------------------------------------------------

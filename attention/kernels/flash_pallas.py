@@ -26,12 +26,11 @@ K/V are never repeated); `lse [B, N, T]` float32 natural log, -inf for rows with
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from attention import flash as flash_lib
 from attention import masks as masks_lib
 from attention.block_sizes import MIN_PALLAS_BLOCK, BlockSizes, padded_head_dim
 from attention.kernels import flash_bwd, flash_fwd
@@ -149,34 +148,7 @@ def flash_backward_pallas(q, k, v, out, lse, dout, mask: Mask, scale: float,
 # --- custom_vjp wiring ---------------------------------------------------------------------------
 
 
-def _rebuild(mask_static, mask_arrays, offsets) -> Mask:
-  causal, window = mask_static
-  q_seg, kv_seg = mask_arrays if mask_arrays is not None else (None, None)
-  return Mask(causal=causal, window=window, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-              q_offset=offsets)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _pallas_flash(q, k, v, mask_arrays, offsets, mask_static, scale, block_sizes, interpret):
-  mask = _rebuild(mask_static, mask_arrays, offsets)
-  return flash_forward_pallas(q, k, v, mask, scale, block_sizes, interpret)[0]
-
-
-def _pallas_flash_fwd(q, k, v, mask_arrays, offsets, mask_static, scale, block_sizes, interpret):
-  mask = _rebuild(mask_static, mask_arrays, offsets)
-  out, lse = flash_forward_pallas(q, k, v, mask, scale, block_sizes, interpret)
-  return out, (q, k, v, mask_arrays, offsets, out, lse)
-
-
-def _pallas_flash_bwd(mask_static, scale, block_sizes, interpret, res, dout):
-  q, k, v, mask_arrays, offsets, out, lse = res
-  mask = _rebuild(mask_static, mask_arrays, offsets)
-  dq, dk, dv = flash_backward_pallas(q, k, v, out, lse, dout, mask, scale, block_sizes,
-                                     interpret)
-  return dq, dk, dv, None, None
-
-
-_pallas_flash.defvjp(_pallas_flash_fwd, _pallas_flash_bwd)
+_pallas_flash = flash_lib.with_lse_vjp(flash_forward_pallas, flash_backward_pallas)
 
 
 def flash_attention_pallas(
@@ -212,7 +184,4 @@ def flash_attention_pallas(
   mask = masks_lib.validate(mask, q.shape, k.shape)
   scale = default_scale(h, scale)
   block_sizes = resolve_block_sizes(block_sizes, h, q.dtype)
-  mask_arrays = (mask.q_segment_ids, mask.kv_segment_ids) if mask.has_segments else None
-  offsets = masks_lib.q_offsets(mask, q.shape[0])
-  return _pallas_flash(q, k, v, mask_arrays, offsets, (mask.causal, mask.window), scale,
-                       block_sizes, bool(interpret))
+  return _pallas_flash(q, k, v, mask, scale, block_sizes, bool(interpret))
