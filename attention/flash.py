@@ -23,6 +23,8 @@ Backward (`jax.custom_vjp`, one pass over kv tiles, recomputing p from the saved
 Memory is O(T + S) in both passes (plus one tile of scores). Tiles the mask hides entirely
 are skipped by the loop bounds (causal: half the tiles; window w: O(L * w) work) or, for
 segment ids, by a per-tile `lax.switch` on the block class (EMPTY / PARTIAL / FULL).
+Narrow windows take the banded path instead (`attention/band.py`): each q tile slices the
+exact contiguous band of keys its window reaches and does one masked softmax over it.
 GQA: q heads are grouped `[K, G]` against `K` kv heads; K/V are never repeated.
 Any lengths work: inputs are padded to whole tiles internally; `T != S` with `q_offset` gives
 decode and chunked prefill.
@@ -38,6 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
+from attention import band as band_lib
 from attention import masks as masks_lib
 from attention.block_sizes import BlockSizes
 from attention.masks import EMPTY, FULL, PARTIAL, Mask
@@ -303,12 +306,15 @@ def _rebuild(mask_static, mask_arrays, offsets) -> Mask:
 
 
 _xla_flash = with_lse_vjp(flash_forward_xla, flash_backward_xla)
+_xla_band = with_lse_vjp(band_lib.band_forward, band_lib.band_backward)
 
 
 def xla_flash_attention(q, k, v, mask: Mask, scale: float, block_sizes: BlockSizes):
   """The pure-JAX path of `flash_attention` (inputs already validated)."""
   t, s = q.shape[1], k.shape[1]
   bq, bk = _round_block(block_sizes.block_q, t), _round_block(block_sizes.block_kv, s)
+  if band_lib.band_applies(mask, s, bq):  # a narrow window: one exact key band per q tile
+    return _xla_band(q, k, v, mask, scale, bq)
   # One tile size for both passes keeps the saved lse layout trivially shared.
   return _xla_flash(q, k, v, mask, scale, bq, bk)
 
