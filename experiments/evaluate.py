@@ -20,12 +20,14 @@ import os
 from typing import Any, Sequence
 
 from absl import app, flags, logging
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 import models
+from models import dsa
 from experiments import checkpoints as ckpt_lib
 from experiments import tasks, trainer
 
@@ -53,6 +55,38 @@ def grid(model, config: ml_collections.ConfigDict, name: str, lengths: Sequence[
       rows.append(dict(task=name, length=int(length), depth=float(depth), examples=examples,
                        accuracy=scores["accuracy"], token_accuracy=scores["token_accuracy"]))
   return rows
+
+
+@nnx.jit
+def _layer_recalls(model, batch):
+  _, aux = model(batch["tokens"], segment_ids=batch["segment_ids"])
+  return [layer.get("indexer_recall") for layer in aux["layers"]]
+
+
+def indexer_recall(model, config: ml_collections.ConfigDict, name: str, length: int,
+                   depths: Sequence[float], examples: int, batch_size: int
+                   ) -> list[dict[str, Any]]:
+  """DSA models: per layer, the share of dense attention mass on the indexer's top-k keys.
+
+  Averaged over the queries of `examples` prompts per depth of task `name` at `length`
+  (`models.dsa` option `recall`); one row per DSA layer. Empty for models without DSA layers.
+  """
+  if not dsa.set_recall(model, True):
+    return []
+  try:
+    sums = {}
+    for depth in depths:
+      for i in range(-(-examples // batch_size)):
+        rows = min(batch_size, examples - i * batch_size)
+        batch = haystack(config, name).batch(i, rows, seq_len=length, depth=depth, salt=2)
+        for layer, value in enumerate(jax.device_get(_layer_recalls(model, trainer.to_device(batch)))):
+          if value is not None:
+            total, count = sums.get(layer, (0.0, 0))
+            sums[layer] = (total + float(value) * rows, count + rows)
+  finally:
+    dsa.set_recall(model, False)
+  return [dict(task=name, length=int(length), layer=layer, recall=total / count)
+          for layer, (total, count) in sorted(sums.items())]
 
 
 def check_generate(model, config: ml_collections.ConfigDict, name: str, length: int,
@@ -133,6 +167,13 @@ def evaluate_and_report(model, config: ml_collections.ConfigDict, outdir: str, *
     print(f"\n{name} exact-match accuracy (trained at length {train_len}; {rope}):")
     print(format_table(rows), flush=True)
     results[name] = rows
+  recall = indexer_recall(model, config, (task_names or e.tasks)[0], train_len, depths,
+                          examples or e.examples, e.batch_size)
+  if recall:
+    write_csv(recall, os.path.join(outdir, f"eval_dsa_recall{'_' + tag if tag else ''}.csv"))
+    print(f"\nDSA indexer recall at length {train_len} (dense attention mass on the top-k keys):")
+    print("  " + "  ".join(f"layer {r['layer']}: {r['recall']:.3f}" for r in recall), flush=True)
+    results["dsa_recall"] = recall
   return results
 
 

@@ -22,7 +22,9 @@ Stages (`DsaSettings.stage`):
   * "sparse": every query attends to its `top_k` indexer-selected keys
     (`attention.dsa_attention`: blockwise exact top-k + top-k gather attention, no gradient
     through the selection); the KL is restricted to the selected set. O(T * top_k) memory.
-Either way `aux["indexer_kl"]` holds the (mean over query rows) KL, float32 scalar.
+Either way `aux["indexer_kl"]` holds the (mean over query rows) KL, float32 scalar; with the
+`recall` option (evaluation) also `aux["indexer_recall"]`, the share of the dense attention
+mass on the selected keys.
 
 Decoding caches the main K/V (`FullCache`, absolute positions, keys after RoPE) and the indexer
 keys `k_I`; each new token selects its top-k over the whole cache, so token-by-token decoding
@@ -66,6 +68,9 @@ class DsaSettings:
     fp8: score the indexer in float8_e4m3fn (per-vector scales, float32 accumulation).
     stage: "dense" (warm-up: dense attention, dense KL) or "sparse" (top-k attention).
     block_q: queries per block of the indexer's top-k selection.
+    recall: also report `aux["indexer_recall"]`, the share of the dense attention mass that
+      falls on the top_k keys the indexer selects (mean over queries that see a key). Costs
+      the dense O(T * S) target: for evaluation (`experiments.evaluate`), not training.
   """
 
   index_heads: int = 4
@@ -75,6 +80,7 @@ class DsaSettings:
   fp8: bool = False
   stage: str = "sparse"
   block_q: int = 16
+  recall: bool = False
 
   def __post_init__(self):
     for name in ("index_heads", "index_dim", "top_k", "block_q"):
@@ -91,8 +97,9 @@ class DsaSettings:
                        f"{self.index_dim}], got {self.rope_dims!r}.")
     if self.stage not in STAGES:
       raise ValueError(f"DSA option stage must be one of {STAGES}, got {self.stage!r}.")
-    if not isinstance(self.fp8, bool):
-      raise ValueError(f"DSA option fp8 must be a bool, got {self.fp8!r}.")
+    for name in ("fp8", "recall"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"DSA option {name} must be a bool, got {getattr(self, name)!r}.")
 
   @classmethod
   def from_options(cls, options: Mapping[str, Any] | tuple | None) -> "DsaSettings":
@@ -194,26 +201,42 @@ class DsaAttention(layers.Attention):
         segment_ids = jnp.zeros(x.shape[:2], jnp.int32)
       (k, v, kv_segment_ids, q_offset, ik), cache = cache.update(cache_index, k, v, segment_ids, ik)
       mask = self.mask(segment_ids, kv_segment_ids, q_offset)
-    out, kl = STAGE_FNS[self.dsa.stage](self, q, k, v, iq, ik, iw, mask)
-    return self.o_proj(out), cache, {"indexer_kl": kl}
+    out, aux = STAGE_FNS[self.dsa.stage](self, q, k, v, iq, ik, iw, mask)
+    if self.dsa.recall:
+      aux["indexer_recall"] = self._recall(q, k, iq, ik, iw, mask, aux.pop("indices", None))
+    aux.pop("indices", None)
+    return self.o_proj(out), cache, aux
+
+  def _select(self, iq, ik, iw, mask):
+    """`[B, T, top_k]` indices of the indexer's top-k visible keys (no gradient)."""
+    s = self.dsa
+    return indexer_lib.indexer_topk(lax.stop_gradient(iq), lax.stop_gradient(ik),
+                                    lax.stop_gradient(iw), top_k=s.top_k, mask=mask,
+                                    fp8=s.fp8, block_q=s.block_q)
 
   def _dense(self, q, k, v, iq, ik, iw, mask):
     """Warm-up: dense causal attention; KL over every visible key."""
     out = attention.flash_attention(q, k, v, mask=mask)
     scores = indexer_lib.indexer_scores(iq, ik, iw, mask=mask, fp8=self.dsa.fp8)
     target = indexer_lib.attention_target(q, k, mask=mask)
-    return out, indexer_lib.indexer_kl_loss(scores, target)
+    return out, {"indexer_kl": indexer_lib.indexer_kl_loss(scores, target)}
 
   def _sparse(self, q, k, v, iq, ik, iw, mask):
     """Top-k attention; KL restricted to the selected set."""
-    s = self.dsa
-    indices = indexer_lib.indexer_topk(lax.stop_gradient(iq), lax.stop_gradient(ik),
-                                       lax.stop_gradient(iw), top_k=s.top_k, mask=mask,
-                                       fp8=s.fp8, block_q=s.block_q)  # B T top_k
+    indices = self._select(iq, ik, iw, mask)  # B T top_k
     out = sparse_lib.sparse_attention(q, k, v, indices, mask=mask)
-    scores = indexer_lib.indexer_scores_at(iq, ik, iw, indices, fp8=s.fp8)
+    scores = indexer_lib.indexer_scores_at(iq, ik, iw, indices, fp8=self.dsa.fp8)
     target = indexer_lib.attention_target(q, k, mask=mask, indices=indices)
-    return out, indexer_lib.indexer_kl_loss(scores, target)
+    return out, {"indexer_kl": indexer_lib.indexer_kl_loss(scores, target), "indices": indices}
+
+  def _recall(self, q, k, iq, ik, iw, mask, indices=None):
+    """Mean share of the dense attention distribution on the selected keys (visible rows)."""
+    if indices is None:
+      indices = self._select(iq, ik, iw, mask)
+    target = indexer_lib.attention_target(q, k, mask=mask)  # B T S, rows sum to 1 or 0
+    has_key = jnp.sum(target, axis=-1) > 0
+    mass = indexer_lib.selected_mass(target, indices)
+    return jnp.sum(jnp.where(has_key, mass, 0.0)) / jnp.maximum(jnp.sum(has_key), 1)
 
   def init_cache(self, batch: int, max_len: int) -> DsaCache:
     """Every position of K/V and of the indexer keys (top-k looks at the whole stream)."""
@@ -233,6 +256,19 @@ def indexer_kl(aux: Mapping[str, Any]) -> Float[Array, ""]:
   """Mean of `aux["layers"][i]["indexer_kl"]` over the DSA layers of a model (0 if none)."""
   losses = [layer["indexer_kl"] for layer in aux["layers"] if "indexer_kl" in layer]
   return sum(losses) / len(losses) if losses else jnp.zeros((), jnp.float32)
+
+
+def set_recall(model: nnx.Module, on: bool = True) -> int:
+  """Turns the `recall` report of every DSA layer in `model` on (or off); returns how many.
+
+  The settings are static, so jitted calls retrace once. Used by `experiments.evaluate`.
+  """
+  layers_found = 0
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, DsaAttention):
+      module.dsa = dataclasses.replace(module.dsa, recall=on)
+      layers_found += 1
+  return layers_found
 
 
 def dsa_kind(**options) -> KindSettings:

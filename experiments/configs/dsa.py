@@ -6,8 +6,10 @@ r"""DeepSeek Sparse Attention on passkey: dense model, indexer warm-up, sparse t
     python -m experiments.train --config=experiments/configs/dsa.py:sparse --workdir=/tmp/dsa_sparse \
         --config.init_from=/tmp/dsa_warmup
 
-A 4-layer byte-level decoder whose layers are all of kind "dsa" (models/dsa.py: main attention
-+ lightning indexer, 4 heads x 32 dims, top_k = 32) on passkey at 256 tokens = 8x top_k.
+The main passkey recipe (passkey.py: 4-layer byte-level decoder, d_model 64, rows of 256 tokens
+packing documents of 112-256 tokens, 1000 steps) with its global layers replaced by DSA layers
+(models/dsa.py: main attention + lightning indexer, 4 heads x 32 dims, top_k = 32, RoPE theta
+1e7 as the globals had): pattern (dsa, local, local, dsa), passkey at 256 tokens = 8x top_k.
 
 * (no variant) the dense model: stage "dense" (flash attention); everything trains, the
   model on the answer loss and, since the indexer reads a detached input, the indexer on its
@@ -35,15 +37,18 @@ def get_config(variant: str | None = None):
   stage = stages[0] if stages else "dense"
 
   config = common.base_config()
-  config.task = dict(name="passkey", seq_len=256, digits=5, instruction="")
-  config.model.update(d_model=64, num_layers=4, num_heads=4, mlp_dim=128, layer_pattern=("dsa",))
-  config.model.kinds = dict(dsa=dict(rope_theta=10_000.0, options=dict(
-      index_heads=4, index_dim=32, top_k=32, stage="sparse" if stage == "sparse" else "dense")))
+  config.task = dict(name="passkey", seq_len=256, digits=5, instruction="", min_len=112)
+  config.model.update(d_model=64, num_layers=4, num_heads=4, mlp_dim=128,
+                      layer_pattern=("dsa", "local", "local"))
+  config.model.kinds = dict(
+      dsa=dict(rope_theta=1e7, options=dict(
+          index_heads=4, index_dim=32, top_k=32, stage="sparse" if stage == "sparse" else "dense")),
+      local=dict(window=64, rope_theta=1e4))
   config.aux_losses = dict(indexer_kl=1.0)
   config.batch_size = 16
-  config.num_steps = 400
-  config.optim.update(lr=3e-3, warmup_steps=30)
-  config.eval_every = 100
+  config.num_steps = 1000
+  config.optim.update(lr=3e-3, warmup_steps=50)
+  config.eval_every = 250
   config.eval_after_train = True
   config.eval.update(length_multiples=(1,))
   if stage == "warmup":
@@ -51,13 +56,14 @@ def get_config(variant: str | None = None):
     config.num_steps = 150
     config.optim.update(lr=1e-3, warmup_steps=10)
   elif stage == "sparse":
-    config.num_steps = 200
+    config.num_steps = 300
     config.optim.update(lr=1e-3, warmup_steps=10)
 
   if "smoke" in words:
     config.task.seq_len = 128
     config.model.update(d_model=32, num_layers=2, num_heads=2, mlp_dim=64)
     config.model.kinds.dsa.options.update(index_heads=2, index_dim=8, top_k=16)
+    config.model.kinds.local.window = 16
     config.batch_size = 2
     config.num_steps = 2
     config.log_every = config.eval_every = config.checkpoint_every = 2

@@ -68,3 +68,19 @@ def test_variants_and_stages():
   assert config.task.seq_len == 8 * config.model.kinds.dsa.options.top_k
   with pytest.raises(ValueError, match="variant"):
     dsa_config.get_config("warmup,sparse")
+
+
+def test_evaluate_reports_indexer_recall(tmp_path, capsys):
+  """evaluate_and_report adds the per-layer DSA recall (a CSV and a printed line)."""
+  from experiments import evaluate  # pylint: disable=g-import-not-at-top
+  config = dsa_config.get_config("sparse,smoke")
+  config.eval.update(length_multiples=(1,), depths=(0.5,), examples=2, batch_size=2)
+  model = trainer.make_model(config)
+  results = evaluate.evaluate_and_report(model, config, str(tmp_path))
+  recall = results["dsa_recall"]
+  assert [r["layer"] for r in recall] == [0]  # smoke: layers (dsa, local)
+  assert 0.0 < recall[0]["recall"] <= 1.0
+  assert os.path.exists(tmp_path / "eval_dsa_recall.csv")
+  assert "DSA indexer recall" in capsys.readouterr().out
+  # The report leaves the model as it was: no recall in a normal forward.
+  assert all(not m.dsa.recall for _, m in nnx.iter_modules(model) if isinstance(m, dsa.DsaAttention))

@@ -100,3 +100,20 @@ def test_partial_rope_and_settings_validation():
                          kinds={"dsa": KindSettings(window=4)}, **TINY)
   with pytest.raises(ValueError, match="window=0"):
     Transformer(windowed, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("stage", ["sparse", "dense"])
+def test_recall_report(stage):
+  """`recall`: share of dense attention mass on the selected keys; 1 once top_k >= T."""
+  def recalls(top_k):
+    model = Transformer(dsa_config(top_k=top_k, stage=stage), rngs=nnx.Rngs(0))
+    assert dsa.set_recall(model) == 1
+    values = [layer.get("indexer_recall") for layer in model(tokens())[1]["layers"]]
+    dsa.set_recall(model, False)
+    assert "indexer_recall" not in model(tokens())[1]["layers"][0]
+    return values
+  partial, full = recalls(3), recalls(T)
+  assert partial[1] is None and 0.0 < float(partial[0]) < 1.0
+  np.testing.assert_allclose(full[0], 1.0, atol=1e-5)
+  # Recall grows with the budget: top-3 < top-8 (the top-3 set is inside the top-8 set).
+  assert float(partial[0]) < float(recalls(8)[0])
