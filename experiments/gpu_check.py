@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import statistics
 import time
 import traceback
 
@@ -36,6 +35,7 @@ import numpy as np
 
 from attention import BlockSizes, Mask, flash_attention, local_mask
 from attention.reference import reference_attention
+from experiments import timing
 
 try:  # JAX's bundled (deprecated) Pallas GPU mha: causal/segments only, no window, no GQA.
   from jax.experimental.pallas.ops.gpu import attention as jax_mha  # pylint: disable=g-import-not-at-top
@@ -170,24 +170,6 @@ def _implementations(cfg: Config):
   return impls
 
 
-def _time(fn, *args, samples: int = 5, sample_s: float = 0.08):
-  """Median seconds per call: after a warm-up (compile) call, `samples` timings of enough
-  back-to-back calls to fill ~`sample_s` each (async dispatch hides the Python overhead)."""
-  jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  first = time.perf_counter() - start
-  calls = int(np.clip(sample_s / max(first, 1e-6), 1, 50))
-  samples = samples if first < 0.3 else 3  # slow baselines: keep the run short
-  times = []
-  for _ in range(samples):
-    start = time.perf_counter()
-    out = [fn(*args) for _ in range(calls)]
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - start) / calls)
-  return statistics.median(times)
-
-
 def _measure(impl, cfg: Config, mode: str):
   q, k, v, _ = _inputs(1, cfg.batch, cfg.length, cfg.length, cfg.heads, cfg.heads, cfg.head_dim,
                        jnp.bfloat16)
@@ -196,7 +178,7 @@ def _measure(impl, cfg: Config, mode: str):
   else:
     loss = lambda q, k, v: jnp.sum(impl(q, k, v).astype(jnp.float32))
     fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-  seconds = _time(fn, q, k, v)
+  seconds = timing.seconds_per_call(fn, q, k, v)
   flops = cfg.fwd_flops() * (1.0 if mode == "fwd" else 3.5)
   return seconds, flops / seconds / 1e12
 
