@@ -9,8 +9,8 @@ temp memory (`memory_analysis().temp_size_in_bytes`) and XLA's FLOP count
 FLOPs of one tile) next to the useful attention FLOPs (4 * B * N * H per visible (q, k) pair
 forward; 3.5x that forward+backward, the FlashAttention convention), then times the call:
 median of `--repeats` runs after one warm-up. Times are only comparable within one run; the
-headline speed-ups are re-timed pairwise (the two calls back to back, `--repeats` rounds,
-median ratio), which keeps a shared machine's speed drifts out of the ratios.
+headline speed-ups are re-timed pairwise (`paired_ratio`: 3 rounds timing the two side by
+side, median ratio), which keeps a shared machine's speed drifts out of the ratios.
 Writes `benchmark.csv` and `benchmark.png` (log-log memory and time vs length) under
 `--workdir` and prints the table.
 """
@@ -145,21 +145,20 @@ def median_seconds(compiled, args, repeats: int) -> float:
   return float(np.median(times))
 
 
-def paired_ratio(fast, slow, args_fast, args_slow, rounds: int) -> float:
-  """Median over `rounds` of `time(slow) / time(fast)`, the two calls timed back to back.
+def paired_ratio(fast, slow, args_fast, args_slow, rounds: int = 3, calls: int = 3) -> float:
+  """Median over `rounds` of `median_seconds(slow) / median_seconds(fast)`, side by side.
 
-  The order alternates each round, so a machine that speeds up or slows down during the run
-  (shared CPUs) moves both timings of a round together instead of skewing the ratio.
+  A shared machine's speed drifts over minutes; timing the two halves of a ratio next to each
+  other keeps the drift out of it. Each half is a block (one warm-up, then the median of
+  `calls`), not a single call: the first calls after switching from a memory-hungry method
+  run up to ~1.5x slower (page and cache traffic), which a block's median absorbs. The order
+  alternates each round.
   """
-  jax.block_until_ready(fast(*args_fast))
-  jax.block_until_ready(slow(*args_slow))
   ratios_ = []
   for r in range(rounds):
-    times, order = {}, [("fast", fast, args_fast), ("slow", slow, args_slow)]
-    for name, fn, args in (order if r % 2 == 0 else order[::-1]):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[name] = time.perf_counter() - start
+    halves = [("fast", fast, args_fast), ("slow", slow, args_slow)]
+    times = {name: median_seconds(fn, args, calls)
+             for name, fn, args in (halves if r % 2 == 0 else halves[::-1])}
     ratios_.append(times["slow"] / times["fast"])
   return float(np.median(ratios_))
 
@@ -223,7 +222,7 @@ def ratios(rows: list[dict], timed: dict | None = None) -> list[str]:
   """Headline ratios measured in this run (only those whose rows exist).
 
   With `timed` (forward `(compiled, args)` per row), time ratios are re-measured pairwise
-  (`paired_ratio`, `--repeats` rounds); the ratio of the table's medians is shown next to it.
+  (`paired_ratio`); the ratio of the table's medians is shown next to it.
   """
   by = {(r["method"], r["mask"], r["length"]): r for r in rows}
   out = []
@@ -247,9 +246,8 @@ def ratios(rows: list[dict], timed: dict | None = None) -> list[str]:
     if value is None:
       continue
     if timed and fast in timed and slow in timed:
-      paired = paired_ratio(timed[fast][0], timed[slow][0], timed[fast][1], timed[slow][1],
-                            FLAGS.repeats)
-      out.append(f"{label}: {paired:.2f}x faster (paired, median of {FLAGS.repeats} rounds; "
+      paired = paired_ratio(timed[fast][0], timed[slow][0], timed[fast][1], timed[slow][1])
+      out.append(f"{label}: {paired:.2f}x faster (paired: median of 3 side-by-side rounds; "
                  f"table medians: {value:.2f}x)")
     else:
       out.append(f"{label}: {value:.2f}x faster")
