@@ -65,6 +65,7 @@ class Method:
   """How to call one attention method: `build(causal) -> (fn(q, k, v), visibility Mask)`."""
   build: Callable[[bool], tuple[Callable, Mask]]
   quadratic: bool = False  # materialises T x S: compiled/timed only up to the quadratic limits
+  keys_per_query: int | None = None  # attends to at most this many keys (DSA's top_k)
 
 
 def _registered(name: str, **options) -> Callable[[bool], tuple[Callable, Mask]]:
@@ -88,7 +89,10 @@ def _jax_xla(causal: bool):
   return fn, Mask(causal=causal)
 
 
-def _dsa(causal: bool, index_heads: int = 4, index_dim: int = 32, top_k: int = 2048):
+DSA_TOP_K = 2048  # DeepSeek-V3.2's top_k
+
+
+def _dsa(causal: bool, index_heads: int = 4, index_dim: int = 32, top_k: int = DSA_TOP_K):
   """DeepSeek sparse attention; its indexer inputs are fixed random projections of q and k
   (seeded, so every call sees the same function): q_I, w from q, k_I from k (the layer's
   projections from the hidden state cost the same). Timed: indexer + top-k + sparse gather."""
@@ -113,17 +117,18 @@ METHODS: dict[str, Method] = {
     "dense": Method(_registered("dense"), quadratic=True),
     "flash": Method(_registered("flash")),
     "local": Method(_local),
-    "dsa": Method(_dsa),
+    "dsa": Method(_dsa, keys_per_query=DSA_TOP_K),
 }
 
 
-def visible_pairs(mask: Mask, q_len: int, kv_len: int) -> int:
-  """Number of visible (query, key) pairs under a causal/window mask, in O(T) numpy."""
+def visible_pairs(mask: Mask, q_len: int, kv_len: int, cap: int | None = None) -> int:
+  """Visible (query, key) pairs under a causal/window mask (at most `cap` keys per query)."""
   left, right = mask.bounds
   i = np.arange(q_len, dtype=np.int64)
   lo = np.maximum(i - min(left, kv_len), 0)
   hi = np.minimum(i + min(right, kv_len), kv_len - 1)
-  return int(np.maximum(hi - lo + 1, 0).sum())
+  per_query = np.maximum(hi - lo + 1, 0)
+  return int(np.minimum(per_query, cap if cap is not None else kv_len).sum())
 
 
 def compiled_stats(fn, *args) -> tuple[Callable, float, float]:
@@ -176,7 +181,8 @@ def run_one(method: str, causal: bool, length: int, timed: dict | None = None) -
   fwd_bwd = jax.grad(loss, argnums=(0, 1, 2))
   fwd_c, fwd_mem, fwd_xla = compiled_stats(fn, *shapes)
   bwd_c, bwd_mem, bwd_xla = compiled_stats(fwd_bwd, *shapes)
-  useful = 4.0 * b * n * h * visible_pairs(mask, length, length) / 1e9
+  useful = 4.0 * b * n * h * visible_pairs(mask, length, length,
+                                            METHODS[method].keys_per_query) / 1e9
   row = dict(method=method, mask=_mask_name(mask), length=length,
              fwd_temp_mib=fwd_mem, fwd_gflops_xla=fwd_xla, fwd_gflops_attn=useful,
              fwdbwd_temp_mib=bwd_mem, fwdbwd_gflops_xla=bwd_xla, fwdbwd_gflops_attn=3.5 * useful,

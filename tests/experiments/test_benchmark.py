@@ -1,0 +1,45 @@
+"""experiments/benchmark.py: the table, CSV and plot on tiny sizes; its pair counting and ratios."""
+
+import csv
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from attention import Mask
+from experiments import benchmark
+
+
+def test_visible_pairs():
+  assert benchmark.visible_pairs(Mask(), 8, 8) == 64
+  assert benchmark.visible_pairs(Mask(causal=True), 8, 8) == 36
+  assert benchmark.visible_pairs(Mask(causal=True, window=(2, 0)), 8, 8) == 3 * 8 - 3
+  # DSA: at most top_k keys per query (the first top_k queries see fewer).
+  assert benchmark.visible_pairs(Mask(causal=True), 8, 8, cap=3) == 1 + 2 + 3 * 6
+
+
+def test_paired_ratio_measures_the_ratio():
+  def sleeper(seconds):
+    def fn():
+      time.sleep(seconds)
+      return np.zeros(())
+    return fn
+  ratio = benchmark.paired_ratio(sleeper(0.002), sleeper(0.02), (), (), rounds=3, calls=2)
+  assert 5 < ratio < 12, ratio
+
+
+def test_benchmark_writes_table_csv_and_plot(tmp_path):
+  cmd = [sys.executable, "-m", "experiments.benchmark", "--methods=jax,flash,local,dsa",
+         "--lengths=128,1024", "--window=16", "--repeats=1", "--heads=2", "--head_dim=16",
+         "--time_max_len=1024", "--time_bwd_max_len=128", f"--workdir={tmp_path}"]
+  result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(tmp_path / "benchmark.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert {(r["method"], r["length"]) for r in rows} >= {("flash", "1024"), ("local", "1024"),
+                                                        ("dsa", "1024"), ("jax", "128")}
+  assert all(float(r["fwdbwd_temp_mib"]) > 0 for r in rows)
+  assert (tmp_path / "benchmark.png").stat().st_size > 0
+  assert "| method | mask | length |" in result.stdout
+  assert "fwd+bwd temp memory" in result.stdout
