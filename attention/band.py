@@ -99,17 +99,19 @@ class _Band:
 
   def start(self, i):
     """Index of tile i's first band key in the padded layout (key position start - left)."""
-    # Past the last key nothing is visible; clamping keeps the slice inside the padding.
-    return jnp.minimum(self.offset + i * self.bq, self.left + self.s)
+    # Clamped into the padded keys: a tile wholly before key 0 (negative q_offset) or past
+    # the last key sees nothing, and `visible` accounts for the shift.
+    return jnp.clip(self.offset + i * self.bq, 0, self.left + self.s)
 
   def visible(self, i, start) -> jnp.ndarray:
     """`[B | 1, bq, span]` bool: which band keys each query of tile i sees."""
-    # Band key r of query t sits at relative position r - left - t, the same for every tile
-    # (unless the start was clamped, where every band key is past the sequence): so the
-    # window part of the mask is one constant; only sequence edges and segments vary.
+    # Band key r of query t sits at relative position r - left - t + shift, with shift = 0
+    # unless the start was clamped: the window part of the mask is one constant plus a
+    # scalar; only sequence edges and segments vary per tile.
     rel = np.arange(self.span)[None, :] - self.left - np.arange(self.bq)[:, None]
+    rel = jnp.asarray(rel, jnp.int32) + (start - self.offset - i * self.bq)
     left, right = self.mask.bounds
-    vis = jnp.asarray((rel >= -left) & (rel <= right))[None]
+    vis = ((rel >= -left) & (rel <= right))[None]
     kv_pos = start - self.left + jnp.arange(self.span, dtype=jnp.int32)
     vis = vis & ((kv_pos >= 0) & (kv_pos < self.s))[None, None]
     if self.q_seg is not None:

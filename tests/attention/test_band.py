@@ -24,6 +24,8 @@ CASES = [
     # Queries past the last key: tiles start clamped, no key is visible (rows are 0).
     ("past-the-end", 1, 40, 100, 2, 1, 32, dict(window=(5, 9)), False, 150, 16),
     ("straddles-end", 1, 40, 100, 2, 1, 32, dict(window=(5, 9)), False, 80, 16),
+    # Queries before key 0 (negative q_offset): the first rows see nothing.
+    ("before-the-keys", 1, 40, 100, 2, 1, 32, dict(causal=True, window=(5, 0)), False, -20, 16),
 ]
 
 
