@@ -32,24 +32,6 @@ import attention
 from attention import Mask
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "/tmp/longctx_benchmark", "Where benchmark.csv/.png are written.")
-flags.DEFINE_enum("preset", "default", ["default", "acceptance"],
-                  "acceptance: the lengths/methods behind the README's performance figures.")
-flags.DEFINE_list("methods", ["jax", "dense", "flash", "local"],
-                  "Methods (keys of METHODS): jax (jax.nn.dot_product_attention), or registered names.")
-flags.DEFINE_list("lengths", ["1024", "4096", "8192", "32768"], "Sequence lengths.")
-flags.DEFINE_list("causal", ["true"], "Causal settings to sweep (true/false); local is always causal.")
-flags.DEFINE_integer("window", 256, "Local attention window (the last `window` keys).")
-flags.DEFINE_integer("batch", 1, "Batch size.")
-flags.DEFINE_integer("heads", 4, "Query heads.")
-flags.DEFINE_integer("kv_heads", None, "KV heads (GQA); default = heads.")
-flags.DEFINE_integer("head_dim", 64, "Head dimension.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Input dtype.")
-flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported) after one warm-up.")
-flags.DEFINE_integer("quadratic_max_len", 32768, "Dense methods are not compiled beyond this.")
-flags.DEFINE_integer("time_max_len", 8192, "Forward is timed up to this length.")
-flags.DEFINE_integer("time_bwd_max_len", 8192, "Forward+backward is timed up to this length.")
-flags.DEFINE_integer("quadratic_time_max_len", 4096, "Dense methods are timed up to this length.")
 
 # The acceptance figures of the foundation issue, in one run.
 PRESETS = {
@@ -329,5 +311,32 @@ def main(argv):
   print(f"wrote {FLAGS.workdir}/benchmark.csv and benchmark.png")
 
 
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a script, so tests and notebooks can
+  import this module next to experiments.train)."""
+  flags.DEFINE_string("workdir", "/tmp/longctx_benchmark",
+                      "Where benchmark.csv/.png are written.")
+  flags.DEFINE_enum("preset", "default", ["default", "acceptance"],
+                    "acceptance: the lengths/methods behind the README's performance figures.")
+  flags.DEFINE_list("methods", ["jax", "dense", "flash", "local"],
+                    "Methods (keys of METHODS): jax (jax.nn.dot_product_attention), or "
+                    "registered names.")
+  flags.DEFINE_list("lengths", ["1024", "4096", "8192", "32768"], "Sequence lengths.")
+  flags.DEFINE_list("causal", ["true"],
+                    "Causal settings to sweep (true/false); local is always causal.")
+  flags.DEFINE_integer("window", 256, "Local attention window (the last `window` keys).")
+  flags.DEFINE_integer("batch", 1, "Batch size.")
+  flags.DEFINE_integer("heads", 4, "Query heads.")
+  flags.DEFINE_integer("kv_heads", None, "KV heads (GQA); default = heads.")
+  flags.DEFINE_integer("head_dim", 64, "Head dimension.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Input dtype.")
+  flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported) after one warm-up.")
+  flags.DEFINE_integer("quadratic_max_len", 32768, "Dense methods are not compiled beyond this.")
+  flags.DEFINE_integer("time_max_len", 8192, "Forward is timed up to this length.")
+  flags.DEFINE_integer("time_bwd_max_len", 8192, "Forward+backward is timed up to this length.")
+  flags.DEFINE_integer("quadratic_time_max_len", 4096, "Dense methods are timed up to this length.")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

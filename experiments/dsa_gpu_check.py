@@ -193,7 +193,8 @@ def report(results: dict) -> None:
   for t in lengths:
     get = lambda n: results.get((t, n))
     for label, fast, slow, goal in (
-        ("sparse attn (given indices) vs causal flash, fwd", "sparse attn fwd", "flash causal fwd", 8),
+        ("sparse attn (given indices) vs causal flash, fwd", "sparse attn fwd",
+         "flash causal fwd", 8),
         ("DSA fwd (top-k + sparse) vs causal flash, fwd", "DSA fwd (top-k + sparse)",
          "flash causal fwd", 1.5),
         ("sparse attn vs causal flash, fwd+bwd", "sparse attn fwd+bwd", "flash causal fwd+bwd",

@@ -79,7 +79,8 @@ def indexer_recall(model, config: ml_collections.ConfigDict, name: str, length: 
       for i in range(-(-examples // batch_size)):
         rows = min(batch_size, examples - i * batch_size)
         batch = haystack(config, name).batch(i, rows, seq_len=length, depth=depth, salt=2)
-        for layer, value in enumerate(jax.device_get(_layer_recalls(model, trainer.to_device(batch)))):
+        values = jax.device_get(_layer_recalls(model, trainer.to_device(batch)))
+        for layer, value in enumerate(values):
           if value is not None:
             total, count = sums.get(layer, (0.0, 0))
             sums[layer] = (total + float(value) * rows, count + rows)

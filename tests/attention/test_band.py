@@ -44,8 +44,10 @@ def test_band_matches_tiled_and_reference(case):
   mask = _mask(b, t, mask_kw, segments, q_offset)
   assert band_lib.band_applies(mask, s, bq)
   scale = h ** -0.5
-  band = lambda q, k, v: flash_lib._xla_band(q, k, v, mask, scale, bq)  # pylint: disable=protected-access
-  tiled = lambda q, k, v: flash_lib._xla_flash(q, k, v, mask, scale, bq, bq)  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  band = lambda q, k, v: flash_lib._xla_band(q, k, v, mask, scale, bq)
+  tiled = lambda q, k, v: flash_lib._xla_flash(q, k, v, mask, scale, bq, bq)
+  # pylint: enable=protected-access
   ref = lambda q, k, v: attention.reference_attention(q, k, v, mask=mask)
   out, grads = vjp_of(band, q, k, v)
   for other in (tiled, ref):
