@@ -63,6 +63,20 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def smoke(config: ml_collections.ConfigDict, *, steps: int = 2, every: int = 1,
+          batch_size: int = 4, num_layers: int = 3) -> ml_collections.ConfigDict:
+  """Shrinks `config` in place to the tiny, fast run of a `:smoke` variant (used by tests):
+  d_model 32 with 2 heads, `steps` steps logged/evaluated/checkpointed every `every`, one eval
+  batch, no progress bar. Task sizes and windows stay with each config."""
+  config.model.update(d_model=32, num_layers=num_layers, num_heads=2, mlp_dim=64)
+  config.batch_size = batch_size
+  config.num_steps = steps
+  config.log_every = config.eval_every = config.checkpoint_every = every
+  config.eval_batches = 1
+  config.progress = False
+  return config
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises `ValueError` naming every field of `config` that `base_config()` does not have."""
   unknown = sorted(_unknown(config.to_dict(), base_config().to_dict(), ""))

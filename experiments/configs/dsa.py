@@ -63,14 +63,9 @@ def get_config(variant: str | None = None):
     config.optim.update(lr=1e-3, warmup_steps=10)
 
   if "smoke" in words:
+    common.smoke(config, steps=2, every=2, batch_size=2, num_layers=2)
     config.task.seq_len = 128
-    config.model.update(d_model=32, num_layers=2, num_heads=2, mlp_dim=64)
     config.model.kinds.dsa.options.update(index_heads=2, index_dim=8, top_k=16)
     config.model.kinds.local.window = 16
-    config.batch_size = 2
-    config.num_steps = 2
-    config.log_every = config.eval_every = config.checkpoint_every = 2
-    config.eval_batches = 1
     config.eval_after_train = False
-    config.progress = False
   return config

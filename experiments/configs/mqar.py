@@ -22,14 +22,9 @@ def get_config(variant: str | None = None):
   config.num_steps = 2000
   config.optim.update(lr=3e-3, warmup_steps=50)
   if variant == "smoke":
+    common.smoke(config)
     config.task.update(seq_len=32, num_kv_pairs=4)
-    config.model.update(d_model=32, num_layers=3, num_heads=2, mlp_dim=64)
     config.model.kinds.local.window = 8
-    config.batch_size = 4
-    config.num_steps = 2
-    config.log_every = config.eval_every = config.checkpoint_every = 1
-    config.eval_batches = 1
-    config.progress = False
   elif variant:
     raise ValueError(f"unknown variant {variant!r} of mqar.py; known: smoke.")
   return config

@@ -31,14 +31,9 @@ def get_config(variant: str | None = None):
   config.eval_every = 250
   config.eval_after_train = True
   if variant == "smoke":
+    common.smoke(config, steps=4, every=2)
     config.task.seq_len = 128
-    config.model.update(d_model=32, num_layers=3, num_heads=2, mlp_dim=64)
     config.model.kinds.local.window = 16
-    config.batch_size = 4
-    config.num_steps = 4
-    config.log_every = config.eval_every = config.checkpoint_every = 2
-    config.eval_batches = 1
-    config.progress = False
     config.eval.update(length_multiples=(1, 2), depths=(0.0, 1.0), examples=2, batch_size=2)
   elif variant:
     raise ValueError(f"unknown variant {variant!r} of passkey.py; known: smoke.")
