@@ -45,10 +45,10 @@ def test_band_matches_tiled_and_reference(case):
   assert band_lib.band_applies(mask, s, bq)
   scale = h ** -0.5
   # pylint: disable=protected-access
-  band = lambda q, k, v: flash_lib._xla_band(q, k, v, mask, scale, bq)
-  tiled = lambda q, k, v: flash_lib._xla_flash(q, k, v, mask, scale, bq, bq)
+  band = jax.jit(lambda q, k, v: flash_lib._xla_band(q, k, v, mask, scale, bq))
+  tiled = jax.jit(lambda q, k, v: flash_lib._xla_flash(q, k, v, mask, scale, bq, bq))
   # pylint: enable=protected-access
-  ref = lambda q, k, v: attention.reference_attention(q, k, v, mask=mask)
+  ref = jax.jit(lambda q, k, v: attention.reference_attention(q, k, v, mask=mask))
   out, grads = vjp_of(band, q, k, v)
   for other in (tiled, ref):
     out_other, grads_other = vjp_of(other, q, k, v)
