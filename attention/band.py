@@ -18,12 +18,14 @@ carry. Compute is O(T * span * H) = O(T * (w + bq) * H); memory O(T + S) plus on
 256 visible (the tiled path: up to 768); the win is mostly fewer, larger ops per tile.
 
 Used by `flash_attention(implementation="xla")` when `band_applies`: the mask has a window
-(both sides finite), one `q_offset` shared by the batch (an int or 0-d array; `[B]` offsets
-take the tiled path), and the band is shorter than the key sequence.
+(both sides finite), `q_offset` is one concrete non-negative value (an int or a concrete 0-d
+array, as in training; traced or `[B]` offsets, as in decoding, take the tiled path), and the
+band is shorter than the key sequence.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -43,10 +45,18 @@ def band_span(mask: Mask, block_q: int) -> int | None:
   return -(-(block_q + left + right) // _ALIGN) * _ALIGN
 
 
+def static_offset(q_offset) -> int | None:
+  """`q_offset` as a Python int when it is one concrete value for the whole batch, else None."""
+  if isinstance(q_offset, jax.core.Tracer) or np.ndim(q_offset) != 0:
+    return None
+  return int(q_offset)
+
+
 def band_applies(mask: Mask, kv_len: int, block_q: int) -> bool:
   """True when the banded path is valid and cheaper than visiting all `kv_len` keys."""
   span = band_span(mask, block_q)
-  return span is not None and np.ndim(mask.q_offset) == 0 and span < kv_len
+  offset = static_offset(mask.q_offset)
+  return span is not None and offset is not None and offset >= 0 and span < kv_len
 
 
 class _Band:
@@ -59,7 +69,7 @@ class _Band:
     self.left = mask.bounds[0]
     self.span = band_span(mask, block_q)
     self.nq = -(-t // block_q)
-    # The offset is shared by all rows (band_applies); q_offsets broadcasts it to [B].
+    # One offset >= 0 for all rows (band_applies); q_offsets broadcasts it to [B].
     self.offset = masks_lib.q_offsets(mask, b)[0]
     # Keys padded so that key position p sits at index p + left and any band fits.
     self.kv_pad = (self.left, self.span)
@@ -99,19 +109,18 @@ class _Band:
 
   def start(self, i):
     """Index of tile i's first band key in the padded layout (key position start - left)."""
-    # Clamped into the padded keys: a tile wholly before key 0 (negative q_offset) or past
-    # the last key sees nothing, and `visible` accounts for the shift.
-    return jnp.clip(self.offset + i * self.bq, 0, self.left + self.s)
+    # offset >= 0 (band_applies), so only tiles past the last key get clamped, and they see
+    # nothing: every key of their band is past the sequence.
+    return jnp.minimum(self.offset + i * self.bq, self.left + self.s)
 
   def visible(self, i, start) -> jnp.ndarray:
     """`[B | 1, bq, span]` bool: which band keys each query of tile i sees."""
-    # Band key r of query t sits at relative position r - left - t + shift, with shift = 0
-    # unless the start was clamped: the window part of the mask is one constant plus a
-    # scalar; only sequence edges and segments vary per tile.
+    # Band key r of query t sits at relative position r - left - t in every tile (clamped
+    # tiles see nothing anyway): the window part of the mask is one constant; only the
+    # sequence edges and segments vary per tile.
     rel = np.arange(self.span)[None, :] - self.left - np.arange(self.bq)[:, None]
-    rel = jnp.asarray(rel, jnp.int32) + (start - self.offset - i * self.bq)
     left, right = self.mask.bounds
-    vis = ((rel >= -left) & (rel <= right))[None]
+    vis = jnp.asarray((rel >= -left) & (rel <= right))[None]
     kv_pos = start - self.left + jnp.arange(self.span, dtype=jnp.int32)
     vis = vis & ((kv_pos >= 0) & (kv_pos < self.s))[None, None]
     if self.q_seg is not None:
