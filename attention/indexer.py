@@ -25,7 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from attention import masks as masks_lib
 from attention.masks import Mask
@@ -114,36 +114,64 @@ def _order_key(x: Float[Array, "R W"]) -> Array:
   return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
 
 
-def _lower_bound(sorted_rows, targets):
-  """Per row, the first position `p` with `sorted_rows[r, p] >= targets[r, j]` (binary search)."""
-  r, n = sorted_rows.shape
-
-  def step(_, bounds):  # a loop, not unrolled: one body to compile
-    lo, hi = bounds
-    mid = (lo + hi) // 2
-    below = jnp.take_along_axis(sorted_rows, jnp.minimum(mid, n - 1), axis=1,
-                                mode="promise_in_bounds") < targets
-    return jnp.where(below, mid + 1, lo), jnp.where(below, hi, mid)
-
-  lo = jnp.zeros(targets.shape, jnp.int32)
-  hi = jnp.full(targets.shape, n, jnp.int32)
-  return lax.fori_loop(0, max(1, n).bit_length(), step, (lo, hi))[0]  # log2(n) + 1 steps
+_WORD = 32  # flags packed per uint32 word by `_bit_words`
 
 
-def _prefix_counts(flags: Float[Array, "X R W"], chunk: int = 16) -> Float[Array, "X R W"]:
-  """Inclusive prefix sums of 0/1 `flags` along W: a triangular matmul per chunk + chunk offsets.
+def _bit_words(flags: Bool[Array, "R W"]) -> tuple[Array, Array]:
+  """Packs each row's flags into uint32 words (bit i of word c = flag c * 32 + i).
 
-  Exact (integers below 2^24 in float32); O(W * chunk) flops on the matmul units instead of a
-  log-depth scan, which XLA:CPU runs slowly over long rows.
+  Returns `(words [R, n], before [R, n])` with `before` the number of True flags in the
+  earlier words of the row (an exclusive prefix count, by popcount + associative scan).
   """
-  x, r, w = flags.shape
-  c = min(chunk, w)
-  pad = -w % c
-  f = jnp.pad(flags, ((0, 0), (0, 0), (0, pad))).reshape(x, r, -1, c)  # X R W/c c
-  tri = jnp.triu(jnp.ones((c, c), jnp.float32))  # tri[i, j] = 1 for i <= j
-  within = jnp.einsum("XRnc,cd->XRnd", f, tri)
-  offsets = jnp.cumsum(within[..., -1], axis=-1) - within[..., -1]  # X R W/c, exclusive
-  return (within + offsets[..., None]).reshape(x, r, -1)[..., :w]
+  r, w = flags.shape
+  f = jnp.pad(flags, ((0, 0), (0, -w % _WORD))).reshape(r, -1, _WORD).astype(jnp.uint32)
+  words = jnp.sum(f << jnp.arange(_WORD, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+  counts = lax.population_count(words).astype(jnp.int32)
+  return words, lax.associative_scan(jnp.add, counts, axis=-1) - counts
+
+
+def _bit_in_word(word, rank) -> Array:
+  """Position (0..31) of the `rank`-th (0-based) set bit of each uint32 `word`: 5 halvings."""
+  pos = jnp.zeros(word.shape, jnp.uint32)
+  rank = rank.astype(jnp.uint32)
+  for width in (16, 8, 4, 2, 1):
+    low = lax.population_count((word >> pos) & jnp.uint32((1 << width) - 1))
+    go = rank >= low
+    pos = jnp.where(go, pos + width, pos)
+    rank = jnp.where(go, rank - low, rank)
+  return pos.astype(jnp.int32)
+
+
+def _nth_true(flags: Bool[Array, "R W"], n: Int[Array, "R"]) -> Int[Array, "R"]:
+  """Per row, the position of the `n`-th (0-based) True flag; -1 where `n < 0` or too few."""
+  words, before = _bit_words(flags)
+  total = before[:, -1] + lax.population_count(words[:, -1]).astype(jnp.int32)
+  chunk = jnp.maximum(jnp.sum(before <= n[:, None], axis=-1) - 1, 0)  # last word starting <= n
+  word = jnp.take_along_axis(words, chunk[:, None], axis=1)[:, 0]
+  rank = n - jnp.take_along_axis(before, chunk[:, None], axis=1)[:, 0]
+  pos = chunk * _WORD + _bit_in_word(word, jnp.maximum(rank, 0))
+  return jnp.where((n >= 0) & (n < total), pos, -1)
+
+
+def _first_true_positions(flags: Bool[Array, "R W"], k: int) -> Int[Array, "R k"]:
+  """Positions of the first `k` True flags of each row, ascending (stream compaction).
+
+  Slot j lies in the word whose `before` count is the largest <= j among non-empty words:
+  each non-empty word marks the slot where its flags start (a scatter-max of word indices), a
+  running max fills the slots in between, and a popcount search finds the bit in the word.
+  O(R * (W + 5 k)): no sort, no per-slot search over the row. Slots past the count: junk.
+  """
+  r = flags.shape[0]
+  words, before = _bit_words(flags)
+  n = words.shape[1]
+  start = jnp.where(lax.population_count(words) > 0, jnp.minimum(before, k), k)  # empty: dump
+  index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None], (r, n))
+  marks = jnp.zeros((r, k + 1), jnp.int32).at[jnp.arange(r)[:, None], start].max(index)
+  chunk = lax.associative_scan(jnp.maximum, marks[:, :k], axis=-1)  # R k
+  word = jnp.take_along_axis(words, chunk, axis=1, mode="promise_in_bounds")
+  rank = jnp.arange(k, dtype=jnp.int32)[None] - jnp.take_along_axis(
+      before, chunk, axis=1, mode="promise_in_bounds")
+  return chunk * _WORD + _bit_in_word(word, rank)
 
 
 def _sample_bracket(key, kk, done, lo, hi, c_lo, c_hi, stride: int = 32):
@@ -187,10 +215,10 @@ def select_topk(scores: Float[Array, "R W"], visible, k: int) -> Int[Array, "R k
        to break) or hi = lo + 1 (then lo is exactly the kk-th largest key). At most 32 passes,
        typically ~20 on indexer scores; for long rows the starting bracket comes from a
        strided sample (`_sample_bracket`, verified by two counting passes): ~15.
-    3. keep = key > lo, plus the first `kk - count(key > lo)` entries equal to lo (ties).
-       Prefix counts of both (triangular matmuls) give the running count of kept entries,
-       and a binary search per output slot finds the position of the j-th kept entry.
-  Cost O(R * W * passes + R * k * log W); memory O(R * W).
+    3. keep = key > lo, plus the first `kk - count(key > lo)` entries equal to lo (ties; the
+       cut is found with `_nth_true`). The kept positions are compacted in order by
+       `_first_true_positions` (bit-packed words, popcounts, a scatter-max of word starts).
+  Cost O(R * W * passes + R * k); memory O(R * W).
   """
   r, w = scores.shape
   if not 1 <= k <= w:
@@ -233,12 +261,10 @@ def select_topk(scores: Float[Array, "R W"], visible, k: int) -> Int[Array, "R k
   exact = done[:, None]
   greater = jnp.where(exact, key >= lo[:, None], key > lo[:, None]) & (key > 0)
   equal = ~exact & (key == lo[:, None]) & (key > 0)
-
-  prefix = _prefix_counts(jnp.stack([greater, equal]).astype(jnp.float32))  # 2 R W
-  need = (kk - prefix[0, :, -1].astype(jnp.int32)).astype(jnp.float32)
-  kept = prefix[0] + jnp.minimum(prefix[1], need[:, None])  # running count of kept entries
-  slots = jnp.arange(1, k + 1, dtype=jnp.float32)[None]  # the j-th kept entry, 1-based
-  pos = _lower_bound(kept, jnp.broadcast_to(slots, (r, k)))
+  need = kk - jnp.sum(greater, axis=-1, dtype=jnp.int32)
+  cut = _nth_true(equal, need - 1)  # position of the last tie kept (-1: none)
+  kept = greater | (equal & (jnp.arange(w, dtype=jnp.int32)[None] <= cut[:, None]))
+  pos = _first_true_positions(kept, k)
   return jnp.where(jnp.arange(k)[None] < kk[:, None], pos, -1).astype(jnp.int32)
 
 
