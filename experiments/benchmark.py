@@ -9,8 +9,8 @@ temp memory (`memory_analysis().temp_size_in_bytes`) and XLA's FLOP count
 FLOPs of one tile) next to the useful attention FLOPs (4 * B * N * H per visible (q, k) pair
 forward; 3.5x that forward+backward, the FlashAttention convention), then times the call:
 median of `--repeats` runs after one warm-up. Times are only comparable within one run; the
-headline speed-ups are re-timed pairwise (`paired_ratio`: 3 rounds timing the two side by
-side, median ratio), which keeps a shared machine's speed drifts out of the ratios.
+headline speed-ups are re-timed pairwise (`paired_ratio`: max(3, `--repeats`) rounds timing the
+two side by side, median ratio), which keeps a shared machine's speed drifts out of the ratios.
 Writes `benchmark.csv` and `benchmark.png` (log-log memory and time vs length) under
 `--workdir` and prints the table.
 """
@@ -234,9 +234,11 @@ def ratios(rows: list[dict], timed: dict | None = None) -> list[str]:
     if value is None:
       continue
     if timed and fast in timed and slow in timed:
-      paired = paired_ratio(timed[fast][0], timed[slow][0], timed[fast][1], timed[slow][1])
-      out.append(f"{label}: {paired:.2f}x faster (paired: median of 3 side-by-side rounds; "
-                 f"table medians: {value:.2f}x)")
+      rounds = max(3, FLAGS.repeats)
+      paired = paired_ratio(timed[fast][0], timed[slow][0], timed[fast][1], timed[slow][1],
+                            rounds=rounds)
+      out.append(f"{label}: {paired:.2f}x faster (paired: median of {rounds} side-by-side "
+                 f"rounds; table medians: {value:.2f}x)")
     else:
       out.append(f"{label}: {value:.2f}x faster")
   lengths = sorted({r["length"] for r in rows})
