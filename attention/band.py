@@ -63,8 +63,8 @@ class _Band:
   """Layout and per-tile visibility shared by the banded forward and backward."""
 
   def __init__(self, q, k, v, mask: Mask, block_q: int):
-    b, t, s, n, kh, h = check_qkv(q, k, v)
-    self.b, self.t, self.s, self.n, self.kh, self.g, self.h = b, t, s, n, kh, n // kh, h
+    b, t, s, n, kh, _ = check_qkv(q, k, v)
+    self.b, self.t, self.s, self.n, self.kh, self.g = b, t, s, n, kh, n // kh
     self.mask, self.bq = mask, block_q
     self.left = mask.bounds[0]
     self.span = band_span(mask, block_q)

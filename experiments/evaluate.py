@@ -73,12 +73,13 @@ def indexer_recall(model, config: ml_collections.ConfigDict, name: str, length: 
   """
   if not dsa.set_recall(model, True):
     return []
+  task = haystack(config, name)
   try:
     sums = {}
     for depth in depths:
       for i in range(-(-examples // batch_size)):
         rows = min(batch_size, examples - i * batch_size)
-        batch = haystack(config, name).batch(i, rows, seq_len=length, depth=depth, salt=2)
+        batch = task.batch(i, rows, seq_len=length, depth=depth, salt=2)
         values = jax.device_get(_layer_recalls(model, trainer.to_device(batch)))
         for layer, value in enumerate(values):
           if value is not None:

@@ -202,9 +202,9 @@ class DsaAttention(layers.Attention):
       (k, v, kv_segment_ids, q_offset, ik), cache = cache.update(cache_index, k, v, segment_ids, ik)
       mask = self.mask(segment_ids, kv_segment_ids, q_offset)
     out, aux = STAGE_FNS[self.dsa.stage](self, q, k, v, iq, ik, iw, mask)
+    indices = aux.pop("indices", None)  # the sparse stage's selection, reused by the report
     if self.dsa.recall:
-      aux["indexer_recall"] = self._recall(q, k, iq, ik, iw, mask, aux.pop("indices", None))
-    aux.pop("indices", None)
+      aux["indexer_recall"] = self._recall(q, k, iq, ik, iw, mask, indices)
     return self.o_proj(out), cache, aux
 
   def _select(self, iq, ik, iw, mask):
