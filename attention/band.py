@@ -2,7 +2,7 @@
 
 A window `(left, right)` lets a tile of `bq` queries at positions `[p, p + bq)` see only keys
 in `[p - left, p + bq - 1 + right]`: a contiguous band of `span = bq + left + right` keys. The
-tiled path (`flash.flash_forward_xla`) covers that band with whole kv tiles, so it visits up to
+tiled path (`flash_xla.flash_forward_xla`) covers that band with whole kv tiles, so it visits up to
 `bq + 2 * bk` extra keys, classifies every tile and runs an online softmax across them. Here
 each q tile slices its exact band once and does a single masked softmax over it::
 
@@ -11,7 +11,7 @@ each q tile slices its exact band once and does a single masked softmax over it:
       s   = q_i k_i^T * scale, masked elementwise   # [B, K, G, bq, span] float32
       out_i = softmax(s) v_i;  lse_i = logsumexp(s) # a row with no visible key: out 0, lse -inf
 
-Backward (`with_lse_vjp`, from the saved lse) is a scan over the same q tiles: `dq_i` is
+Backward (`common.with_lse_vjp`, from the saved lse) is a scan over the same q tiles: `dq_i` is
 written once per tile, `dk`/`dv` are accumulated into their band of a `[B, K, S + pad, H]`
 carry. Compute is O(T * span * H) = O(T * (w + bq) * H); memory O(T + S) plus one
 `bq x span` score tile. For a causal (255, 0) window and bq = 256 a query visits 511 keys for
@@ -31,7 +31,8 @@ import numpy as np
 from jax import lax
 
 from attention import masks as masks_lib
-from attention.masks import Mask
+from attention.common import backward_lse, finish_softmax, pad_to_size, tile_grads
+from attention.masks import UNBOUNDED, Mask
 from attention.reference import check_qkv
 
 _ALIGN = 8  # band lengths are rounded up to this many keys
@@ -40,7 +41,7 @@ _ALIGN = 8  # band lengths are rounded up to this many keys
 def band_span(mask: Mask, block_q: int) -> int | None:
   """Keys one q tile must visit, or None when the mask has no finite window."""
   left, right = mask.bounds
-  if mask.window is None or max(left, right) >= masks_lib._INF:  # pylint: disable=protected-access
+  if mask.window is None or max(left, right) >= UNBOUNDED:
     return None
   return -(-(block_q + left + right) // _ALIGN) * _ALIGN
 
@@ -81,9 +82,7 @@ class _Band:
 
   def pad_q(self, x, value=0):
     """Pads axis 1 (queries) to whole tiles."""
-    widths = [(0, 0)] * x.ndim
-    widths[1] = (0, self.nq * self.bq - self.t)
-    return jnp.pad(x, widths, constant_values=value)
+    return pad_to_size(x, 1, self.nq * self.bq, value)
 
   def q_tile(self, x, i):
     """Tile i of a padded `[B, Tp, N, ...]` array as `[B, K, G, bq, ...]`.
@@ -138,7 +137,7 @@ class _Band:
 def band_forward(q, k, v, mask: Mask, scale: float, block_q: int):
   """Returns `out [B, T, N, H]` (q.dtype) and `lse [B, N, T]` float32."""
   band = _Band(q, k, v, mask, block_q)
-  bq, span = band.bq, band.span
+  span = band.span
   qp, kp, vp = band.pad_q(q), band.kv_layout(k), band.kv_layout(v)
 
   def q_tile(i):
@@ -150,13 +149,9 @@ def band_forward(q, k, v, mask: Mask, scale: float, block_q: int):
     m = jnp.max(s, axis=-1)
     m_safe = jnp.where(m == -jnp.inf, 0.0, m)  # rows with no visible key
     p = jnp.exp(s - m_safe[..., None])
-    l = jnp.sum(p, axis=-1)
     acc = jnp.einsum("BKGts,BKsH->BKGtH", p.astype(v_i.dtype), v_i,
                      preferred_element_type=jnp.float32)
-    has_key = l > 0
-    l_safe = jnp.where(has_key, l, 1.0)
-    lse = jnp.where(has_key, m_safe + jnp.log(l_safe), -jnp.inf)
-    return (acc / l_safe[..., None]).astype(q.dtype), lse
+    return finish_softmax(m_safe, jnp.sum(p, axis=-1), acc, q.dtype)
 
   out, lse = lax.map(q_tile, jnp.arange(band.nq))  # [nq, B, K, G, bq, H], [nq, B, K, G, bq]
   return band.untile(out), jnp.moveaxis(band.untile(lse), 1, 2)
@@ -165,12 +160,12 @@ def band_forward(q, k, v, mask: Mask, scale: float, block_q: int):
 def band_backward(q, k, v, out, lse, dout, mask: Mask, scale: float, block_q: int):
   """Gradients `(dq, dk, dv)` from the saved `lse`, recomputing each tile's band scores."""
   band = _Band(q, k, v, mask, block_q)
-  bq, span = band.bq, band.span
+  span = band.span
   qp, kp, vp = band.pad_q(q), band.kv_layout(k), band.kv_layout(v)
   dout_p = band.pad_q(dout)
   delta = band.pad_q(jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1))
   # Rows with no visible key (lse = -inf) get p = exp(-inf - inf) = 0 everywhere.
-  lse_p = band.pad_q(jnp.moveaxis(jnp.where(jnp.isfinite(lse), lse, jnp.inf), 1, 2), jnp.inf)
+  lse_p = band.pad_q(jnp.moveaxis(backward_lse(lse), 1, 2), jnp.inf)
 
   def q_tile(carry, i):
     dk, dv = carry
@@ -178,15 +173,8 @@ def band_backward(q, k, v, out, lse, dout, mask: Mask, scale: float, block_q: in
     q_i, do_i, lse_i, delta_i = (band.q_tile(x, i) for x in (qp, dout_p, lse_p, delta))
     k_i = lax.dynamic_slice_in_dim(kp, start, span, axis=2)  # B K span H
     v_i = lax.dynamic_slice_in_dim(vp, start, span, axis=2)
-    p = jnp.exp(band.scores(q_i, k_i, i, start, scale) - lse_i[..., None])
-    dv_i = jnp.einsum("BKGts,BKGtH->BKsH", p.astype(do_i.dtype), do_i,
-                      preferred_element_type=jnp.float32)
-    dp = jnp.einsum("BKGtH,BKsH->BKGts", do_i, v_i, preferred_element_type=jnp.float32)
-    ds = p * (dp - delta_i[..., None]) * scale
-    dk_i = jnp.einsum("BKGts,BKGtH->BKsH", ds.astype(q_i.dtype), q_i,
-                      preferred_element_type=jnp.float32)
-    dq_i = jnp.einsum("BKGts,BKsH->BKGtH", ds.astype(k_i.dtype), k_i,
-                      preferred_element_type=jnp.float32)
+    s = band.scores(q_i, k_i, i, start, scale)
+    dq_i, dk_i, dv_i = tile_grads(s, q_i, k_i, v_i, do_i, lse_i, delta_i, scale)
     add = lambda acc, x: lax.dynamic_update_slice_in_dim(
         acc, lax.dynamic_slice_in_dim(acc, start, span, axis=2) + x, start, axis=2)
     return (add(dk, dk_i), add(dv, dv_i)), dq_i

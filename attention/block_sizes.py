@@ -160,3 +160,34 @@ class BlockSizes:
 def padded_head_dim(head_dim: int) -> int:
   """Kernels pad head_dim to a power of two >= 16 (Triton tensors are power-of-two shaped)."""
   return max(MIN_PALLAS_BLOCK, 1 << max(0, int(head_dim) - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseBlockSizes:
+  """Tiles of top-k gather attention (`sparse_attention`); None = the implementation's default.
+
+  Attributes:
+    block_q: queries per step of the XLA path (bounds its gathered `[B, bq, k, K, H]` rows);
+      default 16. The Pallas kernels run one program per query and refuse it.
+    block_k: selected slots per inner step of the Pallas kernels (a power of two); default 64.
+      The XLA path takes all slots of a query at once and refuses it.
+  """
+
+  block_q: int | None = None
+  block_k: int | None = None
+
+  def __post_init__(self):
+    if self.block_q is not None and (not isinstance(self.block_q, int) or self.block_q < 1):
+      raise ValueError(f"SparseBlockSizes.block_q must be a positive int or None, got "
+                       f"{self.block_q!r}.")
+    if self.block_k is not None and not _is_pow2(self.block_k):
+      raise ValueError(f"SparseBlockSizes.block_k must be a positive power of two or None, got "
+                       f"{self.block_k!r}.")
+
+  def only(self, implementation: str, allowed: str) -> "SparseBlockSizes":
+    """Raises ValueError if a field other than `allowed` is set (nothing is silently ignored)."""
+    for name in ("block_q", "block_k"):
+      if name != allowed and getattr(self, name) is not None:
+        raise ValueError(f"SparseBlockSizes.{name} is not used by the {implementation!r} sparse "
+                         f"path (it takes only {allowed}); got {getattr(self, name)!r}.")
+    return self

@@ -15,20 +15,24 @@ the q scale, which is positive so it commutes with ReLU) and the key scale are a
 `indexer_topk` never materialises `[T, S]`: it walks blocks of `block_q` queries (`lax.map`),
 scores each block against the key range its mask can reach (causal/window: one of a few static
 widths, so a causal prefix costs ~S/2 on average), and selects the top-k of every row exactly
-with a bisection on the float32 bit pattern (see `select_topk`). Memory O(T * k + block_q * S).
+with a bisection on the float32 bit pattern (`attention.topk.select_topk`). Memory
+O(T * k + block_q * S). The KL target and the DSA attention itself are in `attention/dsa.py`.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Float, Int
 
 from attention import masks as masks_lib
-from attention.masks import Mask
+from attention.common import pad_to_size
+from attention.masks import UNBOUNDED, Mask
+from attention.topk import select_topk
 
 FP8_DTYPE = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -104,180 +108,51 @@ def indexer_scores(
   return jnp.where(masks_lib.dense_mask(mask, b, t, s), scores, -jnp.inf)
 
 
-# --- exact top-k selection ----------------------------------------------------------------------
-
-
-def _order_key(x: Float[Array, "R W"]) -> Array:
-  """uint32 keys with the order of float32 `x` (-0.0 sorts just below +0.0)."""
-  bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-  negative = (bits >> 31) == 1
-  return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
-
-
-_WORD = 32  # flags packed per uint32 word by `_bit_words`
-
-
-def _bit_words(flags: Bool[Array, "R W"]) -> tuple[Array, Array]:
-  """Packs each row's flags into uint32 words (bit i of word c = flag c * 32 + i).
-
-  Returns `(words [R, n], before [R, n])` with `before` the number of True flags in the
-  earlier words of the row (an exclusive prefix count, by popcount + associative scan).
-  """
-  r, w = flags.shape
-  f = jnp.pad(flags, ((0, 0), (0, -w % _WORD))).reshape(r, -1, _WORD).astype(jnp.uint32)
-  words = jnp.sum(f << jnp.arange(_WORD, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
-  counts = lax.population_count(words).astype(jnp.int32)
-  return words, lax.associative_scan(jnp.add, counts, axis=-1) - counts
-
-
-def _bit_in_word(word, rank) -> Array:
-  """Position (0..31) of the `rank`-th (0-based) set bit of each uint32 `word`: 5 halvings."""
-  pos = jnp.zeros(word.shape, jnp.uint32)
-  rank = rank.astype(jnp.uint32)
-  for width in (16, 8, 4, 2, 1):
-    low = lax.population_count((word >> pos) & jnp.uint32((1 << width) - 1))
-    go = rank >= low
-    pos = jnp.where(go, pos + width, pos)
-    rank = jnp.where(go, rank - low, rank)
-  return pos.astype(jnp.int32)
-
-
-def _nth_true(flags: Bool[Array, "R W"], n: Int[Array, "R"]) -> Int[Array, "R"]:
-  """Per row, the position of the `n`-th (0-based) True flag; -1 where `n < 0` or too few."""
-  words, before = _bit_words(flags)
-  total = before[:, -1] + lax.population_count(words[:, -1]).astype(jnp.int32)
-  chunk = jnp.maximum(jnp.sum(before <= n[:, None], axis=-1) - 1, 0)  # last word starting <= n
-  word = jnp.take_along_axis(words, chunk[:, None], axis=1)[:, 0]
-  rank = n - jnp.take_along_axis(before, chunk[:, None], axis=1)[:, 0]
-  pos = chunk * _WORD + _bit_in_word(word, jnp.maximum(rank, 0))
-  return jnp.where((n >= 0) & (n < total), pos, -1)
-
-
-def _first_true_positions(flags: Bool[Array, "R W"], k: int) -> Int[Array, "R k"]:
-  """Positions of the first `k` True flags of each row, ascending (stream compaction).
-
-  Slot j lies in the word whose `before` count is the largest <= j among non-empty words:
-  each non-empty word marks the slot where its flags start (a scatter-max of word indices), a
-  running max fills the slots in between, and a popcount search finds the bit in the word.
-  O(R * (W + 5 k)): no sort, no per-slot search over the row. Slots past the count: junk.
-  """
-  r = flags.shape[0]
-  words, before = _bit_words(flags)
-  n = words.shape[1]
-  start = jnp.where(lax.population_count(words) > 0, jnp.minimum(before, k), k)  # empty: dump
-  index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None], (r, n))
-  marks = jnp.zeros((r, k + 1), jnp.int32).at[jnp.arange(r)[:, None], start].max(index)
-  chunk = lax.associative_scan(jnp.maximum, marks[:, :k], axis=-1)  # R k
-  word = jnp.take_along_axis(words, chunk, axis=1, mode="promise_in_bounds")
-  rank = jnp.arange(k, dtype=jnp.int32)[None] - jnp.take_along_axis(
-      before, chunk, axis=1, mode="promise_in_bounds")
-  return chunk * _WORD + _bit_in_word(word, rank)
-
-
-def _sample_bracket(key, kk, done, lo, hi, c_lo, c_hi, stride: int = 32):
-  """A tighter starting bracket for the bisection, from every `stride`-th key of each row.
-
-  The kk-th largest key of a row sits near rank `kk / stride` of the strided sample; the sample
-  keys `4 sqrt(rank) + 4` ranks on either side become the candidate `lo` / `hi`, which two
-  counting passes over the full row verify: a candidate replaces the global bound only if it
-  keeps the invariant (count(key >= lo) >= kk > count(key >= hi)), so the result stays exact
-  whatever the data. Saves ~1/4 of the passes on indexer scores (~15% of the select time).
-  """
-  r, w = key.shape
-  if w < 16 * stride:
-    return lo, hi, c_lo, c_hi
-  sample = jnp.sort(key[:, ::stride], axis=-1)  # R m, ascending
-  m = sample.shape[1]
-  rank = kk.astype(jnp.float32) * (m / w)  # expected rank from the top, 0-based ~ rank - 1
-  slack = 4.0 * jnp.sqrt(rank) + 4.0
-  from_top = lambda i: jnp.take_along_axis(
-      sample, (m - 1 - jnp.clip(i, 0, m - 1)).astype(jnp.int32)[:, None], axis=1)[:, 0]
-  lo2 = from_top(jnp.ceil(rank + slack))  # more than kk keys above it (probably)
-  hi2 = from_top(jnp.floor(rank - slack))  # fewer than kk keys above it (probably)
-  c_lo2 = jnp.sum(key >= lo2[:, None], axis=-1, dtype=jnp.int32)
-  c_hi2 = jnp.sum(key >= hi2[:, None], axis=-1, dtype=jnp.int32)
-  use_lo = ~done & (c_lo2 >= kk) & (lo2 > lo)
-  use_hi = ~done & (c_hi2 < kk) & (hi2 < hi) & (hi2 > lo2)
-  return (jnp.where(use_lo, lo2, lo), jnp.where(use_hi, hi2, hi),
-          jnp.where(use_lo, c_lo2, c_lo), jnp.where(use_hi, c_hi2, c_hi))
-
-
-def select_topk(scores: Float[Array, "R W"], visible, k: int) -> Int[Array, "R k"]:
-  """Exact top-k positions of each row of `scores` among `visible` entries; -1 pads.
-
-  Row r keeps `kk = min(k, #visible)` positions, listed in ascending position order; ties at the
-  threshold are broken towards lower positions, so exactly `kk` are kept and none twice.
-
-  Algorithm (no sort, no `lax.top_k`; every step is a vectorised pass over the row):
-    1. Map float32 scores to uint32 keys with the same order (flip bits of negatives).
-    2. Bisection on the key value: keep `lo` with count(key >= lo) >= kk and `hi` with
-       count(key >= hi) < kk; stop a row when count(key >= mid) == kk (a gap was hit, no ties
-       to break) or hi = lo + 1 (then lo is exactly the kk-th largest key). At most 32 passes,
-       typically ~20 on indexer scores; for long rows the starting bracket comes from a
-       strided sample (`_sample_bracket`, verified by two counting passes): ~15.
-    3. keep = key > lo, plus the first `kk - count(key > lo)` entries equal to lo (ties; the
-       cut is found with `_nth_true`). The kept positions are compacted in order by
-       `_first_true_positions` (bit-packed words, popcounts, a scatter-max of word starts).
-  Cost O(R * W * passes + R * k); memory O(R * W).
-  """
-  r, w = scores.shape
-  if not 1 <= k <= w:
-    raise ValueError(f"select_topk needs 1 <= k <= row length {w}, got k={k}.")
-  # Invisible -> 0, visible -> at least 1, so thresholds >= 1 never keep an invisible entry.
-  key = jnp.where(visible, jnp.maximum(_order_key(scores), 1), 0).astype(jnp.uint32)
-  n_visible = jnp.sum(visible, axis=-1, dtype=jnp.int32)
-  kk = jnp.minimum(n_visible, k)
-  lo = jnp.min(jnp.where(visible, key, jnp.uint32(0xFFFFFFFF)), axis=-1)
-  hi = jnp.max(key, axis=-1) + 1  # key < 2^32 - 1 unless NaN payloads
-  # Rows with <= k visible keep everything visible: done at once (lo = min visible key).
-  done = (kk == n_visible) | (kk == 0)
-  # count(key >= lo) and count(key >= hi), used to interpolate the next guess.
-  c_lo, c_hi = n_visible, jnp.zeros_like(n_visible)
-  lo, hi, c_lo, c_hi = _sample_bracket(key, kk, done, lo, hi, c_lo, c_hi)
-  done |= c_lo == kk
-
-  def cond(state):
-    lo, hi, _, _, done, _ = state
-    return jnp.any(~done & (hi - lo > 1))
-
-  def body(state):
-    lo, hi, c_lo, c_hi, done, step = state
-    span = hi - lo
-    # Even steps interpolate (counts are smooth in the key), odd steps bisect (worst case).
-    frac = (c_lo - kk).astype(jnp.float32) / jnp.maximum(c_lo - c_hi, 1).astype(jnp.float32)
-    guess = (frac * span.astype(jnp.float32)).astype(jnp.uint32)
-    offset = jnp.where(step % 2 == 0, guess, span // 2)
-    mid = lo + jnp.clip(offset, 1, jnp.maximum(span, 2) - 1)
-    count = jnp.sum(key >= mid[:, None], axis=-1, dtype=jnp.int32)
-    active = ~done & (span > 1)
-    up = active & (count >= kk)
-    down = active & (count < kk)
-    return (jnp.where(up, mid, lo), jnp.where(down, mid, hi), jnp.where(up, count, c_lo),
-            jnp.where(down, count, c_hi), done | (active & (count == kk)), step + 1)
-
-  lo, hi, c_lo, _, done, _ = lax.while_loop(cond, body, (lo, hi, c_lo, c_hi, done, 0))
-  # `done` rows: exactly kk keys >= lo. Others: lo is the kk-th largest key and ties at lo
-  # must be cut: keep the first `kk - count(key > lo)` of them.
-  exact = done[:, None]
-  greater = jnp.where(exact, key >= lo[:, None], key > lo[:, None]) & (key > 0)
-  equal = ~exact & (key == lo[:, None]) & (key > 0)
-  need = kk - jnp.sum(greater, axis=-1, dtype=jnp.int32)
-  cut = _nth_true(equal, need - 1)  # position of the last tie kept (-1: none)
-  kept = greater | (equal & (jnp.arange(w, dtype=jnp.int32)[None] <= cut[:, None]))
-  pos = _first_true_positions(kept, k)
-  return jnp.where(jnp.arange(k)[None] < kk[:, None], pos, -1).astype(jnp.int32)
-
-
 # --- blockwise top-k over queries ---------------------------------------------------------------
 
 
 def _key_widths(mask: Mask, kv_len: int, top_k: int, num_widths: int) -> tuple[int, ...]:
   """Static key-window widths a q block may use: one (S) unless causal/window bound the reach."""
   left, right = mask.bounds
-  if left >= masks_lib._INF and right >= masks_lib._INF:  # pylint: disable=protected-access
+  if left >= UNBOUNDED and right >= UNBOUNDED:
     return (kv_len,)
   widths = {min(kv_len, max(top_k, -(-kv_len * m // num_widths))) for m in range(1, num_widths + 1)}
   return tuple(sorted(widths))
+
+
+class _Block(NamedTuple):
+  """One block of queries of `indexer_topk`: `q [B, bq, J, D]`, `w [B, bq, J]`, absolute
+  positions `q_pos [B, bq]`, segment ids `[B, bq]` or None, `valid [B, bq]` (not padding)."""
+
+  q: Array
+  w: Array
+  q_pos: Array
+  q_seg: Array | None
+  valid: Array
+
+
+def _reach(mask: Mask, q_pos, kv_len: int):
+  """Key positions `[first, last]` that some query of the block can see."""
+  left, right = mask.bounds
+  first = jnp.maximum(jnp.min(q_pos) - left, 0) if left < UNBOUNDED else 0
+  last = jnp.minimum(jnp.max(q_pos) + right, kv_len - 1) if right < UNBOUNDED else kv_len - 1
+  return jnp.minimum(first, last), last
+
+
+def _window_topk(mask: Mask, blk: _Block, keys, width: int, first, k_eff: int, top_k: int):
+  """Top-k of one block among the `width` keys from `first` (clipped): `[B, bq, top_k]`."""
+  k_all, k_scale, kv_seg = keys  # [B, S, D], [B, S] or None, [B, S] or None
+  b, bq = blk.q_pos.shape
+  start = jnp.clip(first, 0, k_all.shape[1] - width)
+  cols = lambda x: None if x is None else lax.dynamic_slice_in_dim(x, start, width, axis=1)
+  kv_pos = start + jnp.arange(width, dtype=jnp.int32)
+  visible = masks_lib.element_mask(mask, blk.q_pos, kv_pos[None], blk.q_seg, cols(kv_seg))
+  visible &= blk.valid[:, :, None]  # padded queries see nothing
+  scores = _score_tile(blk.q, blk.w, cols(k_all), cols(k_scale))  # B bq W
+  kw = min(k_eff, width)
+  pos = select_topk(scores.reshape(b * bq, width), visible.reshape(b * bq, width), kw)
+  pos = jnp.where(pos >= 0, pos + start, -1).reshape(b, bq, kw)
+  return jnp.pad(pos, ((0, 0), (0, 0), (0, top_k - kw)), constant_values=-1)
 
 
 def indexer_topk(
@@ -305,61 +180,35 @@ def indexer_topk(
   """
   b, t, s, _, _ = check_indexer_inputs(index_q, index_k, index_w)
   mask = masks_lib.validate(mask, (b, t), (b, s))
-  if not isinstance(top_k, int) or top_k < 1:
-    raise ValueError(f"top_k must be a positive int, got {top_k!r}.")
-  if not isinstance(block_q, int) or block_q < 1:
-    raise ValueError(f"block_q must be a positive int, got {block_q!r}.")
-  if not isinstance(num_widths, int) or num_widths < 1:
-    raise ValueError(f"num_widths must be a positive int, got {num_widths!r}.")
+  for name, value in (("top_k", top_k), ("block_q", block_q), ("num_widths", num_widths)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {value!r}.")
   bq = min(block_q, t)
   nq = -(-t // bq)
-  tp = nq * bq
   k_eff = min(top_k, s)
-  keys, k_scale = _prepare_keys(index_k, fp8)
-  pad_t = ((0, 0), (0, tp - t))
-  q = jnp.pad(index_q, pad_t + ((0, 0), (0, 0)))
-  w = jnp.pad(index_w, pad_t + ((0, 0),))
+  keys = (*_prepare_keys(index_k, fp8), None)
+  q, w = pad_to_size(index_q, 1, nq * bq), pad_to_size(index_w, 1, nq * bq)
   offsets = masks_lib.q_offsets(mask, b)
-  q_seg = kv_seg = None
+  q_seg = None
   if mask.has_segments:
-    q_seg = jnp.pad(jnp.asarray(mask.q_segment_ids, jnp.int32), pad_t, constant_values=-1)
-    kv_seg = jnp.asarray(mask.kv_segment_ids, jnp.int32)
+    q_seg = pad_to_size(jnp.asarray(mask.q_segment_ids, jnp.int32), 1, nq * bq, -1)
+    keys = (*keys[:2], jnp.asarray(mask.kv_segment_ids, jnp.int32))
   widths = _key_widths(mask, s, k_eff, num_widths)
-  left, right = mask.bounds
 
   def block(i):
-    q_i = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)  # B bq J D
-    w_i = lax.dynamic_slice_in_dim(w, i * bq, bq, axis=1)  # B bq J
+    rows = lambda x: None if x is None else lax.dynamic_slice_in_dim(x, i * bq, bq, axis=1)
     q_pos = offsets[:, None] + i * bq + jnp.arange(bq, dtype=jnp.int32)[None]  # B bq
-    q_seg_i = None if q_seg is None else lax.dynamic_slice_in_dim(q_seg, i * bq, bq, axis=1)
-    # Key positions any query of the block can reach: [first, last].
-    first = jnp.maximum(jnp.min(q_pos) - left, 0) if left < masks_lib._INF else 0  # pylint: disable=protected-access
-    last = jnp.minimum(jnp.max(q_pos) + right, s - 1) if right < masks_lib._INF else s - 1  # pylint: disable=protected-access
-    first = jnp.minimum(first, last)
-
-    def window(width):
-      start = jnp.clip(first, 0, s - width)
-      k_w = lax.dynamic_slice_in_dim(keys, start, width, axis=1)  # B W D
-      ks_w = None if k_scale is None else lax.dynamic_slice_in_dim(k_scale, start, width, axis=1)
-      kv_pos = start + jnp.arange(width, dtype=jnp.int32)
-      kv_seg_w = None if kv_seg is None else lax.dynamic_slice_in_dim(kv_seg, start, width, 1)
-      visible = masks_lib.element_mask(mask, q_pos, kv_pos[None], q_seg_i, kv_seg_w)
-      visible &= (q_pos < offsets[:, None] + t)[:, :, None]  # padded queries see nothing
-      scores = _score_tile(q_i, w_i, k_w, ks_w)  # B bq W
-      kw = min(k_eff, width)
-      pos = select_topk(scores.reshape(b * bq, width), visible.reshape(b * bq, width), kw)
-      pos = jnp.where(pos >= 0, pos + start, -1).reshape(b, bq, kw)
-      return jnp.pad(pos, ((0, 0), (0, 0), (0, top_k - kw)), constant_values=-1)
-
-    if len(widths) == 1:
-      return window(widths[0])
-    need = last - first + 1
-    branch = jnp.sum(jnp.asarray(widths, jnp.int32) < need)  # smallest width >= need
-    return lax.switch(jnp.minimum(branch, len(widths) - 1),
-                      [functools.partial(window, wd) for wd in widths])
+    blk = _Block(rows(q), rows(w), q_pos, rows(q_seg), q_pos < offsets[:, None] + t)
+    first, last = _reach(mask, q_pos, s)
+    fns = [functools.partial(_window_topk, mask, blk, keys, wd, first, k_eff, top_k)
+           for wd in widths]
+    if len(fns) == 1:
+      return fns[0]()
+    branch = jnp.sum(jnp.asarray(widths, jnp.int32) < last - first + 1)  # smallest width >= need
+    return lax.switch(jnp.minimum(branch, len(widths) - 1), fns)
 
   out = lax.map(block, jnp.arange(nq))  # nq B bq top_k
-  return out.transpose(1, 0, 2, 3).reshape(b, tp, top_k)[:, :t]
+  return out.transpose(1, 0, 2, 3).reshape(b, nq * bq, top_k)[:, :t]
 
 
 # --- KL training loss ---------------------------------------------------------------------------
@@ -375,7 +224,7 @@ def indexer_scores_at(
 ) -> Float[Array, "B T k"]:
   """Indexer scores of the selected keys only (`-inf` on -1 slots). O(T * k * J * D)."""
   b, t, s, _, _ = check_indexer_inputs(index_q, index_k, index_w)
-  _check_indices(indices, b, t, "indices")
+  check_indices(indices, b, t)
   keys, k_scale = _prepare_keys(index_k, fp8)
   safe = jnp.clip(indices, 0, s - 1)
   k_sel = jax.vmap(lambda x, i: x[i])(keys, safe)  # B T k D
@@ -392,63 +241,11 @@ def indexer_scores_at(
   return jnp.where(indices >= 0, scores, -jnp.inf)
 
 
-def _check_indices(indices, b: int, t: int, name: str):
+def check_indices(indices, b: int, t: int):
+  """Raises ValueError unless `indices` is `[B, T, k]` (shared top-k key positions)."""
   if jnp.ndim(indices) != 3 or jnp.shape(indices)[:2] != (b, t):
-    raise ValueError(f"{name} must have shape [B, T, k] = [{b}, {t}, k], got "
+    raise ValueError(f"indices must have shape [B, T, k] = [{b}, {t}, k], got "
                      f"{jnp.shape(indices)}.")
-
-
-def attention_target(
-    q: Float[Array, "B T N H"],
-    k: Float[Array, "B S K H"],
-    *,
-    mask: Mask | None = None,
-    scale: float | None = None,
-    indices: Int[Array, "B T k"] | None = None,
-) -> Float[Array, "B T S"] | Float[Array, "B T k"]:
-  """KL target p: main attention probabilities summed over heads, L1-normalised, no gradient.
-
-  Dense (`indices=None`): `[B, T, S]`, O(T * S * N) memory (warm-up stage, short sequences).
-  Sparse: `[B, T, k]` over the selected slots (softmax over the slots that are >= 0 and
-  visible under `mask`), O(T * k * N * H) compute. Rows with no visible key are all 0.
-  """
-  from attention.reference import check_qkv, default_scale  # pylint: disable=g-import-not-at-top
-  b, t, s, n, kh, h = check_qkv(q, k, k)
-  mask = masks_lib.validate(mask, q.shape, k.shape)
-  scale = default_scale(h, scale)
-  q, k = lax.stop_gradient(q), lax.stop_gradient(k)
-  qg = q.reshape(b, t, kh, n // kh, h)
-  if indices is None:
-    logits = jnp.einsum("BTKGH,BSKH->BTKGS", qg, k, preferred_element_type=jnp.float32)
-    visible = masks_lib.dense_mask(mask, b, t, s)[:, :, None, None]  # B T 1 1 S
-  else:
-    _check_indices(indices, b, t, "indices")
-    from attention.sparse import effective_indices  # pylint: disable=g-import-not-at-top
-    idx = effective_indices(indices, mask, b, t, s, kh)[:, :, 0]  # B T k, -1 = ignored
-    k_sel = jax.vmap(lambda x, i: x[i])(k, jnp.maximum(idx, 0))  # B T k K H
-    logits = jnp.einsum("BTKGH,BTkKH->BTKGk", qg, k_sel, preferred_element_type=jnp.float32)
-    visible = (idx >= 0)[:, :, None, None]
-  logits = jnp.where(visible, logits * scale, -jnp.inf)
-  m = jnp.max(logits, axis=-1, keepdims=True)
-  e = jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0))
-  l = jnp.sum(e, axis=-1, keepdims=True)
-  probs = e / jnp.where(l > 0, l, 1.0)  # B T K G S|k
-  p = jnp.sum(probs, axis=(2, 3))
-  total = jnp.sum(p, axis=-1, keepdims=True)
-  return p / jnp.where(total > 0, total, 1.0)
-
-
-def selected_mass(
-    target: Float[Array, "B T S"],
-    indices: Int[Array, "B T k"],
-) -> Float[Array, "B T"]:
-  """Indexer recall per query: the share of the dense attention distribution `target`
-  (`attention_target(q, k, mask=mask)`, rows summing to 1) that falls on the selected keys
-  (-1 slots ignored; `indexer_topk` never selects a key twice). 1.0 = nothing missed."""
-  b, t, s = jnp.shape(target)
-  _check_indices(indices, b, t, "indices")
-  picked = jnp.take_along_axis(target, jnp.clip(indices, 0, s - 1), axis=-1)
-  return jnp.sum(jnp.where(indices >= 0, picked, 0.0), axis=-1)
 
 
 REDUCTIONS = ("mean", "sum", "none")

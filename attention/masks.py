@@ -20,6 +20,8 @@ Block classification is what kernels use to skip work. For a tile of queries
 * `FULL`    -> every query sees every key: no mask needs computing.
 * `PARTIAL` -> the mask is evaluated elementwise.
 
+`effective_indices` applies the same rule to top-k key lists (sparse attention).
+
 `kv_block_range` / `q_block_range` give the contiguous range of blocks a causal/window mask can
 touch, so loops iterate only over those: a window of width `w` costs O(L * w), causal O(L^2 / 2).
 """
@@ -37,8 +39,9 @@ from jaxtyping import Array, Bool, Int
 EMPTY, PARTIAL, FULL = 0, 1, 2
 BLOCK_KINDS = {EMPTY: "empty", PARTIAL: "partial", FULL: "full"}
 
-# "Unbounded" window side. Large, yet `position +/- _INF` stays inside int32.
-_INF = 1 << 30
+# An unbounded window side (`Mask.bounds` without a window). Large, yet `position +/- UNBOUNDED`
+# stays inside int32.
+UNBOUNDED = 1 << 30
 
 
 @jax.tree_util.register_dataclass
@@ -78,14 +81,11 @@ class Mask:
 
   @property
   def bounds(self) -> tuple[int, int]:
-    """`(left, right)` reach of a query, folding `causal` into the window (`_INF` = unbounded)."""
-    left, right = self.window if self.window is not None else (_INF, _INF)
+    """`(left, right)` reach of a query, folding `causal` into the window (`UNBOUNDED`: no limit)."""
+    left, right = self.window if self.window is not None else (UNBOUNDED, UNBOUNDED)
     if self.causal:
       right = min(right, 0)
     return left, right
-
-  def is_trivial(self) -> bool:
-    return not self.causal and self.window is None and not self.has_segments
 
 
 def local_mask(window: int, *, causal: bool = True, **kw) -> Mask:
@@ -138,6 +138,62 @@ def element_mask(mask: Mask, q_pos, kv_pos, q_seg=None, kv_seg=None) -> Bool[Arr
   return visible
 
 
+def effective_indices(indices, mask: Mask, batch: int, q_len: int, kv_len: int,
+                      kv_heads: int) -> Int[Array, "B T X k"]:
+  """Top-k `indices` (`[B, T, k]` shared or `[B, T, K, k]` per kv head) made safe to gather.
+
+  Returns `[B, T, X, k]` int32 (X = 1 shared, or K) with -1 on every slot that must be
+  ignored: -1 / out-of-range slots and keys `mask` hides from the query (causality, window and
+  segments are re-checked after selection). O(T * k) work.
+  """
+  shape = jnp.shape(indices)
+  if len(shape) not in (3, 4) or shape[:2] != (batch, q_len) or (
+      len(shape) == 4 and shape[2] != kv_heads):
+    raise ValueError(f"indices must have shape [B, T, k] = [{batch}, {q_len}, k] (shared by all "
+                     f"heads) or [B, T, K, k] = [{batch}, {q_len}, {kv_heads}, k] (per kv head), "
+                     f"got {shape}.")
+  if not jnp.issubdtype(jnp.asarray(indices).dtype, jnp.integer):
+    raise ValueError(f"indices must be integers, got dtype {jnp.asarray(indices).dtype}.")
+  if shape[-1] < 1:
+    raise ValueError(f"indices need at least one slot (k >= 1), got shape {shape}.")
+  idx = jnp.asarray(indices, jnp.int32)
+  if idx.ndim == 3:
+    idx = idx[:, :, None, :]  # B T 1 k
+  valid = (idx >= 0) & (idx < kv_len)
+  safe = jnp.where(valid, idx, 0)
+  q_pos = q_offsets(mask, batch)[:, None] + jnp.arange(q_len, dtype=jnp.int32)[None]
+  left, right = mask.bounds
+  diff = safe - q_pos[:, :, None, None]  # key minus query position
+  valid &= (diff >= -left) & (diff <= right)
+  if mask.has_segments:
+    q_seg = jnp.asarray(mask.q_segment_ids, jnp.int32)[:, :, None, None]
+    kv_seg = jax.vmap(lambda seg, i: seg[i])(jnp.asarray(mask.kv_segment_ids, jnp.int32), safe)
+    valid &= (q_seg == kv_seg) & (q_seg >= 0)
+  return jnp.where(valid, idx, -1)
+
+
+def visible_keys(mask: Mask, q_len: int, kv_len: int) -> np.ndarray:
+  """`[q_len]` int64: how many keys each query sees under the causal/window part of `mask`.
+
+  Static (numpy, O(T)): segment ids are ignored and `q_offset` must be an int. For FLOP
+  counts (`visible_pairs`, `models.flops`, the benchmarks).
+  """
+  if np.ndim(mask.q_offset) or isinstance(mask.q_offset, jax.core.Tracer):
+    raise ValueError(f"visible_keys needs an int q_offset, got {mask.q_offset!r}.")
+  left, right = mask.bounds
+  i = int(mask.q_offset) + np.arange(q_len, dtype=np.int64)
+  lo = np.maximum(i - left, 0)  # int64: no overflow with UNBOUNDED sides
+  hi = np.minimum(i + right, kv_len - 1)
+  return np.maximum(hi - lo + 1, 0)
+
+
+def visible_pairs(mask: Mask, q_len: int, kv_len: int, cap: int | None = None) -> int:
+  """Visible (query, key) pairs under the causal/window part of `mask` (segments ignored),
+  counting at most `cap` keys per query (top-k attention)."""
+  per_query = visible_keys(mask, q_len, kv_len)
+  return int(np.minimum(per_query, cap if cap is not None else kv_len).sum())
+
+
 # --- block classification ---------------------------------------------------------------------
 
 
@@ -147,8 +203,8 @@ def kv_block_range(mask: Mask, q_lo, q_hi, block_kv: int, num_kv_blocks: int):
   Works on Python ints and traced int32 scalars alike (kernels compute it per q block).
   """
   left, right = mask.bounds
-  first_key = jnp.maximum(q_lo - left, 0) if left < _INF else 0
-  last_key = q_hi + right if right < _INF else num_kv_blocks * block_kv - 1
+  first_key = jnp.maximum(q_lo - left, 0) if left < UNBOUNDED else 0
+  last_key = q_hi + right if right < UNBOUNDED else num_kv_blocks * block_kv - 1
   lo = jnp.clip(first_key // block_kv, 0, num_kv_blocks)
   hi = jnp.clip(last_key // block_kv + 1, lo, num_kv_blocks)
   return lo, hi
@@ -160,8 +216,8 @@ def q_block_range(mask: Mask, kv_lo, kv_hi, off_min, off_max, block_q: int, num_
   Query `t` sits at position `t + offset`, with the offset in `[off_min, off_max]`.
   """
   left, right = mask.bounds
-  first_q = jnp.maximum(kv_lo - right - off_max, 0) if right < _INF else 0
-  last_q = kv_hi + left - off_min if left < _INF else num_q_blocks * block_q - 1
+  first_q = jnp.maximum(kv_lo - right - off_max, 0) if right < UNBOUNDED else 0
+  last_q = kv_hi + left - off_min if left < UNBOUNDED else num_q_blocks * block_q - 1
   lo = jnp.clip(first_q // block_q, 0, num_q_blocks)
   hi = jnp.clip(last_q // block_q + 1, lo, num_q_blocks)
   return lo, hi
@@ -188,7 +244,7 @@ def segment_ranges(seg: Int[Array, "B L"], block: int) -> tuple[Array, Array]:
   b, length = seg.shape
   tiles = seg.reshape(b, length // block, block)
   valid = tiles >= 0
-  seg_min = jnp.min(jnp.where(valid, tiles, _INF), axis=-1)
+  seg_min = jnp.min(jnp.where(valid, tiles, UNBOUNDED), axis=-1)
   seg_max = jnp.max(jnp.where(valid, tiles, -1), axis=-1)
   return seg_min, seg_max
 

@@ -103,16 +103,6 @@ METHODS: dict[str, Method] = {
 }
 
 
-def visible_pairs(mask: Mask, q_len: int, kv_len: int, cap: int | None = None) -> int:
-  """Visible (query, key) pairs under a causal/window mask (at most `cap` keys per query)."""
-  left, right = mask.bounds
-  i = np.arange(q_len, dtype=np.int64)
-  lo = np.maximum(i - min(left, kv_len), 0)
-  hi = np.minimum(i + min(right, kv_len), kv_len - 1)
-  per_query = np.maximum(hi - lo + 1, 0)
-  return int(np.minimum(per_query, cap if cap is not None else kv_len).sum())
-
-
 def compiled_stats(fn, *args) -> tuple[Callable, float, float]:
   """`(compiled, temp MiB, XLA GFLOPs)` of `jax.jit(fn)` for these argument shapes."""
   compiled = jax.jit(fn).lower(*args).compile()
@@ -163,8 +153,8 @@ def run_one(method: str, causal: bool, length: int, timed: dict | None = None) -
   fwd_bwd = jax.grad(loss, argnums=(0, 1, 2))
   fwd_c, fwd_mem, fwd_xla = compiled_stats(fn, *shapes)
   bwd_c, bwd_mem, bwd_xla = compiled_stats(fwd_bwd, *shapes)
-  useful = 4.0 * b * n * h * visible_pairs(mask, length, length,
-                                            METHODS[method].keys_per_query) / 1e9
+  useful = 4.0 * b * n * h * attention.visible_pairs(mask, length, length,
+                                                      METHODS[method].keys_per_query) / 1e9
   row = dict(method=method, mask=_mask_name(mask), length=length,
              fwd_temp_mib=fwd_mem, fwd_gflops_xla=fwd_xla, fwd_gflops_attn=useful,
              fwdbwd_temp_mib=bwd_mem, fwdbwd_gflops_xla=bwd_xla, fwdbwd_gflops_attn=3.5 * useful,

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import attention
 from attention import Mask, flash_attention
 from attention import indexer as indexer_lib
 from attention import sparse as sparse_lib
@@ -86,7 +87,8 @@ def check_correctness() -> bool:
 
       def run(impl, *xs):
         fn = functools.partial(sparse_lib.sparse_attention, indices=idx, mask=mask,
-                               implementation=impl, interpret=FLAGS.interpret)
+                               implementation=impl,
+                               interpret=FLAGS.interpret and impl == "pallas")
         out, pullback = jax.vjp(lambda q, k, v: fn(q, k, v), *xs[:3])
         return (out, *pullback(xs[3]))
 
@@ -130,13 +132,13 @@ def _inputs(t: int):
 def _fns(impl: str):
   """name -> (fn(**inputs, indices) -> output, gradient?)."""
   mask = Mask(causal=True)
-  opts = dict(implementation=impl, interpret=FLAGS.interpret)
+  opts = dict(implementation=impl, interpret=FLAGS.interpret and impl == "pallas")
   select = lambda x: indexer_lib.indexer_topk(x["index_q"], x["index_k"], x["index_w"],
                                               top_k=FLAGS.top_k, mask=mask)
   flash = lambda x: flash_attention(x["q"], x["k"], x["v"], mask=mask, **opts)
   sparse = lambda x: sparse_lib.sparse_attention(x["q"], x["k"], x["v"], x["indices"],
                                                  mask=mask, **opts)
-  dsa = lambda x: sparse_lib.dsa_attention(
+  dsa = lambda x: attention.dsa_attention(
       x["q"], x["k"], x["v"], mask=mask, index_q=x["index_q"], index_k=x["index_k"],
       index_w=x["index_w"], top_k=FLAGS.top_k, **opts)
 

@@ -20,8 +20,8 @@ Stages (`DsaSettings.stage`):
     attention distribution, `KL(p || softmax(I))` over every visible key. O(T * S) memory:
     train it at warm-up lengths.
   * "sparse": every query attends to its `top_k` indexer-selected keys
-    (`attention.dsa_attention`: blockwise exact top-k + top-k gather attention, no gradient
-    through the selection); the KL is restricted to the selected set. O(T * top_k) memory.
+    (the kind's registered attention, `attention.dsa_attention` by default: blockwise exact
+    top-k + top-k gather attention, no gradient through the selection); the KL is restricted to the selected set. O(T * top_k) memory.
 Either way `aux["indexer_kl"]` holds the (mean over query rows) KL, float32 scalar; with the
 `recall` option (evaluation) also `aux["indexer_recall"]`, the share of the dense attention
 mass on the selected keys.
@@ -44,8 +44,6 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 import attention
-from attention import indexer as indexer_lib
-from attention import sparse as sparse_lib
 from models import cache as cache_lib
 from models import layers
 from models.kinds import KindSettings, LayerKind, register_layer_kind
@@ -210,32 +208,35 @@ class DsaAttention(layers.Attention):
   def _select(self, iq, ik, iw, mask):
     """`[B, T, top_k]` indices of the indexer's top-k visible keys (no gradient)."""
     s = self.dsa
-    return indexer_lib.indexer_topk(lax.stop_gradient(iq), lax.stop_gradient(ik),
+    return attention.indexer_topk(lax.stop_gradient(iq), lax.stop_gradient(ik),
                                     lax.stop_gradient(iw), top_k=s.top_k, mask=mask,
                                     fp8=s.fp8, block_q=s.block_q)
 
   def _dense(self, q, k, v, iq, ik, iw, mask):
     """Warm-up: dense causal attention; KL over every visible key."""
     out = attention.flash_attention(q, k, v, mask=mask)
-    scores = indexer_lib.indexer_scores(iq, ik, iw, mask=mask, fp8=self.dsa.fp8)
-    target = indexer_lib.attention_target(q, k, mask=mask)
-    return out, {"indexer_kl": indexer_lib.indexer_kl_loss(scores, target)}
+    scores = attention.indexer_scores(iq, ik, iw, mask=mask, fp8=self.dsa.fp8)
+    target = attention.attention_target(q, k, mask=mask)
+    return out, {"indexer_kl": attention.indexer_kl_loss(scores, target)}
 
   def _sparse(self, q, k, v, iq, ik, iw, mask):
     """Top-k attention; KL restricted to the selected set."""
     indices = self._select(iq, ik, iw, mask)  # B T top_k
-    out = sparse_lib.sparse_attention(q, k, v, indices, mask=mask)
-    scores = indexer_lib.indexer_scores_at(iq, ik, iw, indices, fp8=self.dsa.fp8)
-    target = indexer_lib.attention_target(q, k, mask=mask, indices=indices)
-    return out, {"indexer_kl": indexer_lib.indexer_kl_loss(scores, target), "indices": indices}
+    # Through the registry (the kind's attention, "dsa" by default), reusing the selection.
+    out = attention.get(self.attention_name)(
+        q, k, v, mask=mask, index_q=iq, index_k=ik, index_w=iw, top_k=self.dsa.top_k,
+        fp8=self.dsa.fp8, indices=indices)
+    scores = attention.indexer_scores_at(iq, ik, iw, indices, fp8=self.dsa.fp8)
+    target = attention.attention_target(q, k, mask=mask, indices=indices)
+    return out, {"indexer_kl": attention.indexer_kl_loss(scores, target), "indices": indices}
 
   def _recall(self, q, k, iq, ik, iw, mask, indices=None):
     """Mean share of the dense attention distribution on the selected keys (visible rows)."""
     if indices is None:
       indices = self._select(iq, ik, iw, mask)
-    target = indexer_lib.attention_target(q, k, mask=mask)  # B T S, rows sum to 1 or 0
+    target = attention.attention_target(q, k, mask=mask)  # B T S, rows sum to 1 or 0
     has_key = jnp.sum(target, axis=-1) > 0
-    mass = indexer_lib.selected_mass(target, indices)
+    mass = attention.selected_mass(target, indices)
     return jnp.sum(jnp.where(has_key, mass, 0.0)) / jnp.maximum(jnp.sum(has_key), 1)
 
   def init_cache(self, batch: int, max_len: int) -> DsaCache:

@@ -1,55 +1,71 @@
-"""Parameter and FLOP counts from a `ModelConfig`, without building the model.
+"""Parameter and FLOP counts of a `ModelConfig` (parameters from the abstract model's state).
 
 Conventions: a multiply-add is 2 FLOPs; forward pass only (training ~ 3x); norms, RoPE, softmax
 and activations are not counted (they are O(D) or O(S) per token against O(D^2) or O(S * D)).
 
 * Matmul FLOPs per token: `2 * (projection parameters)`, the vocabulary projection included
-  (tied or not), the embedding lookup excluded.
+  (tied or not), the embedding lookup and the DSA indexer excluded.
 * Attention FLOPs per token: per layer `4 * num_heads * head_dim * visible_keys`
   (`q k^T` and `p v`), where `visible_keys` is what the layer kind's mask lets one token see.
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
+from flax import nnx
 
 import attention
 from models.config import ModelConfig
+from models.transformer import Transformer
 
 
+GROUPS = ("embedding", "attention", "indexer", "mlp", "norms", "head")
+
+
+def _group(path: tuple) -> str:
+  """The `param_counts` group of a parameter from its nnx path."""
+  names = [str(p) for p in path]
+  if names[0] == "embed":
+    return "embedding"
+  if "indexer" in names:
+    return "indexer"
+  if any(n.endswith("norm") for n in names):
+    return "norms"
+  if "attn" in names:
+    return "attention"
+  if "mlp" in names:
+    return "mlp"
+  return "head"
+
+
+@functools.lru_cache(maxsize=None)
 def param_counts(config: ModelConfig) -> dict[str, int]:
-  """Parameters by group: embedding, attention, mlp, norms, head, and total / non_embedding."""
-  d, n, kh, h, f = (config.d_model, config.num_heads, config.num_kv_heads, config.head_dim,
-                    config.mlp_dim)
-  layers = config.num_layers
-  counts = {
-      "embedding": config.vocab_size * d,
-      "attention": layers * (2 * d * n * h + 2 * d * kh * h),  # q, o and k, v
-      "mlp": layers * 3 * d * f,  # fused gate+up (D x 2F) and down (F x D)
-      "norms": (2 * layers + 1 + config.mlm_head) * d,  # scales only (no biases)
-      "head": (config.mlm_head * d * d
-               + (0 if config.tie_embeddings else d * config.vocab_size)),
-  }
+  """Parameters by group, counted from the model's nnx state (shapes only: nothing allocated).
+
+  Groups: embedding, attention (q/k/v/o), indexer (DSA), mlp, norms, head; plus total and
+  non_embedding.
+  """
+  model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+  counts = dict.fromkeys(GROUPS, 0)
+  for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    counts[_group(path)] += int(np.prod(param.shape))
   counts["total"] = sum(counts.values())
   counts["non_embedding"] = counts["total"] - counts["embedding"]
   return counts
 
 
-def _bounds(config: ModelConfig, kind: str) -> tuple[float, float]:
-  """(left, right) reach of a query in layers of `kind` (inf = unbounded)."""
+def kind_mask(config: ModelConfig, kind: str) -> attention.Mask:
+  """The causal/window `Mask` of layers of `kind` (no segments), as `layers.Attention` builds."""
   window = config.kind_settings(kind).window
-  left, right = (attention.local_mask(window, causal=config.causal).window if window
-                 else (np.inf, np.inf))
-  return left, (0 if config.causal else right)
+  window = attention.local_mask(window, causal=config.causal).window if window else None
+  return attention.Mask(causal=config.causal, window=window)
 
 
 def visible_keys(config: ModelConfig, kind: str, seq_len: int) -> np.ndarray:
   """`[seq_len]` number of keys each position sees in a `kind` layer (no segments)."""
-  left, right = _bounds(config, kind)
-  t = np.arange(seq_len, dtype=np.float64)
-  first = np.maximum(t - left, 0)
-  last = np.minimum(t + right, seq_len - 1)
-  return (last - first + 1).astype(np.int64)
+  return attention.visible_keys(kind_mask(config, kind), seq_len, seq_len)
 
 
 def attention_flops_per_token(config: ModelConfig, context: int) -> int:
@@ -61,7 +77,7 @@ def attention_flops_per_token(config: ModelConfig, context: int) -> int:
   per_key = 4 * config.num_heads * config.head_dim
   total = 0
   for kind in config.layer_kinds:
-    left, right = _bounds(config, kind)
+    left, right = kind_mask(config, kind).bounds
     total += per_key * int(min(context, left + right + 1))
   return total
 
@@ -76,6 +92,6 @@ def matmul_flops_per_token(config: ModelConfig) -> int:
 def forward_flops(config: ModelConfig, seq_len: int, batch: int = 1) -> int:
   """Exact forward FLOPs of `batch` sequences of `seq_len` tokens (no segments)."""
   per_key = 4 * config.num_heads * config.head_dim
-  attn = sum(per_key * int(visible_keys(config, kind, seq_len).sum())
+  attn = sum(per_key * attention.visible_pairs(kind_mask(config, kind), seq_len, seq_len)
              for kind in config.layer_kinds)
   return batch * (seq_len * matmul_flops_per_token(config) + attn)

@@ -11,7 +11,6 @@ F mlp hidden width.
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -69,9 +68,8 @@ class Attention(nnx.Module):
   """Multi-head attention with GQA projections, RoPE and the layer kind's attention function.
 
   The kind's settings (`config.kind_settings(kind)`) give the attention function name, the
-  sliding window (0 = unbounded) and the RoPE theta. A function with a `window` parameter
-  (e.g. "local") also receives the window as a keyword; the `Mask` always carries it, so
-  window-agnostic functions ("dense", "flash") compute the same thing.
+  sliding window (0 = unbounded) and the RoPE theta. The window travels in the `Mask` (as
+  every other visibility rule), so "local", "flash" and "dense" compute the same thing.
   """
 
   def __init__(self, config: "ModelConfig", kind: str, *, rngs: nnx.Rngs):
@@ -103,11 +101,7 @@ class Attention(nnx.Module):
   def attend(self, q: Float[Array, "B T N H"], k: Float[Array, "B S K H"],
              v: Float[Array, "B S K H"], mask: attention.Mask) -> Float[Array, "B T N H"]:
     """Calls the registered attention function of this kind."""
-    fn = attention.get(self.attention_name)
-    options = dict(self.options)
-    if self.window and _accepts(fn, "window"):
-      options.setdefault("window", self.window)
-    return fn(q, k, v, mask=mask, **options)
+    return attention.get(self.attention_name)(q, k, v, mask=mask, **dict(self.options))
 
   # --- forward and decoding ------------------------------------------------------------------
 
@@ -140,12 +134,3 @@ class Attention(nnx.Module):
     if self.window:
       return cache_lib.RingCache.create(batch, min(self.window, max_len), kh, h, self.dtype)
     return cache_lib.FullCache.create(batch, max_len, kh, h, self.dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _accepts(fn, name: str) -> bool:
-  """Whether `fn` declares a parameter `name` (not merely **kwargs)."""
-  try:
-    return name in inspect.signature(fn).parameters
-  except (TypeError, ValueError):
-    return False

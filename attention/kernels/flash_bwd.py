@@ -19,7 +19,7 @@ Two kernels, so that each output tile is owned by one program (no atomics):
 Both skip every tile the mask hides and evaluate the mask only on edge tiles, so a window of
 w costs O(L * w) here too. Rows with no visible key arrive with `lse = +inf` (p = 0).
 Padded query rows have `dout = 0` and contribute nothing. Pure-JAX twin:
-`attention.flash.flash_backward_xla`.
+`attention.flash_xla.flash_backward_xla`.
 """
 
 from __future__ import annotations

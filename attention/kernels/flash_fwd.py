@@ -19,7 +19,7 @@ repeated. Inputs arrive padded (sequence to whole tiles, head_dim to a power of 
 by `flash_pallas`, which also builds the schedule tables.
 
 Cost: O(bq * H) registers per program, O(T * S_visible * H) FLOPs, O(T + S) HBM traffic per
-head beyond the inputs. The pure-JAX twin is `attention.flash.flash_forward_xla`.
+head beyond the inputs. The pure-JAX twin is `attention.flash_xla.flash_forward_xla`.
 """
 
 from __future__ import annotations

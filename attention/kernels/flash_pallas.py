@@ -1,7 +1,7 @@
 """Flash attention on Pallas GPU (Triton) kernels: the `implementation="pallas"` path.
 
 `flash_attention_pallas(q, k, v, mask=..., scale=...)` computes exactly what
-`attention.reference_attention` (and the XLA path, `attention.flash`) computes, with three
+`attention.reference_attention` (and the XLA path, `attention.flash_xla`) computes, with three
 kernels wired through `jax.custom_vjp`:
 
     forward   flash_fwd.forward_call   grid (q blocks, B, N)   -> out, lse
@@ -21,36 +21,26 @@ What happens here, outside the kernels (all O(T + S) or O(#blocks)):
 Layouts: `q [B, T, N, H]`, `k, v [B, S, K, H]` with `N % K == 0` (GQA/MQA read kv head `n // G`;
 K/V are never repeated); `lse [B, N, T]` float32 natural log, -inf for rows with no visible key
 (the XLA path's convention, so `flash_forward_pallas` / `flash_backward_pallas` can stand in for
-`flash_forward_xla` / `flash_backward_xla`, e.g. in ring attention).
+`flash_xla.forward_blocks` / `backward_blocks`, e.g. in ring attention).
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from attention import flash as flash_lib
 from attention import masks as masks_lib
 from attention.block_sizes import MIN_PALLAS_BLOCK, BlockSizes, padded_head_dim
+from attention.common import backward_lse, pad_to_size, round_block, with_lse_vjp
 from attention.kernels import flash_bwd, flash_fwd
 from attention.kernels import flash_tiles as tiles
 from attention.masks import Mask
 from attention.reference import SUPPORTED_DTYPES, check_qkv, default_scale
 
 
-def _pad_axis(x, axis: int, size: int, value=0):
-  pad = size - x.shape[axis]
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths, constant_values=value)
-
-
 def _fit(block: int, length: int) -> int:
   """A tile no longer than the sequence needs: the next power of two >= length (>= 16)."""
-  return min(block, max(MIN_PALLAS_BLOCK, 1 << max(0, length - 1).bit_length()))
+  return round_block(block, length, MIN_PALLAS_BLOCK)
 
 
 def resolve_block_sizes(block_sizes: BlockSizes | None, head_dim: int, dtype) -> BlockSizes:
@@ -72,17 +62,17 @@ class _Padded:
     self.s_pad = tiles.cdiv(self.s, kv_tile) * kv_tile
     self.h_pad = padded_head_dim(self.h)
     self.q = self.seq(q)
-    self.k = _pad_axis(_pad_axis(k, 1, self.s_pad), 3, self.h_pad)
-    self.v = _pad_axis(_pad_axis(v, 1, self.s_pad), 3, self.h_pad)
+    self.k = pad_to_size(pad_to_size(k, 1, self.s_pad), 3, self.h_pad)
+    self.v = pad_to_size(pad_to_size(v, 1, self.s_pad), 3, self.h_pad)
     self.offsets = masks_lib.q_offsets(mask, b)
     self.q_seg = self.kv_seg = None
     if mask.has_segments:
-      self.q_seg = _pad_axis(jnp.asarray(mask.q_segment_ids, jnp.int32), 1, self.t_pad, -1)
-      self.kv_seg = _pad_axis(jnp.asarray(mask.kv_segment_ids, jnp.int32), 1, self.s_pad, -1)
+      self.q_seg = pad_to_size(jnp.asarray(mask.q_segment_ids, jnp.int32), 1, self.t_pad, -1)
+      self.kv_seg = pad_to_size(jnp.asarray(mask.kv_segment_ids, jnp.int32), 1, self.s_pad, -1)
 
   def seq(self, x):
     """`[B, T, N, H]` -> `[B, Tp, N, Hp]` (zeros)."""
-    return _pad_axis(_pad_axis(x, 1, self.t_pad), 3, self.h_pad)
+    return pad_to_size(pad_to_size(x, 1, self.t_pad), 3, self.h_pad)
 
   def segments(self, q_tile: int, kv_tile: int):
     """Kernel segment operands `(q_seg, kv_seg, q_tab, kv_tab)` for these tiles, or None."""
@@ -95,9 +85,10 @@ class _Padded:
 # --- forward / backward with the XLA path's signatures -------------------------------------------
 
 
-def flash_forward_pallas(q, k, v, mask: Mask, scale: float, block_sizes: BlockSizes,
+def flash_forward_pallas(q, k, v, mask: Mask, scale: float, block_sizes: BlockSizes | None,
                          interpret: bool = False):
   """Returns `out [B, T, N, H]` (q.dtype) and `lse [B, N, T]` float32 (-inf: no visible key)."""
+  block_sizes = resolve_block_sizes(block_sizes, q.shape[3], q.dtype)
   t, s, h = q.shape[1], k.shape[1], q.shape[3]
   bq, bk = _fit(block_sizes.block_q, t), _fit(block_sizes.block_kv, s)
   x = _Padded(q, k, v, mask, bq, bk)
@@ -112,8 +103,9 @@ def flash_forward_pallas(q, k, v, mask: Mask, scale: float, block_sizes: BlockSi
 
 
 def flash_backward_pallas(q, k, v, out, lse, dout, mask: Mask, scale: float,
-                          block_sizes: BlockSizes, interpret: bool = False):
+                          block_sizes: BlockSizes | None, interpret: bool = False):
   """Gradients `(dq, dk, dv)` from the saved `lse [B, N, T]`, recomputing scores tile by tile."""
+  block_sizes = resolve_block_sizes(block_sizes, q.shape[3], q.dtype)
   t, s, h = q.shape[1], k.shape[1], q.shape[3]
   q_dq, kv_dq = block_sizes.dq_tiles
   bq_kv, bk_kv = _fit(block_sizes.block_q_bwd, t), _fit(block_sizes.block_kv_bwd, s)
@@ -123,9 +115,9 @@ def flash_backward_pallas(q, k, v, out, lse, dout, mask: Mask, scale: float,
 
   dout_p = x.seq(dout.astype(q.dtype))
   delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)  # B T N
-  delta = _pad_axis(jnp.swapaxes(delta, 1, 2), 2, x.t_pad)  # B N Tp
+  delta = pad_to_size(jnp.swapaxes(delta, 1, 2), 2, x.t_pad)  # B N Tp
   # Base-2 lse; rows with no visible key (and padded rows) get +inf, hence p = 0.
-  lse2 = _pad_axis(jnp.where(jnp.isfinite(lse), lse * tiles.LOG2E, jnp.inf), 2, x.t_pad, jnp.inf)
+  lse2 = pad_to_size(backward_lse(lse) * tiles.LOG2E, 2, x.t_pad, jnp.inf)
 
   segments = x.segments(bq_kv, bk_kv)
   schedule = tiles.kv_major_schedule(mask, x.offsets, x.s_pad // bk_kv, bk_kv, s, t, bq_kv,
@@ -148,7 +140,20 @@ def flash_backward_pallas(q, k, v, out, lse, dout, mask: Mask, scale: float,
 # --- custom_vjp wiring ---------------------------------------------------------------------------
 
 
-_pallas_flash = flash_lib.with_lse_vjp(flash_forward_pallas, flash_backward_pallas)
+_pallas_flash = with_lse_vjp(flash_forward_pallas, flash_backward_pallas)
+
+
+def attend(q, k, v, mask: Mask, scale: float, block_sizes: BlockSizes | None,
+           interpret: bool = False):
+  """The "pallas" entry of `flash.IMPLEMENTATIONS` (shapes and mask validated by the caller).
+
+  Checks the dtypes and the block sizes (ValueError before tracing), then runs the kernels.
+  """
+  if not q.dtype == k.dtype == v.dtype or q.dtype not in map(jnp.dtype, SUPPORTED_DTYPES):
+    raise ValueError(f"Pallas flash attention needs q, k, v of one dtype among float32, bfloat16, "
+                     f"float16; got {q.dtype}, {k.dtype}, {v.dtype}.")
+  block_sizes = resolve_block_sizes(block_sizes, q.shape[3], q.dtype)
+  return _pallas_flash(q, k, v, mask, scale, block_sizes, bool(interpret))
 
 
 def flash_attention_pallas(
@@ -178,10 +183,5 @@ def flash_attention_pallas(
   window; O(T + S) memory beyond the inputs in both passes.
   """
   _, _, _, _, _, h = check_qkv(q, k, v)
-  if not q.dtype == k.dtype == v.dtype or q.dtype not in map(jnp.dtype, SUPPORTED_DTYPES):
-    raise ValueError(f"Pallas flash attention needs q, k, v of one dtype among float32, bfloat16, "
-                     f"float16; got {q.dtype}, {k.dtype}, {v.dtype}.")
   mask = masks_lib.validate(mask, q.shape, k.shape)
-  scale = default_scale(h, scale)
-  block_sizes = resolve_block_sizes(block_sizes, h, q.dtype)
-  return _pallas_flash(q, k, v, mask, scale, block_sizes, bool(interpret))
+  return attend(q, k, v, mask, default_scale(h, scale), block_sizes, interpret)

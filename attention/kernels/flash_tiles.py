@@ -34,11 +34,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from attention import masks as masks_lib
-from attention.masks import EMPTY, FULL, PARTIAL, Mask
+from attention.masks import EMPTY, FULL, PARTIAL, UNBOUNDED, Mask
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
-_INF = masks_lib._INF  # pylint: disable=protected-access
 
 
 def cdiv(a, b: int):
@@ -50,7 +49,7 @@ def cdiv(a, b: int):
 class Geometry:
   """Static facts the kernels specialise on (hashable: part of the kernel's identity)."""
 
-  left: int  # mask.bounds: how far a query sees to the left / right (`_INF`: unbounded)
+  left: int  # mask.bounds: how far a query sees to the left / right (`UNBOUNDED`: unbounded)
   right: int
   kv_len: int  # real keys; positions >= kv_len are padding
   has_segments: bool
@@ -148,9 +147,9 @@ def visible(geom: Geometry, q_pos, kv_pos, q_seg=None, kv_seg=None):
   """
   vis = kv_pos < geom.kv_len  # padded keys are never visible
   diff = kv_pos - q_pos
-  if geom.left < _INF:
+  if geom.left < UNBOUNDED:
     vis &= diff >= -geom.left
-  if geom.right < _INF:
+  if geom.right < UNBOUNDED:
     vis &= diff <= geom.right
   if q_seg is not None:
     vis &= (q_seg == kv_seg) & (q_seg >= 0)

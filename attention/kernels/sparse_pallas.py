@@ -35,11 +35,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from attention.block_sizes import SparseBlockSizes
+from attention.common import lse_vjp, next_pow2
+
 DEFAULT_BLOCK_K = 64
-
-
-def _pow2(x: int) -> int:
-  return 1 << max(0, x - 1).bit_length()
 
 
 def _chunk(idx_ref, c, block_k):
@@ -120,8 +119,8 @@ def _layout(q, k, v, idx, block_k):
   b, t, n, h = q.shape
   kh = k.shape[2]
   g = n // kh
-  gp, hp = _pow2(g), _pow2(h)
-  bk = min(block_k, _pow2(idx.shape[-1]))
+  gp, hp = next_pow2(g), next_pow2(h)
+  bk = min(block_k, next_pow2(idx.shape[-1]))
   kp = -(-idx.shape[-1] // bk) * bk
   q = jnp.pad(q.reshape(b, t, kh, g, h), ((0, 0),) * 3 + ((0, gp - g), (0, hp - h)))
   k = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0),) * 3 + ((0, hp - h),))
@@ -147,7 +146,7 @@ def _params(num_warps, num_stages):
 
 def sparse_forward_pallas(q, k, v, idx, *, scale, block_k=DEFAULT_BLOCK_K, num_warps=4,
                           num_stages=2, interpret=False):
-  """`out [B, T, N, H]` and `lse [B, T, N]` float32, from effective indices `[B, T, X, k]`."""
+  """`out [B, T, N, H]` and `lse [B, N, T]` float32, from effective indices `[B, T, X, k]`."""
   b, t, n, h = q.shape
   qp, kp_, vp, idxp, bk = _layout(q, k, v, idx, block_k)
   grid, q_spec, kv_spec, idx_spec, row_spec = _specs(qp, kp_, idxp)
@@ -164,7 +163,7 @@ def sparse_forward_pallas(q, k, v, idx, *, scale, block_k=DEFAULT_BLOCK_K, num_w
   )(qp, kp_, vp, idxp)
   g = n // k.shape[2]
   out = out[..., :g, :h].reshape(b, t, n, h)
-  return out, lse[..., :g].reshape(b, t, n)
+  return out, jnp.swapaxes(lse[..., :g].reshape(b, t, n), 1, 2)
 
 
 def sparse_backward_pallas(q, k, v, idx, out, lse, dout, *, scale, block_k=DEFAULT_BLOCK_K,
@@ -174,6 +173,7 @@ def sparse_backward_pallas(q, k, v, idx, out, lse, dout, *, scale, block_k=DEFAU
   s, kh = k.shape[1], k.shape[2]
   g = n // kh
   delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)  # B T N
+  lse = jnp.swapaxes(lse, 1, 2)  # B N T -> B T N
   qp, kp_, vp, idxp, bk = _layout(q, k, v, idx, block_k)
   dop = _layout(dout, k, v, idx, block_k)[0]
   gp, hp = qp.shape[-2:]
@@ -202,26 +202,24 @@ def sparse_backward_pallas(q, k, v, idx, out, lse, dout, *, scale, block_k=DEFAU
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _pallas_sparse(q, k, v, idx, scale, interpret):
-  return sparse_forward_pallas(q, k, v, idx, scale=scale, interpret=interpret)[0]
+_pallas_sparse = lse_vjp(
+    lambda q, k, v, idx, scale, block_k, interpret: sparse_forward_pallas(
+        q, k, v, idx, scale=scale, block_k=block_k, interpret=interpret),
+    lambda q, k, v, idx, out, lse, dout, scale, block_k, interpret: sparse_backward_pallas(
+        q, k, v, idx, out, lse, dout, scale=scale, block_k=block_k, interpret=interpret))
 
 
-def _pallas_sparse_fwd(q, k, v, idx, scale, interpret):
-  out, lse = sparse_forward_pallas(q, k, v, idx, scale=scale, interpret=interpret)
-  return out, (q, k, v, idx, out, lse)
+def attend(q, k, v, idx, scale: float, block_sizes: SparseBlockSizes | None,
+           interpret: bool = False):
+  """The "pallas" entry of `sparse.IMPLEMENTATIONS`: effective indices `[B, T, X, k]`.
 
-
-def _pallas_sparse_bwd(scale, interpret, res, dout):
-  q, k, v, idx, out, lse = res
-  dq, dk, dv = sparse_backward_pallas(q, k, v, idx, out, lse, dout, scale=scale,
-                                      interpret=interpret)
-  return dq, dk, dv, None
-
-
-_pallas_sparse.defvjp(_pallas_sparse_fwd, _pallas_sparse_bwd)
+  One program per query, so `SparseBlockSizes.block_q` is refused; `block_k` slots per step.
+  """
+  block_sizes = (block_sizes or SparseBlockSizes()).only("pallas", "block_k")
+  return _pallas_sparse(q, k, v, idx, scale, block_sizes.block_k or DEFAULT_BLOCK_K,
+                        bool(interpret))
 
 
 def sparse_attention_pallas(q, k, v, idx, *, scale: float, interpret: bool = False):
   """Top-k gather attention with Pallas kernels; `idx` are effective indices `[B, T, X, k]`."""
-  return _pallas_sparse(q, k, v, idx, scale, interpret)
+  return attend(q, k, v, idx, scale, None, interpret)

@@ -9,7 +9,7 @@ import pytest
 import attention
 from attention import BlockSizes, Mask
 from attention import band as band_lib
-from attention import flash as flash_lib
+from attention import flash_xla
 from tests.helpers import assert_close, random_qkv, random_segments, vjp_of
 
 # (id, B, T, S, N, K, H, mask kwargs, segments, q_offset, block_q)
@@ -43,8 +43,8 @@ def test_band_matches_tiled_and_reference(case):
   assert band_lib.band_applies(mask, s, bq)
   scale = h ** -0.5
   # pylint: disable=protected-access
-  band = jax.jit(lambda q, k, v: flash_lib._xla_band(q, k, v, mask, scale, bq))
-  tiled = jax.jit(lambda q, k, v: flash_lib._xla_flash(q, k, v, mask, scale, bq, bq))
+  band = jax.jit(lambda q, k, v: flash_xla.xla_band(q, k, v, mask, scale, bq))
+  tiled = jax.jit(lambda q, k, v: flash_xla.xla_flash(q, k, v, mask, scale, bq, bq))
   # pylint: enable=protected-access
   ref = jax.jit(lambda q, k, v: attention.reference_attention(q, k, v, mask=mask))
   out, grads = vjp_of(band, q, k, v)
@@ -55,7 +55,7 @@ def test_band_matches_tiled_and_reference(case):
       assert_close(g, g_other, grad=True, err_msg=f"d{name}")
   # The saved log-sum-exp equals the tiled path's (the backward relies on it).
   _, lse = band_lib.band_forward(q, k, v, mask, scale, bq)
-  _, lse_tiled = flash_lib.flash_forward_xla(q, k, v, mask, scale, bq, bq)
+  _, lse_tiled = flash_xla.flash_forward_xla(q, k, v, mask, scale, bq, bq)
   assert_close(jnp.where(jnp.isfinite(lse), lse, 0.0), jnp.where(jnp.isfinite(lse), lse_tiled, 0.0))
   assert bool(jnp.all(jnp.isfinite(lse) == jnp.isfinite(lse_tiled)))
 

@@ -1,7 +1,8 @@
-"""Pallas flash attention kernels: interpret mode vs `reference_attention`, CUDA lowering, tiles.
+"""Pallas flash attention kernels: CUDA lowering, tiles, schedules, kernel-specific cases.
 
-Interpret mode is slow on CPU, so shapes stay tiny (T <= 128, head_dim 32/64) with 16/32 tiles;
-the same configurations are lowered for CUDA (forward and `jax.grad`), which is fast and catches
+The interpret-mode comparison with `reference_attention` runs in the shared grid
+(test_grid.py, "flash_pallas_interpret", the short cases of tests/attention/grid.py); the same
+short cases are lowered for CUDA here (forward and `jax.grad`), which is fast and catches
 kernels that would not compile for Triton. Schedules are checked against the dense mask.
 """
 
@@ -19,62 +20,15 @@ from attention import masks as masks_lib
 from attention.kernels import flash_pallas
 from attention.kernels import flash_tiles as tiles
 from attention.reference import reference_attention_with_lse
-from tests.helpers import assert_close, random_qkv, random_segments, vjp_of
+from tests.attention.grid import BY_NAME, CASES, DTYPE_CASES, Case
+from tests.helpers import assert_close, random_qkv, random_segments
 
 # Small tiles so that short sequences still span several blocks of each kind.
 SMALL = BlockSizes(block_q=16, block_kv=16, block_q_bwd=16, block_kv_bwd=32, block_q_dq=32,
                    block_kv_dq=16)
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-  name: str
-  batch: int = 2
-  q_len: int = 64
-  kv_len: int = 64
-  heads: int = 4
-  kv_heads: int = 2
-  head_dim: int = 32
-  causal: bool = False
-  window: tuple[int, int] | None = None
-  segments: int = 0  # number of segments (0: none); the last 5 positions are padding
-  q_offset: int | tuple[int, ...] = 0
-
-  def inputs(self, dtype, seed: int = 0):
-    q, k, v = random_qkv(seed, self.batch, self.q_len, self.kv_len, self.heads, self.kv_heads,
-                         self.head_dim, dtype)
-    q_seg = kv_seg = None
-    if self.segments:
-      assert self.q_len == self.kv_len
-      q_seg = kv_seg = random_segments(seed, self.batch, self.q_len, self.segments, pad=5)
-    offset = jnp.asarray(self.q_offset, jnp.int32) if isinstance(self.q_offset, tuple) else (
-        self.q_offset)
-    mask = Mask(causal=self.causal, window=self.window, q_segment_ids=q_seg,
-                kv_segment_ids=kv_seg, q_offset=offset)
-    return q, k, v, mask
-
-
-CASES = [
-    Case("full"),
-    Case("causal", causal=True),
-    Case("diagonal", window=(0, 0)),
-    Case("window_3_0", causal=True, window=(3, 0)),
-    Case("window_64_64", q_len=128, kv_len=128, window=(64, 64), batch=1),
-    Case("segments_causal", causal=True, segments=3),
-    Case("segments_window", window=(20, 9), segments=4),
-    Case("gqa_8_2", heads=8, kv_heads=2, causal=True),
-    Case("mqa", heads=4, kv_heads=1, window=(10, 10)),
-    Case("len_1", q_len=1, kv_len=1, causal=True),
-    Case("len_7", q_len=7, kv_len=7, causal=True),
-    Case("len_100", q_len=100, kv_len=100, causal=True, window=(40, 0), batch=1),
-    Case("decode_offset", q_len=7, kv_len=100, causal=True, q_offset=93),
-    Case("chunk_offsets", q_len=32, kv_len=96, causal=True, window=(47, 0), q_offset=(64, 50)),
-    Case("no_key_rows", q_len=24, kv_len=40, causal=True, q_offset=-5),
-    Case("head_dim_64", head_dim=64, causal=True, batch=1),
-    Case("head_dim_24", head_dim=24, window=(8, 8), batch=1),
-]
-DTYPE_CASES = ["causal", "segments_causal", "chunk_offsets", "gqa_8_2"]
-BY_NAME = {c.name: c for c in CASES}
+PALLAS_CASES = [c for c in CASES if c.small]
 
 
 def _pallas(mask, block_sizes=SMALL, interpret=True):
@@ -82,30 +36,7 @@ def _pallas(mask, block_sizes=SMALL, interpret=True):
                                          block_sizes=block_sizes, interpret=interpret)
 
 
-def _check_against_reference(case: Case, dtype):
-  q, k, v, mask = case.inputs(dtype)
-  out, grads = vjp_of(jax.jit(_pallas(mask)), q, k, v)
-  ref_out, ref_grads = vjp_of(lambda q, k, v: reference_attention(q, k, v, mask=mask), q, k, v)
-  assert out.dtype == q.dtype and out.shape == q.shape
-  assert_close(out, ref_out, dtype, err_msg=f"{case.name} out")
-  for name, got, want in zip("qkv", grads, ref_grads):
-    assert got.dtype == want.dtype
-    assert np.all(np.isfinite(np.asarray(got, np.float32))), f"{case.name} d{name} not finite"
-    assert_close(got, want, dtype, grad=True, err_msg=f"{case.name} d{name}")
-
-
-# --- interpret mode vs the reference -------------------------------------------------------------
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_matches_reference_float32(case):
-  _check_against_reference(case, jnp.float32)
-
-
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
-@pytest.mark.parametrize("name", DTYPE_CASES)
-def test_matches_reference_half(name, dtype):
-  _check_against_reference(BY_NAME[name], dtype)
+# --- kernel-specific checks (the reference comparison over the grid is test_grid.py's) -----------
 
 
 def test_rows_without_keys_are_zero():
@@ -148,7 +79,7 @@ def _lower_for_cuda(fn, *args) -> str:
   return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-LOWER_CASES = ([(c, d) for c in CASES for d in (jnp.float32, jnp.bfloat16)]
+LOWER_CASES = ([(c, d) for c in PALLAS_CASES for d in (jnp.float32, jnp.bfloat16)]
                + [(BY_NAME[name], jnp.float16) for name in DTYPE_CASES])
 
 
@@ -225,7 +156,7 @@ def _visible_tiles(case: Case, bq: int, bk: int):
   return mask, b, t, s, any_vis, pos_blocks.any(axis=(2, 4)), pos_blocks.all(axis=(2, 4))
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", PALLAS_CASES, ids=lambda c: c.name)
 def test_schedules_cover_visible_tiles(case):
   bq, bk = 16, 16
   mask, b, t, s, any_vis, any_pos, all_vis = _visible_tiles(case, bq, bk)

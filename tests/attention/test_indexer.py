@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from attention import Mask, indexer
+import attention
+from attention import Mask, indexer, topk
 from attention.masks import dense_mask
 from tests.helpers import assert_close, random_qkv, random_segments
 
@@ -66,7 +67,7 @@ def test_topk_matches_lax_top_k_random_rows():
   scores = jax.random.normal(jax.random.key(3), (r, w)) * jnp.exp(
       jax.random.normal(jax.random.key(4), (r, 1)) * 3)  # no ties, varied scales and signs
   visible = jnp.ones((r, w), bool)
-  got = indexer.select_topk(scores, visible, k)
+  got = topk.select_topk(scores, visible, k)
   np.testing.assert_array_equal(got, np.sort(lax.top_k(scores, k)[1], axis=-1))
 
 
@@ -78,7 +79,7 @@ def test_select_long_rows_with_ties_and_hidden_keys(k):
   scores = np.round(rng.normal(size=(r, w)) * 4) / 4  # ~25 distinct values: heavy ties
   scores[1] *= 1e-30  # tiny magnitudes
   visible = rng.random((r, w)) < np.array([1.0, 0.9, 0.5, 0.3, 0.05, 0.0])[:, None]
-  got = np.asarray(indexer.select_topk(jnp.asarray(scores, jnp.float32), jnp.asarray(visible), k))
+  got = np.asarray(topk.select_topk(jnp.asarray(scores, jnp.float32), jnp.asarray(visible), k))
   for row, vis, sel in zip(scores.astype(np.float32), visible, got):
     pos = np.flatnonzero(vis)
     order = pos[np.lexsort((pos, -row[pos]))][:k]  # score desc, then position asc
@@ -90,7 +91,7 @@ def test_select_ties_keep_exactly_k():
   scores = jnp.array([[0.0, 1.0, 0.0, 0.0, 2.0, 0.0, -1.0],
                       [3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0]])
   visible = jnp.array([[True] * 7, [True, False, True, True, True, True, True]])
-  got = np.asarray(indexer.select_topk(scores, visible, 4))
+  got = np.asarray(topk.select_topk(scores, visible, 4))
   np.testing.assert_array_equal(got, [[0, 1, 2, 4], [0, 2, 3, 4]])
 
 
@@ -149,7 +150,7 @@ def test_kl_zero_when_equal_and_never_nan():
 def test_kl_dense_and_sparse_targets():
   q_main, k_main, _ = random_qkv(8, 1, 12, 12, 4, 2, 8)
   mask = Mask(causal=True)
-  target = indexer.attention_target(q_main, k_main, mask=mask)
+  target = attention.attention_target(q_main, k_main, mask=mask)
   np.testing.assert_allclose(np.asarray(target).sum(-1), 1.0, rtol=1e-5)
   # The target is the head-average of the reference attention probabilities.
   logits = jnp.einsum("btkgh,bskh->bkgts", q_main.reshape(1, 12, 2, 2, 8), k_main) * 8 ** -0.5
@@ -160,7 +161,7 @@ def test_kl_dense_and_sparse_targets():
   iq, ik, iw = random_indexer(9, 1, 12, 12)
   indices = indexer.indexer_topk(iq, ik, iw, top_k=12, mask=mask)
   dense = indexer.indexer_kl_loss(indexer.indexer_scores(iq, ik, iw, mask=mask), target)
-  sparse_target = indexer.attention_target(q_main, k_main, mask=mask, indices=indices)
+  sparse_target = attention.attention_target(q_main, k_main, mask=mask, indices=indices)
   sparse = indexer.indexer_kl_loss(indexer.indexer_scores_at(iq, ik, iw, indices), sparse_target)
   np.testing.assert_allclose(float(sparse), float(dense), rtol=1e-5)
   grads = jax.grad(lambda a: indexer.indexer_kl_loss(
@@ -185,9 +186,9 @@ def test_selected_mass_is_recall():
   q, k, w = random_indexer(5, b, t, t)
   mq, mk, _ = random_qkv(6, b, t, t, n, n, h)
   mask = Mask(causal=True)
-  target = indexer.attention_target(mq, mk, mask=mask)
+  target = attention.attention_target(mq, mk, mask=mask)
   everything = indexer.indexer_topk(q, k, w, top_k=t, mask=mask)
-  np.testing.assert_allclose(indexer.selected_mass(target, everything), 1.0, atol=1e-5)
+  np.testing.assert_allclose(attention.selected_mass(target, everything), 1.0, atol=1e-5)
   some = indexer.indexer_topk(q, k, w, top_k=4, mask=mask)
-  mass = np.asarray(indexer.selected_mass(target, some))
+  mass = np.asarray(attention.selected_mass(target, some))
   assert np.all(mass[0, :4] > 1 - 1e-5) and np.all((mass > 0) & (mass <= 1 + 1e-5))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import attention
-from attention import Mask, indexer, reference_attention, sparse
+from attention import Mask, SparseBlockSizes, indexer, reference_attention, sparse
 from attention.masks import dense_mask
 from tests.helpers import assert_close, random_qkv, random_segments, vjp_of
 
@@ -72,7 +72,8 @@ def test_sparse_matches_selected_reference(case, implementation):
   mask = make_mask(b, t, s)
   fn = lambda q, k, v: sparse.sparse_attention(
       q, k, v, indices, mask=mask, implementation=implementation,
-      interpret=implementation == "pallas", block_q=4)
+      interpret=implementation == "pallas",
+      block_sizes=SparseBlockSizes(block_q=4) if implementation == "xla" else None)
   out, grads = jit_vjp(fn, q, k, v)
   want, want_grads = vjp_of(selected_reference(q, k, v, indices, mask), q, k, v)
   assert_close(out, want, err_msg="out")
@@ -99,7 +100,8 @@ def test_empty_rows_are_zero_not_nan():
   indices = jnp.array([[[-1, -1], [5, -1], [0, 1], [3, 3]]], jnp.int32)  # 5 is after query 1
   for implementation in ("xla", "pallas"):
     fn = lambda q, k, v: sparse.sparse_attention(q, k, v, indices, mask=Mask(causal=True),
-                                                 implementation=implementation, interpret=True)
+                                                 implementation=implementation,
+                                                 interpret=implementation == "pallas")
     out, grads = jit_vjp(fn, q, k, v)
     assert np.all(np.asarray(out)[0, :2] == 0)
     assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
@@ -134,11 +136,11 @@ def test_dsa_attends_to_indexer_selection_without_duplicates():
   for row in rows:
     kept = row[row >= 0]
     assert len(set(kept)) == len(kept)
-  out = jax.jit(lambda q, k, v: sparse.dsa_attention(q, k, v, mask=mask, index_q=iq, index_k=ik,
+  out = jax.jit(lambda q, k, v: attention.dsa_attention(q, k, v, mask=mask, index_q=iq, index_k=ik,
                                                      index_w=iw, top_k=top))(q, k, v)
   assert_close(out, selected_reference(q, k, v, indices, mask)(q, k, v))
   # The indexer gets no gradient through the selection.
-  g = jax.jit(jax.grad(lambda a: sparse.dsa_attention(
+  g = jax.jit(jax.grad(lambda a: attention.dsa_attention(
       q, k, v, mask=mask, index_q=a, index_k=ik, index_w=iw, top_k=top).sum()))(iq)
   assert np.all(np.asarray(g) == 0)
 

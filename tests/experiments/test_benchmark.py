@@ -7,16 +7,17 @@ import time
 
 import numpy as np
 
+import attention
 from attention import Mask
 from experiments import benchmark
 
 
 def test_visible_pairs():
-  assert benchmark.visible_pairs(Mask(), 8, 8) == 64
-  assert benchmark.visible_pairs(Mask(causal=True), 8, 8) == 36
-  assert benchmark.visible_pairs(Mask(causal=True, window=(2, 0)), 8, 8) == 3 * 8 - 3
+  assert attention.visible_pairs(Mask(), 8, 8) == 64
+  assert attention.visible_pairs(Mask(causal=True), 8, 8) == 36
+  assert attention.visible_pairs(Mask(causal=True, window=(2, 0)), 8, 8) == 3 * 8 - 3
   # DSA: at most top_k keys per query (the first top_k queries see fewer).
-  assert benchmark.visible_pairs(Mask(causal=True), 8, 8, cap=3) == 1 + 2 + 3 * 6
+  assert attention.visible_pairs(Mask(causal=True), 8, 8, cap=3) == 1 + 2 + 3 * 6
 
 
 def test_paired_ratio_measures_the_ratio():

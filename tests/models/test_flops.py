@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import flops
+from models import dsa_kind, flops
 from models.config import ModelConfig
 from models.kinds import KindSettings
 from models.transformer import Transformer
@@ -18,6 +18,7 @@ TINY = dict(vocab_size=64, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64)
 @pytest.mark.parametrize("fields", [
     dict(layer_pattern=("global", "local"), num_layers=3),
     dict(causal=False, mlm_head=True, norm="layer", tie_embeddings=False),
+    dict(layer_pattern=("dsa", "global"), num_layers=2, kinds={"dsa": dsa_kind(top_k=4)}),
 ])
 def test_param_counts_match_the_model(fields):
   config = ModelConfig(**{**TINY, **fields})

@@ -1,0 +1,202 @@
+"""What the attention backends share: the lse custom_vjp, tile gradients, padding, dispatch.
+
+A neutral module below both the front doors (`flash.py`, `sparse.py`, `ring.py`, which hold the
+implementation tables users reach) and the backends (the XLA paths `flash_xla.py`, `band.py`,
+`sparse_xla.py`, `ring_pass.py` and the Pallas kernels in `kernels/`). Backends import this
+module, never a front door, so there is no import cycle.
+
+* `Implementations`: one operation's name -> backend table; entries may be "module:attr"
+  strings imported on first use (so the Pallas kernels load only when picked).
+* `lse_vjp` / `with_lse_vjp`: the `jax.custom_vjp` around a `(forward -> (out, lse),
+  backward from lse)` pair; every blockwise backend uses it.
+* `finish_softmax`, `tile_grads`: the closing step of a softmax tile and the gradient of one
+  score tile from the saved lse (shared by the tiled and the banded flash paths).
+* `pad_to_multiple`, `pad_to_size`, `round_block`, `next_pow2`: padding and tile sizes.
+
+lse convention everywhere: `[B, N, T]` float32 natural log, -inf for a row with no visible key.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from attention.masks import Mask, q_offsets
+
+# --- padding and tile sizes ----------------------------------------------------------------------
+
+
+def pad_to_size(x, axis: int, size: int, value=0):
+  """Pads `x` at the end of `axis` to length `size` with `value` (no copy when already there)."""
+  pad = size - x.shape[axis]
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def pad_to_multiple(x, axis: int, multiple: int, value=0):
+  """Pads `x` at the end of `axis` to the next multiple of `multiple`."""
+  return pad_to_size(x, axis, -(-x.shape[axis] // multiple) * multiple, value)
+
+
+def next_pow2(x: int) -> int:
+  """The smallest power of two >= x (1 for x <= 1)."""
+  return 1 << max(0, int(x) - 1).bit_length()
+
+
+def round_block(block: int, length: int, minimum: int = 8) -> int:
+  """A tile no longer than a short sequence needs: min(block, next_pow2(length)), >= minimum."""
+  return min(block, max(minimum, next_pow2(length)))
+
+
+# --- implementation tables -----------------------------------------------------------------------
+
+
+def _load(entry):
+  if isinstance(entry, str):
+    module, attr = entry.split(":")
+    return getattr(importlib.import_module(module), attr)
+  if isinstance(entry, tuple):
+    return tuple(_load(e) for e in entry)
+  return entry
+
+
+class Implementations:
+  """Name -> backend of one operation, held by the operation's front door (as tokamax's api.py).
+
+  An entry is an object, a "module:attr" string (imported on first `get`), or a tuple of them.
+  `resolve(None, interpret)` picks "pallas" on GPU or with `interpret`, "xla" elsewhere.
+  """
+
+  def __init__(self, operation: str, **entries: Any):
+    self.operation = operation
+    self._entries = dict(entries)
+
+  def register(self, name: str, entry: Any, *, overwrite: bool = False) -> None:
+    if name in self._entries and not overwrite:
+      raise ValueError(f"{self.operation} implementation {name!r} exists; pass overwrite=True.")
+    self._entries[name] = entry
+
+  def names(self) -> tuple[str, ...]:
+    return tuple(self._entries)
+
+  def resolve(self, implementation: str | None, interpret: bool) -> str:
+    """The implementation name to use; a ValueError lists the known ones."""
+    if implementation is None:
+      return "pallas" if interpret or jax.default_backend() == "gpu" else "xla"
+    if implementation not in self._entries:
+      raise ValueError(f"{self.operation}: implementation must be one of {self.names()} or "
+                       f"None, got {implementation!r}.")
+    if interpret and implementation != "pallas":
+      raise ValueError(f"{self.operation}: interpret=True runs the Pallas kernels; "
+                       f"implementation={implementation!r} has nothing to interpret.")
+    return implementation
+
+  def get(self, name: str):
+    entry = self._entries[name] = _load(self._entries[name])
+    return entry
+
+
+# --- the lse custom_vjp --------------------------------------------------------------------------
+
+
+def lse_vjp(forward: Callable, backward: Callable) -> Callable:
+  """`attend(q, k, v, aux, *static) -> out` with a `custom_vjp` from a blockwise pair.
+
+  `forward(q, k, v, aux, *static) -> (out, lse)`; `backward(q, k, v, aux, out, lse, dout,
+  *static) -> (dq, dk, dv)`. `aux` is a pytree of integer arrays (indices, segment ids,
+  offsets) with no cotangent; `static` are hashable settings. Residuals are the inputs, `out`
+  and the float32 `lse`, so backward memory stays O(T + S).
+  """
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+  def attend(q, k, v, aux, static):
+    return forward(q, k, v, aux, *static)[0]
+
+  def attend_fwd(q, k, v, aux, static):
+    out, lse = forward(q, k, v, aux, *static)
+    return out, (q, k, v, aux, out, lse)
+
+  def attend_bwd(static, res, dout):
+    q, k, v, aux, out, lse = res
+    dq, dk, dv = backward(q, k, v, aux, out, lse, dout, *static)
+    return dq, dk, dv, None
+
+  attend.defvjp(attend_fwd, attend_bwd)
+  return lambda q, k, v, aux, *static: attend(q, k, v, aux, static)
+
+
+def with_lse_vjp(forward: Callable, backward: Callable) -> Callable:
+  """`lse_vjp` for a pair that takes a `Mask`: `attend(q, k, v, mask, scale, *static) -> out`.
+
+  `forward(q, k, v, mask, scale, *static) -> (out, lse)` and `backward(q, k, v, out, lse, dout,
+  mask, scale, *static) -> (dq, dk, dv)`. The mask's array leaves (segment ids, offsets) travel
+  as primal inputs with no cotangent; its static structure (causal, window) and `scale` are
+  static arguments.
+  """
+
+  def fwd(q, k, v, arrays, mask_static, scale, *static):
+    return forward(q, k, v, _rebuild(mask_static, arrays), scale, *static)
+
+  def bwd(q, k, v, arrays, out, lse, dout, mask_static, scale, *static):
+    return backward(q, k, v, out, lse, dout, _rebuild(mask_static, arrays), scale, *static)
+
+  attend = lse_vjp(fwd, bwd)
+
+  def call(q, k, v, mask: Mask, scale: float, *static):
+    segments = (mask.q_segment_ids, mask.kv_segment_ids) if mask.has_segments else None
+    arrays = (segments, q_offsets(mask, q.shape[0]))
+    return attend(q, k, v, arrays, (mask.causal, mask.window), scale, *static)
+
+  return call
+
+
+def _rebuild(mask_static, arrays) -> Mask:
+  (causal, window), (segments, offsets) = mask_static, arrays
+  q_seg, kv_seg = segments if segments is not None else (None, None)
+  return Mask(causal=causal, window=window, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+              q_offset=offsets)
+
+
+# --- softmax tiles --------------------------------------------------------------------------------
+
+
+def finish_softmax(m, l, acc, dtype):
+  """`(out, lse)` of a softmax tile from its max `m`, denominator `l`, numerator `acc [..., H]`.
+
+  A row with no visible key (`l == 0`) gets out 0 and lse -inf, never NaN.
+  """
+  has_key = l > 0
+  l_safe = jnp.where(has_key, l, 1.0)
+  lse = jnp.where(has_key, m + jnp.log(l_safe), -jnp.inf)
+  return (acc / l_safe[..., None]).astype(dtype), lse
+
+
+def backward_lse(lse):
+  """The saved lse for recomputing p: rows with no visible key (-inf) become +inf, so p = 0."""
+  return jnp.where(jnp.isfinite(lse), lse, jnp.inf)
+
+
+def tile_grads(s, q_i, k_j, v_j, do_i, lse_i, delta_i, scale: float):
+  """Gradients of one score tile from the saved lse; float32 results.
+
+  `s [B, K, G, t, s]` masked logits (hidden keys -inf), `q_i, do_i [B, K, G, t, H]`,
+  `k_j, v_j [B, K, s, H]`, `lse_i, delta_i [B, K, G, t]` (delta = rowsum(out * dout)).
+  Returns `(dq_i [B, K, G, t, H], dk_j [B, K, s, H], dv_j [B, K, s, H])`::
+
+      p = exp(s - lse);  dv = p^T do;  ds = p * (do v^T - delta) * scale;  dk = ds^T q;  dq = ds k
+  """
+  f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+  p = jnp.exp(s - lse_i[..., None])
+  dv = f32("BKGts,BKGtH->BKsH", p.astype(do_i.dtype), do_i)
+  dp = f32("BKGtH,BKsH->BKGts", do_i, v_j)
+  ds = p * (dp - delta_i[..., None]) * scale
+  dk = f32("BKGts,BKGtH->BKsH", ds.astype(q_i.dtype), q_i)
+  dq = f32("BKGts,BKsH->BKGtH", ds.astype(k_j.dtype), k_j)
+  return dq, dk, dv

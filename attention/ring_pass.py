@@ -1,0 +1,286 @@
+"""The ring passes of `ring_attention` (attention/ring.py): visiting plan, forward, backward.
+
+Device `r` of a `P`-device mesh axis keeps its queries and passes K/V (and kv segment ids)
+around the ring with `lax.ppermute`; each visit runs one flash backend's blockwise pair
+(`RingPlan.block_forward` / `block_backward`, lse `[B, N, T]`) with `q_offset = r*T - s*S`,
+and merges the partial results by log-sum-exp. The backward sends the dK/dV accumulators
+around with their block. See attention/ring.py for the algorithm and its costs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from attention import masks as masks_lib
+from attention.block_sizes import BlockSizes
+from attention.common import lse_vjp
+from attention.masks import EMPTY, Mask
+from attention.reference import check_qkv
+
+
+# --- static configuration -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RingPlan:
+  """Static (hashable) description of one ring call: axis, block compute, visiting plan.
+
+  `block_forward(q, k, v, mask, scale, block_sizes, interpret) -> (out, lse [B, N, T])` and
+  `block_backward(q, k, v, out, lse, dout, mask, scale, block_sizes, interpret)` are one
+  flash backend's blockwise pair (the ring front door's table picks them).
+  """
+
+  axis_name: str
+  num_devices: int
+  causal: bool
+  window: tuple[int, int] | None
+  scale: float
+  block_forward: Callable
+  block_backward: Callable
+  block_sizes: BlockSizes | None
+  interpret: bool
+  head_chunks: int
+  # Sweeps `(shift, hops)`: with `shift` +1 device r receives from r - 1 (blocks r-1, r-2, ...).
+  # The first sweep also visits the device's own block.
+  sweeps: tuple[tuple[int, int], ...]
+
+  def mask(self, q_seg, kv_seg, offsets) -> Mask:
+    return Mask(causal=self.causal, window=self.window, q_segment_ids=q_seg,
+                kv_segment_ids=kv_seg, q_offset=offsets)
+
+  def forward(self, q, k, v, mask):
+    """One block's `(out [B, T, N, H], lse [B, N, T])`."""
+    return self.block_forward(q, k, v, mask, self.scale, self.block_sizes, self.interpret)
+
+  def backward(self, q, k, v, out, lse, dout, mask):
+    """One block's exact partial `(dq, dk, dv)`, given the global `out` and `lse`."""
+    return self.block_backward(q, k, v, out, lse, dout, mask, self.scale, self.block_sizes,
+                               self.interpret)
+
+
+def ring_sweeps(mask: Mask, num_devices: int, q_len: int, kv_len: int,
+                static_offset: bool) -> tuple[tuple[int, int], ...]:
+  """The static visiting plan `((shift, hops), ...)` for a mask on `num_devices` blocks.
+
+  One sweep of `P - 1` hops (every block) unless the window bounds the reach: then
+  `ceil(left / S)` hops receiving from the left and `ceil(right / S)` from the right. Only
+  when the query offset is the static 0 and `T == S` (self-attention over a sharded sequence);
+  otherwise the full ring, where `lax.cond` still skips hidden blocks.
+  """
+  full = ((1, num_devices - 1),)
+  if mask.window is None or not static_offset or q_len != kv_len:
+    return full
+  left, right = mask.bounds
+  hops_left = min(num_devices - 1, -(-left // kv_len))
+  hops_right = min(num_devices - 1, -(-right // kv_len))
+  if hops_left + hops_right >= num_devices - 1:
+    return full
+  return ((1, hops_left), (-1, hops_right)) if hops_right else ((1, hops_left),)
+
+
+# --- one visit: classification + block compute ---------------------------------------------------
+
+
+def _block_kind(mask_q: Mask, r, s, t: int, kv_len: int, offsets, q_seg, kv_seg):
+  """EMPTY / PARTIAL / FULL of (query block r, key block s) from positions and segment ranges."""
+  q_lo = jnp.min(offsets) + r * t
+  q_hi = jnp.max(offsets) + r * t + t - 1
+  kind = masks_lib.classify_positions(mask_q, q_lo, q_hi, s * kv_len, s * kv_len + kv_len - 1)
+  if q_seg is not None:
+    q_min, q_max = masks_lib.segment_ranges(q_seg, t)
+    kv_min, kv_max = masks_lib.segment_ranges(kv_seg, kv_len)
+    seg_kind = masks_lib.classify_segments(q_min, q_max, kv_min, kv_max,
+                                           jnp.all(q_seg >= 0, axis=1, keepdims=True),
+                                           jnp.all(kv_seg >= 0, axis=1, keepdims=True))
+    kind = masks_lib.combine(kind, seg_kind)
+  return kind
+
+
+def _source(ring: RingPlan, r, shift: int, i):
+  """Index of the kv block device r holds after `i` hops of `shift`."""
+  return (r - shift * i) % ring.num_devices
+
+
+def _permute(ring: RingPlan, tree, shift: int):
+  """Sends every leaf of `tree` from device j to device j + shift (mod P)."""
+  p = ring.num_devices
+  perm = [(j, (j + shift) % p) for j in range(p)]
+  return jax.tree.map(lambda x: lax.ppermute(x, ring.axis_name, perm), tree)
+
+
+# --- forward ---------------------------------------------------------------------------------
+
+
+def _merge(out, lse, out_i, lse_i):
+  """Log-sum-exp merge of two partial softmax results (rows with no key stay 0 / -inf)."""
+  new = jnp.logaddexp(lse, lse_i)  # B N T
+  safe = jnp.where(jnp.isfinite(new), new, 0.0)
+  w_old = jnp.swapaxes(jnp.exp(lse - safe), 1, 2)[..., None]  # B T N 1
+  w_new = jnp.swapaxes(jnp.exp(lse_i - safe), 1, 2)[..., None]
+  return out * w_old + out_i.astype(jnp.float32) * w_new, new
+
+
+def _forward_pass(ring: RingPlan, q, k, v, q_seg, kv_seg, offsets):
+  """`(out [B, T, N, H] q.dtype, lse [B, N, T] f32)` of the local queries against all keys."""
+  b, t, s_len, n, _, _ = check_qkv(q, k, v)
+  r = lax.axis_index(ring.axis_name)
+  mask_q = ring.mask(None, None, offsets)
+
+  def visit(carry, kv, s):
+    out, lse = carry
+    k_s, v_s, kv_seg_s = kv
+    kind = _block_kind(mask_q, r, s, t, s_len, offsets, q_seg, kv_seg_s)
+
+    def compute(carry):
+      mask = ring.mask(q_seg, kv_seg_s, offsets + r * t - s * s_len)
+      return _merge(*carry, *ring.forward(q, k_s, v_s, mask))
+
+    return lax.cond(kind != EMPTY, compute, lambda c: c, (out, lse))
+
+  acc = (jnp.zeros(q.shape, jnp.float32), jnp.full((b, n, t), -jnp.inf, jnp.float32))
+  own = (k, v, kv_seg)
+  for sweep, (shift, hops) in enumerate(ring.sweeps):
+    start = 0 if sweep == 0 else 1  # the own block is visited once, in the first sweep
+
+    def body(i, carry, shift=shift):
+      kv, acc = carry
+      kv_next = _permute(ring, kv, shift)  # no data dependence on the compute: overlaps it
+      return kv_next, visit(acc, kv, _source(ring, r, shift, i))
+
+    kv0 = own if start == 0 else _permute(ring, own, shift)
+    _, acc = lax.fori_loop(start, hops + 1, body, (kv0, acc))
+  out, lse = acc
+  return out.astype(q.dtype), lse
+
+
+# --- backward --------------------------------------------------------------------------------
+
+
+def _backward_pass(ring: RingPlan, q, k, v, q_seg, kv_seg, offsets, out, lse, dout):
+  """`(dq, dk, dv)`: blockwise, with the dK/dV accumulators travelling with their K/V block."""
+  _, t, s_len, _, _, _ = check_qkv(q, k, v)
+  r = lax.axis_index(ring.axis_name)
+  mask_q = ring.mask(None, None, offsets)
+  p = ring.num_devices
+
+  def visit(dq, kv, dkv, s):
+    k_s, v_s, kv_seg_s = kv
+    kind = _block_kind(mask_q, r, s, t, s_len, offsets, q_seg, kv_seg_s)
+
+    def compute(args):
+      dq, (dk, dv) = args
+      mask = ring.mask(q_seg, kv_seg_s, offsets + r * t - s * s_len)
+      dq_i, dk_i, dv_i = ring.backward(q, k_s, v_s, out, lse, dout, mask)
+      return dq + dq_i.astype(jnp.float32), (dk + dk_i.astype(jnp.float32),
+                                              dv + dv_i.astype(jnp.float32))
+
+    return lax.cond(kind != EMPTY, compute, lambda a: a, (dq, dkv))
+
+  dq = jnp.zeros(q.shape, jnp.float32)
+  dk = jnp.zeros(k.shape, jnp.float32)
+  dv = jnp.zeros(v.shape, jnp.float32)
+  own = (k, v, kv_seg)
+  for sweep, (shift, hops) in enumerate(ring.sweeps):
+    start = 0 if sweep == 0 else 1
+
+    def body(i, carry, shift=shift):
+      kv, dkv, dq = carry
+      kv_next = _permute(ring, kv, shift)
+      dq, dkv = visit(dq, kv, dkv, _source(ring, r, shift, i))
+      return kv_next, _permute(ring, dkv, shift), dq  # the gradient follows its block
+
+    kv0 = own if start == 0 else _permute(ring, own, shift)
+    zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    _, dkv, dq = lax.fori_loop(start, hops + 1, body, (kv0, zeros, dq))
+    # Device j now holds the accumulator of block j - shift * (hops + 1): send it home.
+    home = (-shift * (hops + 1)) % p
+    if home:
+      dkv = _permute(ring, dkv, home)
+    dk, dv = dk + dkv[0], dv + dkv[1]
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+# --- head chunks: a whole ring per group of kv heads, one group after the other ----------------
+#
+# Every per-device buffer of the ring (K/V in flight, accumulators, flash tiles) scales with the
+# heads it carries; `head_chunks = C` runs C rings of K/C kv heads (and their N/C q heads)
+# sequentially, dividing the temporary memory by ~C for C x more (C x smaller) hops. A
+# fori_loop keeps the chunks sequential (unrolled, XLA interleaves them and keeps all alive);
+# chunks are sliced from the [B, T, N, H] arrays along the head axis and written back in place
+# (`dynamic_update_slice`), so neither the inputs nor the outputs are copied or re-laid out.
+
+
+def _ring_forward(ring: RingPlan, q, k, v, q_seg, kv_seg, offsets):
+  c = ring.head_chunks
+  if c == 1:
+    return _forward_pass(ring, q, k, v, q_seg, kv_seg, offsets)
+  b, t, s, n, kh, h = check_qkv(q, k, v)
+  nc, kc = n // c, kh // c
+
+  def body(i, acc):
+    out, lse = acc
+    o_i, l_i = _forward_pass(ring, lax.dynamic_slice_in_dim(q, i * nc, nc, axis=2),
+                             lax.dynamic_slice_in_dim(k, i * kc, kc, axis=2),
+                             lax.dynamic_slice_in_dim(v, i * kc, kc, axis=2),
+                             q_seg, kv_seg, offsets)
+    return (lax.dynamic_update_slice_in_dim(out, o_i, i * nc, axis=2),
+            lax.dynamic_update_slice_in_dim(lse, l_i, i * nc, axis=1))
+
+  init = (jnp.zeros(q.shape, q.dtype), jnp.zeros((b, n, t), jnp.float32))
+  return lax.fori_loop(0, c, body, init)
+
+
+def _ring_backward(ring: RingPlan, q, k, v, q_seg, kv_seg, offsets, out, lse, dout):
+  c = ring.head_chunks
+  if c == 1:
+    return _backward_pass(ring, q, k, v, q_seg, kv_seg, offsets, out, lse, dout)
+  _, _, _, n, kh, _ = check_qkv(q, k, v)
+  nc, kc = n // c, kh // c
+
+  def body(i, grads):
+    dq, dk, dv = grads
+    qs = lambda x: lax.dynamic_slice_in_dim(x, i * nc, nc, axis=2)
+    ks = lambda x: lax.dynamic_slice_in_dim(x, i * kc, kc, axis=2)
+    dq_i, dk_i, dv_i = _backward_pass(
+        ring, qs(q), ks(k), ks(v), q_seg, kv_seg, offsets, qs(out),
+        lax.dynamic_slice_in_dim(lse, i * nc, nc, axis=1), qs(dout))
+    return (lax.dynamic_update_slice_in_dim(dq, dq_i, i * nc, axis=2),
+            lax.dynamic_update_slice_in_dim(dk, dk_i, i * kc, axis=2),
+            lax.dynamic_update_slice_in_dim(dv, dv_i, i * kc, axis=2))
+
+  init = (jnp.zeros(q.shape, q.dtype), jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype))
+  return lax.fori_loop(0, c, body, init)
+
+
+# --- custom_vjp wiring --------------------------------------------------------------------------
+
+
+def _forward(q, k, v, arrays, ring: RingPlan):
+  segments, offsets = arrays
+  return _ring_forward(ring, q, k, v, *_unpack(segments), offsets)
+
+
+def _backward(q, k, v, arrays, out, lse, dout, ring: RingPlan):
+  segments, offsets = arrays
+  return _ring_backward(ring, q, k, v, *_unpack(segments), offsets, out, lse, dout)
+
+
+_ring = lse_vjp(_forward, _backward)
+
+
+def ring_call(ring: RingPlan, q, k, v, segments, offsets):
+  """The ring's output `[B, T, N, H]`, differentiable (`common.lse_vjp`); call in shard_map.
+
+  `segments`: `(q_segment_ids [B, T], kv_segment_ids [B, S])` local blocks, or None;
+  `offsets [B]` int32 global query offsets.
+  """
+  return _ring(q, k, v, (segments, offsets), ring)
+
+
+def _unpack(segments):
+  return segments if segments is not None else (None, None)

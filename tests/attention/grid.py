@@ -1,0 +1,105 @@
+"""The shared test grid: shapes x masks x dtypes that every attention implementation runs.
+
+One list of `Case`s (shapes, causal / window / segments / offsets / GQA / odd lengths); the
+tolerance table is `tests.helpers.ATOL` (DESIGN.md). `test_grid.py` runs each implementation
+(`IMPLEMENTATIONS` there) over the cases it supports, forward and gradients, against
+`reference_attention`; a new backend is one entry there, not a new list of cases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from attention import Mask
+from tests.helpers import random_qkv, random_segments
+
+# Cases short enough for the Pallas interpret mode (and for the slower implementations).
+SMALL_LEN = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  name: str
+  batch: int = 2
+  q_len: int = 64
+  kv_len: int = 64
+  heads: int = 4
+  kv_heads: int = 2
+  head_dim: int = 32
+  causal: bool = False
+  window: tuple[int, int] | None = None
+  segments: int = 0  # number of segments (0: none); the last 5 positions are padding
+  q_offset: int | tuple[int, ...] = 0
+
+  @property
+  def small(self) -> bool:
+    return max(self.q_len, self.kv_len) <= SMALL_LEN
+
+  @property
+  def self_attention(self) -> bool:
+    """Queries are the keys' positions (T == S, offset 0): what ring attention shards."""
+    return self.q_len == self.kv_len and self.q_offset == 0
+
+  def inputs(self, dtype=jnp.float32, seed: int = 0):
+    """Fresh random `(q, k, v, mask)` of this case."""
+    q, k, v = random_qkv(seed, self.batch, self.q_len, self.kv_len, self.heads, self.kv_heads,
+                         self.head_dim, dtype)
+    q_seg = kv_seg = None
+    if self.segments:
+      assert self.q_len == self.kv_len
+      q_seg = kv_seg = random_segments(seed, self.batch, self.q_len, self.segments,
+                                       pad=min(5, self.q_len // 10))
+    offset = jnp.asarray(self.q_offset, jnp.int32) if isinstance(self.q_offset, tuple) else (
+        self.q_offset)
+    mask = Mask(causal=self.causal, window=self.window, q_segment_ids=q_seg,
+                kv_segment_ids=kv_seg, q_offset=offset)
+    return q, k, v, mask
+
+
+CASES = [
+    Case("full"),
+    Case("causal", causal=True),
+    Case("diagonal", window=(0, 0)),
+    Case("window_3_0", causal=True, window=(3, 0)),
+    Case("window_64_64", q_len=128, kv_len=128, window=(64, 64), batch=1),
+    Case("segments_causal", causal=True, segments=3),
+    Case("segments_bidir", q_len=96, kv_len=96, heads=2, kv_heads=1, segments=4),
+    Case("segments_window", window=(20, 9), segments=4),
+    Case("gqa_8_2", heads=8, kv_heads=2, causal=True),
+    Case("mqa", heads=4, kv_heads=1, window=(10, 10)),
+    Case("len_1", q_len=1, kv_len=1, causal=True),
+    Case("len_7", q_len=7, kv_len=7, causal=True),
+    Case("len_100", q_len=100, kv_len=100, causal=True, window=(40, 0), batch=1),
+    Case("cross_attn", q_len=37, kv_len=100, heads=4, kv_heads=4),
+    Case("decode_offset", q_len=7, kv_len=100, causal=True, q_offset=93),
+    Case("chunk_offsets", q_len=32, kv_len=96, causal=True, window=(47, 0), q_offset=(64, 50)),
+    Case("no_key_rows", q_len=24, kv_len=40, causal=True, q_offset=-5),
+    Case("head_dim_64", head_dim=64, causal=True, batch=1),
+    Case("head_dim_24", head_dim=24, window=(8, 8), batch=1),
+    # Longer: several XLA tiles, the banded path, default tiles (XLA implementations only).
+    Case("causal_1000", batch=1, q_len=1000, kv_len=1000, heads=2, kv_heads=2, causal=True),
+    Case("band_127_0", batch=1, q_len=1000, kv_len=1000, heads=2, kv_heads=1, head_dim=64,
+         causal=True, window=(127, 0)),
+    Case("window_64_64_300", batch=1, q_len=300, kv_len=300, heads=2, kv_heads=1, head_dim=64,
+         window=(64, 64)),
+    Case("segments_200", q_len=200, kv_len=200, causal=True, segments=4),
+    Case("segments_window_200", q_len=200, kv_len=200, heads=2, kv_heads=2, causal=True,
+         window=(16, 0), segments=4),
+    Case("prefill_window", batch=1, q_len=40, kv_len=170, causal=True, window=(31, 0),
+         q_offset=130),
+    Case("head_dim_128", batch=1, q_len=100, kv_len=100, heads=2, kv_heads=1, head_dim=128,
+         causal=True),
+]
+BY_NAME = {c.name: c for c in CASES}
+# Cases also run in bfloat16 and float16.
+DTYPE_CASES = ("causal", "segments_causal", "chunk_offsets", "gqa_8_2")
+DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
+
+
+def case_dtypes(cases) -> list[tuple[Case, str]]:
+  """`(case, dtype name)` pairs: every case in float32, the DTYPE_CASES also in bf16 / f16."""
+  out = [(c, "f32") for c in cases]
+  out += [(c, d) for d in ("bf16", "f16") for c in cases if c.name in DTYPE_CASES]
+  return out

@@ -1,0 +1,176 @@
+"""Every attention implementation over the shared grid (tests/attention/grid.py), as one test.
+
+An implementation is one `Impl` entry: a function `(q, k, v, mask) -> out` and the cases it
+supports. Each (implementation, case, dtype) is one jitted computation of the output and the
+three gradients of the implementation and of `reference_attention`, compared with the DESIGN.md
+tolerances (`tests.helpers.tolerance`). Entries:
+
+* flash, XLA path (small tiles: several tiles per case; default tiles on the long cases);
+* flash, Pallas kernels in interpret mode (the short cases);
+* sparse attention (XLA and Pallas-interpret) with every key selected (top_k >= L): it must
+  equal dense attention under the same mask;
+* ring attention on 8 host devices (one subprocess for all its cases, tests/multidevice.py);
+* every name in the registry (`attention.available()`), with the options it needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attention
+from attention import BlockSizes, SparseBlockSizes
+from tests.attention.grid import BY_NAME, CASES, DTYPES, Case, case_dtypes
+from tests.helpers import tolerance
+from tests.multidevice import run_worker
+
+XLA_TILES = BlockSizes(64, 64, 64, 64)
+PALLAS_TILES = BlockSizes(block_q=16, block_kv=16, block_q_bwd=16, block_kv_bwd=32,
+                          block_q_dq=32, block_kv_dq=16)
+# Registered names: the grid cases they run (float32) and the options they need.
+REGISTRY_CASES = ("causal", "segments_window", "chunk_offsets")
+SPARSE_CASES = ("full", "causal", "window_3_0", "segments_causal", "gqa_8_2", "mqa", "len_7",
+                "chunk_offsets", "no_key_rows", "cross_attn")
+RING_CASES = ("causal", "segments_window", "gqa_8_2", "window_64_64", "mqa", "len_100")
+
+
+@dataclasses.dataclass(frozen=True)
+class Impl:
+  name: str
+  fn: Callable  # (q, k, v, mask) -> out
+  supports: Callable[[Case], bool]
+  low_precision: bool = True
+
+
+def all_keys(q, k):
+  """Indices `[B, T, S]` selecting every key (top_k >= L): sparse attention == dense."""
+  return jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (*q.shape[:2], k.shape[1]))
+
+
+def _dsa_options(q, k):
+  """Random indexer inputs with top_k = S: every visible key is selected."""
+  b, t, s = q.shape[0], q.shape[1], k.shape[1]
+  kq, kk, kw = jax.random.split(jax.random.key(7), 3)
+  return dict(index_q=jax.random.normal(kq, (b, t, 2, 8)),
+              index_k=jax.random.normal(kk, (b, s, 8)),
+              index_w=jax.random.normal(kw, (b, t, 2)), top_k=s)
+
+
+REGISTRY_OPTIONS = {"dsa": _dsa_options}
+
+
+def _registered(name: str) -> Impl:
+  def fn(q, k, v, mask):
+    options = REGISTRY_OPTIONS.get(name, lambda q, k: {})(q, k)
+    return attention.get(name)(q, k, v, mask=mask, **options)
+
+  needs_window = name == "local"
+  return Impl(f"registered_{name}", fn, lambda c: c.name in REGISTRY_CASES and (
+      c.window is not None or not needs_window), low_precision=False)
+
+
+def _flash(implementation, block_sizes, interpret=False):
+  return lambda q, k, v, mask: attention.flash_attention(
+      q, k, v, mask=mask, implementation=implementation, block_sizes=block_sizes,
+      interpret=interpret)
+
+
+def _sparse(implementation, block_sizes):
+  return lambda q, k, v, mask: attention.sparse_attention(
+      q, k, v, all_keys(q, k), mask=mask, implementation=implementation,
+      block_sizes=block_sizes, interpret=implementation == "pallas")
+
+
+IMPLEMENTATIONS = [
+    Impl("flash_xla", _flash("xla", XLA_TILES), lambda c: True),
+    Impl("flash_xla_default_tiles", _flash("xla", None),
+         lambda c: c.name in ("causal_1000", "band_127_0", "len_100"), low_precision=False),
+    Impl("flash_pallas_interpret", _flash("pallas", PALLAS_TILES, interpret=True),
+         lambda c: c.small),
+    Impl("sparse_xla_all_keys", _sparse("xla", SparseBlockSizes(block_q=16)),
+         lambda c: c.name in SPARSE_CASES, low_precision=False),
+    Impl("sparse_pallas_all_keys", _sparse("pallas", SparseBlockSizes(block_k=16)),
+         lambda c: c.name in ("causal", "segments_window", "chunk_offsets", "len_7"),
+         low_precision=False),
+] + [_registered(name) for name in attention.available()]
+
+PARAMS = [(impl, case, dtype) for impl in IMPLEMENTATIONS for case, dtype in case_dtypes(CASES)
+          if impl.supports(case) and (dtype == "f32" or impl.low_precision)]
+
+
+def _with_reference(fn, q, k, v, mask):
+  """`(out, grads, ref_out, ref_grads)` in one jit, against a fixed random cotangent."""
+  dout = jax.random.normal(jax.random.key(123), q.shape, jnp.float32).astype(q.dtype)
+
+  @jax.jit
+  def both(q, k, v, dout):  # the mask is closed over: concrete offsets keep the band path
+    out, pull = jax.vjp(lambda q, k, v: fn(q, k, v, mask), q, k, v)
+    ref, ref_pull = jax.vjp(lambda q, k, v: attention.reference_attention(q, k, v, mask=mask),
+                            q, k, v)
+    return out, pull(dout), ref, ref_pull(dout)
+
+  return both(q, k, v, dout)
+
+
+def worst_error(got, want, dtype, grad: bool) -> float:
+  """max |got - want| / (atol + rtol |want|) in float32: <= 1 passes the DESIGN.md tolerance."""
+  tol = tolerance(dtype, grad)
+  got, want = (np.asarray(jnp.asarray(x, jnp.float32)) for x in (got, want))
+  if not np.all(np.isfinite(got)):
+    return float("inf")
+  return float(np.max(np.abs(got - want) / (tol["atol"] + tol["rtol"] * np.abs(want)),
+                      initial=0.0))
+
+
+def errors(fn, case: Case, dtype) -> dict[str, float]:
+  """Worst normalised errors of the output and the gradients of `fn` on `case`."""
+  q, k, v, mask = case.inputs(dtype)
+  out, grads, ref, ref_grads = _with_reference(fn, q, k, v, mask)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  result = {"out": worst_error(out, ref, dtype, grad=False)}
+  for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+    assert got.dtype == want.dtype
+    result[name] = worst_error(got, want, dtype, grad=True)
+  return result
+
+
+@pytest.mark.parametrize("impl,case,dtype", PARAMS,
+                         ids=[f"{i.name}-{c.name}-{d}" for i, c, d in PARAMS])
+def test_matches_reference(impl: Impl, case: Case, dtype: str):
+  result = errors(impl.fn, case, DTYPES[dtype])
+  assert max(result.values()) <= 1.0, result
+
+
+# --- ring attention: 8 host devices, one subprocess for all its cases ----------------------------
+
+
+def ring_grid() -> dict[str, dict[str, float]]:
+  """Worker (tests/multidevice.py): ring attention over RING_CASES on an 8-device mesh."""
+  devices = np.array(jax.devices())
+  out = {}
+  for name in RING_CASES:
+    case = BY_NAME[name]
+    p = max(d for d in (8, 4, 2) if case.q_len % d == 0)
+    mesh = jax.sharding.Mesh(devices[:p], ("seq",))
+    fn = lambda q, k, v, mask, mesh=mesh: attention.ring_attention_sharded(
+        q, k, v, mask=mask, mesh=mesh, implementation="xla", block_sizes=XLA_TILES)
+    out[name] = errors(fn, case, jnp.float32)
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def _ring_results():
+  return run_worker(__name__, "ring_grid", devices=8)
+
+
+@pytest.mark.parametrize("name", RING_CASES)
+def test_ring_matches_reference(name: str):
+  assert BY_NAME[name].self_attention
+  result = _ring_results()[name]
+  assert max(result.values()) <= 1.0, result

@@ -1,0 +1,135 @@
+"""The package's shape as checked contracts: layering, no cycles, no private imports, sizes.
+
+* import-linter (`[importlinter]` in setup.cfg): experiments > models > attention; inside
+  attention, front doors > backends > shared modules; kernels never import a front door.
+* No import cycle among the project's modules (lazy imports inside functions included).
+* No module imports a private (`_name`) from another module, nor reads `module._name`.
+* Modules at most 400 lines; functions at most 60 lines outside attention/kernels/.
+Static (AST and import graph only): about a second.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGES = ("attention", "models", "experiments")
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+
+
+def _modules() -> dict[str, pathlib.Path]:
+  """Dotted name -> path of every module of the project's packages."""
+  out = {}
+  for package in PACKAGES:
+    for path in sorted((ROOT / package).rglob("*.py")):
+      parts = path.relative_to(ROOT).with_suffix("").parts
+      out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+  return out
+
+
+MODULES = _modules()
+TREES = {name: ast.parse(path.read_text(), str(path)) for name, path in MODULES.items()}
+
+
+def _type_checking_only(tree: ast.Module) -> set[int]:
+  """ids of the nodes under `if TYPE_CHECKING:` (annotations only, never run)."""
+  return {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
+          and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
+          for stmt in block.body for node in ast.walk(stmt)}
+
+
+def _imports(name: str, tree: ast.Module):
+  """`(imported module, imported name or None, bound alias, node)` for every run-time import."""
+  package = name if MODULES[name].name == "__init__.py" else name.rpartition(".")[0]
+  skip = _type_checking_only(tree)
+  for node in ast.walk(tree):
+    if id(node) in skip:
+      continue
+    if isinstance(node, ast.Import):
+      for alias in node.names:
+        yield alias.name, None, alias.asname or alias.name, node
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:
+        base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] +
+                        ([base] if base else []))
+      for alias in node.names:
+        yield base, alias.name, alias.asname or alias.name, node
+
+
+def _project_target(module: str, imported: str | None) -> str | None:
+  """The project module an import refers to (`from a import b` may name module a.b)."""
+  if imported and f"{module}.{imported}" in MODULES:
+    return f"{module}.{imported}"
+  return module if module in MODULES else None
+
+
+def test_import_linter_contracts():
+  from importlinter import cli  # pylint: disable=g-import-not-at-top
+  assert cli.lint_imports(config_filename=str(ROOT / "setup.cfg")) == 0, (
+      "an import-linter contract is broken (run `lint-imports` for the details)")
+
+
+def test_no_import_cycles():
+  graph = {name: set() for name in MODULES}
+  for name, tree in TREES.items():
+    for module, imported, _, _ in _imports(name, tree):
+      target = _project_target(module, imported)
+      # A package __init__ only re-exports its modules: edges into it are not followed.
+      if target and target != name and MODULES[target].name != "__init__.py":
+        graph[name].add(target)
+  state, stack = {}, []
+
+  def visit(node):
+    state[node] = "open"
+    stack.append(node)
+    for nxt in sorted(graph[node]):
+      if state.get(nxt) == "open":
+        pytest.fail("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+      elif nxt not in state:
+        visit(nxt)
+    stack.pop()
+    state[node] = "done"
+
+  for name in sorted(graph):
+    if name not in state:
+      visit(name)
+
+
+def test_no_private_names_across_modules():
+  bad = []
+  for name, tree in TREES.items():
+    module_aliases = set()
+    for module, imported, alias, node in _imports(name, tree):
+      target = _project_target(module, imported)
+      if imported and imported.startswith("_") and module.split(".")[0] in PACKAGES:
+        bad.append(f"{name}:{node.lineno} imports {module}.{imported}")
+      if target and (imported is None or target == f"{module}.{imported}"):
+        module_aliases.add(alias)  # a name bound to a project module
+    for node in ast.walk(tree):
+      if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+          and node.value.id in module_aliases and node.attr.startswith("_")
+          and not node.attr.startswith("__")):
+        bad.append(f"{name}:{node.lineno} reads {node.value.id}.{node.attr}")
+  assert not bad, "private names used across modules:\n" + "\n".join(bad)
+
+
+def test_module_and_function_sizes():
+  bad = []
+  for name, path in MODULES.items():
+    lines = len(path.read_text().splitlines())
+    if lines > MAX_MODULE_LINES:
+      bad.append(f"{name}: {lines} lines")
+    if name.startswith(("experiments", "attention.kernels")):
+      continue  # experiments: issue 15 splits train(); kernels may be long
+    for node in ast.walk(TREES[name]):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        length = node.end_lineno - node.lineno + 1
+        if length > MAX_FUNCTION_LINES:
+          bad.append(f"{name}.{node.name}: {length} lines")
+  assert not bad, f"over {MAX_MODULE_LINES} lines per module / {MAX_FUNCTION_LINES} per function:\n" + (
+      "\n".join(bad))
