@@ -74,6 +74,10 @@ class Mask:
       object.__setattr__(self, "window", (int(window[0]), int(window[1])))
     if (self.q_segment_ids is None) != (self.kv_segment_ids is None):
       raise ValueError("Mask needs both q_segment_ids and kv_segment_ids, or neither.")
+    offset = self.q_offset  # placeholders (pytree unflattening) have no dtype and pass
+    if isinstance(offset, (float, complex)) or (
+        hasattr(offset, "dtype") and not jnp.issubdtype(offset.dtype, jnp.integer)):
+      raise ValueError(f"Mask.q_offset must be a Python int or an int array, got {offset!r}.")
 
   @property
   def has_segments(self) -> bool:

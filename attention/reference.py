@@ -20,12 +20,20 @@ SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def check_qkv(q, k, v) -> tuple[int, int, int, int, int, int]:
-  """Validates `q [B, T, N, H]`, `k, v [B, S, K, H]`; returns `(B, T, S, N, K, H)`."""
+  """Validates `q [B, T, N, H]`, `k, v [B, S, K, H]` (floating, T, S >= 1); returns
+  `(B, T, S, N, K, H)`."""
   for name, x in (("q", q), ("k", k), ("v", v)):
     if jnp.ndim(x) != 4:
       raise ValueError(f"{name} must have rank 4 [batch, seq, heads, head_dim], got shape "
                        f"{jnp.shape(x)}.")
+    dtype = x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(f"{name} must have a floating dtype (float32, bfloat16, float16, fp8), "
+                       f"got {dtype}.")
   (b, t, n, h), (bk, s, kh, hk) = jnp.shape(q), jnp.shape(k)
+  if t < 1 or s < 1:
+    raise ValueError(f"q and k need at least one position each (T >= 1, S >= 1), got T = {t}, "
+                     f"S = {s}.")
   if jnp.shape(v) != jnp.shape(k):
     raise ValueError(f"k and v must have the same shape, got {jnp.shape(k)} and {jnp.shape(v)}.")
   if bk != b:

@@ -13,6 +13,8 @@ headline speed-ups are re-timed pairwise (`paired_ratio`: max(3, `--repeats`) ro
 two side by side, median ratio), which keeps a shared machine's speed drifts out of the ratios.
 Writes `benchmark.csv` and `benchmark.png` (log-log memory and time vs length) under
 `--workdir` and prints the table.
+
+The functions take their sizes as arguments (`Settings`); only `main` reads the flags.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import time
 from typing import Callable
 
 from absl import app, flags
+
+from experiments import cli
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,29 +47,47 @@ PRESETS = {
 
 
 @dataclasses.dataclass(frozen=True)
+class Settings:
+  """Shapes and limits of a benchmark run (the flags of the same names)."""
+  batch: int = 1
+  heads: int = 4
+  kv_heads: int | None = None   # None = heads
+  head_dim: int = 64
+  dtype: str = "float32"
+  window: int = 256             # local attention: the last `window` keys
+  repeats: int = 3              # timed calls (median) after one warm-up
+  quadratic_max_len: int = 32768
+  time_max_len: int = 8192
+  time_bwd_max_len: int = 8192
+  quadratic_time_max_len: int = 4096
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
-  """How to call one attention method: `build(causal) -> (fn(q, k, v), visibility Mask)`."""
-  build: Callable[[bool], tuple[Callable, Mask]]
+  """How to call one attention method: `build(causal, window) -> (fn(q, k, v), visibility)`."""
+  build: Callable[[bool, int], tuple[Callable, Mask]]
   quadratic: bool = False  # materialises T x S: compiled/timed only up to the quadratic limits
   keys_per_query: int | None = None  # attends to at most this many keys (DSA's top_k)
 
 
-def _registered(name: str, **options) -> Callable[[bool], tuple[Callable, Mask]]:
-  def build(causal: bool):
+def _registered(name: str, **options) -> Callable[[bool, int], tuple[Callable, Mask]]:
+  def build(causal: bool, window: int):
+    del window  # full or causal
     mask = Mask(causal=causal)
     fn = attention.get(name)
     return (lambda q, k, v: fn(q, k, v, mask=mask, **options)), mask
   return build
 
 
-def _local(causal: bool):
+def _local(causal: bool, window: int):
   del causal  # a sliding window over the past
-  mask = attention.local_mask(FLAGS.window, causal=True)
+  mask = attention.local_mask(window, causal=True)
   return (lambda q, k, v: attention.local_attention(q, k, v, mask=Mask(causal=True),
-                                                    window=FLAGS.window)), mask
+                                                    window=window)), mask
 
 
-def _jax_xla(causal: bool):
+def _jax_xla(causal: bool, window: int):
+  del window
   fn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
                                                     implementation="xla")
   return fn, Mask(causal=causal)
@@ -74,10 +96,12 @@ def _jax_xla(causal: bool):
 DSA_TOP_K = 2048  # DeepSeek-V3.2's top_k
 
 
-def _dsa(causal: bool, index_heads: int = 4, index_dim: int = 32, top_k: int = DSA_TOP_K):
+def _dsa(causal: bool, window: int = 0, index_heads: int = 4, index_dim: int = 32,
+         top_k: int = DSA_TOP_K):
   """DeepSeek sparse attention; its indexer inputs are fixed random projections of q and k
   (seeded, so every call sees the same function): q_I, w from q, k_I from k (the layer's
   projections from the hidden state cost the same). Timed: indexer + top-k + sparse gather."""
+  del window
   mask = Mask(causal=causal)
 
   def fn(q, k, v):
@@ -140,12 +164,13 @@ def paired_ratio(fast, slow, args_fast, args_slow, rounds: int = 3, calls: int =
   return float(np.median(ratios_))
 
 
-def run_one(method: str, causal: bool, length: int, timed: dict | None = None) -> dict:
+def run_one(method: str, causal: bool, length: int, settings: Settings = Settings(),
+            timed: dict | None = None) -> dict:
   """One table row; the timed forward `(compiled, args)` goes into `timed[(method, mask, T)]`."""
-  fn, mask = METHODS[method].build(causal)
-  b, n, h = FLAGS.batch, FLAGS.heads, FLAGS.head_dim
-  kh = FLAGS.kv_heads or n
-  dtype = jnp.dtype(FLAGS.dtype)
+  fn, mask = METHODS[method].build(causal, settings.window)
+  b, n, h = settings.batch, settings.heads, settings.head_dim
+  kh = settings.kv_heads or n
+  dtype = jnp.dtype(settings.dtype)
   shapes = (jax.ShapeDtypeStruct((b, length, n, h), dtype),
             jax.ShapeDtypeStruct((b, length, kh, h), dtype),
             jax.ShapeDtypeStruct((b, length, kh, h), dtype))
@@ -160,19 +185,19 @@ def run_one(method: str, causal: bool, length: int, timed: dict | None = None) -
              fwdbwd_temp_mib=bwd_mem, fwdbwd_gflops_xla=bwd_xla, fwdbwd_gflops_attn=3.5 * useful,
              fwd_ms=float("nan"), fwdbwd_ms=float("nan"))
   quadratic = METHODS[method].quadratic
-  time_max = min(FLAGS.time_max_len, FLAGS.quadratic_time_max_len if quadratic else 1 << 62)
-  time_bwd_max = min(FLAGS.time_bwd_max_len,
-                     FLAGS.quadratic_time_max_len if quadratic else 1 << 62)
+  quadratic_limit = settings.quadratic_time_max_len if quadratic else 1 << 62
+  time_max = min(settings.time_max_len, quadratic_limit)
+  time_bwd_max = min(settings.time_bwd_max_len, quadratic_limit)
   if length <= time_max or length <= time_bwd_max:
     keys = jax.random.split(jax.random.key(length), 3)
     args = [jax.random.normal(key, s.shape, jnp.float32).astype(dtype)
             for key, s in zip(keys, shapes)]
     if length <= time_max:
-      row["fwd_ms"] = 1e3 * median_seconds(fwd_c, args, FLAGS.repeats)
+      row["fwd_ms"] = 1e3 * median_seconds(fwd_c, args, settings.repeats)
       if timed is not None:
         timed[(method, row["mask"], length)] = (fwd_c, args)
     if length <= time_bwd_max:
-      row["fwdbwd_ms"] = 1e3 * median_seconds(bwd_c, args, FLAGS.repeats)
+      row["fwdbwd_ms"] = 1e3 * median_seconds(bwd_c, args, settings.repeats)
   return row
 
 
@@ -196,11 +221,13 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def ratios(rows: list[dict], timed: dict | None = None) -> list[str]:
+def ratios(rows: list[dict], timed: dict | None = None, window: int = 256,
+           repeats: int = 3) -> list[str]:
   """Headline ratios measured in this run (only those whose rows exist).
 
   With `timed` (forward `(compiled, args)` per row), time ratios are re-measured pairwise
-  (`paired_ratio`); the ratio of the table's medians is shown next to it.
+  (`paired_ratio`, max(3, `repeats`) rounds); the ratio of the table's medians is shown next
+  to it. `window` names the local rows (`window(window - 1, 0)`).
   """
   by = {(r["method"], r["mask"], r["length"]): r for r in rows}
   out = []
@@ -210,13 +237,13 @@ def ratios(rows: list[dict], timed: dict | None = None) -> list[str]:
       return by[b][col] / by[a][col]
     return None
 
-  window = f"window{(FLAGS.window - 1, 0)}"
+  local = f"window{(window - 1, 0)}"
   checks = [
       ("flash fwd vs jax.nn.dot_product_attention, full, 8192", ("flash", "full", 8192),
        ("jax", "full", 8192), "fwd_ms"),
       ("flash causal vs flash full fwd, 8192", ("flash", "causal", 8192),
        ("flash", "full", 8192), "fwd_ms"),
-      (f"local {window} vs causal flash fwd, 32768", ("local", window, 32768),
+      (f"local {local} vs causal flash fwd, 32768", ("local", local, 32768),
        ("flash", "causal", 32768), "fwd_ms"),
   ]
   for label, fast, slow, col in checks:
@@ -224,7 +251,7 @@ def ratios(rows: list[dict], timed: dict | None = None) -> list[str]:
     if value is None:
       continue
     if timed and fast in timed and slow in timed:
-      rounds = max(3, FLAGS.repeats)
+      rounds = max(3, repeats)
       paired = paired_ratio(timed[fast][0], timed[slow][0], timed[fast][1], timed[slow][1],
                             rounds=rounds)
       out.append(f"{label}: {paired:.2f}x faster (paired: median of {rounds} side-by-side "
@@ -268,39 +295,50 @@ def plot(rows: list[dict], path: str) -> None:
   plt.close(fig)
 
 
+def run(methods: list[str], lengths: list[int], causal_values: list[bool], settings: Settings,
+        workdir: str) -> list[dict]:
+  """Every (method, mask, length) row; writes `benchmark.csv`/`.png` under `workdir` and prints
+  the table and the headline ratios."""
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown:
+    raise ValueError(f"unknown methods {unknown}; available: {sorted(METHODS)}")
+  os.makedirs(workdir, exist_ok=True)
+  rows, timed = [], {}
+  print(f"backend={jax.default_backend()} B={settings.batch} N={settings.heads} "
+        f"H={settings.head_dim} dtype={settings.dtype}", flush=True)
+  for method in methods:
+    for causal in (causal_values if method != "local" else [True]):
+      for length in lengths:
+        if METHODS[method].quadratic and length > settings.quadratic_max_len:
+          continue
+        start = time.perf_counter()
+        row = run_one(method, causal, length, settings, timed)
+        rows.append(row)
+        print(f"  {method:6s} {row['mask']:18s} {length:7d}  fwd {row['fwd_ms']:9.1f} ms  "
+              f"fwd+bwd temp {row['fwdbwd_temp_mib']:9.1f} MiB  "
+              f"({time.perf_counter() - start:.0f}s)", flush=True)
+  with open(os.path.join(workdir, "benchmark.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  plot(rows, os.path.join(workdir, "benchmark.png"))
+  print(format_table(rows))
+  print("\n".join(ratios(rows, timed, settings.window, settings.repeats)), flush=True)
+  print(f"wrote {workdir}/benchmark.csv and benchmark.png")
+  return rows
+
+
 def main(argv):
   del argv
   for name, value in PRESETS.get(FLAGS.preset, {}).items():
     if not FLAGS[name].present:
       FLAGS[name].value = value
-  unknown = [m for m in FLAGS.methods if m not in METHODS]
-  if unknown:
-    raise app.UsageError(f"unknown methods {unknown}; available: {sorted(METHODS)}")
-  os.makedirs(FLAGS.workdir, exist_ok=True)
-  lengths = [int(t) for t in FLAGS.lengths]
-  causal_values = [c.lower() in ("1", "true", "yes") for c in FLAGS.causal]
-  rows, timed = [], {}
-  print(f"backend={jax.default_backend()} B={FLAGS.batch} N={FLAGS.heads} "
-        f"H={FLAGS.head_dim} dtype={FLAGS.dtype}", flush=True)
-  for method in FLAGS.methods:
-    for causal in (causal_values if method != "local" else [True]):
-      for length in lengths:
-        if METHODS[method].quadratic and length > FLAGS.quadratic_max_len:
-          continue
-        start = time.perf_counter()
-        row = run_one(method, causal, length, timed)
-        rows.append(row)
-        print(f"  {method:6s} {row['mask']:18s} {length:7d}  fwd {row['fwd_ms']:9.1f} ms  "
-              f"fwd+bwd temp {row['fwdbwd_temp_mib']:9.1f} MiB  "
-              f"({time.perf_counter() - start:.0f}s)", flush=True)
-  with open(os.path.join(FLAGS.workdir, "benchmark.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-  plot(rows, os.path.join(FLAGS.workdir, "benchmark.png"))
-  print(format_table(rows))
-  print("\n".join(ratios(rows, timed)), flush=True)
-  print(f"wrote {FLAGS.workdir}/benchmark.csv and benchmark.png")
+  settings = Settings(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(Settings)})
+  try:
+    run(FLAGS.methods, [int(t) for t in FLAGS.lengths],
+        [c.lower() in ("1", "true", "yes") for c in FLAGS.causal], settings, FLAGS.workdir)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
 
 
 def define_flags() -> None:
@@ -316,19 +354,18 @@ def define_flags() -> None:
   flags.DEFINE_list("lengths", ["1024", "4096", "8192", "32768"], "Sequence lengths.")
   flags.DEFINE_list("causal", ["true"],
                     "Causal settings to sweep (true/false); local is always causal.")
-  flags.DEFINE_integer("window", 256, "Local attention window (the last `window` keys).")
-  flags.DEFINE_integer("batch", 1, "Batch size.")
-  flags.DEFINE_integer("heads", 4, "Query heads.")
-  flags.DEFINE_integer("kv_heads", None, "KV heads (GQA); default = heads.")
-  flags.DEFINE_integer("head_dim", 64, "Head dimension.")
-  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Input dtype.")
-  flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported) after one warm-up.")
-  flags.DEFINE_integer("quadratic_max_len", 32768, "Dense methods are not compiled beyond this.")
-  flags.DEFINE_integer("time_max_len", 8192, "Forward is timed up to this length.")
-  flags.DEFINE_integer("time_bwd_max_len", 8192, "Forward+backward is timed up to this length.")
-  flags.DEFINE_integer("quadratic_time_max_len", 4096, "Dense methods are timed up to this length.")
-
+  flags.DEFINE_enum("dtype", Settings.dtype, ["float32", "bfloat16", "float16"], "Input dtype.")
+  for name, meaning in (
+      ("window", "Local attention window (the last `window` keys)."),
+      ("batch", "Batch size."), ("heads", "Query heads."),
+      ("kv_heads", "KV heads (GQA); default = heads."), ("head_dim", "Head dimension."),
+      ("repeats", "Timed repeats (median reported) after one warm-up."),
+      ("quadratic_max_len", "Dense methods are not compiled beyond this."),
+      ("time_max_len", "Forward is timed up to this length."),
+      ("time_bwd_max_len", "Forward+backward is timed up to this length."),
+      ("quadratic_time_max_len", "Dense methods are timed up to this length.")):
+    flags.DEFINE_integer(name, getattr(Settings, name), meaning)
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -12,13 +12,17 @@ sees is a pure function of (seed, step) (experiments/tasks.py), so the step *is*
 position and a restarted run continues with the same batches. The model is deterministic
 (no dropout), so there is no other RNG state to save.
 
-Never destructive on error: a checkpoint that cannot be read, or that was written by a
-different model, raises `CheckpointError` before anything is trained or saved.
+Never destructive on error: a checkpoint written by a different model, or a directory where no
+step can be read, raises `CheckpointError` before anything is trained or saved. A newest step
+that cannot be read (a run killed mid-write on a filesystem without atomic renames, a disk
+error) is skipped for the newest step that loads, and moved aside, not deleted.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import traceback
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -27,6 +31,27 @@ from flax import nnx
 
 class CheckpointError(RuntimeError):
   """A checkpoint is unreadable or belongs to a different model."""
+
+
+def short(error: BaseException | None, limit: int = 160) -> str:
+  """`Type: first line of the message`, at most `limit` characters (orbax and TensorStore
+  errors can carry hundreds of lines of spec dump)."""
+  if error is None:
+    return "unknown error"
+  first = (str(error).strip().splitlines() or [""])[0]
+  text = f"{type(error).__name__}: {first}"
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _see(log_path: str | None) -> str:
+  return f" (details in {log_path})" if log_path else ""
+
+
+def _log_detail(log_path: str | None, error: BaseException | None) -> None:
+  """Appends the full traceback of `error` to `log_path` (never to the console)."""
+  if log_path and error is not None:
+    with open(log_path, "a") as f:
+      f.write("".join(traceback.format_exception(error)))
 
 
 def _advice(directory: str) -> str:
@@ -46,7 +71,7 @@ class Checkpoints:
                                            item_names=("model", "opt", "meta"))
     except Exception as e:  # noqa: BLE001 - orbax raises many types on a broken directory
       raise CheckpointError(f"cannot open the checkpoint directory {self.directory}: "
-                            f"{type(e).__name__}: {e}\n{_advice(self.directory)}") from e
+                            f"{short(e)}\n{_advice(self.directory)}") from e
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -65,19 +90,49 @@ class Checkpoints:
           meta=ocp.args.JsonRestore()))["meta"])
     except Exception as e:  # noqa: BLE001
       raise CheckpointError(f"checkpoint {step} in {self.directory} is unreadable (meta): "
-                            f"{type(e).__name__}: {e}\n{_advice(self.directory)}") from e
+                            f"{short(e)}\n{_advice(self.directory)}") from e
 
-  def restore(self, model, optimizer, model_meta: dict[str, Any]) -> dict[str, Any] | None:
-    """Restores the latest checkpoint into `model`/`optimizer` in place; returns its meta.
+  def restore(self, model, optimizer, model_meta: dict[str, Any], *,
+              log_path: str | None = None) -> dict[str, Any] | None:
+    """Restores the newest loadable checkpoint into `model`/`optimizer`; returns its meta.
 
-    Returns None when there is no checkpoint. Raises `CheckpointError` when the checkpoint was
-    written for a different model (`model_meta`, the current `config.model`) or is unreadable.
+    Returns None when there is no checkpoint. A step that cannot be read is skipped with one
+    warning line (its traceback goes to `log_path`), and once an older step loads, the bad
+    step directories move to `<workdir>/corrupt_checkpoints/` (kept, out of orbax's way).
+    Raises `CheckpointError` when no step loads (naming the step directories to delete), or
+    when a checkpoint was written for a different model (`model_meta`, the current
+    `config.model`); in both cases nothing is changed on disk.
     """
-    step = self.latest_step()
-    if step is None:
-      return None
-    meta = self.read_meta(step)
-    saved = meta.get("model")
+    bad = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        meta = self.read_meta(step)
+      except CheckpointError as e:
+        bad.append((step, e.__cause__))
+        continue
+      self._check_model(step, meta.get("model"), model_meta)
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            model=ocp.args.StandardRestore(nnx.state(model)),
+            opt=ocp.args.StandardRestore(nnx.state(optimizer))))
+      except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types
+        bad.append((step, e))
+        continue
+      nnx.update(model, restored["model"])
+      nnx.update(optimizer, restored["opt"])
+      self._set_aside(bad, step, log_path)
+      return meta
+    if bad:
+      for _, error in bad:
+        _log_detail(log_path, error)
+      dirs = ", ".join(os.path.join(self.directory, str(s)) for s, _ in bad)
+      raise CheckpointError(
+          f"no checkpoint in {self.directory} can be restored: step(s) {[s for s, _ in bad]} "
+          f"are unreadable ({short(bad[0][1])}){_see(log_path)}. Nothing was changed. Delete "
+          f"{dirs} to train this workdir from scratch, or pass a new --workdir.")
+    return None
+
+  def _check_model(self, step: int, saved: dict | None, model_meta: dict[str, Any]) -> None:
     if saved != model_meta:
       diff = sorted(k for k in set(saved or {}) | set(model_meta)
                     if (saved or {}).get(k) != model_meta.get(k))
@@ -85,17 +140,24 @@ class Checkpoints:
           f"checkpoint {step} in {self.directory} was written by a different model: "
           f"config.model differs in {diff} (saved {[(saved or {}).get(k) for k in diff]}, now "
           f"{[model_meta.get(k) for k in diff]}).\n{_advice(self.directory)}")
-    try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          model=ocp.args.StandardRestore(nnx.state(model)),
-          opt=ocp.args.StandardRestore(nnx.state(optimizer))))
-      nnx.update(model, restored["model"])
-      nnx.update(optimizer, restored["opt"])
-    except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"checkpoint {step} in {self.directory} is corrupt or incompatible "
-                            f"with this model: {type(e).__name__}: {e}\n"
-                            f"{_advice(self.directory)}") from e
-    return meta
+
+  def _set_aside(self, bad: list, used: int, log_path: str | None) -> None:
+    """Moves unreadable steps newer than `used` to `../corrupt_checkpoints/` (one line each)."""
+    if not bad:
+      return
+    aside = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+    os.makedirs(aside, exist_ok=True)
+    for step, error in bad:
+      _log_detail(log_path, error)
+      target = os.path.join(aside, str(step))
+      suffix = 0
+      while os.path.exists(target):
+        suffix += 1
+        target = os.path.join(aside, f"{step}.{suffix}")
+      os.replace(os.path.join(self.directory, str(step)), target)
+      logging.warning("checkpoint step %d is unreadable (%s): resuming from step %d; step %d "
+                      "moved to %s%s", step, short(error), used, step, target, _see(log_path))
+    self.manager.reload()
 
   def close(self) -> None:
     self.manager.close()
@@ -130,7 +192,7 @@ def load_params(model, path: str, step: int | None = None) -> int:
   except Exception as e:  # noqa: BLE001
     raise CheckpointError(f"cannot load the weights of checkpoint {step} in {directory} into "
                           f"this model (corrupt, or a different architecture): "
-                          f"{type(e).__name__}: {e}") from e
+                          f"{short(e)}") from e
   finally:
     manager.close()
   return step

@@ -1,14 +1,21 @@
 r"""Evaluate a trained run: passkey / needle accuracy over (context length x depth).
 
-    python -m experiments.evaluate --workdir=/tmp/longctx_passkey
+    python -m experiments.evaluate --workdir=/tmp/longctx_passkey --rope_scaling=yarn \
+        --rope_factor=4
     python -m experiments.evaluate --workdir=/tmp/longctx_passkey --tasks=passkey,needle \
-        --length_multiples=1,2,4,8 --rope_scaling=yarn --rope_factor=4 --tag=yarn4
+        --length_multiples=1,2,4,8 --tag=long
 
 Loads `config.json` and the latest checkpoint of `--workdir`, optionally overrides the RoPE
 scaling (inference-time context extension: PI `linear`, `ntk`, `yarn`), and scores the greedy
 answer of `--examples` prompts per cell by exact match. Lengths are multiples of the training
-length (or `--lengths`, absolute). Writes `eval_<task>[_<tag>].csv` and a heatmap PNG next to
+length (or `--lengths`, absolute). Writes `eval_<task>_<tag>.csv` and a heatmap PNG next to
 the run (or under `--outdir`) and prints the accuracy table (rows: depth, columns: length).
+
+Never overwrites: without `--tag` the name says what was evaluated (`default_tag`: RoPE
+scaling and factor, lengths, `--examples`: e.g. `eval_passkey_yarn4_256-512-768-1024.csv`), so
+it cannot replace the training run's own `eval_passkey.csv`; an existing file of that name is
+refused unless `--overwrite`. Holds the workdir's shared lock (experiments/workdir.py): it may
+run next to another evaluation, not next to a training run writing the same workdir.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import csv
 import dataclasses
 import json
 import os
+import sys
 from typing import Any, Sequence
 
 from absl import app, flags, logging
@@ -29,7 +37,8 @@ import numpy as np
 import models
 from models import dsa
 from experiments import checkpoints as ckpt_lib
-from experiments import tasks, trainer
+from experiments import cli, tasks, trainer
+from experiments import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 
@@ -137,8 +146,11 @@ def plot_heatmap(rows: list[dict[str, Any]], path: str, title: str) -> None:
   fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2, 0.5 * len(depths) + 2))
   im = ax.imshow(image, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
   for i in range(len(depths)):
-    for j in range(len(lengths)):
-      ax.text(j, i, f"{image[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    for j in range(len(lengths)):  # white on dark cells, black on light ones
+      r, g, b, _ = im.cmap(im.norm(image[i, j]))
+      dark = 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.5
+      ax.text(j, i, f"{image[i, j]:.2f}", ha="center", va="center", fontsize=8,
+              color="white" if dark else "black")
   ax.set_xticks(range(len(lengths)), [str(l) for l in lengths])
   ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
   ax.set_xlabel("context length (tokens)")
@@ -152,16 +164,27 @@ def plot_heatmap(rows: list[dict[str, Any]], path: str, title: str) -> None:
 
 def evaluate_and_report(model, config: ml_collections.ConfigDict, outdir: str, *,
                         task_names=None, lengths=None, depths=None, examples=None,
-                        tag: str = "") -> dict[str, list[dict[str, Any]]]:
-  """Runs the grid for each task, writes CSV + heatmap under `outdir`, prints the tables."""
+                        tag: str = "", overwrite: bool = False) -> dict[str, list[dict[str, Any]]]:
+  """Runs the grid for each task, writes CSV + heatmap under `outdir`, prints the tables.
+
+  Files are `eval_<task>[_<tag>].csv/.png` (and `eval_dsa_recall[_<tag>].csv`); if one exists
+  and not `overwrite`, raises `FileExistsError` before evaluating anything.
+  """
   e = config.eval
   train_len = config.task.seq_len
   lengths = lengths or [m * train_len for m in e.length_multiples]
   depths = depths or list(e.depths)
+  suffix = f"_{tag}" if tag else ""
+  names = list(task_names or e.tasks)
+  outputs = [os.path.join(outdir, f"eval_{n}{suffix}{x}") for n in names for x in (".csv", ".png")]
+  existing = [p for p in outputs if os.path.exists(p)]
+  if existing and not overwrite:
+    raise FileExistsError(f"{', '.join(existing)} already exist(s); pass another --tag, or "
+                          f"--overwrite to replace them.")
   results = {}
-  for name in task_names or e.tasks:
+  for name in names:
     rows = grid(model, config, name, lengths, depths, examples or e.examples, e.batch_size)
-    stem = os.path.join(outdir, f"eval_{name}{'_' + tag if tag else ''}")
+    stem = os.path.join(outdir, f"eval_{name}{suffix}")
     write_csv(rows, stem + ".csv")
     rope = f"rope={model.config.rope_scaling}" + (
         f" x{model.config.rope_factor:g}" if model.config.rope_scaling != "none" else "")
@@ -172,7 +195,7 @@ def evaluate_and_report(model, config: ml_collections.ConfigDict, outdir: str, *
   recall = indexer_recall(model, config, (task_names or e.tasks)[0], train_len, depths,
                           examples or e.examples, e.batch_size)
   if recall:
-    write_csv(recall, os.path.join(outdir, f"eval_dsa_recall{'_' + tag if tag else ''}.csv"))
+    write_csv(recall, os.path.join(outdir, f"eval_dsa_recall{suffix}.csv"))
     print(f"\nDSA indexer recall at length {train_len} (dense attention mass on the top-k keys):")
     print("  " + "  ".join(f"layer {r['layer']}: {r['recall']:.3f}" for r in recall), flush=True)
     results["dsa_recall"] = recall
@@ -190,7 +213,9 @@ def load_run(workdir: str, rope_scaling: str | None = None, rope_factor: float |
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: --workdir must be a training run's workdir.")
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    data = json.load(f)
+  data.pop("resolved", None)  # written for readers by train.write_config
+  config = ml_collections.ConfigDict(data)
   overrides = {}
   if rope_scaling is not None or rope_factor is not None:
     overrides = dict(rope_scaling=rope_scaling or config.model.rope_scaling,
@@ -202,27 +227,54 @@ def load_run(workdir: str, rope_scaling: str | None = None, rope_factor: float |
   return config, model, step
 
 
+def default_tag(rope_scaling: str | None, rope_factor: float | None, lengths: Sequence[int],
+                examples: int | None) -> str:
+  """What an evaluation computed, as a file-name part: `yarn4_256-512-1024_n8` (`trained`:
+  the run's own RoPE)."""
+  rope = f"{rope_scaling or 'trained'}{f'{rope_factor:g}' if rope_factor else ''}"
+  return f"{rope}_{'-'.join(map(str, lengths))}" + (f"_n{examples}" if examples else "")
+
+
+def run(workdir: str, *, outdir: str | None = None, task_names: Sequence[str] | None = None,
+        length_multiples: Sequence[float] | None = None, lengths: Sequence[int] | None = None,
+        depths: Sequence[float] | None = None, examples: int | None = None,
+        rope_scaling: str | None = None, rope_factor: float | None = None, tag: str = "",
+        overwrite: bool = False, check_rows: int = 4) -> dict[str, list[dict[str, Any]]]:
+  """Evaluates run `workdir` (under its shared lock); what `main` does with the flags."""
+  workdir = os.path.abspath(workdir)
+  with workdir_lib.lock(workdir, shared=True):
+    config, model, step = load_run(workdir, rope_scaling, rope_factor)
+    logging.info("Loaded %s at step %d.", workdir, step)
+    train_len = config.task.seq_len
+    multiples = length_multiples or config.eval.length_multiples
+    lengths = [int(x) for x in lengths or [float(m) * train_len for m in multiples]]
+    names = list(task_names or config.eval.tasks)
+    tag = tag or default_tag(rope_scaling, rope_factor, lengths, examples)
+    outdir = outdir or workdir
+    os.makedirs(outdir, exist_ok=True)
+    if check_rows:
+      agree = check_generate(model, config, names[0], train_len, check_rows)
+      print(f"KV-cache greedy decoding agrees with teacher-forced scoring on {agree:.0%} of "
+            f"rows.")
+    return evaluate_and_report(model, config, outdir, task_names=names, lengths=lengths,
+                               depths=[float(d) for d in depths] if depths else None,
+                               examples=examples, tag=tag, overwrite=overwrite)
+
+
 def main(argv):
   del argv
-  workdir = os.path.abspath(FLAGS.workdir)
-  config, model, step = load_run(workdir, FLAGS.rope_scaling, FLAGS.rope_factor)
-  logging.info("Loaded %s at step %d.", workdir, step)
-  train_len = config.task.seq_len
-  multiples = FLAGS.length_multiples or config.eval.length_multiples
-  lengths = [int(x) for x in FLAGS.lengths or [float(m) * train_len for m in multiples]]
-  depths = [float(d) for d in FLAGS.depths] if FLAGS.depths else None
-  outdir = FLAGS.outdir or workdir
-  os.makedirs(outdir, exist_ok=True)
-  names = FLAGS.tasks or list(config.eval.tasks)
-  if FLAGS.check_generate:
-    agree = check_generate(model, config, names[0], train_len, FLAGS.check_generate)
-    print(f"KV-cache greedy decoding agrees with teacher-forced scoring on {agree:.0%} of rows.")
-  evaluate_and_report(model, config, outdir, task_names=names, lengths=lengths, depths=depths,
-                      examples=FLAGS.examples, tag=FLAGS.tag)
+  try:
+    run(FLAGS.workdir, outdir=FLAGS.outdir, task_names=FLAGS.tasks,
+        length_multiples=FLAGS.length_multiples, lengths=FLAGS.lengths, depths=FLAGS.depths,
+        examples=FLAGS.examples, rope_scaling=FLAGS.rope_scaling, rope_factor=FLAGS.rope_factor,
+        tag=FLAGS.tag, overwrite=FLAGS.overwrite, check_rows=FLAGS.check_generate)
+  except (FileExistsError, FileNotFoundError, workdir_lib.WorkdirError,
+          ckpt_lib.CheckpointError, ValueError) as e:
+    sys.exit(f"error: {e}")
 
 
 def define_flags() -> None:
-  """The command-line flags (defined only when run as a script, so train.py can import us)."""
+  """The command-line flags (defined when run as a script, so train.py can import us)."""
   flags.DEFINE_string("workdir", None, "A training run's workdir (config.json + checkpoints).")
   flags.DEFINE_string("outdir", None, "Where CSV/PNG go (default: --workdir).")
   flags.DEFINE_list("tasks", None, "Haystack tasks: passkey, needle (default: config.eval).")
@@ -232,11 +284,13 @@ def define_flags() -> None:
   flags.DEFINE_integer("examples", None, "Prompts per (length, depth) cell.")
   flags.DEFINE_string("rope_scaling", None, "Override: none, linear, ntk, yarn.")
   flags.DEFINE_float("rope_factor", None, "Override: scale s = L'/L.")
-  flags.DEFINE_string("tag", "", "Suffix of the output file names.")
+  flags.DEFINE_string("tag", "", "Output names eval_<task>_<tag>.* (default: what was "
+                      "evaluated, e.g. yarn4_256-512-768-1024).")
+  flags.DEFINE_bool("overwrite", False, "Replace existing output files of the same name.")
   flags.DEFINE_integer("check_generate", 4, "Rows cross-checked with KV-cache decoding.")
 
 
 if __name__ == "__main__":
   define_flags()
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -4,22 +4,33 @@ r"""Train a model on an offline task; resumes automatically from `--workdir`/che
     python -m experiments.train --config=experiments/configs/passkey.py --workdir=/tmp/passkey
     python -m experiments.train --config=experiments/configs/mqar.py:smoke --workdir=/tmp/m \
         --config.num_steps=50 --config.model.d_model=128
+    python -m experiments.train --config=experiments/configs/mqar.py --print_config  # all fields
 
 Writes under `--workdir`: `config.json`, `metrics.jsonl` (one JSON line per logged step),
-`checkpoints/` (orbax), `loss.png`; with `config.eval_after_train`, also the evaluation grid
-(`eval_<task>.csv`, `eval_<task>.png`) and the printed accuracy table. A run that is killed
-and started again with the same command continues from its last checkpoint with the same data
-order (batches are a pure function of (seed, step)).
+`checkpoints/` (orbax), `loss.png`, `train.log`; with `config.eval_after_train`, also the
+evaluation grid (`eval_<task>.csv`, `eval_<task>.png`) and the printed accuracy table. A run
+that is killed and started again with the same command continues from its last checkpoint with
+the same data order (batches are a pure function of (seed, step)).
+
+Safety (experiments/workdir.py): a run holds the workdir's lock, so a second run into it stops
+at once naming the first one's pid; an unreadable newest checkpoint is skipped for the newest
+one that loads; a resume whose seed, model, task, optimizer, batch or num_steps differ from
+`config.json` is refused unless `--config.allow_config_change=True` (then recorded in
+`config_history.jsonl`). Expected errors print one line; their traceback goes to `train.log`.
+
+    train_and_evaluate(config, workdir)  =  setup -> train_loop -> finish
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
+import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import app, flags, logging
 import jax
@@ -28,37 +39,17 @@ from ml_collections import config_flags
 import tqdm
 
 from experiments import checkpoints as ckpt_lib
-from experiments import sharding, tasks, trainer
+from experiments import cli, sharding, tasks, trainer
+from experiments import workdir as workdir_lib
 from experiments.configs import common
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "passkey.py")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "Experiment config file[:variant] (default: configs/passkey.py).",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for everything the run writes.")
+FLAGS = flags.FLAGS
+WorkdirError = workdir_lib.WorkdirError
 
 
-class WorkdirError(RuntimeError):
-  """The workdir cannot be created or written."""
-
-
-def prepare_workdir(workdir: str) -> str:
-  """Creates `workdir` and checks it is writable; raises `WorkdirError` with the reason."""
-  if not workdir:
-    raise WorkdirError("--workdir is required: the directory where the run writes its files.")
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  probe = os.path.join(workdir, ".write_test")
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise WorkdirError(f"workdir {workdir} is not writable ({type(e).__name__}: {e.strerror or e})"
-                       f"; pass a --workdir you can write to.") from e
-  if not os.access(workdir, os.W_OK | os.X_OK):
-    raise WorkdirError(f"workdir {workdir} is not writable; pass a --workdir you can write to.")
-  return workdir
+class ConfigChangeError(ValueError):
+  """A resume would change fields that decide what the checkpoints compute."""
 
 
 class MetricsLog:
@@ -104,17 +95,50 @@ def plot_loss(metrics: list[dict[str, Any]], path: str) -> None:
   plt.close(fig)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *,
-          stop_at_step: int | None = None) -> dict[str, Any]:
+@dataclasses.dataclass
+class Run:
+  """What `setup` builds and the loop uses: model, optimizer, data and where things go."""
+  workdir: str
+  task: Any
+  model: Any
+  optimizer: Any
+  ckpt: ckpt_lib.Checkpoints
+  start: int
+  mesh: Any
+  put: Callable
+  model_meta: dict[str, Any]
+  log: MetricsLog | None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_at_step: int | None = None) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it has checkpoints); returns the final metrics.
 
-  `stop_at_step` stops early after checkpointing that step, as if the run were killed there
-  (tests of resume determinism).
+  Holds the workdir's exclusive lock for the whole run (`workdir.lock`: a second run into it
+  stops at once). `stop_at_step` stops early after checkpointing that step, as if the run
+  were killed there (tests of resume determinism).
   """
   common.check_config(config)
   if config.multihost:
     sharding.initialize_distributed()  # before anything touches a device
-  workdir = prepare_workdir(workdir)
+  workdir = workdir_lib.prepare(workdir)
+  primary = jax.process_index() == 0  # several hosts: one writer (and locker) of the workdir
+  with workdir_lib.lock(workdir) if primary else contextlib.nullcontext():
+    run = setup(config, workdir, primary)
+    try:
+      end = config.num_steps if stop_at_step is None else min(stop_at_step, config.num_steps)
+      last = train_loop(run, config, end)
+    finally:
+      run.ckpt.close()
+    return finish(run, config, end, last)
+
+
+train = train_and_evaluate  # the short name used by tests and notebooks
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str, primary: bool = True) -> Run:
+  """Task, model, optimizer (sharded over `config.mesh`), restored from the newest loadable
+  checkpoint or `config.init_from`; writes `config.json` and opens `metrics.jsonl`."""
   task = tasks.make_task(config.task, seed=config.seed)
   task.batch(0, 1)  # fails fast on task settings that cannot make an example
   if config.batch_size % config.grad_accum:
@@ -130,60 +154,107 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     sharding.shard_state(model, optimizer, mesh, fsdp=config.fsdp)
     put = functools.partial(sharding.shard_batch, mesh=mesh)
   model_meta = json.loads(json.dumps(config.model.to_dict()))  # as the checkpoint stores it
-
   ckpt = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), config.max_to_keep)
-  meta = ckpt.restore(model, optimizer, model_meta)  # CheckpointError before anything is written
+  try:  # both raise before anything is written
+    changes = check_resume(config, workdir, ckpt.latest_step())
+    meta = ckpt.restore(model, optimizer, model_meta,
+                        log_path=os.path.join(workdir, workdir_lib.LOG_FILE))
+  except BaseException:
+    ckpt.close()
+    raise
   start = 0 if meta is None else int(meta["step"])
   if meta is not None:
     logging.info("Resumed from step %d in %s.", start, ckpt.directory)
   elif config.init_from:
     loaded = ckpt_lib.load_params(model, config.init_from)
     logging.info("Initialised the weights from %s (step %d).", config.init_from, loaded)
-  primary = jax.process_index() == 0  # several hosts: one writer of the run's own files
+  log = None
   if primary:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start) if primary else None
+    if changes:
+      workdir_lib.record_config_change(workdir, start, changes)
+    write_config(config, model, os.path.join(workdir, "config.json"))
+    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start)
   logging.info("Model: %s %s", trainer.describe(config, model),
                sharding.describe(mesh, config.fsdp))
+  return Run(workdir, task, model, optimizer, ckpt, start, mesh, put, model_meta, log)
 
-  end = config.num_steps if stop_at_step is None else min(stop_at_step, config.num_steps)
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str, step: int | None
+                 ) -> list[tuple[str, Any, Any]]:
+  """The computation fields (`workdir.COMPUTATION_FIELDS`) that differ from the saved
+  `config.json` when resuming; raises `ConfigChangeError` listing them unless
+  `config.allow_config_change`. Empty on a fresh run."""
+  path = os.path.join(workdir, "config.json")
+  if step is None or not os.path.exists(path):
+    return []
+  with open(path) as f:
+    saved = json.load(f)
+  changes = workdir_lib.config_changes(saved, config.to_dict())
+  if changes and not config.allow_config_change:
+    raise ConfigChangeError(
+        f"{workdir} holds checkpoints (step {step}) made with another config: "
+        f"{workdir_lib.format_changes(changes)}. Resume with the saved values, pass a new "
+        f"--workdir, or set --config.allow_config_change=True to continue with the new values "
+        f"(recorded in {workdir_lib.HISTORY_FILE}).")
+  return changes
+
+
+def write_config(config: ml_collections.ConfigDict, model, path: str) -> None:
+  """`config.json`: the config, plus `resolved.layer_kinds` (the pattern repeated per layer)."""
+  data = json.loads(config.to_json_best_effort())
+  data["resolved"] = dict(
+      layer_kinds=list(model.config.layer_kinds),
+      note="model.layer_pattern repeats cyclically over model.num_layers; layer_kinds is the "
+           "resulting kind of each layer (written for reading, ignored when loading).")
+  with open(path, "w") as f:
+    json.dump(data, f, indent=2, sort_keys=True)
+
+
+def train_loop(run: Run, config: ml_collections.ConfigDict, end: int) -> dict[str, Any]:
+  """Steps `run.start` .. `end`: update, log every `log_every`, evaluate every `eval_every`,
+  checkpoint every `checkpoint_every` (and at `end`). Returns the last logged metrics."""
   schedule = trainer.learning_rate(config)
   aux_losses = tuple(sorted((k, float(v)) for k, v in config.aux_losses.items()))
   last: dict[str, Any] = {}
-  bar = tqdm.tqdm(range(start, end), initial=start, total=config.num_steps, unit="step",
+  bar = tqdm.tqdm(range(run.start, end), initial=run.start, total=config.num_steps, unit="step",
                   disable=not config.progress, dynamic_ncols=True)
   timer, timed_tokens = time.perf_counter(), 0
-  mesh_context = jax.sharding.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+  mesh_context = (jax.sharding.set_mesh(run.mesh) if run.mesh is not None
+                  else contextlib.nullcontext())
   with mesh_context:  # ring attention layers read the ambient mesh while tracing
     for step in bar:
-      batch = put(task.batch(step, config.batch_size))
-      metrics = trainer.train_step(model, optimizer, batch, grad_accum=config.grad_accum,
+      batch = run.put(run.task.batch(step, config.batch_size))
+      metrics = trainer.train_step(run.model, run.optimizer, batch, grad_accum=config.grad_accum,
                                    lm_weight=float(config.lm_loss_weight),
                                    aux_losses=aux_losses, trainable=config.trainable)
       timed_tokens += trainer.tokens_per_step(config)
       done = step + 1
       if done % config.log_every == 0 or done == end:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        elapsed = time.perf_counter() - timer
-        last = dict(step=done, lr=float(schedule(step)), tokens_per_s=timed_tokens / elapsed,
-                    **metrics)
+        last = dict(step=done, lr=float(schedule(step)),
+                    tokens_per_s=timed_tokens / (time.perf_counter() - timer), **metrics)
         if (config.eval_every and done % config.eval_every == 0) or done == config.num_steps:
-          last.update(trainer.evaluate_batches(model, eval_batches(task, config), put))
-        if log is not None:
-          log.write(last)
+          last.update(trainer.evaluate_batches(run.model, eval_batches(run.task, config), run.put))
+        if run.log is not None:
+          run.log.write(last)
         bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
         timer, timed_tokens = time.perf_counter(), 0
       if done % config.checkpoint_every == 0 or done == end:
-        ckpt.save(done, model, optimizer, dict(seed=config.seed, data_step=done, model=model_meta))
+        run.ckpt.save(done, run.model, run.optimizer,
+                      dict(seed=config.seed, data_step=done, model=run.model_meta))
   bar.close()
-  ckpt.close()
-  if log is not None:
-    plot_loss(read_metrics(log.path), os.path.join(workdir, "loss.png"))
-  result = {"step": end, "workdir": workdir, **last}
+  return last
+
+
+def finish(run: Run, config: ml_collections.ConfigDict, end: int, last: dict[str, Any]
+           ) -> dict[str, Any]:
+  """Plots the loss and, when the run reached `num_steps`, evaluates (`eval_after_train`)."""
+  if run.log is not None:
+    plot_loss(read_metrics(run.log.path), os.path.join(run.workdir, "loss.png"))
+  result = {"step": end, "workdir": run.workdir, **last}
   if config.eval_after_train and end == config.num_steps:
     from experiments import evaluate  # pylint: disable=g-import-not-at-top
-    result["eval"] = evaluate.evaluate_and_report(model, config, workdir)
+    result["eval"] = evaluate.evaluate_and_report(run.model, config, run.workdir, overwrite=True)
   return result
 
 
@@ -199,14 +270,50 @@ class _QuietLibraries:
     return record.levelno >= 30 or "orbax" not in record.pathname
 
 
+class _QuietLibraries:
+  """Drops other libraries' INFO lines (orbax logs every checkpoint step); keeps warnings."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "orbax" not in record.pathname
+
+
+# Errors of a bad command or workdir: one message on the console, the traceback in train.log.
+EXPECTED_ERRORS = (ValueError, workdir_lib.WorkdirError, ckpt_lib.CheckpointError,
+                   FileExistsError)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}; set fields with --config.x=y.")
+  if FLAGS.print_config:
+    print(common.describe_fields(FLAGS.config))
+    return
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  result = train(_CONFIG.value, _WORKDIR.value)
+  workdir = None
+  try:
+    workdir = workdir_lib.prepare(FLAGS.workdir)
+    handler = workdir_lib.log_to_file(workdir)
+    try:
+      result = train_and_evaluate(FLAGS.config, workdir)
+    finally:
+      workdir_lib.stop_logging(handler)
+  except EXPECTED_ERRORS as e:
+    log = workdir_lib.log_exception(workdir, e)
+    sys.exit(f"error: {e}" + (f"\n(traceback in {log})" if log else ""))
   logging.info("Done: %s", {k: v for k, v in result.items() if k != "eval"})
 
 
+def define_flags() -> None:
+  """The command-line flags (defined once: when run as a script, or by a test)."""
+  if "config" in FLAGS:
+    return
+  config_flags.DEFINE_config_file(
+      "config", DEFAULT_CONFIG, "Experiment config file[:variant] (default: configs/passkey.py;"
+      " variants: experiments/configs/common.py).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for everything the run writes.")
+  flags.DEFINE_bool("print_config", False, "Print every config field (value, meaning) and exit.")
+
+
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

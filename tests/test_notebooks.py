@@ -26,3 +26,13 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
 
 def test_notebooks_exist():
   assert NOTEBOOKS, "notebooks/ has no .ipynb"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_opens_with_a_title_and_what_it_shows(path):
+  import json  # pylint: disable=g-import-not-at-top
+  with open(path) as f:
+    first = json.load(f)["cells"][0]
+  lines = "".join(first["source"]).strip().splitlines()
+  assert first["cell_type"] == "markdown" and lines[0].startswith("# "), path.name
+  assert len(lines) >= 3, f"{path.name}: a title and at least two lines on what it shows"

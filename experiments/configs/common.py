@@ -1,11 +1,20 @@
-"""The schema every experiment config starts from: all fields, with defaults.
+"""The schema every experiment config starts from: all fields, with defaults and meanings.
 
 A config file calls `base_config()` and changes what it needs; `--config.x=y` can then set
-any of these fields. `check_config` rejects fields that are not in this schema (a typo in a
-config file or a flag), naming the known ones.
+any of these fields (`python -m experiments.train --config=FILE --print_config` lists them
+with their values and `FIELD_HELP`'s one-line meaning). `check_config` rejects fields that
+are not in this schema (a typo in a config file or a flag), suggesting the nearest names.
+
+Variants: `--config=experiments/configs/NAME.py:WORDS`, where WORDS is a comma-separated list
+of at most one of the file's own variants (a stage or a method, listed in its docstring) and
+optionally `smoke` (the tiny run of the tests), in any order: `passkey.py:smoke`,
+`extend.py:ntk`, `extend.py:ntk,smoke`, `dsa.py:sparse,smoke`. `parse_variant` reads them.
 """
 
 from __future__ import annotations
+
+import difflib
+from typing import Any, Sequence
 
 import ml_collections
 from ml_collections import config_dict
@@ -47,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 100
   c.max_to_keep = 2
   c.init_from = ""           # a workdir (or checkpoint dir) whose weights initialise the model
+  c.allow_config_change = False  # resume although computation fields changed (recorded)
   c.progress = True          # tqdm progress bar
 
   # Devices (experiments/sharding.py): "" = one device; "data:2,seq:4" = 2-way data x 4-way
@@ -77,12 +87,131 @@ def smoke(config: ml_collections.ConfigDict, *, steps: int = 2, every: int = 1,
   return config
 
 
+def parse_variant(variant: str | None, *, name: str, choices: Sequence[str] = (),
+                  default: str | None = None) -> tuple[str | None, bool]:
+  """`(choice, smoke)` of a variant string `"word[,word]"` (the syntax above).
+
+  `choice` is the one word of `choices` given (else `default`); `smoke` is whether `smoke`
+  was given. Raises `ValueError` naming the variant and the allowed words otherwise.
+  """
+  words = [w.strip() for w in (variant or "").split(",") if w.strip()]
+  picked = [w for w in words if w in choices]
+  if len(picked) > 1 or len(set(words)) != len(words) or set(words) - set(choices) - {"smoke"}:
+    example = f"{choices[-1]},smoke" if choices else "smoke"
+    raise ValueError(f"unknown variant {variant!r} of {name}: use at most one of "
+                     f"{tuple(choices)} and/or smoke, comma-separated (e.g. :{example}).")
+  return (picked[0] if picked else default), "smoke" in words
+
+
+# One line per field of `base_config()` (sections: the meaning of the section). `--print_config`
+# shows them; a test checks that every field has one.
+FIELD_HELP = {
+    "seed": "parameter init and data order (batches are a pure function of (seed, step))",
+    "task": "the training task (experiments/tasks.py); its fields depend on task.name",
+    "model": "models.ModelConfig fields",
+    "model.vocab_size": "token vocabulary (256 = bytes)",
+    "model.d_model": "residual width",
+    "model.num_layers": "decoder layers",
+    "model.num_heads": "query heads per attention layer",
+    "model.num_kv_heads": "key/value heads (GQA/MQA); None = num_heads",
+    "model.head_dim": "per-head width; None = d_model / num_heads",
+    "model.mlp_dim": "MLP hidden width; None = 4 x d_model",
+    "model.mlp": "MLP kind: geglu, swiglu or gelu",
+    "model.norm": "normalisation: rms or layer",
+    "model.causal": "decoder (True) or bidirectional encoder (False)",
+    "model.layer_pattern": "layer kinds, repeated cyclically over num_layers (config.json "
+                           "lists the resolved per-layer kinds)",
+    "model.rope_scaling": "RoPE scaling: none, linear (PI), ntk, yarn",
+    "model.rope_factor": "RoPE scale s = new length / original length",
+    "model.rope_original_length": "training length L that yarn scales from",
+    "model.tie_embeddings": "share the input embedding and the output projection",
+    "model.dtype": "activation dtype",
+    "model.param_dtype": "parameter dtype",
+    "model.remat": "recompute each layer in the backward pass (less memory)",
+    "model.kinds": "per layer kind: attention, window, rope_theta, options (models.KindSettings)",
+    "batch_size": "rows per optimizer step",
+    "grad_accum": "micro-batches per step (batch_size must divide evenly)",
+    "lm_loss_weight": "weight of the LM loss on unscored tokens (0 = answers only)",
+    "aux_losses": "{name: weight} of losses layers report in aux (e.g. indexer_kl)",
+    "trainable": "train only parameters whose path contains this (\"\" = all)",
+    "num_steps": "optimizer steps (also the length of the cosine schedule)",
+    "optim": "AdamW on linear warmup + cosine decay, after gradient clipping",
+    "optim.lr": "peak learning rate",
+    "optim.warmup_steps": "linear warmup steps",
+    "optim.final_lr_ratio": "final learning rate / peak",
+    "optim.b1": "AdamW beta1",
+    "optim.b2": "AdamW beta2",
+    "optim.weight_decay": "AdamW decoupled weight decay",
+    "optim.clip_norm": "global gradient-norm clip (0 = off)",
+    "log_every": "steps between metrics.jsonl lines",
+    "eval_every": "steps between held-out evaluations (0 = only at the end)",
+    "eval_batches": "batches of batch_size rows per held-out evaluation",
+    "checkpoint_every": "steps between checkpoints",
+    "max_to_keep": "checkpoints kept (older ones are deleted)",
+    "init_from": "a workdir whose latest weights initialise the model (context extension)",
+    "allow_config_change": "resume even if seed/model/task/optim/batch/num_steps changed "
+                           "(recorded in config_history.jsonl)",
+    "progress": "tqdm progress bar",
+    "mesh": "device mesh: \"\" = one device, \"data:2,seq:4\", \"data:-1\"",
+    "fsdp": "shard parameters and optimizer state over the data axis",
+    "multihost": "call jax.distributed.initialize() first (one process per host)",
+    "eval_after_train": "run the haystack evaluation grid when training ends",
+    "eval": "the evaluation grid after training (experiments/evaluate.py)",
+    "eval.tasks": "haystack tasks: passkey, needle",
+    "eval.length_multiples": "context lengths as multiples of task.seq_len",
+    "eval.depths": "needle depths in [0, 1]",
+    "eval.examples": "prompts per (length, depth) cell",
+    "eval.batch_size": "rows per evaluation batch",
+}
+
+
+def field_paths(tree: dict[str, Any], prefix: str = "") -> list[str]:
+  """Every dotted path of a nested dict, sections included (`optim`, `optim.lr`, ...)."""
+  out = []
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    out.append(path)
+    if isinstance(value, dict):
+      out.extend(field_paths(value, path + "."))
+  return out
+
+
+def describe_fields(config: ml_collections.ConfigDict) -> str:
+  """One line per field: `path = value  # meaning` (what `--print_config` prints)."""
+  lines = []
+  for path in field_paths(config.to_dict()):
+    value = config
+    for key in path.split("."):
+      value = value[key]
+    meaning = FIELD_HELP.get(path, "")
+    if isinstance(value, ml_collections.ConfigDict):
+      lines.append(f"{path}:" + (f"  # {meaning}" if meaning else ""))
+    else:
+      lines.append(f"  {path} = {value!r}" + (f"  # {meaning}" if meaning else ""))
+  return "\n".join(lines)
+
+
+def unknown_fields_message(unknown: Sequence[str], known: Sequence[str]) -> str:
+  """`unknown config field x (did you mean: a, b?)` for each name, on one line."""
+  parts = []
+  for name in unknown:
+    near = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    if not near:  # compare the last component with the sibling fields' last components
+      head, _, leaf = name.rpartition(".")
+      siblings = {p.rpartition(".")[2]: p for p in known if p.rpartition(".")[0] == head}
+      near = [siblings[s] for s in difflib.get_close_matches(leaf, list(siblings), n=3)]
+    parts.append(f"{name} (did you mean: {', '.join(near)}?)" if near else f"{name}")
+  return (f"unknown config field{'s' if len(parts) > 1 else ''} {'; '.join(parts)}; "
+          f"--print_config lists every field.")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises `ValueError` naming every field of `config` that `base_config()` does not have."""
-  unknown = sorted(_unknown(config.to_dict(), base_config().to_dict(), ""))
+  """Raises `ValueError` naming every field of `config` that `base_config()` does not have,
+  with the nearest known names."""
+  known = base_config().to_dict()
+  unknown = sorted(_unknown(config.to_dict(), known, ""))
   if unknown:
-    raise ValueError(f"unknown config field(s) {unknown}. Known fields are those of "
-                     f"experiments/configs/common.py:base_config(); check the spelling.")
+    raise ValueError(unknown_fields_message(unknown, field_paths(known)))
 
 
 def _unknown(given: dict, known: dict, prefix: str) -> list[str]:

@@ -31,13 +31,8 @@ VARIANTS = ("dense", "warmup", "sparse")
 
 
 def get_config(variant: str | None = None):
-  words = [w for w in (variant or "").split(",") if w]
-  unknown = sorted(set(words) - set(VARIANTS) - {"smoke"})
-  stages = [w for w in words if w in VARIANTS]
-  if unknown or len(stages) > 1:
-    raise ValueError(f"unknown variant {variant!r} of dsa.py; use one of {VARIANTS} and/or "
-                     f"smoke, comma-separated (e.g. 'sparse,smoke').")
-  stage = stages[0] if stages else "dense"
+  stage, smoke = common.parse_variant(variant, name="dsa.py", choices=VARIANTS,
+                                      default="dense")
 
   config = common.base_config()
   config.task = dict(name="passkey", seq_len=256, digits=5, instruction="", min_len=112)
@@ -62,7 +57,7 @@ def get_config(variant: str | None = None):
     config.num_steps = 300
     config.optim.update(lr=1e-3, warmup_steps=10)
 
-  if "smoke" in words:
+  if smoke:
     common.smoke(config, steps=2, every=2, batch_size=2, num_layers=2)
     config.task.seq_len = 128
     config.model.kinds.dsa.options.update(index_heads=2, index_dim=8, top_k=16)

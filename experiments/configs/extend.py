@@ -8,22 +8,18 @@ One command per method (`:linear` = position interpolation, `:ntk`, `:yarn`, `:n
 fine-tuning at the longer length); each evaluates at 1x-4x the *new* length when done, so the
 printed tables compare the methods. The model settings must match the source run (they are
 those of passkey.py); only the RoPE fields change, and RoPE has no parameters. Tiny variant
-for tests: `:smoke` (`:smoke-yarn` etc.; its source is a `passkey.py:smoke` run).
+for tests: `:smoke` (= `:yarn,smoke`; also `:linear,smoke` etc.; its source is a
+`passkey.py:smoke` run). Variant syntax: experiments/configs/common.py.
 """
 
-from experiments.configs import passkey
+from experiments.configs import common, passkey
 
 METHODS = ("none", "linear", "ntk", "yarn")
 
 
 def get_config(variant: str | None = None):
-  variant = variant or "yarn"
-  smoke = variant.startswith("smoke")
-  method = variant.split("-", 1)[1] if variant.startswith("smoke-") else (
-      "yarn" if smoke else variant)
-  if method not in METHODS:
-    raise ValueError(f"unknown variant {variant!r} of extend.py; known: {METHODS} and "
-                     f"smoke[-method].")
+  method, smoke = common.parse_variant(variant, name="extend.py", choices=METHODS,
+                                       default="yarn")
   config = passkey.get_config("smoke" if smoke else None)
   factor = 2
   original = config.task.seq_len

@@ -21,10 +21,9 @@ def get_config(variant: str | None = None):
   config.batch_size = 32
   config.num_steps = 2000
   config.optim.update(lr=3e-3, warmup_steps=50)
-  if variant == "smoke":
+  _, smoke = common.parse_variant(variant, name="mqar.py")
+  if smoke:
     common.smoke(config)
     config.task.update(seq_len=32, num_kv_pairs=4)
     config.model.kinds.local.window = 8
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r} of mqar.py; known: smoke.")
   return config

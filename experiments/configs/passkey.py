@@ -30,11 +30,10 @@ def get_config(variant: str | None = None):
   config.optim.update(lr=3e-3, warmup_steps=50)
   config.eval_every = 250
   config.eval_after_train = True
-  if variant == "smoke":
+  _, smoke = common.parse_variant(variant, name="passkey.py")
+  if smoke:
     common.smoke(config, steps=4, every=2)
     config.task.seq_len = 128
     config.model.kinds.local.window = 16
     config.eval.update(length_multiples=(1, 2), depths=(0.0, 1.0), examples=2, batch_size=2)
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r} of passkey.py; known: smoke.")
   return config

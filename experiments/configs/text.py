@@ -22,10 +22,9 @@ def get_config(variant: str | None = None):
   config.num_steps = 1000
   config.optim.update(lr=2e-3, warmup_steps=100)
   config.eval_every = 250
-  if variant == "smoke":
+  _, smoke = common.parse_variant(variant, name="text.py")
+  if smoke:
     common.smoke(config)
     config.task.update(seq_len=64, max_bytes=1 << 16)
     config.model.kinds.local.window = 16
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r} of text.py; known: smoke.")
   return config

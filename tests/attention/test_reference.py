@@ -58,6 +58,12 @@ def _bad_inputs():
       ("offset shape", (q, k, v), dict(mask=Mask(q_offset=jnp.zeros((3,), jnp.int32))),
        "q_offset"),
       ("mask type", (q, k, v), dict(mask="causal"), "attention.Mask"),
+      ("int q", (q.astype(jnp.int32), k, v), {}, "q must have a floating dtype.*int32"),
+      ("int kv", (q, k.astype(jnp.int32), v.astype(jnp.int32)), {}, "k must have a floating"),
+      ("empty q", (q[:, :0], k, v), {}, "T >= 1.*T = 0"),
+      ("empty kv", (q, k[:, :0], v[:, :0]), {}, "S >= 1.*S = 0"),
+      ("float offset array", (q, k, v), lambda: dict(mask=Mask(q_offset=jnp.ones((2,)))),
+       "q_offset must be a Python int or an int array"),
   ]
 
 
@@ -67,6 +73,7 @@ def test_bad_input_raises_value_error(fn_name, case):
   _, args, kwargs, message = case
   options = dict(window=4) if fn_name == "local" else {}
   with pytest.raises(ValueError, match=message):
+    kwargs = kwargs() if callable(kwargs) else kwargs  # a bad Mask raises when built
     attention.get(fn_name)(*args, **kwargs, **options)
 
 
@@ -77,6 +84,10 @@ def test_bad_mask_and_block_sizes():
     Mask(window=(1, 2, 3))
   with pytest.raises(ValueError, match="both q_segment_ids and kv_segment_ids"):
     Mask(q_segment_ids=jnp.zeros((1, 4), jnp.int32))
+  for bad in (1.5, jnp.float32(1.0), jnp.array([1.5, 2.0])):
+    with pytest.raises(ValueError, match=r"q_offset must be a Python int or an int array.*1\."):
+      Mask(causal=True, q_offset=bad)
+  Mask(causal=True, q_offset=jnp.array([1, 2]))  # int arrays (and Python ints) are fine
   for bad in (dict(block_q=100), dict(block_kv=0), dict(block_q_bwd=-64), dict(num_warps=3)):
     with pytest.raises(ValueError, match="BlockSizes"):
       BlockSizes(**bad)

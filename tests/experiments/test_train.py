@@ -1,8 +1,13 @@
-"""train.py end to end with `passkey.py:smoke`: files, resume, determinism, bad input."""
+"""train.py end to end with `passkey.py:smoke`: files, resume, determinism, bad input, and
+what protects a workdir (lock, checkpoint fallback, config changes, evaluate's file names)."""
 
 import hashlib
 import json
 import os
+import shutil
+import subprocess
+import sys
+import time
 
 from absl import flags
 import numpy as np
@@ -27,9 +32,10 @@ def metrics(workdir):
 
 
 def tree_digest(directory):
+  """Hash of every file but the lock and the log (which a refused run may append to)."""
   digest = hashlib.sha256()
   for root, _, files in sorted(os.walk(directory)):
-    for name in sorted(files):
+    for name in sorted(set(files) - {".lock", "train.log"}):
       path = os.path.join(root, name)
       digest.update(path.encode())
       with open(path, "rb") as f:
@@ -41,6 +47,7 @@ def tree_digest(directory):
 def finished_run(tmp_path_factory):
   """A 4-step smoke run (with the evaluation grid) through main(), as from the command line."""
   workdir = str(tmp_path_factory.mktemp("run"))
+  train.define_flags()
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["train", f"--config={SMOKE}", f"--workdir={workdir}"])
   try:
@@ -102,25 +109,142 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
 
 def test_incompatible_checkpoint_is_refused_untouched(finished_run):
   before = tree_digest(finished_run)
+  wider = dict(passkey.get_config("smoke").model, d_model=48)
+  with pytest.raises(train.ConfigChangeError, match=r"model\.d_model: 32 -> 48"):
+    train.train(smoke(model=wider), finished_run)
   with pytest.raises(checkpoints.CheckpointError, match=r"(?s)different model.*d_model.*new --workdir"):
-    train.train(smoke(num_steps=8, model=dict(passkey.get_config("smoke").model,
-                                                  d_model=48)), finished_run)
+    train.train(smoke(model=wider, allow_config_change=True), finished_run)
   assert tree_digest(finished_run) == before
 
 
-def test_corrupt_checkpoint_is_refused_untouched(finished_run, tmp_path):
-  import shutil
+def copy_run(finished_run, tmp_path):
   workdir = str(tmp_path / "copy")
   shutil.copytree(finished_run, workdir)
-  model_dir = os.path.join(workdir, "checkpoints", "4", "model")
-  for root, _, files in os.walk(model_dir):
-    for name in files:
-      with open(os.path.join(root, name), "wb") as f:
-        f.write(b"garbage")
+  return workdir
+
+
+def damage(workdir, step, how):
+  """Truncates (to half) or overwrites every file of checkpoint `step`'s model and optimizer."""
+  for item in ("model", "opt"):
+    for root, _, files in os.walk(os.path.join(workdir, "checkpoints", str(step), item)):
+      for name in files:
+        path = os.path.join(root, name)
+        if how == "truncate":
+          os.truncate(path, os.path.getsize(path) // 2)
+        else:
+          with open(path, "wb") as f:
+            f.write(b"garbage")
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous(finished_run, tmp_path, caplog):
+  workdir = copy_run(finished_run, tmp_path)
+  damage(workdir, 4, "truncate")
+  with caplog.at_level("WARNING"):
+    result = train.train(smoke(), workdir)
+  assert result["step"] == 4 and np.isfinite(result["loss"])  # steps 3-4 ran again
+  lines = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+  assert len(lines) == 1 and "\n" not in lines[0], lines
+  assert "checkpoint step 4 is unreadable" in lines[0] and "resuming from step 2" in lines[0]
+  assert os.listdir(os.path.join(workdir, "corrupt_checkpoints")) == ["4"]  # kept, set aside
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  assert [r["step"] for r in metrics(workdir)] == [2, 4]
+  with open(os.path.join(workdir, "train.log")) as f:
+    assert "Traceback" in f.read()  # the detail went to the log
+
+
+def test_no_loadable_checkpoint_is_one_error_and_untouched(finished_run, tmp_path):
+  workdir = copy_run(finished_run, tmp_path)
+  damage(workdir, 2, "garbage")
+  damage(workdir, 4, "truncate")
   before = tree_digest(workdir)
-  with pytest.raises(checkpoints.CheckpointError, match="corrupt"):
-    train.train(smoke(num_steps=8), workdir)
+  with pytest.raises(checkpoints.CheckpointError) as info:
+    train.train(smoke(), workdir)
+  message = str(info.value)
+  assert "step(s) [4, 2] are unreadable" in message and "Delete" in message, message
+  assert os.path.join(workdir, "checkpoints", "4") in message and len(message) < 800
   assert tree_digest(workdir) == before
+
+
+def test_resume_with_a_changed_seed_is_refused_then_recorded(finished_run, tmp_path):
+  workdir = copy_run(finished_run, tmp_path)
+  before = tree_digest(workdir)
+  with pytest.raises(train.ConfigChangeError, match=r"seed: 0 -> 1.*allow_config_change"):
+    train.train(smoke(seed=1), workdir)
+  assert tree_digest(workdir) == before
+  train.train(smoke(seed=1, allow_config_change=True), workdir)
+  with open(os.path.join(workdir, "config_history.jsonl")) as f:
+    history = [json.loads(line) for line in f]
+  assert history == [dict(step=4, changes=[dict(field="seed", old=0, new=1)])]
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = json.load(f)
+  assert saved["seed"] == 1
+  assert saved["resolved"]["layer_kinds"] == ["global", "local", "local"]  # pattern, resolved
+
+
+def cli(*args, **popen):
+  """`python -m experiments.<args>` from the repository root."""
+  return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, **popen)
+
+
+def test_second_run_into_a_busy_workdir_stops_at_once(tmp_path):
+  workdir = str(tmp_path / "run")
+  command = ("experiments.train", f"--config={SMOKE}", f"--workdir={workdir}",
+             "--config.num_steps=6", "--config.eval_after_train=False")
+  first = cli(*command)
+  lock = os.path.join(workdir, ".lock")
+  deadline = time.time() + 300
+  while not (os.path.exists(lock) and f"pid {first.pid}" in open(lock).read()):
+    assert first.poll() is None and time.time() < deadline, first.communicate()
+    time.sleep(0.2)
+  second = cli(*command)
+  _, err = second.communicate(timeout=300)
+  assert second.returncode == 1 and f"pid {first.pid}" in err and "in use" in err, err
+  assert len(err.strip().splitlines()) <= 3, err  # one error line (+ where the log is)
+  out, err = first.communicate(timeout=300)
+  assert first.returncode == 0, err[-3000:]
+  assert [r["step"] for r in metrics(workdir)] == [2, 4, 6]  # no duplicates
+
+
+def test_unknown_field_on_the_command_line_is_one_line(tmp_path):
+  result = cli("experiments.train", f"--config={SMOKE}", f"--workdir={tmp_path}",
+               "--config.optim.learning_rat=0.1")
+  _, err = result.communicate(timeout=300)
+  assert result.returncode != 0
+  assert err.strip().splitlines() == [
+      "error: unknown config field optim.learning_rat (did you mean: optim.final_lr_ratio, "
+      "optim.lr, optim.clip_norm?); --print_config lists every field."], err
+
+
+def test_help_exits_zero_and_lists_the_config_fields(capsys):
+  from experiments import cli as cli_lib
+  train.define_flags()
+  for flag in ("--help", "--helpfull"):
+    with pytest.raises(SystemExit) as info:
+      cli_lib.parse_flags(["train", f"--config={SMOKE}", flag])
+    assert info.value.code == 0
+  out = capsys.readouterr().out
+  assert "--workdir" in out and "optim.lr = 0.003  # peak learning rate" in out
+  flags.FLAGS.unparse_flags()
+
+
+def test_every_config_field_has_a_meaning():
+  paths = common.field_paths(common.base_config().to_dict())
+  missing = [p for p in paths if p not in common.FIELD_HELP
+             and not p.startswith(("task.", "model.kinds.", "aux_losses."))]
+  assert not missing, missing
+
+
+def test_one_variant_syntax():
+  from experiments.configs import extend
+  assert common.parse_variant("sparse,smoke", name="x", choices=("dense", "sparse")) == (
+      "sparse", True)
+  assert common.parse_variant(None, name="x", choices=("a",), default="a") == ("a", False)
+  for bad in ("smoke-yarn", "yarn,ntk", "smoke,smoke"):
+    with pytest.raises(ValueError, match="comma-separated"):
+      extend.get_config(bad)
+  assert extend.get_config("ntk,smoke").model.rope_scaling == "ntk"
+  assert extend.get_config("smoke").model.rope_scaling == "yarn"
 
 
 def test_init_from_loads_weights_for_context_extension(finished_run, tmp_path):
@@ -159,13 +283,32 @@ def test_other_task_configs_train(name, tmp_path):
 
 def test_extend_config_starts_from_a_run(finished_run, tmp_path):
   from experiments.configs import extend
-  config = extend.get_config("smoke-linear")
+  config = extend.get_config("linear,smoke")
   config.update(init_from=finished_run, eval_after_train=False, num_steps=2)
   result = train.train(config, str(tmp_path))
   assert result["step"] == 2 and config.task.seq_len == 2 * passkey.get_config("smoke").task.seq_len
   with open(os.path.join(str(tmp_path), "config.json")) as f:
     saved = json.load(f)
   assert saved["model"]["rope_scaling"] == "linear" and saved["init_from"] == finished_run
+
+
+def test_evaluate_never_overwrites(finished_run):
+  from experiments import evaluate
+  own = os.path.join(finished_run, "eval_passkey.csv")
+  with open(own, "rb") as f:
+    trained = f.read()
+  options = dict(lengths=[128], depths=[0.5], examples=2, check_rows=0)
+  evaluate.run(finished_run, **options)  # named by what it evaluated
+  named = os.path.join(finished_run, "eval_passkey_trained_128_n2.csv")
+  with open(named, "rb") as f:
+    first = f.read()
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    evaluate.run(finished_run, **options)
+  evaluate.run(finished_run, rope_scaling="yarn", rope_factor=2.0, **options)
+  assert os.path.exists(os.path.join(finished_run, "eval_passkey_yarn2_128_n2.csv"))
+  for path, content in ((own, trained), (named, first)):
+    with open(path, "rb") as f:
+      assert f.read() == content, path
 
 
 def test_evaluate_loads_a_run_with_a_rope_override(finished_run, tmp_path):
