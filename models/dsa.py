@@ -8,7 +8,7 @@ an `Indexer` (DeepSeek-V3.2-Exp, shared/specs/dsa.md):
 
     q_I = x W_q               [B, T, J, D]   J = index_heads, D = index_dim
     k_I = LayerNorm(x W_k)    [B, T, D]      one key per token, shared by the J heads
-    w   = (x W_w) * J^-0.5    [B, T, J]      per-head weights of the query token
+    w   = (x W_w) * J^-0.5 * D^-0.5   [B, T, J]   per-head weights of the query token
     I[t, s] = sum_j w[t, j] ReLU(q_I[t, j] . k_I[s])
 
 with RoPE (the kind's theta) on the first `rope_dims` dims of q_I and k_I (default D / 2).
@@ -127,7 +127,9 @@ class Indexer(nnx.Module):
     self.k_norm = nnx.LayerNorm(e, epsilon=config.norm_eps, dtype=config.dtype,
                                 param_dtype=config.param_dtype, rngs=rngs)
     self.ww = dense(d, j)
-    self.head_scale = j ** -0.5
+    # DeepSeek: weights_proj(x) * n_heads**-0.5 * softmax_scale (= head_dim**-0.5). Does not
+    # change the top-k; sets the temperature of softmax(I) in the KL loss.
+    self.head_scale = j ** -0.5 * e ** -0.5
     self.rope_dims = settings.rope_dims
     self.rope = dataclasses.replace(rope, head_dim=settings.rope_dims) if settings.rope_dims else None
 

@@ -9,6 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
+import attention
 from models import KindSettings, ModelConfig, Transformer, dsa
 from tests.models.test_decode import cached_logits, forward
 
@@ -85,6 +86,27 @@ def test_lm_loss_never_reaches_indexer_and_kl_never_reaches_main(stage):
   assert float(norm(kl, dsa.MAIN_PARAMS)) == 0.0
   assert float(norm(lm, dsa.MAIN_PARAMS)) > 0.0
   assert float(norm(kl, dsa.INDEXER_PARAMS)) > 0.0
+
+
+def test_indexer_scores_match_numpy_formula_from_raw_projections():
+  """I[t, s] = sum_j w[t, j] ReLU(q_I[t, j] . k_I[s]), w = (x W_w) H_I^-0.5 d_I^-0.5 (spec),
+  q_I = x W_q, k_I = LayerNorm(x W_k); rope_dims=0, so no RoPE enters the NumPy side."""
+  model = Transformer(dsa_config(rope_dims=0, index_heads=3, index_dim=16), rngs=nnx.Rngs(5))
+  ix = model.blocks[0].attn.indexer
+  ix.k_norm.scale.value = 1.0 + jax.random.normal(jax.random.key(8), ix.k_norm.scale.shape)
+  ix.k_norm.bias.value = jax.random.normal(jax.random.key(9), ix.k_norm.bias.shape)
+  x = jax.random.normal(jax.random.key(7), (2, T, TINY["d_model"]))
+  positions = jnp.broadcast_to(jnp.arange(T), (2, T))
+  got = attention.indexer_scores(*ix(x, positions))
+  xn = np.asarray(x, np.float64)
+  p = lambda a: np.asarray(a.value, np.float64)
+  q = np.einsum("btd,dje->btje", xn, p(ix.wq.kernel))
+  kk = xn @ p(ix.wk.kernel)
+  mean, var = kk.mean(-1, keepdims=True), kk.var(-1, keepdims=True)
+  k_i = (kk - mean) / np.sqrt(var + model.config.norm_eps) * p(ix.k_norm.scale) + p(ix.k_norm.bias)
+  w = (xn @ p(ix.ww.kernel)) * 3 ** -0.5 * 16 ** -0.5
+  want = np.einsum("btj,btjs->bts", w, np.maximum(np.einsum("btje,bse->btjs", q, k_i), 0))
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_partial_rope_and_settings_validation():
