@@ -8,9 +8,12 @@ with `index_q [B, T, J, D]` (J = H_I indexer heads of D = d_I dims), ONE key per
 `index_k [B, S, D]` shared by all indexer heads (MQA style), head weights `index_w [B, T, J]`.
 Keys a query cannot see under `attention.Mask` (causal, window, segments, `q_offset`) score -inf.
 
-FP8 path (`fp8=True`): q_I and k_I are quantised to float8_e4m3fn with one float32 scale per
-vector (absmax / 448); the dot products accumulate in float32; ReLU, the head weights (times
-the q scale, which is positive so it commutes with ReLU) and the key scale are applied after.
+FP8 path (`fp8=True` or an `attention.fp8.Fp8Format`): q_I and k_I are quantised to
+float8_e4m3fn with one float32 scale per block of the last axis (`attention/fp8.py`; True = one
+block of min(D, 128), DeepSeek's layout at D = 128); the dot products accumulate in float32;
+ReLU, the head weights and the scales are applied after. `index_k` may also arrive quantised
+(`fp8.Quantized`, as the DSA decode cache stores it). The Hadamard rotation DeepSeek applies
+before FP8 is the caller's (`fp8.hadamard` on q_I and k_I; the DSA layer does it).
 
 `indexer_topk` never materialises `[T, S]`: it walks blocks of `block_q` queries (`lax.map`),
 scores each block against the key range its mask can reach (causal/window: one of a few static
@@ -29,14 +32,11 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
 
+from attention import fp8 as fp8_lib
 from attention import masks as masks_lib
 from attention.common import pad_to_size
 from attention.masks import UNBOUNDED, Mask
 from attention.topk import select_topk
-
-FP8_DTYPE = jnp.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
 
 def check_indexer_inputs(index_q, index_k, index_w) -> tuple[int, int, int, int, int]:
   """Validates `index_q [B, T, J, D]`, `index_k [B, S, D]`, `index_w [B, T, J]`.
@@ -47,46 +47,62 @@ def check_indexer_inputs(index_q, index_k, index_w) -> tuple[int, int, int, int,
     raise ValueError(f"index_q must have rank 4 [batch, seq, index_heads, index_dim], got shape "
                      f"{jnp.shape(index_q)}.")
   b, t, j, d = jnp.shape(index_q)
-  if jnp.ndim(index_k) != 3 or jnp.shape(index_k)[0] != b or jnp.shape(index_k)[2] != d:
+  k_shape = tuple(index_k.shape if isinstance(index_k, fp8_lib.Quantized) else jnp.shape(index_k))
+  if len(k_shape) != 3 or k_shape[0] != b or k_shape[2] != d:
     raise ValueError(f"index_k must have shape [B, S, D] = [{b}, S, {d}] (one key per token, "
-                     f"shared by the indexer heads), got {jnp.shape(index_k)}.")
+                     f"shared by the indexer heads), got {k_shape}.")
   if jnp.shape(index_w) != (b, t, j):
     raise ValueError(f"index_w must have shape [B, T, J] = {(b, t, j)}, got "
                      f"{jnp.shape(index_w)}.")
-  return b, t, jnp.shape(index_k)[1], j, d
+  return b, t, k_shape[1], j, d
 
 
 # --- scores -------------------------------------------------------------------------------------
 
 
-def quantize_fp8(x: Float[Array, "... D"]) -> tuple[Array, Float[Array, "..."]]:
-  """float8_e4m3fn values and one float32 scale per vector (last axis): `x ~= x8 * scale`."""
-  x = x.astype(jnp.float32)
-  absmax = jnp.max(jnp.abs(x), axis=-1)
-  scale = jnp.where(absmax > 0, absmax / FP8_MAX, 1.0)
-  return (x / scale[..., None]).astype(FP8_DTYPE), scale
+def _prepare_keys(index_k, fmt: fp8_lib.Fp8Format | None):
+  """Keys as `_relu_dot_scores` takes them: float32 `[B, S, D]`, or `Quantized` (FP8 path;
+  keys already quantised, e.g. by the decode cache, are used as they are)."""
+  if isinstance(index_k, fp8_lib.Quantized):
+    d, c = index_k.values.shape[-1], index_k.scale.shape[-1]
+    if fmt is None or d // c != fmt.block_for(d):
+      raise ValueError(f"index_k is FP8 with block {d // c}; score it with fp8 = an "
+                       f"Fp8Format of that block, got fp8={fmt!r}.")
+    return index_k
+  if fmt is None:
+    return index_k.astype(jnp.float32)
+  return fp8_lib.quantize(index_k, fmt)
 
 
-def _prepare_keys(index_k, fp8: bool):
-  """Keys as used by `_score_tile`: `(k [B, S, D], k_scale [B, S] or None)`."""
-  if fp8:
-    return quantize_fp8(index_k)
-  return index_k.astype(jnp.float32), None
+def _relu_dot_scores(q, w, k, fmt: fp8_lib.Fp8Format | None):
+  """Unmasked scores `[B, t, s]` float32: `sum_J w ReLU(q . k)` for `q [B, t, J, D]`, `w [B, t, J]`
+  and keys shared by the queries `[B, s, D]` or per query `[B, t, s, D]` (float32 or Quantized).
 
-
-def _score_tile(q, w, k, k_scale):
-  """Unmasked scores `[B, t, s]` float32 of queries `q [B, t, J, D]`, `w [B, t, J]`, keys `k`."""
+  FP8: q is quantised with the keys' blocks; products of float8 values accumulate in float32.
+  With one block per vector both scales are positive scalars per (query head, key), so the
+  q scale folds into w and the k scale multiplies after ReLU (as DeepSeek's `fp8_index`); with
+  C blocks the C partial dots are scaled per block before they are summed (C x the tile).
+  """
+  per_query = jnp.ndim(k.values if fmt is not None else k) == 4
+  eq = "BtJD,BtsD->BtJs" if per_query else "BtJD,BsD->BtJs"
   w = w.astype(jnp.float32)
-  if k_scale is not None:  # FP8: k is float8 already; quantise q, fold its scale into w.
-    q, q_scale = quantize_fp8(q)
-    w = w * q_scale
-  else:
-    q = q.astype(jnp.float32)
-  dots = jnp.einsum("BtJD,BsD->BtJs", q, k, preferred_element_type=jnp.float32)
-  scores = jnp.einsum("BtJs,BtJ->Bts", jax.nn.relu(dots), w)
-  if k_scale is not None:
-    scores = scores * k_scale[:, None, :]
-  return scores
+  if fmt is None:
+    dots = jnp.einsum(eq, q.astype(jnp.float32), k, preferred_element_type=jnp.float32)
+    return jnp.einsum("BtJs,BtJ->Bts", jax.nn.relu(dots), w)
+  qq = fp8_lib.quantize(q, fmt)
+  k_scale = k.scale if per_query else k.scale[:, None]  # B t|1 s C
+  c = k_scale.shape[-1]
+  if c == 1:
+    dots = jnp.einsum(eq, fp8_lib.dot_operand(qq.values), fp8_lib.dot_operand(k.values),
+                      preferred_element_type=jnp.float32)
+    return jnp.einsum("BtJs,BtJ->Bts", jax.nn.relu(dots), w * qq.scale[..., 0]) * k_scale[..., 0]
+  qv = qq.values.reshape(*q.shape[:3], c, -1)  # B t J C E
+  kv = k.values.reshape(*k.values.shape[:-1], c, -1)  # B [t] s C E
+  eq_c = "BtJCE,BtsCE->BtJsC" if per_query else "BtJCE,BsCE->BtJsC"
+  dots = jnp.einsum(eq_c, fp8_lib.dot_operand(qv), fp8_lib.dot_operand(kv),
+                    preferred_element_type=jnp.float32)
+  dots = jnp.sum(dots * qq.scale[:, :, :, None, :] * k_scale[:, :, None], axis=-1)
+  return jnp.einsum("BtJs,BtJ->Bts", jax.nn.relu(dots), w)
 
 
 def indexer_scores(
@@ -95,7 +111,7 @@ def indexer_scores(
     index_w: Float[Array, "B T J"],
     *,
     mask: Mask | None = None,
-    fp8: bool = False,
+    fp8: bool | fp8_lib.Fp8Format = False,
 ) -> Float[Array, "B T S"]:
   """Dense lightning-indexer scores `[B, T, S]` float32; keys hidden by `mask` are -inf.
 
@@ -103,8 +119,8 @@ def indexer_scores(
   """
   b, t, s, _, _ = check_indexer_inputs(index_q, index_k, index_w)
   mask = masks_lib.validate(mask, (b, t), (b, s))
-  k, k_scale = _prepare_keys(index_k, fp8)
-  scores = _score_tile(index_q, index_w, k, k_scale)
+  fmt = fp8_lib.resolve(fp8)
+  scores = _relu_dot_scores(index_q, index_w, _prepare_keys(index_k, fmt), fmt)
   return jnp.where(masks_lib.dense_mask(mask, b, t, s), scores, -jnp.inf)
 
 
@@ -139,16 +155,21 @@ def _reach(mask: Mask, q_pos, kv_len: int):
   return jnp.minimum(first, last), last
 
 
-def _window_topk(mask: Mask, blk: _Block, keys, width: int, first, k_eff: int, top_k: int):
+def _window_topk(mask: Mask, blk: _Block, keys, fmt, width: int, first, k_eff: int, top_k: int):
   """Top-k of one block among the `width` keys from `first` (clipped): `[B, bq, top_k]`."""
-  k_all, k_scale, kv_seg = keys  # [B, S, D], [B, S] or None, [B, S] or None
+  k_all, kv_seg = keys  # [B, S, D] float32 or Quantized, [B, S] or None
   b, bq = blk.q_pos.shape
-  start = jnp.clip(first, 0, k_all.shape[1] - width)
-  cols = lambda x: None if x is None else lax.dynamic_slice_in_dim(x, start, width, axis=1)
+  s = kv_seg.shape[1] if kv_seg is not None else jax.tree.leaves(k_all)[0].shape[1]
+  start = jnp.clip(first, 0, s - width)
+  if width == s:  # the whole key range: no slice (it would copy the keys)
+    cols = lambda x: x
+  else:
+    cols = lambda x: None if x is None else jax.tree.map(
+        lambda a: lax.dynamic_slice_in_dim(a, start, width, axis=1), x)
   kv_pos = start + jnp.arange(width, dtype=jnp.int32)
   visible = masks_lib.element_mask(mask, blk.q_pos, kv_pos[None], blk.q_seg, cols(kv_seg))
   visible &= blk.valid[:, :, None]  # padded queries see nothing
-  scores = _score_tile(blk.q, blk.w, cols(k_all), cols(k_scale))  # B bq W
+  scores = _relu_dot_scores(blk.q, blk.w, cols(k_all), fmt)  # B bq W
   kw = min(k_eff, width)
   pos = select_topk(scores.reshape(b * bq, width), visible.reshape(b * bq, width), kw)
   pos = jnp.where(pos >= 0, pos + start, -1).reshape(b, bq, kw)
@@ -162,7 +183,7 @@ def indexer_topk(
     *,
     top_k: int,
     mask: Mask | None = None,
-    fp8: bool = False,
+    fp8: bool | fp8_lib.Fp8Format = False,
     block_q: int = 16,
     num_widths: int = 4,
 ) -> Int[Array, "B T top_k"]:
@@ -186,13 +207,14 @@ def indexer_topk(
   bq = min(block_q, t)
   nq = -(-t // bq)
   k_eff = min(top_k, s)
-  keys = (*_prepare_keys(index_k, fp8), None)
+  fmt = fp8_lib.resolve(fp8)
+  keys = (_prepare_keys(index_k, fmt), None)
   q, w = pad_to_size(index_q, 1, nq * bq), pad_to_size(index_w, 1, nq * bq)
   offsets = masks_lib.q_offsets(mask, b)
   q_seg = None
   if mask.has_segments:
     q_seg = pad_to_size(jnp.asarray(mask.q_segment_ids, jnp.int32), 1, nq * bq, -1)
-    keys = (*keys[:2], jnp.asarray(mask.kv_segment_ids, jnp.int32))
+    keys = (keys[0], jnp.asarray(mask.kv_segment_ids, jnp.int32))
   widths = _key_widths(mask, s, k_eff, num_widths)
 
   def block(i):
@@ -200,7 +222,7 @@ def indexer_topk(
     q_pos = offsets[:, None] + i * bq + jnp.arange(bq, dtype=jnp.int32)[None]  # B bq
     blk = _Block(rows(q), rows(w), q_pos, rows(q_seg), q_pos < offsets[:, None] + t)
     first, last = _reach(mask, q_pos, s)
-    fns = [functools.partial(_window_topk, mask, blk, keys, wd, first, k_eff, top_k)
+    fns = [functools.partial(_window_topk, mask, blk, keys, fmt, wd, first, k_eff, top_k)
            for wd in widths]
     if len(fns) == 1:
       return fns[0]()
@@ -220,24 +242,16 @@ def indexer_scores_at(
     index_w: Float[Array, "B T J"],
     indices: Int[Array, "B T k"],
     *,
-    fp8: bool = False,
+    fp8: bool | fp8_lib.Fp8Format = False,
 ) -> Float[Array, "B T k"]:
   """Indexer scores of the selected keys only (`-inf` on -1 slots). O(T * k * J * D)."""
   b, t, s, _, _ = check_indexer_inputs(index_q, index_k, index_w)
   check_indices(indices, b, t)
-  keys, k_scale = _prepare_keys(index_k, fp8)
+  fmt = fp8_lib.resolve(fp8)
+  keys = _prepare_keys(index_k, fmt)
   safe = jnp.clip(indices, 0, s - 1)
-  k_sel = jax.vmap(lambda x, i: x[i])(keys, safe)  # B T k D
-  w = index_w.astype(jnp.float32)
-  if fp8:
-    q, q_scale = quantize_fp8(index_q)
-    w = w * q_scale
-  else:
-    q = index_q.astype(jnp.float32)
-  dots = jnp.einsum("BTJD,BTkD->BTJk", q, k_sel, preferred_element_type=jnp.float32)
-  scores = jnp.einsum("BTJk,BTJ->BTk", jax.nn.relu(dots), w)
-  if fp8:
-    scores = scores * jax.vmap(lambda x, i: x[i])(k_scale, safe)
+  k_sel = jax.tree.map(lambda x: jax.vmap(lambda a, i: a[i])(x, safe), keys)  # B T k D
+  scores = _relu_dot_scores(index_q, index_w, k_sel, fmt)
   return jnp.where(indices >= 0, scores, -jnp.inf)
 
 
@@ -303,14 +317,20 @@ def topk_overlap(
     *,
     top_k: int,
     mask: Mask | None = None,
+    fp8: bool | fp8_lib.Fp8Format = True,
+    rotate: bool = False,
     **options,
 ) -> Float[Array, ""]:
   """Share of the float32 top-k set that the FP8 path also selects (1.0 = identical sets).
 
-  Averaged over all selected slots; O(T * top_k * log top_k) beyond the two selections.
+  `rotate`: the FP8 path scores `fp8.hadamard(q_I)`, `fp8.hadamard(k_I)` (same function in
+  exact arithmetic). Averaged over all selected slots; O(T * top_k * log top_k) beyond the two
+  selections.
   """
   exact = indexer_topk(index_q, index_k, index_w, top_k=top_k, mask=mask, **options)
-  approx = indexer_topk(index_q, index_k, index_w, top_k=top_k, mask=mask, fp8=True, **options)
+  if rotate:
+    index_q, index_k = fp8_lib.hadamard(index_q), fp8_lib.hadamard(index_k)
+  approx = indexer_topk(index_q, index_k, index_w, top_k=top_k, mask=mask, fp8=fp8, **options)
   big = jnp.iinfo(jnp.int32).max
   approx_sorted = jnp.sort(jnp.where(approx >= 0, approx, big), axis=-1)
   pos = jax.vmap(jax.vmap(jnp.searchsorted))(approx_sorted, exact)

@@ -9,7 +9,7 @@ import pytest
 from jax import lax
 
 import attention
-from attention import Mask, indexer, topk
+from attention import Mask, fp8, indexer, topk
 from attention.masks import dense_mask
 from tests.helpers import assert_close, random_qkv, random_segments
 
@@ -127,8 +127,12 @@ def test_fp8_close_to_float32():
   assert err.max() < 0.15 * np.abs(np.asarray(exact)[finite]).max()
   overlap = float(indexer.topk_overlap(q, k, w, top_k=16, mask=Mask(causal=True)))
   assert 0.85 <= overlap <= 1.0
-  quantised, scale = indexer.quantize_fp8(q)
-  assert quantised.dtype == jnp.float8_e4m3fn and scale.shape == q.shape[:-1]
+  # Keys already in FP8 (as the decode cache holds them) score the same as float keys.
+  keys = fp8.quantize_fp8(k, block=32)
+  assert keys.values.dtype == jnp.float8_e4m3fn and keys.scale.shape == (*k.shape[:-1], 1)
+  assert_close(indexer.indexer_scores(q, keys, w, mask=Mask(causal=True), fp8=True), approx)
+  with pytest.raises(ValueError, match="FP8 with block 32"):
+    indexer.indexer_scores(q, keys, w, fp8=fp8.Fp8Format(block=16))
 
 
 def test_kl_zero_when_equal_and_never_nan():
