@@ -12,6 +12,9 @@ an `Indexer` (DeepSeek-V3.2-Exp, shared/specs/dsa.md):
     I[t, s] = sum_j w[t, j] ReLU(q_I[t, j] . k_I[s])
 
 with RoPE (the kind's theta) on the first `rope_dims` dims of q_I and k_I (default D / 2).
+With `fp8` the indexer scores in float8_e4m3fn with one float32 scale per `fp8_block` dims
+(`attention/fp8.py`), and q_I, k_I are first rotated by the normalised Walsh-Hadamard
+transform (`hadamard`, on by default with fp8; orthogonal, so the float32 scores are unchanged).
 The indexer reads `stop_gradient(x)`: it learns only from its KL loss and never pushes
 gradients into the main model.
 
@@ -27,8 +30,9 @@ Either way `aux["indexer_kl"]` holds the (mean over query rows) KL, float32 scal
 mass on the selected keys.
 
 Decoding caches the main K/V (`FullCache`, absolute positions, keys after RoPE) and the indexer
-keys `k_I`; each new token selects its top-k over the whole cache, so token-by-token decoding
-computes exactly what the full forward does.
+keys `k_I` (after RoPE and rotation; with fp8 as float8 values plus their block scales, about a
+quarter of the float32 bytes, as DeepSeek's cache); each new token selects its top-k over the
+whole cache, so token-by-token decoding computes exactly what the full forward does.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 import attention
+from attention import fp8 as fp8_lib
 from models import cache as cache_lib
 from models import layers
 from models.kinds import KindSettings, LayerKind, register_layer_kind
@@ -63,7 +68,12 @@ class DsaSettings:
     index_dim: D, indexer head width, even (DeepSeek: 128).
     rope_dims: dims of q_I / k_I that get RoPE (the first ones); None = index_dim // 2.
     top_k: keys each query attends to in the sparse stage (DeepSeek: 2048).
-    fp8: score the indexer in float8_e4m3fn (per-vector scales, float32 accumulation).
+    fp8: score the indexer in float8_e4m3fn (block scales, float32 accumulation); the decode
+      cache then keeps the indexer keys in float8.
+    fp8_block: dims per FP8 scale (must divide index_dim); None = min(index_dim, 128).
+    fp8_pow2: FP8 scales rounded up to powers of two (DeepSeek's "ue8m0").
+    hadamard: rotate q_I and k_I by the normalised Walsh-Hadamard transform (index_dim a power
+      of two); None = on exactly when fp8 is.
     stage: "dense" (warm-up: dense attention, dense KL) or "sparse" (top-k attention).
     block_q: queries per block of the indexer's top-k selection.
     recall: also report `aux["indexer_recall"]`, the share of the dense attention mass that
@@ -76,6 +86,9 @@ class DsaSettings:
   rope_dims: int | None = None
   top_k: int = 2048
   fp8: bool = False
+  fp8_block: int | None = None
+  fp8_pow2: bool = False
+  hadamard: bool | None = None
   stage: str = "sparse"
   block_q: int = 16
   recall: bool = False
@@ -95,9 +108,23 @@ class DsaSettings:
                        f"{self.index_dim}], got {self.rope_dims!r}.")
     if self.stage not in STAGES:
       raise ValueError(f"DSA option stage must be one of {STAGES}, got {self.stage!r}.")
-    for name in ("fp8", "recall"):
+    if self.hadamard is None:
+      object.__setattr__(self, "hadamard", self.fp8)
+    for name in ("fp8", "fp8_pow2", "hadamard", "recall"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"DSA option {name} must be a bool, got {getattr(self, name)!r}.")
+    if self.hadamard and self.index_dim & (self.index_dim - 1):
+      raise ValueError(f"DSA option hadamard needs a power-of-two index_dim, got "
+                       f"{self.index_dim} (or set hadamard=False).")
+    fp8_lib.Fp8Format(self.fp8_block, self.fp8_pow2).block_for(self.index_dim)  # validates
+
+  @property
+  def fp8_format(self) -> fp8_lib.Fp8Format | None:
+    """The indexer's FP8 format, or None for the float32 path."""
+    if not self.fp8:
+      return None
+    block = self.fp8_block or min(self.index_dim, fp8_lib.DEFAULT_BLOCK)
+    return fp8_lib.Fp8Format(block, self.fp8_pow2)
 
   @classmethod
   def from_options(cls, options: Mapping[str, Any] | tuple | None) -> "DsaSettings":
@@ -131,6 +158,7 @@ class Indexer(nnx.Module):
     # change the top-k; sets the temperature of softmax(I) in the KL loss.
     self.head_scale = j ** -0.5 * e ** -0.5
     self.rope_dims = settings.rope_dims
+    self.hadamard = settings.hadamard
     self.rope = dataclasses.replace(rope, head_dim=settings.rope_dims) if settings.rope_dims else None
 
   def _rotate(self, x: Float[Array, "B T J E"], positions) -> Float[Array, "B T J E"]:
@@ -144,6 +172,8 @@ class Indexer(nnx.Module):
     """`(index_q [B, T, J, E], index_k [B, T, E], index_w [B, T, J])`."""
     q = self._rotate(self.wq(x), positions)
     k = self._rotate(self.k_norm(self.wk(x))[:, :, None], positions)[:, :, 0]
+    if self.hadamard:  # DeepSeek's rotate_activation, after RoPE, before FP8
+      q, k = fp8_lib.hadamard(q), fp8_lib.hadamard(k)
     w = self.ww(x) * self.head_scale
     return q, k, w
 
@@ -154,17 +184,21 @@ class Indexer(nnx.Module):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DsaCache:
-  """Main K/V of every position (`FullCache`) and the indexer keys `index_k [B, L, E]`."""
+  """Main K/V of every position (`FullCache`) and the indexer keys `index_k [B, L, E]`: an
+  array, or (FP8) `fp8.Quantized` float8 values `[B, L, E]` + float32 scales `[B, L, E / block]`
+  in the static `fp8` format (new keys are quantised on the way in)."""
 
   kv: cache_lib.FullCache
-  index_k: Float[Array, "B L E"]
+  index_k: Float[Array, "B L E"] | fp8_lib.Quantized
+  fp8: fp8_lib.Fp8Format | None = dataclasses.field(default=None, metadata=dict(static=True))
 
   def update(self, index, k, v, segment_ids, index_k):
     """Writes the chunk at `index ..`; returns `((k, v, kv_segment_ids, q_offset, index_k), new)`."""
     (k_all, v_all, seg_all, q_offset), kv = self.kv.update(index, k, v, segment_ids)
-    ik = lax.dynamic_update_slice_in_dim(self.index_k, index_k.astype(self.index_k.dtype),
-                                         index, 1)
-    return (k_all, v_all, seg_all, q_offset, ik), DsaCache(kv, ik)
+    new = index_k if self.fp8 is None else fp8_lib.quantize(index_k, self.fp8)
+    write = lambda buf, x: lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), index, 1)
+    ik = jax.tree.map(write, self.index_k, new)
+    return (k_all, v_all, seg_all, q_offset, ik), DsaCache(kv, ik, self.fp8)
 
 
 # --- the layer -----------------------------------------------------------------------------------
@@ -212,12 +246,12 @@ class DsaAttention(layers.Attention):
     s = self.dsa
     return attention.indexer_topk(lax.stop_gradient(iq), lax.stop_gradient(ik),
                                     lax.stop_gradient(iw), top_k=s.top_k, mask=mask,
-                                    fp8=s.fp8, block_q=s.block_q)
+                                    fp8=s.fp8_format, block_q=s.block_q)
 
   def _dense(self, q, k, v, iq, ik, iw, mask):
     """Warm-up: dense causal attention; KL over every visible key."""
     out = attention.flash_attention(q, k, v, mask=mask)
-    scores = attention.indexer_scores(iq, ik, iw, mask=mask, fp8=self.dsa.fp8)
+    scores = attention.indexer_scores(iq, ik, iw, mask=mask, fp8=self.dsa.fp8_format)
     target = attention.attention_target(q, k, mask=mask)
     return out, {"indexer_kl": attention.indexer_kl_loss(scores, target)}
 
@@ -227,8 +261,8 @@ class DsaAttention(layers.Attention):
     # Through the registry (the kind's attention, "dsa" by default), reusing the selection.
     out = attention.get(self.attention_name)(
         q, k, v, mask=mask, index_q=iq, index_k=ik, index_w=iw, top_k=self.dsa.top_k,
-        fp8=self.dsa.fp8, indices=indices)
-    scores = attention.indexer_scores_at(iq, ik, iw, indices, fp8=self.dsa.fp8)
+        fp8=self.dsa.fp8_format, indices=indices)
+    scores = attention.indexer_scores_at(iq, ik, iw, indices, fp8=self.dsa.fp8_format)
     target = attention.attention_target(q, k, mask=mask, indices=indices)
     return out, {"indexer_kl": attention.indexer_kl_loss(scores, target), "indices": indices}
 
@@ -244,7 +278,13 @@ class DsaAttention(layers.Attention):
   def init_cache(self, batch: int, max_len: int) -> DsaCache:
     """Every position of K/V and of the indexer keys (top-k looks at the whole stream)."""
     kv = cache_lib.FullCache.create(batch, max_len, self.num_kv_heads, self.head_dim, self.dtype)
-    return DsaCache(kv, jnp.zeros((batch, max_len, self.dsa.index_dim), self.dtype))
+    e, fmt = self.dsa.index_dim, self.dsa.fp8_format
+    if fmt is None:
+      return DsaCache(kv, jnp.zeros((batch, max_len, e), self.dtype))
+    blocks = e // fmt.block_for(e)
+    index_k = fp8_lib.Quantized(jnp.zeros((batch, max_len, e), fp8_lib.FP8_DTYPE),
+                                jnp.ones((batch, max_len, blocks), jnp.float32))
+    return DsaCache(kv, index_k, fmt)
 
 
 STAGE_FNS = {"dense": DsaAttention._dense, "sparse": DsaAttention._sparse}  # pylint: disable=protected-access

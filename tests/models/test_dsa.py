@@ -11,6 +11,7 @@ from flax import nnx
 
 import attention
 from models import KindSettings, ModelConfig, Transformer, dsa
+from models import cache as cache_lib
 from tests.models.test_decode import cached_logits, forward
 
 VOCAB, T = 64, 16
@@ -27,14 +28,29 @@ def tokens(seed=1, batch=2, length=T):
   return jax.random.randint(jax.random.key(seed), (batch, length), 0, VOCAB, jnp.int32)
 
 
-@pytest.mark.parametrize("stage", ["sparse", "dense"])
-def test_token_by_token_decode_equals_full_forward(stage):
-  """top_k=5 < T: later tokens really choose; each decode step selects over the whole cache."""
-  model = Transformer(dsa_config(stage=stage), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("stage,fp8", [("sparse", False), ("dense", False), ("sparse", True)])
+def test_token_by_token_decode_equals_full_forward(stage, fp8):
+  """top_k=5 < T: later tokens really choose; each decode step selects over the whole cache.
+  With fp8 (Hadamard on) the cache holds float8 indexer keys; the forward quantises the same."""
+  model = Transformer(dsa_config(stage=stage, fp8=fp8), rngs=nnx.Rngs(0))
   x = tokens()
   decoded, index = cached_logits(model, x, 1)
   assert int(index) == T
   np.testing.assert_allclose(decoded, forward(model, x), atol=1e-4, rtol=1e-4)
+
+
+def test_fp8_cache_holds_indexer_keys_in_a_quarter_of_the_bytes():
+  """Allocated decode cache: float8 keys + one float32 scale per 32 dims vs float32 keys."""
+  def index_key_bytes(fp8):
+    config = dsa_config(pattern=("dsa",), fp8=fp8, index_dim=32, fp8_pow2=fp8)
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    cache = model.init_cache(2, 1024)
+    index_k = cache.layers[0].index_k
+    if fp8:
+      assert index_k.values.dtype == jnp.float8_e4m3fn and index_k.scale.shape == (2, 1024, 1)
+    return cache_lib.nbytes(index_k)
+  ratio = index_key_bytes(True) / index_key_bytes(False)
+  assert ratio == (32 + 4) / (32 * 4), ratio
 
 
 def test_top_k_at_least_length_equals_dense_causal():
@@ -114,6 +130,11 @@ def test_partial_rope_and_settings_validation():
   assert settings.rope_dims == 4
   with pytest.raises(ValueError, match="unknown DSA option"):
     Transformer(dsa_config(topk=4), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="power-of-two index_dim, got 24"):
+    dsa.DsaSettings(index_dim=24, fp8=True)
+  assert not dsa.DsaSettings(index_dim=24, fp8=True, hadamard=False).hadamard
+  with pytest.raises(ValueError, match="block 16 must divide the last axis .d_I = 24"):
+    dsa.DsaSettings(index_dim=24, fp8=True, hadamard=False, fp8_block=16)
   with pytest.raises(ValueError, match="stage"):
     dsa.DsaSettings(stage="warmup")
   with pytest.raises(ValueError, match="rope_dims"):
