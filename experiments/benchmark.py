@@ -2,6 +2,7 @@ r"""Attention benchmark: exact compiled memory/FLOPs and median wall time per me
 
     python -m experiments.benchmark --workdir=/tmp/longctx_bench
     python -m experiments.benchmark --preset=acceptance --workdir=/tmp/longctx_bench
+    python -m experiments.benchmark --preset=dsa_decode   # or dsa_fp8 (experiments/dsa_bench.py)
 
 For every (method, mask, length) it compiles forward and forward+backward once, reads the
 temp memory (`memory_analysis().temp_size_in_bytes`) and XLA's FLOP count
@@ -330,6 +331,12 @@ def run(methods: list[str], lengths: list[int], causal_values: list[bool], setti
 
 def main(argv):
   del argv
+  if FLAGS.preset in ("dsa_decode", "dsa_fp8"):
+    from experiments import dsa_bench  # pylint: disable=g-import-not-at-top
+    table = (dsa_bench.decode_step_table(131072, rounds=max(3, FLAGS.repeats))
+             if FLAGS.preset == "dsa_decode" else dsa_bench.fp8_agreement_table(4096, 512))
+    print(table, flush=True)
+    return
   for name, value in PRESETS.get(FLAGS.preset, {}).items():
     if not FLAGS[name].present:
       FLAGS[name].value = value
@@ -346,8 +353,10 @@ def define_flags() -> None:
   import this module next to experiments.train)."""
   flags.DEFINE_string("workdir", "/tmp/longctx_benchmark",
                       "Where benchmark.csv/.png are written.")
-  flags.DEFINE_enum("preset", "default", ["default", "acceptance"],
-                    "acceptance: the lengths/methods behind the README's performance figures.")
+  flags.DEFINE_enum("preset", "default", ["default", "acceptance", "dsa_decode", "dsa_fp8"],
+                    "acceptance: the lengths/methods behind the README's performance figures; "
+                    "dsa_decode: one DSA decode step vs dense at a 131072-token cache; dsa_fp8: "
+                    "FP8 indexer top-k agreement table (experiments/dsa_bench.py).")
   flags.DEFINE_list("methods", ["jax", "dense", "flash", "local"],
                     "Methods (keys of METHODS): jax (jax.nn.dot_product_attention), or "
                     "registered names.")

@@ -109,13 +109,13 @@ def test_indexer_scores_match_numpy_formula_from_raw_projections():
   q_I = x W_q, k_I = LayerNorm(x W_k); rope_dims=0, so no RoPE enters the NumPy side."""
   model = Transformer(dsa_config(rope_dims=0, index_heads=3, index_dim=16), rngs=nnx.Rngs(5))
   ix = model.blocks[0].attn.indexer
-  ix.k_norm.scale.value = 1.0 + jax.random.normal(jax.random.key(8), ix.k_norm.scale.shape)
-  ix.k_norm.bias.value = jax.random.normal(jax.random.key(9), ix.k_norm.bias.shape)
+  ix.k_norm.scale[...] = 1.0 + jax.random.normal(jax.random.key(8), ix.k_norm.scale.shape)
+  ix.k_norm.bias[...] = jax.random.normal(jax.random.key(9), ix.k_norm.bias.shape)
   x = jax.random.normal(jax.random.key(7), (2, T, TINY["d_model"]))
   positions = jnp.broadcast_to(jnp.arange(T), (2, T))
   got = attention.indexer_scores(*ix(x, positions))
   xn = np.asarray(x, np.float64)
-  p = lambda a: np.asarray(a.value, np.float64)
+  p = lambda a: np.asarray(a[...], np.float64)
   q = np.einsum("btd,dje->btje", xn, p(ix.wq.kernel))
   kk = xn @ p(ix.wk.kernel)
   mean, var = kk.mean(-1, keepdims=True), kk.var(-1, keepdims=True)
