@@ -71,8 +71,9 @@ def test_block_scales_in_indexer_scores():
 def test_hadamard_matches_sylvester_matrix_and_is_its_own_inverse(d):
   x = jax.random.normal(jax.random.key(d), (3, 5, d))
   want = np.asarray(x, np.float64) @ sylvester(d) / np.sqrt(d)
-  assert_close(fp8.hadamard(x), want)
-  assert_close(fp8.hadamard(fp8.hadamard(x)), x)
+  hadamard = jax.jit(fp8.hadamard)
+  assert_close(hadamard(x), want)
+  assert_close(hadamard(hadamard(x)), x)
 
 
 def test_rotation_leaves_float32_scores_unchanged():
@@ -81,8 +82,9 @@ def test_rotation_leaves_float32_scores_unchanged():
   k = jax.random.normal(kk, (2, 9, 32)) * 0.5
   w = jax.random.normal(kw, (2, 6, 3)) * 0.2
   mask = Mask(causal=True, q_offset=3)
-  plain = indexer.indexer_scores(q, k, w, mask=mask)
-  rotated = indexer.indexer_scores(fp8.hadamard(q), fp8.hadamard(k), w, mask=mask)
+  scores = jax.jit(lambda q, k, rotate: indexer.indexer_scores(
+      *((fp8.hadamard(q), fp8.hadamard(k)) if rotate else (q, k)), w, mask=mask), static_argnums=2)
+  plain, rotated = scores(q, k, False), scores(q, k, True)
   finite = np.isfinite(np.asarray(plain))
   np.testing.assert_array_equal(finite, np.isfinite(np.asarray(rotated)))
   assert_close(np.asarray(rotated)[finite], np.asarray(plain)[finite])
