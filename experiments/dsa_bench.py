@@ -62,8 +62,10 @@ def decode_step(cache_len: int = 131072, *, heads: int = 8, kv_heads: int = 1,
   kv_bytes = 2 * cache_len * kv_heads * head_dim * 4
   index_bytes = {"fp8": keys8.values.nbytes + keys8.scale.nbytes, "f32": x["index_k"].nbytes}
   gathered = 2 * top_k * kv_heads * head_dim * 4
+  stream = jax.jit(lambda k, v: jnp.sum(k) + jnp.sum(v))  # what reading K and V alone costs
   return dict(
       cache_len=cache_len,
+      stream_ms=1e3 * median_seconds(stream, (x["k"], x["v"]), 9),
       dense_ms=1e3 * median_seconds(dense, qkv, 9),
       dsa_fp8_ms=1e3 * median_seconds(dsa8, args8, 9),
       dsa_f32_ms=1e3 * median_seconds(dsa32, args32, 9),
@@ -79,6 +81,8 @@ def decode_step_table(cache_len: int = 131072, **options) -> str:
   gbs = lambda mib, ms: mib / 1024 / (ms / 1e3)
   return "\n".join([
       f"decode, one token vs a {r['cache_len']}-token cache (medians; ratios paired):",
+      f"  jnp.sum over K and V {r['stream_ms']:7.2f} ms  reads {r['dense_mib']:6.1f} MiB "
+      f"({gbs(r['dense_mib'], r['stream_ms']):.1f} GiB/s: this machine's streaming read)",
       f"  dense (flash) step   {r['dense_ms']:7.2f} ms  reads {r['dense_mib']:6.1f} MiB "
       f"({gbs(r['dense_mib'], r['dense_ms']):.1f} GiB/s)",
       f"  DSA, FP8 index keys  {r['dsa_fp8_ms']:7.2f} ms  reads {r['dsa_fp8_mib']:6.1f} MiB "
