@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
 
+from attention import fp8 as fp8_lib
 from attention import masks as masks_lib
 from attention.indexer import check_indices, indexer_topk
 from attention.masks import Mask
@@ -31,10 +32,10 @@ def dsa_attention(
     mask: Mask | None = None,
     scale: float | None = None,
     index_q: Float[Array, "B T J D"],
-    index_k: Float[Array, "B S D"],
+    index_k: Float[Array, "B S D"] | fp8_lib.Quantized,
     index_w: Float[Array, "B T J"],
     top_k: int = 2048,
-    fp8: bool = False,
+    fp8: bool | fp8_lib.Fp8Format = False,
     block_q: int | None = None,
     indices: Int[Array, "B T k"] | None = None,
     **options,

@@ -17,11 +17,12 @@ pytree of FP8 values and their scales (the DSA decode cache stores indexer keys 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Shaped
 
 FP8_DTYPE = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -69,8 +70,8 @@ def resolve(fp8: "bool | Fp8Format") -> Fp8Format | None:
 class Quantized:
   """FP8 values `[..., D]` and float32 scales `[..., D / block]`: `x ~= values * scale`."""
 
-  values: Array
-  scale: Float[Array, "... C"]
+  values: Any  # float8_e4m3fn [..., D] (untyped: pytree transforms rebuild it with other leaves)
+  scale: Any  # float32 [..., C]
 
   @property
   def shape(self):
@@ -88,7 +89,7 @@ def _check_float(x, what: str):
     raise ValueError(f"{what} needs a floating-point input, got dtype {jnp.asarray(x).dtype}.")
 
 
-def quantize_fp8(x: Float[Array, "... D"], block: int = DEFAULT_BLOCK, *,
+def quantize_fp8(x: Shaped[Array, "... D"], block: int = DEFAULT_BLOCK, *,
                  pow2: bool = False) -> Quantized:
   """float8_e4m3fn values with one float32 scale per `block` elements of the last axis.
 
@@ -110,7 +111,7 @@ def quantize_fp8(x: Float[Array, "... D"], block: int = DEFAULT_BLOCK, *,
   return Quantized(values, scale)
 
 
-def quantize(x: Float[Array, "... D"], fmt: Fp8Format) -> Quantized:
+def quantize(x: Shaped[Array, "... D"], fmt: Fp8Format) -> Quantized:
   """`quantize_fp8` with the block and pow2 of `fmt` (block resolved against D)."""
   return quantize_fp8(x, fmt.block_for(jnp.shape(x)[-1]), pow2=fmt.pow2)
 
@@ -125,7 +126,7 @@ def dot_operand(values: Array) -> Array:
   return values
 
 
-def hadamard(x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+def hadamard(x: Shaped[Array, "... D"]) -> Float[Array, "... D"]:
   """Normalised fast Walsh-Hadamard transform of the last axis: `x @ H_D / sqrt(D)`.
 
   `H_D` is Sylvester's matrix (`H_2n = [[H_n, H_n], [H_n, -H_n]]`, as scipy.linalg.hadamard and

@@ -107,7 +107,7 @@ def _relu_dot_scores(q, w, k, fmt: fp8_lib.Fp8Format | None):
 
 def indexer_scores(
     index_q: Float[Array, "B T J D"],
-    index_k: Float[Array, "B S D"],
+    index_k: Float[Array, "B S D"] | fp8_lib.Quantized,
     index_w: Float[Array, "B T J"],
     *,
     mask: Mask | None = None,
@@ -178,7 +178,7 @@ def _window_topk(mask: Mask, blk: _Block, keys, fmt, width: int, first, k_eff: i
 
 def indexer_topk(
     index_q: Float[Array, "B T J D"],
-    index_k: Float[Array, "B S D"],
+    index_k: Float[Array, "B S D"] | fp8_lib.Quantized,
     index_w: Float[Array, "B T J"],
     *,
     top_k: int,
@@ -238,7 +238,7 @@ def indexer_topk(
 
 def indexer_scores_at(
     index_q: Float[Array, "B T J D"],
-    index_k: Float[Array, "B S D"],
+    index_k: Float[Array, "B S D"] | fp8_lib.Quantized,
     index_w: Float[Array, "B T J"],
     indices: Int[Array, "B T k"],
     *,
@@ -312,7 +312,7 @@ def indexer_kl_loss(
 
 def topk_overlap(
     index_q: Float[Array, "B T J D"],
-    index_k: Float[Array, "B S D"],
+    index_k: Float[Array, "B S D"] | fp8_lib.Quantized,
     index_w: Float[Array, "B T J"],
     *,
     top_k: int,
