@@ -35,6 +35,7 @@ import numpy as np
 
 import attention
 from attention import Mask
+from experiments.timing import median_seconds, paired_ratio
 
 FLAGS = flags.FLAGS
 
@@ -135,34 +136,6 @@ def compiled_stats(fn, *args) -> tuple[Callable, float, float]:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
   return compiled, temp, float(cost.get("flops", float("nan"))) / 1e9
-
-
-def median_seconds(compiled, args, repeats: int) -> float:
-  jax.block_until_ready(compiled(*args))  # warm-up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
-def paired_ratio(fast, slow, args_fast, args_slow, rounds: int = 3, calls: int = 3) -> float:
-  """Median over `rounds` of `median_seconds(slow) / median_seconds(fast)`, side by side.
-
-  A shared machine's speed drifts over minutes; timing the two halves of a ratio next to each
-  other keeps the drift out of it. Each half is a block (one warm-up, then the median of
-  `calls`), not a single call: the first calls after switching from a memory-hungry method
-  run up to ~1.5x slower (page and cache traffic), which a block's median absorbs. The order
-  alternates each round.
-  """
-  ratios_ = []
-  for r in range(rounds):
-    halves = [("fast", fast, args_fast), ("slow", slow, args_slow)]
-    times = {name: median_seconds(fn, args, calls)
-             for name, fn, args in (halves if r % 2 == 0 else halves[::-1])}
-    ratios_.append(times["slow"] / times["fast"])
-  return float(np.median(ratios_))
 
 
 def run_one(method: str, causal: bool, length: int, settings: Settings = Settings(),

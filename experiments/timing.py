@@ -1,4 +1,4 @@
-"""Wall-clock timing of jitted calls on an accelerator (shared by the GPU check scripts)."""
+"""Wall-clock timing of jitted calls (shared by the benchmark, dsa_bench and the GPU check scripts)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,31 @@ def seconds_per_call(fn, *args, samples: int = 5, sample_s: float = 0.08) -> flo
     jax.block_until_ready(out)
     times.append((time.perf_counter() - start) / calls)
   return statistics.median(times)
+
+
+def median_seconds(compiled, args, repeats: int) -> float:
+  jax.block_until_ready(compiled(*args))  # warm-up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def paired_ratio(fast, slow, args_fast, args_slow, rounds: int = 3, calls: int = 3) -> float:
+  """Median over `rounds` of `median_seconds(slow) / median_seconds(fast)`, side by side.
+
+  A shared machine's speed drifts over minutes; timing the two halves of a ratio next to each
+  other keeps the drift out of it. Each half is a block (one warm-up, then the median of
+  `calls`), not a single call: the first calls after switching from a memory-hungry method
+  run up to ~1.5x slower (page and cache traffic), which a block's median absorbs. The order
+  alternates each round.
+  """
+  ratios_ = []
+  for r in range(rounds):
+    halves = [("fast", fast, args_fast), ("slow", slow, args_slow)]
+    times = {name: median_seconds(fn, args, calls)
+             for name, fn, args in (halves if r % 2 == 0 else halves[::-1])}
+    ratios_.append(times["slow"] / times["fast"])
+  return float(np.median(ratios_))
