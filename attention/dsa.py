@@ -35,7 +35,7 @@ def dsa_attention(
     index_k: Float[Array, "B S D"] | fp8_lib.Quantized,
     index_w: Float[Array, "B T J"],
     top_k: int = 2048,
-    fp8: bool | fp8_lib.Fp8Format = False,
+    fp8: bool | fp8_lib.Fp8Format | None = False,
     block_q: int | None = None,
     indices: Int[Array, "B T k"] | None = None,
     **options,

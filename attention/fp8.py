@@ -53,7 +53,7 @@ class Fp8Format:
     return block
 
 
-def resolve(fp8: "bool | Fp8Format") -> Fp8Format | None:
+def resolve(fp8: "bool | Fp8Format | None") -> Fp8Format | None:
   """`False -> None` (float32 path); `True -> Fp8Format(block=None)` (one scale per
   min(d, 128) elements, DeepSeek's layout at d = 128); a format passes through."""
   if isinstance(fp8, Fp8Format):

@@ -111,7 +111,7 @@ def indexer_scores(
     index_w: Float[Array, "B T J"],
     *,
     mask: Mask | None = None,
-    fp8: bool | fp8_lib.Fp8Format = False,
+    fp8: bool | fp8_lib.Fp8Format | None = False,
 ) -> Float[Array, "B T S"]:
   """Dense lightning-indexer scores `[B, T, S]` float32; keys hidden by `mask` are -inf.
 
@@ -183,7 +183,7 @@ def indexer_topk(
     *,
     top_k: int,
     mask: Mask | None = None,
-    fp8: bool | fp8_lib.Fp8Format = False,
+    fp8: bool | fp8_lib.Fp8Format | None = False,
     block_q: int = 16,
     num_widths: int = 4,
 ) -> Int[Array, "B T top_k"]:
@@ -242,7 +242,7 @@ def indexer_scores_at(
     index_w: Float[Array, "B T J"],
     indices: Int[Array, "B T k"],
     *,
-    fp8: bool | fp8_lib.Fp8Format = False,
+    fp8: bool | fp8_lib.Fp8Format | None = False,
 ) -> Float[Array, "B T k"]:
   """Indexer scores of the selected keys only (`-inf` on -1 slots). O(T * k * J * D)."""
   b, t, s, _, _ = check_indexer_inputs(index_q, index_k, index_w)
@@ -317,7 +317,7 @@ def topk_overlap(
     *,
     top_k: int,
     mask: Mask | None = None,
-    fp8: bool | fp8_lib.Fp8Format = True,
+    fp8: bool | fp8_lib.Fp8Format | None = True,
     rotate: bool = False,
     **options,
 ) -> Float[Array, ""]:
