@@ -317,7 +317,7 @@ def set_recall(model: nnx.Module, on: bool = True) -> int:
 def dsa_kind(**options) -> KindSettings:
   """`KindSettings` overriding the "dsa" kind's options, e.g. `dsa_kind(top_k=64)`."""
   DsaSettings.from_options(options)  # validate early
-  return KindSettings(options=tuple(sorted(options.items())))
+  return KindSettings(options=options)
 
 
 register_layer_kind("dsa", LayerKind(KindSettings("dsa", 0, 10_000.0), module=DsaAttention))

@@ -21,7 +21,7 @@ TINY = dict(vocab_size=VOCAB, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=6
 def dsa_config(pattern=("dsa", "global"), **options) -> ModelConfig:
   options = dict(dict(top_k=5, index_heads=2, index_dim=8), **options)
   return ModelConfig(layer_pattern=pattern, num_layers=len(pattern),
-                     kinds={"dsa": KindSettings(options=tuple(options.items()))}, **TINY)
+                     kinds={"dsa": KindSettings(options=options)}, **TINY)
 
 
 def tokens(seed=1, batch=2, length=T):
