@@ -1,4 +1,5 @@
-r"""Evaluate a trained run: passkey / needle accuracy over (context length x depth).
+r"""Evaluate a trained run: passkey / needle accuracy over (context length x depth); for an
+MLM encoder (experiments/configs/mlm.py) the masked needle's accuracy by distance.
 
     python -m experiments.evaluate --workdir=/tmp/longctx_passkey --rope_scaling=yarn \
         --rope_factor=4
@@ -16,6 +17,9 @@ scaling and factor, lengths, `--examples`: e.g. `eval_passkey_yarn4_256-512-768-
 it cannot replace the training run's own `eval_passkey.csv`; an existing file of that name is
 refused unless `--overwrite`. Holds the workdir's shared lock (experiments/workdir.py): it may
 run next to another evaluation, not next to a training run writing the same workdir.
+
+An MLM run's task is `mlm_needle` (`eval_mlm_needle[_<tag>].csv/.png`): exact match of a
+masked key-value needle's value by the distance to its intact copy, in doubling buckets.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import numpy as np
 import models
 from models import dsa
 from experiments import checkpoints as ckpt_lib
-from experiments import cli, tasks, trainer
+from experiments import cli, mlm_task, tasks, trainer
 from experiments import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
@@ -64,6 +68,58 @@ def grid(model, config: ml_collections.ConfigDict, name: str, lengths: Sequence[
       rows.append(dict(task=name, length=int(length), depth=float(depth), examples=examples,
                        accuracy=scores["accuracy"], token_accuracy=scores["token_accuracy"]))
   return rows
+
+
+def needle_by_distance(model, config: ml_collections.ConfigDict, lengths: Sequence[int],
+                       examples: int, batch_size: int) -> list[dict[str, Any]]:
+  """MLM models: one row per (length, distance bucket) with the exact match (every digit) and
+  digit accuracy of the masked needle value, its intact copy `distance` tokens away (before or
+  after; `mlm_task.MLM.needle_batch`, held-out text). Buckets: `mlm_task.distance_buckets`."""
+  task = tasks.make_task(config.task, seed=config.seed + 1)
+  rows = []
+  for length in lengths:
+    for lo, hi in mlm_task.distance_buckets(length, task.needle_len):
+      batches = [task.needle_batch(i, min(batch_size, examples - i * batch_size),
+                                   seq_len=length, distance=(lo, hi))
+                 for i in range(-(-examples // batch_size))]
+      scores = trainer.evaluate_batches(model, batches)
+      rows.append(dict(task="mlm_needle", length=int(length), distance_lo=lo, distance_hi=hi,
+                       examples=examples, accuracy=scores["accuracy"],
+                       token_accuracy=scores["token_accuracy"]))
+  return rows
+
+
+def format_distance_table(rows: list[dict[str, Any]]) -> str:
+  """Markdown table of `needle_by_distance` rows: one row per (length, distance bucket)."""
+  lines = ["| length | distance | exact match | digit accuracy |", "|---|---|---|---|"]
+  lines += [f"| {r['length']} | [{r['distance_lo']}, {r['distance_hi']}) | {r['accuracy']:.2f} "
+            f"| {r['token_accuracy']:.2f} |" for r in rows]
+  return "\n".join(lines)
+
+
+def plot_distance(rows: list[dict[str, Any]], path: str, title: str, window: int) -> None:
+  """Needle exact match against distance (bucket midpoints), one line per context length;
+  the dotted line marks one local layer's reach (`window // 2` each side; 0 = none)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for length in sorted({r["length"] for r in rows}):
+    points = [((r["distance_lo"] + r["distance_hi"]) / 2, r["accuracy"]) for r in rows
+              if r["length"] == length]
+    ax.plot(*zip(*points), marker="o", label=f"context {length}")
+  if window:
+    ax.axvline(window // 2, color="gray", linestyle=":", label=f"local reach {window // 2}")
+  ax.set_xscale("log", base=2)
+  ax.set_ylim(-0.02, 1.02)
+  ax.set_xlabel("distance between the masked value and its key (tokens)")
+  ax.set_ylabel("exact match (all digits)")
+  ax.set_title(title)
+  ax.legend()
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
 
 @nnx.jit
@@ -183,11 +239,21 @@ def evaluate_and_report(model, config: ml_collections.ConfigDict, outdir: str, *
                           f"--overwrite to replace them.")
   results = {}
   for name in names:
-    rows = grid(model, config, name, lengths, depths, examples or e.examples, e.batch_size)
     stem = os.path.join(outdir, f"eval_{name}{suffix}")
-    write_csv(rows, stem + ".csv")
     rope = f"rope={model.config.rope_scaling}" + (
         f" x{model.config.rope_factor:g}" if model.config.rope_scaling != "none" else "")
+    if name == "mlm_needle":
+      rows = needle_by_distance(model, config, lengths, examples or e.examples, e.batch_size)
+      write_csv(rows, stem + ".csv")
+      kinds = "/".join(model.config.layer_pattern)
+      plot_distance(rows, stem + ".png", f"MLM needle ({kinds}), trained at {train_len}",
+                    model.config.kind_settings("local").window if "local" in kinds else 0)
+      print(f"\nMLM needle retrieval by distance ({kinds}; trained at {train_len}; {rope}):")
+      print(format_distance_table(rows), flush=True)
+      results[name] = rows
+      continue
+    rows = grid(model, config, name, lengths, depths, examples or e.examples, e.batch_size)
+    write_csv(rows, stem + ".csv")
     plot_heatmap(rows, stem + ".png", f"{name}: trained at {train_len}, {rope}")
     print(f"\n{name} exact-match accuracy (trained at length {train_len}; {rope}):")
     print(format_table(rows), flush=True)
@@ -252,7 +318,7 @@ def run(workdir: str, *, outdir: str | None = None, task_names: Sequence[str] | 
     tag = tag or default_tag(rope_scaling, rope_factor, lengths, examples)
     outdir = outdir or workdir
     os.makedirs(outdir, exist_ok=True)
-    if check_rows:
+    if check_rows and config.model.causal:  # KV-cache decoding: decoders only
       agree = check_generate(model, config, names[0], train_len, check_rows)
       print(f"KV-cache greedy decoding agrees with teacher-forced scoring on {agree:.0%} of "
             f"rows.")
@@ -277,7 +343,8 @@ def define_flags() -> None:
   """The command-line flags (defined when run as a script, so train.py can import us)."""
   flags.DEFINE_string("workdir", None, "A training run's workdir (config.json + checkpoints).")
   flags.DEFINE_string("outdir", None, "Where CSV/PNG go (default: --workdir).")
-  flags.DEFINE_list("tasks", None, "Haystack tasks: passkey, needle (default: config.eval).")
+  flags.DEFINE_list("tasks", None, "Haystack tasks: passkey, needle; mlm_needle for MLM runs (default: "
+                    "config.eval).")
   flags.DEFINE_list("length_multiples", None, "Lengths as multiples of the training length.")
   flags.DEFINE_list("lengths", None, "Absolute context lengths (overrides multiples).")
   flags.DEFINE_list("depths", None, "Needle depths in [0, 1].")

@@ -19,6 +19,7 @@ Formats:
   KEY is"; evaluated over a (context length x depth) grid.
 * mqar (Zoology, arXiv 2312.04927, `multiquery_ar`): key/value pairs, then a query region in
   which keys reappear at power-law-distributed gaps; only the value after each query is scored.
+* mlm: masked language modelling on the text files (experiments/mlm_task.py).
 * text: files from a glob (default: the Python standard library's own sources, via
   `sysconfig`), concatenated as bytes and cut into rows; short files are packed together and
   told apart by segment ids.
@@ -46,7 +47,8 @@ def _rng(seed: int, step: int, salt: int = 0) -> np.random.Generator:
   return np.random.default_rng([seed, step, salt])
 
 
-def _encode(text: str) -> np.ndarray:
+def encode(text: str) -> np.ndarray:
+  """UTF-8 bytes of `text` as int32 tokens."""
   return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
 
 
@@ -108,15 +110,15 @@ class Haystack:
     """One row exactly `seq_len` tokens long, and its info (answer, needle position, depth)."""
     seq_len = seq_len or self.seq_len
     needle, question, answer = self.parts(rng)
-    head = _encode(self.instruction + "\n") if self.instruction else np.zeros(0, np.int32)
-    needle_t, question_t = _encode("\n" + needle + "\n"), _encode("\n" + question)
-    answer_t = _encode(answer)
+    head = encode(self.instruction + "\n") if self.instruction else np.zeros(0, np.int32)
+    needle_t, question_t = encode("\n" + needle + "\n"), encode("\n" + question)
+    answer_t = encode(answer)
     n_filler = seq_len - len(head) - len(needle_t) - len(question_t) - len(answer_t)
     if n_filler < 0:
       raise ValueError(f"{self.kind}: seq_len {seq_len} is too short for the fixed text "
                        f"({seq_len - n_filler} tokens); use a longer seq_len or instruction=''.")
     repeats = n_filler // len(self.filler) + 1
-    filler = _encode(self.filler * repeats)[:n_filler]
+    filler = encode(self.filler * repeats)[:n_filler]
     cut = int(round(float(depth) * n_filler))
     sequence = np.concatenate([head, filler[:cut], needle_t, filler[cut:], question_t, answer_t])
     info = dict(answer=answer, depth=float(depth), needle_start=len(head) + cut + 1,
@@ -272,7 +274,8 @@ def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 
 # --- registry ------------------------------------------------------------------------------------
 
-TASKS = {"passkey": Haystack, "needle": Haystack, "mqar": MQAR, "text": Text}
+TASKS = {"passkey": Haystack, "needle": Haystack, "mqar": MQAR, "text": Text,
+         "mlm": None}  # mlm: experiments/mlm_task.MLM (imported on use: it imports this module)
 
 
 def make_task(config, seed: int = 0):
@@ -282,6 +285,9 @@ def make_task(config, seed: int = 0):
   if name not in TASKS:
     raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}.")
   cls = TASKS[name]
+  if name == "mlm":
+    from experiments.mlm_task import MLM  # pylint: disable=g-import-not-at-top
+    cls = MLM
   if cls is Haystack:
     fields["kind"] = name
   known = {f.name for f in dataclasses.fields(cls)}
