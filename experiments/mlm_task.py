@@ -22,7 +22,7 @@ Batches follow experiments/tasks.py's contract (`[B, T]` arrays, a pure function
   trainer's loss and accuracy (experiments/trainer.py) are then the MLM loss and the
   masked-token accuracy: unselected and padding positions weigh 0.
 
-Needles (`needle_rate`): a fraction of training rows gets a key-value line
+Needles (`needle_rate`): a fraction of the training rows (never the held-out rows) gets a key-value line
 `\nneedle_KEY = VALUE\n` written over its text twice, inside one document, at a random
 distance; in one copy (random: before or after the other) every digit of VALUE is replaced by
 `MASK_ID` and scored, so the model learns to retrieve a value from its key anywhere in the
@@ -122,7 +122,8 @@ class MLM:
 
   def batch(self, step: int, batch_size: int, *, salt: int = 0) -> dict[str, np.ndarray]:
     """Rows `step * B ..` of the training files (`salt=0`) or the held-out files (else), in a
-    seed-dependent order per epoch, masked and (with `needle_rate`) carrying needles."""
+    seed-dependent order per epoch, masked; training rows carry needles (`needle_rate`),
+    held-out rows do not (their accuracy is plain masked-token accuracy)."""
     heldout = salt != 0
     n = self.num_rows(heldout)
     rng = np.random.default_rng([self.seed, step, salt])
@@ -131,14 +132,15 @@ class MLM:
       epoch, offset = divmod(i, n)
       order = epoch_order(self.seed + 7919 * salt, epoch, n)
       tokens, segments = self.row(heldout, int(order[offset]))
-      rows.append(self.masked_row(rng, tokens, segments))
+      rows.append(self.masked_row(rng, tokens, segments, needles=not heldout))
     return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
 
-  def masked_row(self, rng: np.random.Generator, tokens: np.ndarray, segments: np.ndarray
-                 ) -> dict[str, np.ndarray]:
-    """A training row: maybe a needle pair in its longest document, then MLM masking."""
+  def masked_row(self, rng: np.random.Generator, tokens: np.ndarray, segments: np.ndarray,
+                 needles: bool = True) -> dict[str, np.ndarray]:
+    """A row: (training rows, with probability `needle_rate`) a needle pair in its longest
+    document, then MLM masking."""
     forced = np.zeros(len(tokens), bool)
-    if rng.random() < self.needle_rate:
+    if needles and rng.random() < self.needle_rate:
       ids, counts = np.unique(segments[segments >= 0], return_counts=True)
       longest = ids[np.argmax(counts)]
       start = int(np.flatnonzero(segments == longest)[0])
