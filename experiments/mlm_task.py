@@ -26,7 +26,8 @@ Needles (`needle_rate`): a fraction of the training rows (never the held-out row
 `\nneedle_KEY = VALUE\n` written over its text twice, inside one document, at a random
 distance; in one copy (random: before or after the other) every digit of VALUE is replaced by
 `MASK_ID` and scored, so the model learns to retrieve a value from its key anywhere in the
-document, in either direction. `needle_batch` makes the evaluation rows: one document of
+document, in either direction (their loss weight is `needle_weight`, default 1: a masked
+byte like any other). `needle_batch` makes the evaluation rows: one document of
 held-out text, the two copies at a distance (line start to line start; equally key to key and
 value to value) drawn from a given range, only the masked value scored; the trainer's exact
 match is then "all digits right".
@@ -83,6 +84,7 @@ class MLM:
   needle_rate: float = 0.5
   digits: int = 4
   key_letters: int = 4
+  needle_weight: float = 1.0
   seed: int = 0
 
   def __post_init__(self):
@@ -90,6 +92,8 @@ class MLM:
       raise ValueError(f"mlm: mask_rate must be in (0, 1), got {self.mask_rate}.")
     if not 0.0 <= self.needle_rate <= 1.0:
       raise ValueError(f"mlm: needle_rate must be in [0, 1], got {self.needle_rate}.")
+    if not self.needle_weight > 0:
+      raise ValueError(f"mlm: needle_weight must be > 0, got {self.needle_weight}.")
     if self.heldout_every < 2:
       raise ValueError(f"mlm: heldout_every must be >= 2, got {self.heldout_every}.")
     if self.seq_len < 3 * self.needle_len:
@@ -151,7 +155,7 @@ class MLM:
     corrupted, selected = mask_tokens(rng, tokens, segments >= 0, self.mask_rate)
     corrupted = np.where(forced, MASK_ID, corrupted)
     return dict(tokens=corrupted, targets=tokens.astype(np.int32),
-                loss_mask=np.maximum(selected, forced.astype(np.float32)),
+                loss_mask=np.where(forced, self.needle_weight, selected).astype(np.float32),
                 segment_ids=segments.astype(np.int32))
 
   def place_needle(self, rng: np.random.Generator, tokens: np.ndarray, start: int, length: int,
