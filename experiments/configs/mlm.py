@@ -2,6 +2,9 @@ r"""ModernBERT at toy scale: a byte-level MLM encoder with alternating global/lo
 
     python -m experiments.train --config=experiments/configs/mlm.py --workdir=/tmp/longctx_mlm
     python -m experiments.train --config=experiments/configs/mlm.py:local --workdir=/tmp/mlm_local
+    python -m experiments.evaluate --workdir=/tmp/longctx_mlm --lengths=1024  # before extension
+    python -m experiments.train --config=experiments/configs/mlm.py:extend \
+        --config.init_from=/tmp/longctx_mlm --workdir=/tmp/longctx_mlm_extend   # 1024, after
 
 Variants (syntax: experiments/configs/common.py): `:alternating` (default; ModernBERT's
 pattern: layer i global when i % 3 == 0, else local), `:global` (every layer global), `:local`
@@ -55,7 +58,8 @@ def get_config(variant: str | None = None):
   if smoke:
     common.smoke(config, steps=4, every=2)
     config.model.num_layers = 3
-    config.task.update(seq_len=64, max_bytes=1 << 17)
+    config.task.update(seq_len=64 * (EXTEND_FACTOR if choice == "extend" else 1),
+                       max_bytes=1 << 17)
     config.model.kinds["local"]["window"] = 16
     config.eval.update(examples=2, batch_size=2)
     config.init_from = ""

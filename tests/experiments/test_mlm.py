@@ -111,6 +111,10 @@ def test_smoke_config_trains_resumes_and_evaluates(tmp_path):
   config = mlm.get_config("smoke")
   common.check_config(config)
   assert not config.model.causal and config.model.vocab_size > mlm_task.MASK_ID
+  extend = mlm.get_config("extend,smoke")
+  assert extend.task.seq_len == 4 * config.task.seq_len
+  assert extend.model.kinds["global"]["rope_theta"] == 4 * config.model.kinds["global"]["rope_theta"]
+  assert extend.model.kinds["local"] == config.model.kinds["local"]
   workdir = str(tmp_path / "run")
   first = train.train(config, workdir, stop_at_step=2)  # as if killed after step 2
   assert first["step"] == 2 and "eval" not in first
