@@ -6,9 +6,10 @@ For each pattern of experiments/configs/mlm.py (alternating, global, local) and 
 (batch `--tokens // T` rows, so every length holds the same tokens):
 
 * `attn_mib`: compiled temp memory (`jax.jit(...).lower(...).compile().memory_analysis()`) of
-  the model's attention layers alone, forward + backward: each layer's attention function on
-  `[B, T, N, H]` q/k/v with its mask (bidirectional; window for local kinds), summed over the
-  layers;
+  the model's attention layers alone, forward + backward: every layer's attention function on
+  the same `[B, T, N, H]` q/k/v with its mask (bidirectional; window for local kinds), one
+  after the other. XLA reuses buffers between them, so this is a peak, set by the most
+  expensive layer kind present (not a sum over layers);
 * `step_mib`: the same for the whole model's loss + gradient (what a training step holds);
 * `tokens_per_s` (timed lengths only): B * T / seconds per loss + gradient call, the patterns
   timed side by side in alternating rounds (median), so a shared machine's drift stays out of
