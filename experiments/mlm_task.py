@@ -4,7 +4,7 @@
     batch = task.batch(step, 16)            # training files; salt=1: held-out files
     rows = task.needle_batch(0, 8, seq_len=256, distance=(64, 128))   # retrieval probe
 
-The text is `tasks.load_corpus` (default: the Python standard library's `*.py`, sorted); file
+The text is `corpus.load_corpus` (default: the Python standard library's `*.py`, sorted); file
 number `i` (in sorted order) is held out for evaluation when `i % heldout_every == 0` (every
 10th file by default: `abc.py`, `bdb.py`, ... whichever land on a multiple of 10), the others
 are training files. Each stream is its files concatenated and cut into rows of `seq_len`; a
@@ -40,7 +40,7 @@ import functools
 
 import numpy as np
 
-from experiments import tasks
+from experiments import corpus
 
 MASK_ID = 256  # the [MASK] token: one past the bytes, so an MLM model has vocab_size >= 257
 PAD_SEGMENT = -1
@@ -51,7 +51,7 @@ def split_corpus(pattern: str, max_bytes: int, heldout_every: int, heldout: bool
                  ) -> tuple[np.ndarray, np.ndarray]:
   """(bytes [N], file id [N]) of the training (`heldout=False`) or held-out files: file `i`
   (sorted order) is held out iff `i % heldout_every == 0`."""
-  data, ids = tasks.load_corpus(pattern, max_bytes)
+  data, ids = corpus.load_corpus(pattern, max_bytes)
   keep = (ids % heldout_every == 0) == heldout
   if not keep.any():
     raise ValueError(f"mlm: no {'held-out' if heldout else 'training'} files in {pattern!r} "
@@ -77,7 +77,7 @@ class MLM:
   """Byte-level masked language modelling on packed files; see the module docstring."""
 
   seq_len: int = 256
-  glob: str = tasks.DEFAULT_TEXT_GLOB
+  glob: str = corpus.DEFAULT_TEXT_GLOB
   max_bytes: int = 64 << 20
   mask_rate: float = 0.3
   heldout_every: int = 10
@@ -169,7 +169,7 @@ class MLM:
                        f"document of {length} tokens.")
     key = "".join(chr(c) for c in rng.integers(ord("a"), ord("z") + 1, self.key_letters))
     value = str(rng.integers(10 ** (self.digits - 1), 10 ** self.digits))
-    line = tasks.encode(self.needle_line(key, value))
+    line = corpus.encode(self.needle_line(key, value))
     first = start + int(rng.integers(0, length - n - distance + 1))
     tokens = tokens.copy()
     for at in (first, first + distance):

@@ -29,32 +29,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob as glob_lib
-import os
-import sysconfig
 from typing import Any
 
 import numpy as np
+
+from experiments.corpus import DEFAULT_TEXT_GLOB, decode, encode, load_corpus  # decode: re-exported
+from experiments.mlm_task import MLM
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
                "memorize them. I will quiz you about the important information there.")
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
           "There and back again. ")
-DEFAULT_TEXT_GLOB = os.path.join(sysconfig.get_paths()["stdlib"], "*.py")
 
 
 def _rng(seed: int, step: int, salt: int = 0) -> np.random.Generator:
   return np.random.default_rng([seed, step, salt])
-
-
-def encode(text: str) -> np.ndarray:
-  """UTF-8 bytes of `text` as int32 tokens."""
-  return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
-
-
-def decode(tokens) -> str:
-  """Byte tokens back to text (invalid bytes replaced)."""
-  return bytes(int(t) % 256 for t in tokens).decode("utf-8", errors="replace")
 
 
 def _lm_example(sequence: np.ndarray, answer_len: int) -> dict[str, np.ndarray]:
@@ -203,26 +192,6 @@ class MQAR:
 # --- plain text from a glob ------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=4)
-def load_corpus(pattern: str, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
-  """(bytes [N] int32, document id [N] int32) of the sorted files matching `pattern`."""
-  files = sorted(f for f in glob_lib.glob(os.path.expanduser(pattern), recursive=True)
-                 if os.path.isfile(f))
-  docs, total = [], 0
-  for path in files:
-    with open(path, "rb") as f:
-      data = f.read(max_bytes - total)
-    if data:
-      docs.append(np.frombuffer(data, np.uint8))
-      total += len(data)
-    if total >= max_bytes:
-      break
-  if not docs:
-    raise ValueError(f"text: no readable, non-empty files match {pattern!r}.")
-  ids = np.concatenate([np.full(len(d), i, np.int32) for i, d in enumerate(docs)])
-  return np.concatenate(docs).astype(np.int32), ids
-
-
 @dataclasses.dataclass(frozen=True)
 class Text:
   """Byte-level LM on files matching `glob`, packed into rows of `seq_len` with segment ids.
@@ -274,8 +243,7 @@ def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 
 # --- registry ------------------------------------------------------------------------------------
 
-TASKS = {"passkey": Haystack, "needle": Haystack, "mqar": MQAR, "text": Text,
-         "mlm": None}  # mlm: experiments/mlm_task.MLM (imported on use: it imports this module)
+TASKS = {"passkey": Haystack, "needle": Haystack, "mqar": MQAR, "text": Text, "mlm": MLM}
 
 
 def make_task(config, seed: int = 0):
@@ -285,9 +253,6 @@ def make_task(config, seed: int = 0):
   if name not in TASKS:
     raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}.")
   cls = TASKS[name]
-  if name == "mlm":
-    from experiments.mlm_task import MLM  # pylint: disable=g-import-not-at-top
-    cls = MLM
   if cls is Haystack:
     fields["kind"] = name
   known = {f.name for f in dataclasses.fields(cls)}
