@@ -168,7 +168,7 @@ def test_no_loadable_checkpoint_is_one_error_and_untouched(finished_run, tmp_pat
 def test_resume_with_a_changed_seed_is_refused_then_recorded(finished_run, tmp_path):
   workdir = copy_run(finished_run, tmp_path)
   before = tree_digest(workdir)
-  with pytest.raises(train.ConfigChangeError, match=r"seed: 0 -> 1.*allow_config_change"):
+  with pytest.raises(ValueError, match=r"seed: 0 -> 1.*allow_config_change"):
     train.train(smoke(seed=1), workdir)
   assert tree_digest(workdir) == before
   train.train(smoke(seed=1, allow_config_change=True), workdir)
@@ -292,8 +292,13 @@ def test_extend_config_starts_from_a_run(finished_run, tmp_path):
   assert saved["model"]["rope_scaling"] == "linear" and saved["init_from"] == finished_run
 
 
-def test_evaluate_never_overwrites(finished_run):
+def test_evaluate_never_overwrites(finished_run, tmp_path):
   from experiments import evaluate
+  config, model, _ = evaluate.load_run(finished_run)
+  grid = dict(lengths=[128], depths=[0.5], examples=2, tag="x")
+  evaluate.evaluate_and_report(model, config, str(tmp_path), **grid)
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    evaluate.evaluate_and_report(model, config, str(tmp_path), **grid)
   own = os.path.join(finished_run, "eval_passkey.csv")
   with open(own, "rb") as f:
     trained = f.read()
