@@ -218,6 +218,18 @@ def plot_heatmap(rows: list[dict[str, Any]], path: str, title: str) -> None:
   plt.close(fig)
 
 
+def check_outputs(outdir: str, task_names: Sequence[str], tag: str, overwrite: bool) -> None:
+  """Raises `FileExistsError` if an output `eval_<task>[_<tag>].csv/.png` exists (unless
+  `overwrite`): evaluations never replace a result silently."""
+  suffix = f"_{tag}" if tag else ""
+  outputs = [os.path.join(outdir, f"eval_{n}{suffix}{x}") for n in task_names
+             for x in (".csv", ".png")]
+  existing = [p for p in outputs if os.path.exists(p)]
+  if existing and not overwrite:
+    raise FileExistsError(f"{', '.join(existing)} already exist(s); pass another --tag, or "
+                          f"--overwrite to replace them.")
+
+
 def evaluate_and_report(model, config: ml_collections.ConfigDict, outdir: str, *,
                         task_names=None, lengths=None, depths=None, examples=None,
                         tag: str = "", overwrite: bool = False) -> dict[str, list[dict[str, Any]]]:
@@ -232,11 +244,7 @@ def evaluate_and_report(model, config: ml_collections.ConfigDict, outdir: str, *
   depths = depths or list(e.depths)
   suffix = f"_{tag}" if tag else ""
   names = list(task_names or e.tasks)
-  outputs = [os.path.join(outdir, f"eval_{n}{suffix}{x}") for n in names for x in (".csv", ".png")]
-  existing = [p for p in outputs if os.path.exists(p)]
-  if existing and not overwrite:
-    raise FileExistsError(f"{', '.join(existing)} already exist(s); pass another --tag, or "
-                          f"--overwrite to replace them.")
+  check_outputs(outdir, names, tag, overwrite)
   results = {}
   for name in names:
     stem = os.path.join(outdir, f"eval_{name}{suffix}")
@@ -268,6 +276,17 @@ def evaluate_and_report(model, config: ml_collections.ConfigDict, outdir: str, *
   return results
 
 
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a training run saved in `<workdir>/config.json`."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: --workdir must be a training run's workdir.")
+  with open(path) as f:
+    data = json.load(f)
+  data.pop("resolved", None)  # written for readers by train.write_config
+  return ml_collections.ConfigDict(data)
+
+
 def load_run(workdir: str, rope_scaling: str | None = None, rope_factor: float | None = None
              ) -> tuple[ml_collections.ConfigDict, Any, int]:
   """(config, model with the latest checkpoint's weights, step) of a training run.
@@ -275,13 +294,7 @@ def load_run(workdir: str, rope_scaling: str | None = None, rope_factor: float |
   `rope_scaling`/`rope_factor` override the trained RoPE (inference-time context extension);
   the original length L of `yarn` is the training length unless the run already had one.
   """
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: --workdir must be a training run's workdir.")
-  with open(path) as f:
-    data = json.load(f)
-  data.pop("resolved", None)  # written for readers by train.write_config
-  config = ml_collections.ConfigDict(data)
+  config = load_config(workdir)
   overrides = {}
   if rope_scaling is not None or rope_factor is not None:
     overrides = dict(rope_scaling=rope_scaling or config.model.rope_scaling,
@@ -309,14 +322,16 @@ def run(workdir: str, *, outdir: str | None = None, task_names: Sequence[str] | 
   """Evaluates run `workdir` (under its shared lock); what `main` does with the flags."""
   workdir = os.path.abspath(workdir)
   with workdir_lib.lock(workdir, shared=True):
-    config, model, step = load_run(workdir, rope_scaling, rope_factor)
-    logging.info("Loaded %s at step %d.", workdir, step)
+    config = load_config(workdir)
     train_len = config.task.seq_len
     multiples = length_multiples or config.eval.length_multiples
     lengths = [int(x) for x in lengths or [float(m) * train_len for m in multiples]]
     names = list(task_names or config.eval.tasks)
     tag = tag or default_tag(rope_scaling, rope_factor, lengths, examples)
     outdir = outdir or workdir
+    check_outputs(outdir, names, tag, overwrite)  # before the model is built
+    config, model, step = load_run(workdir, rope_scaling, rope_factor)
+    logging.info("Loaded %s at step %d.", workdir, step)
     os.makedirs(outdir, exist_ok=True)
     if check_rows and config.model.causal:  # KV-cache decoding: decoders only
       agree = check_generate(model, config, names[0], train_len, check_rows)
