@@ -121,7 +121,8 @@ def checkpoint_resharding():
 
 def train_entry_point():
   """Worker: `experiments.train.train` on data:2,seq:4 with multihost=True (one process, a local
-  coordinator), 2 steps; then resumed for a 3rd step on data:8 with FSDP (a different mesh)."""
+  coordinator), 2 steps; then resumed for a 3rd step on data:8 with FSDP (a different mesh),
+  with a larger batch (a computation change: allowed, and recorded)."""
   import os  # pylint: disable=g-import-not-at-top
   import socket  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
@@ -139,12 +140,15 @@ def train_entry_point():
   with tempfile.TemporaryDirectory() as workdir:
     first = train.train(config, workdir)
     out["processes"] = jax.process_count()
-    config.update(num_steps=3, batch_size=8, mesh="data:8", fsdp=True, multihost=False)
+    config.update(num_steps=3, batch_size=8, mesh="data:8", fsdp=True, multihost=False,
+                  allow_config_change=True)
     second = train.train(config, workdir)
     out["first"] = {k: first[k] for k in ("step", "loss", "eval_loss")}
     out["second"] = {k: second[k] for k in ("step", "loss")}
     out["steps_logged"] = [row["step"] for row in train.read_metrics(
         os.path.join(workdir, "metrics.jsonl"))]
+    with open(os.path.join(workdir, "config_history.jsonl")) as f:
+      out["history"] = f.read()
   return out
 
 
@@ -220,3 +224,4 @@ def test_train_entry_point_mesh_multihost_and_resume_on_another_mesh():
   assert all(math.isfinite(result[k]["loss"]) for k in ("first", "second")), result
   assert math.isfinite(result["first"]["eval_loss"]), result
   assert result["steps_logged"] == [1, 2, 3], result
+  assert '"field": "batch_size", "old": 4, "new": 8' in result["history"], result
