@@ -12,8 +12,9 @@ sees more answers and a spread of needle distances; only the answer is scored. 1
 depths is printed and written to `eval_passkey.csv`/`.png`.
 
 Result (seeds 0-2, README): 0.83 exact match at the training length (0.75-0.97 by seed);
-beyond it accuracy drops (0.32 at 2x, 0.12 at 4x; RoPE models do not extrapolate reliably); `python -m experiments.evaluate --workdir=... --rope_scaling=yarn
---rope_factor=4` or fine-tuning with `extend.py` recovers part of it. Tiny variant: `:smoke`.
+beyond it accuracy drops (0.32 at 2x, 0.12 at 4x; RoPE models do not extrapolate reliably);
+`python -m experiments.evaluate --workdir=... --rope_scaling=yarn --rope_factor=4` or
+fine-tuning with `extend.py` recovers part of it. Tiny variant: `:smoke`.
 """
 
 from experiments.configs import common
