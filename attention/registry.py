@@ -16,7 +16,7 @@ checks every registered name against the reference).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 AttentionFn = Callable[..., object]
 _REGISTRY: dict[str, AttentionFn] = {}

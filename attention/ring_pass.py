@@ -10,7 +10,7 @@ around with their block. See attention/ring.py for the algorithm and its costs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -45,7 +45,7 @@ class KindSettings:
   attention: str | None = None
   window: int | None = None
   rope_theta: float | None = None
-  options: Mapping[str, Any] | tuple[tuple[str, Any], ...] | None = None
+  options: Mapping[str, Any] | tuple[tuple[str, Any], ...] | None = None  # stored as pairs
 
   def __post_init__(self):
     if isinstance(self.options, Mapping):

@@ -133,3 +133,12 @@ def test_module_and_function_sizes():
           bad.append(f"{name}.{node.name}: {length} lines")
   assert not bad, f"over {MAX_MODULE_LINES} lines per module / {MAX_FUNCTION_LINES} per function:\n" + (
       "\n".join(bad))
+
+
+def test_jaxtyping_annotations_are_checked_in_tests():
+  """tests/conftest.py's import hook: a shape that contradicts an annotation fails."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import attention  # pylint: disable=g-import-not-at-top
+  q, k = jnp.zeros((1, 4, 2, 8)), jnp.zeros((1, 4, 2, 16))  # head_dim 8 vs 16: "H" differs
+  with pytest.raises(TypeError, match="Type-check error"):
+    attention.reference_attention(q, k, k)

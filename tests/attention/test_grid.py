@@ -34,10 +34,10 @@ XLA_TILES = BlockSizes(64, 64, 64, 64)
 PALLAS_TILES = BlockSizes(block_q=16, block_kv=16, block_q_bwd=16, block_kv_bwd=32,
                           block_q_dq=32, block_kv_dq=16)
 # Registered names: the grid cases they run (float32) and the options they need.
-REGISTRY_CASES = ("causal", "segments_window", "chunk_offsets")
+REGISTRY_CASES = ("segments_window", "chunk_offsets")
 SPARSE_CASES = ("full", "causal", "window_3_0", "segments_causal", "gqa_8_2", "mqa", "len_7",
                 "chunk_offsets", "no_key_rows", "cross_attn")
-RING_CASES = ("causal", "segments_window", "gqa_8_2", "window_64_64", "mqa", "len_100")
+RING_CASES = ("causal", "segments_window", "gqa_8_2", "len_100")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +70,9 @@ def _registered(name: str) -> Impl:
     options = REGISTRY_OPTIONS.get(name, lambda q, k: {})(q, k)
     return attention.get(name)(q, k, v, mask=mask, **options)
 
+  cases = REGISTRY_CASES[-1:] if name == "dsa" else REGISTRY_CASES  # dsa: indexer + top-k
   needs_window = name == "local"
-  return Impl(f"registered_{name}", fn, lambda c: c.name in REGISTRY_CASES and (
+  return Impl(f"registered_{name}", fn, lambda c: c.name in cases and (
       c.window is not None or not needs_window), low_precision=False)
 
 
