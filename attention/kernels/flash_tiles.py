@@ -32,9 +32,9 @@ The in-kernel helpers (`visible`, `visit`, `dot_precision`) are shared by the th
 
 Float32 policy: every `plgpu.dot` passes an explicit precision. float32 inputs multiply in exact
 float32 (`lax.Precision.HIGHEST`, Triton `inputPrecision = ieee`) unless the caller sets
-`BlockSizes.allow_tf32` (`lax.Precision.DEFAULT`: Triton's TF32 tensor cores, ~1e-3 relative error,
-several times faster). bf16/f16 inputs always run on tensor cores in their own dtype with
-float32 accumulation; the flag changes nothing for them.
+`BlockSizes.allow_tf32` (`lax.Precision.DEFAULT`: Triton's TF32 tensor cores, ~1e-3 relative
+error, several times faster). bf16/f16 inputs always run on tensor cores in their own dtype
+with float32 accumulation; the flag changes nothing for them.
 """
 
 from __future__ import annotations
