@@ -50,8 +50,9 @@ def _check_cut_run(result, seconds, budget_s, out_dir, script):
   # Rows were printed in the order measured: every "ok" row precedes the skipped ones.
   assert statuses.index("skipped (budget)") > max(i for i, s in enumerate(statuses) if s == "ok")
   assert os.path.exists(os.path.join(out_dir, f"{script}_speed.md"))
-  # Nothing starts after budget - margin; the last measurement may run over by its own length.
-  assert seconds < budget_s + 30, seconds
+  # Nothing starts after budget - margin (the skipped rows above); the last measurement may run
+  # over by its own length, and a loaded 2-core CI machine stretches it: a loose bound.
+  assert seconds < budget_s + 60, seconds
 
 
 @pytest.mark.slow
