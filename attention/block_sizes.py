@@ -11,6 +11,20 @@ registers x rows of the "streamed" block its inner loop loads per step):
 | fwd    | q blocks x B x N        | `block_q`      | `block_kv`     |
 | dK/dV  | kv blocks x B x K       | `block_kv_bwd` | `block_q_bwd`  |
 | dQ     | q blocks x B x N        | `block_q_dq`   | `block_kv_dq`  |
+
+Shared memory (`BlockSizes.shared_memory_bytes`), per program, in bytes of the input dtype:
+
+    fwd    item * H * (block_q      + stages * 2 * block_kv)      q + pipelined (k, v)
+    dK/dV  item * H * (2 * block_kv_bwd + stages * 2 * block_q_bwd)   k, v + (q, dout)
+    dQ     item * H * (2 * block_q_dq   + stages * 2 * block_kv_dq)   q, dout + (k, v)
+
+with `stages` = `num_stages` (3 for the bf16/f16 forward at H <= 128, else 2). The estimate
+leaves out Triton's scratch (layout conversions; and float32 wgmma cannot transpose its B
+operand, so Triton may keep a transposed copy of the V tile), so the defaults stay within a
+196 KiB budget (`DEFAULT_SHARED_MEMORY_BUDGET`, ~30 KiB headroom under the 227 KiB a block may
+use); explicit sizes are rejected only past 227 KiB. E.g. head_dim 128 forward: bf16 128x64,
+3 stages = 2 * 128 * (128 + 384) = 128 KiB; float32 128x64, 2 stages = 4 * 128 * (128 + 256)
+= 192 KiB (3 stages of 64x64 would be 224 KiB: too close to the limit).
 """
 
 from __future__ import annotations
@@ -23,6 +37,8 @@ import numpy as np
 MIN_PALLAS_BLOCK = 16
 # Shared memory per block on H100/H200 (228 KiB per SM, 227 KiB usable by one block).
 MAX_SHARED_MEMORY_BYTES = 227 * 1024
+# What the default tiles may use by the estimate below (headroom for Triton's own scratch).
+DEFAULT_SHARED_MEMORY_BUDGET = 196 * 1024
 
 
 def _is_pow2(x: int) -> bool:
@@ -40,6 +56,9 @@ class BlockSizes:
       tile is `block_kv_bwd`, the streamed kv tile `block_q_bwd`).
     num_warps, num_stages: Triton launch parameters (ignored by the XLA path); None lets each
       kernel pick (`pallas_launch`).
+    allow_tf32: Pallas only (the XLA path refuses it): float32 inputs multiply in TF32 on tensor
+      cores (~1e-3 relative error) instead of the kernels' default exact float32 (Triton
+      `inputPrecision = ieee`); bf16/f16 inputs are unaffected.
   """
 
   block_q: int = 512
@@ -50,6 +69,7 @@ class BlockSizes:
   num_stages: int | None = None
   block_q_dq: int | None = None
   block_kv_dq: int | None = None
+  allow_tf32: bool = False
 
   def __post_init__(self):
     for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd", "block_q_dq",
@@ -63,6 +83,8 @@ class BlockSizes:
       value = getattr(self, name)
       if value is not None and (not isinstance(value, int) or value < 1):
         raise ValueError(f"BlockSizes.{name} must be a positive int or None, got {value!r}.")
+    if not isinstance(self.allow_tf32, bool):
+      raise ValueError(f"BlockSizes.allow_tf32 must be a bool, got {self.allow_tf32!r}.")
     if self.num_warps is not None and not _is_pow2(self.num_warps):
       raise ValueError(f"BlockSizes.num_warps must be a power of two, got {self.num_warps}.")
 
@@ -88,8 +110,10 @@ class BlockSizes:
     return (self.block_q_dq or self.block_kv_bwd, self.block_kv_dq or self.block_q_bwd)
 
   @classmethod
-  def default_pallas(cls, head_dim: int, dtype=np.float32) -> "BlockSizes":
-    """Triton tiles for H100/H200-class GPUs, per head_dim; shrunk until they fit shared memory.
+  def default_pallas(cls, head_dim: int, dtype=np.float32,
+                     allow_tf32: bool = False) -> "BlockSizes":
+    """Triton tiles for H100/H200-class GPUs, per head_dim; shrunk until the shared-memory
+    estimate fits `DEFAULT_SHARED_MEMORY_BUDGET` (196 KiB). `allow_tf32`: see the class doc.
 
     Forward 128x64 (64x32 at head_dim 256); backward: a 128-row resident tile (dK/dV keys, dQ
     queries) against 32-row streamed steps (FlashAttention-2's Triton split), 64 rows at 256.
@@ -97,29 +121,31 @@ class BlockSizes:
     head_dim = padded_head_dim(head_dim)
     if head_dim <= 128:
       sizes = cls(block_q=128, block_kv=64, block_q_bwd=32, block_kv_bwd=128,
-                  block_q_dq=128, block_kv_dq=32)
+                  block_q_dq=128, block_kv_dq=32, allow_tf32=allow_tf32)
     else:
       sizes = cls(block_q=64, block_kv=32, block_q_bwd=32, block_kv_bwd=64,
-                  block_q_dq=64, block_kv_dq=32)
+                  block_q_dq=64, block_kv_dq=32, allow_tf32=allow_tf32)
     tiles = {"fwd": ("block_q", "block_kv"), "dkdv": ("block_kv_bwd", "block_q_bwd"),
              "dq": ("block_q_dq", "block_kv_dq")}
     for kernel, names in tiles.items():  # halve the larger tile of a kernel until it fits
-      while (sizes.shared_memory_bytes(head_dim, dtype)[kernel] > MAX_SHARED_MEMORY_BYTES
+      while (sizes.shared_memory_bytes(head_dim, dtype)[kernel] > DEFAULT_SHARED_MEMORY_BUDGET
              and max(getattr(sizes, n) for n in names) > MIN_PALLAS_BLOCK):
         largest = max(names, key=lambda n: getattr(sizes, n))
         sizes = dataclasses.replace(sizes, **{largest: getattr(sizes, largest) // 2})
     return sizes
 
-  def pallas_launch(self, kernel: str, head_dim: int) -> tuple[int, int]:
+  def pallas_launch(self, kernel: str, head_dim: int, dtype) -> tuple[int, int]:
     """`(num_warps, num_stages)` for kernel "fwd" | "dkdv" | "dq" (explicit fields win).
 
     Heuristic: 8 warps once the resident f32 accumulators pass 64 registers per thread at 4
-    warps (tile rows x head_dim > 64 x 128), else 4; 3 pipeline stages forward, 2 backward.
+    warps (tile rows x head_dim > 64 x 128), else 4; 3 pipeline stages for the 16-bit forward
+    at head_dim <= 128, else 2 (float32 tiles are twice the bytes: module doc).
     """
     resident = {"fwd": self.block_q, "dkdv": self.block_kv_bwd, "dq": self.dq_tiles[0]}[kernel]
     accumulators = 2 if kernel == "dkdv" else 1
     warps = 8 if resident * padded_head_dim(head_dim) * accumulators > 64 * 128 else 4
-    stages = 3 if kernel == "fwd" and head_dim <= 128 else 2
+    small = np.dtype(dtype).itemsize <= 2 and padded_head_dim(head_dim) <= 128
+    stages = 3 if kernel == "fwd" and small else 2
     return (self.num_warps or warps, self.num_stages or stages)
 
   def shared_memory_bytes(self, head_dim: int, dtype) -> dict[str, int]:
@@ -135,7 +161,7 @@ class BlockSizes:
         ("fwd", self.block_q, self.block_kv, 1),
         ("dkdv", self.block_kv_bwd, self.block_q_bwd, 2),
         ("dq", q_dq, kv_dq, 2)):
-      stages = self.pallas_launch(kernel, head_dim)[1]
+      stages = self.pallas_launch(kernel, head_dim, dtype)[1]
       out[kernel] = item * h * (n_resident * resident + stages * 2 * streamed)
     return out
 

@@ -228,6 +228,9 @@ def resolve_block_sizes(block_sizes: BlockSizes | None, head_dim: int, mask: Mas
   """`BlockSizes.default_xla` unless given; Triton-only settings are refused, not ignored."""
   if block_sizes is None:
     return BlockSizes.default_xla(head_dim, window=mask.window)
+  if block_sizes.allow_tf32:
+    raise ValueError("BlockSizes.allow_tf32 is a Pallas/Triton setting; the XLA path follows "
+                     "jax.default_matmul_precision.")
   for name in ("num_warps", "num_stages", "block_q_dq", "block_kv_dq"):
     if getattr(block_sizes, name) is not None:
       raise ValueError(f"BlockSizes.{name} is a Pallas/Triton setting; the XLA path does not "

@@ -176,6 +176,17 @@ def _window_topk(mask: Mask, blk: _Block, keys, fmt, width: int, first, k_eff: i
   return jnp.pad(pos, ((0, 0), (0, 0), (0, top_k - kw)), constant_values=-1)
 
 
+# Queries per `indexer_topk` step, per backend: on CPU 16 rows of scores stay in L2; a GPU needs
+# wide steps (T / 16 = 8192 sequential steps at 128K would time loop overhead, not the top-k):
+# 256 rows x S float32 scores = 128 MiB at S = 128K, plus the selection's O(rows * S) passes.
+TOPK_BLOCK_Q = {"cpu": 16, "gpu": 256}
+
+
+def default_topk_block_q(backend: str | None = None) -> int:
+  """`indexer_topk`'s default `block_q` on `backend` (default: JAX's default backend)."""
+  return TOPK_BLOCK_Q.get(backend or jax.default_backend(), TOPK_BLOCK_Q["cpu"])
+
+
 def indexer_topk(
     index_q: Float[Array, "B T J D"],
     index_k: Float[Array, "B S D"] | fp8_lib.Quantized,
@@ -184,7 +195,7 @@ def indexer_topk(
     top_k: int,
     mask: Mask | None = None,
     fp8: bool | fp8_lib.Fp8Format | None = False,
-    block_q: int = 16,
+    block_q: int | None = None,
     num_widths: int = 4,
 ) -> Int[Array, "B T top_k"]:
   """Per query, the positions of its `top_k` highest indexer scores among visible keys.
@@ -198,9 +209,12 @@ def indexer_topk(
   static widths (multiples of S / num_widths) that covers it (a `lax.switch`), then runs
   `select_topk` on `[B * block_q, W]`. Compute O(T * S_reach * (J * D + passes)); memory
   O(T * top_k + block_q * S). `block_q` rows of S float32 scores should fit in L2 on CPU.
+  `block_q=None` picks per backend (`default_topk_block_q`): 16 on CPU, 256 on GPU.
   """
   b, t, s, _, _ = check_indexer_inputs(index_q, index_k, index_w)
   mask = masks_lib.validate(mask, (b, t), (b, s))
+  if block_q is None:
+    block_q = default_topk_block_q()
   for name, value in (("top_k", top_k), ("block_q", block_q), ("num_widths", num_widths)):
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"{name} must be a positive int, got {value!r}.")

@@ -1,32 +1,42 @@
 r"""GPU check of the Pallas flash attention kernels: correctness, then TFLOP/s side by side.
 
-    python -m experiments.gpu_check                 # ~5 minutes on an H100/H200
-    python -m experiments.gpu_check --budget_s=120  # stop earlier (most important first)
-    python -m experiments.gpu_check --sweep         # also try a few tile shapes (tuning)
-    python -m experiments.gpu_check --interpret --skip_check --lengths=64 --head_dims=32 \
-        --window=32 --tokens=64 --width=64            # CPU smoke test of this script
+On a lent GPU (one command, ~4 minutes; rows land in $OUT as they are measured):
 
-1. Correctness on the GPU: the Pallas kernels vs the XLA path (same dtype) and vs the dense
-   float32 reference, forward and gradients, over causal / window / segments / GQA / odd
-   lengths / q_offset. Prints max errors and PASS/FAIL against the DESIGN.md tolerances.
-2. Speed, bf16, 4K / 16K / 64K tokens, head_dim 64 and 128, causal and a causal 4096-token
-   window: forward and forward+backward TFLOP/s of ours ("pallas"), cuDNN
-   (`jax.nn.dot_product_attention(implementation="cudnn")`), our XLA path, and JAX's bundled
-   Pallas mha (causal only: it has no window). FLOPs count visible (query, key) pairs only:
-   forward 4 * B * N * pairs * H, backward 2.5x that (the FlashAttention convention).
-   Batch x length = 16K tokens (batch 1 at 16K and 64K), N * H = 2048.
+    PYTHONPATH=. python3 -u -m experiments.gpu_check --budget_s=240 --out=$OUT 2>&1 \
+        | tee $OUT/gpu_check.log
 
-Every measurement is guarded: a failure prints its error and the run goes on. Timings are the
-median of repeats after a warm-up; a time budget (`--budget_s`) skips what is left, in order of
-importance (the acceptance configurations come first). Ends with a markdown table for README.
+CPU smoke test of this script (interpret mode, tiny shapes):
+
+    python -m experiments.gpu_check --allow_cpu --interpret --budget_s=120 --check_len=64 \
+        --check_cases=2 --lengths=64 --head_dims=32 --window=32 --tokens=64 --width=64
+
+1. Correctness (table `gpu_check_correctness`): the Pallas kernels and the XLA path (same
+   dtype) vs the dense float32 reference computed under `jax.default_matmul_precision
+   ("highest")`, forward and gradients, over causal / window / segments / GQA / odd lengths /
+   q_offset, in bf16, f16 and float32 (the Pallas float32 dots are exact: `ieee`). One row per
+   case: PASS/FAIL against the DESIGN.md tolerances relative to each output's magnitude
+   (gradients 2x), the max errors of out, dq, dk, dv for pallas and for XLA. Only the first
+   `--check_share` of the budget may start cases.
+2. Speed (table `gpu_check_speed`), bf16, 4K / 16K / 64K tokens, head_dim 128 and 64, causal and
+   a causal 4096-token window: one row per (config, mode, implementation) with ms per call and
+   TFLOP/s: ours ("pallas"), cuDNN (`jax.nn.dot_product_attention(implementation="cudnn")`),
+   JAX's bundled Pallas mha (causal only) and our XLA path. FLOPs count visible (query, key)
+   pairs only: forward 4 * B * N * pairs * H, backward 2.5x that. Batch x length = 16K tokens,
+   N * H = 2048. The acceptance configurations come first.
+3. Acceptance (table `gpu_check_acceptance`): pallas/cuDNN at 16K d128 causal (goals 0.6 fwd,
+   0.5 fwd+bwd) and the 64K window-vs-causal speed-up (goal 8x).
+
+Every measurement is guarded (its error becomes the row's status). Nothing starts after
+`--budget_s - --margin_s` seconds from process start; what did not run is written as
+"skipped (budget)". Exits 2 at once without a GPU (unless --allow_cpu), 1 if a check failed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import time
-import traceback
 
 from absl import app, flags
 import jax
@@ -35,25 +45,34 @@ import numpy as np
 
 from attention import BlockSizes, Mask, flash_attention, local_mask
 from attention.reference import reference_attention
-from experiments import timing
+from experiments import gpu_run, timing
 
-try:  # JAX's bundled (deprecated) Pallas GPU mha: causal/segments only, no window, no GQA.
-  from jax.experimental.pallas.ops.gpu import attention as jax_mha  # pylint: disable=g-import-not-at-top
+try:  # JAX's bundled Pallas GPU mha: causal/segments only, no window, no GQA.
+  from jax.experimental.pallas.ops.gpu import attention as jax_mha  # pylint: disable=g-import-not-at-top,line-too-long
 except ImportError:  # pragma: no cover - removed in some future JAX
   jax_mha = None
 
-_START = time.time()  # the budget counts from import (JAX start-up included)
+_START = time.time()  # the budget counts from here (after the imports: ~2 s of JAX start-up)
 FLAGS = flags.FLAGS
-flags.DEFINE_float("budget_s", 310.0, "Seconds for the whole run: no measurement starts after "
-                   "budget_s - 40 (the rest is skipped, least important last).")
+flags.DEFINE_float("budget_s", 240.0, "Seconds for the whole run, correctness included.")
+flags.DEFINE_float("margin_s", 20.0, "No measurement starts in the last margin_s seconds.")
+flags.DEFINE_float("check_share", 0.4, "Correctness cases start only in this first share of "
+                   "the budget; the rest is for timing.")
+flags.DEFINE_string("out", "", "Directory for the CSV/markdown tables (written as rows come).")
+flags.DEFINE_bool("allow_cpu", False, "Run without a GPU (with --interpret: CPU smoke test).")
+flags.DEFINE_bool("interpret", False, "Pallas interpret mode (a CPU smoke test of this script).")
 flags.DEFINE_bool("sweep", False, "Also time a few tile shapes at 16K, head_dim 128, causal.")
 flags.DEFINE_bool("skip_check", False, "Skip the correctness section.")
+flags.DEFINE_integer("check_len", 1000, "Sequence length of the correctness cases.")
+flags.DEFINE_integer("check_cases", 99, "Run at most this many correctness cases.")
 flags.DEFINE_integer("window", 4096, "Sliding window (tokens) of the windowed configurations.")
 flags.DEFINE_list("lengths", ["4096", "16384", "65536"], "Sequence lengths to time.")
 flags.DEFINE_list("head_dims", ["128", "64"], "Head dims to time.")
 flags.DEFINE_integer("tokens", 16384, "Batch x length of each timed configuration.")
 flags.DEFINE_integer("width", 2048, "Heads x head_dim of each timed configuration.")
-flags.DEFINE_bool("interpret", False, "Pallas interpret mode (a CPU smoke test of this script).")
+
+TOL = {jnp.dtype(jnp.bfloat16): 2e-2, jnp.dtype(jnp.float16): 5e-3,
+       jnp.dtype(jnp.float32): 1e-5}
 
 
 # --- correctness ---------------------------------------------------------------------------------
@@ -61,11 +80,8 @@ flags.DEFINE_bool("interpret", False, "Pallas interpret mode (a CPU smoke test o
 
 def _inputs(seed, b, t, s, n, kh, h, dtype):
   keys = jax.random.split(jax.random.key(seed), 4)
-  q = jax.random.normal(keys[0], (b, t, n, h), jnp.float32).astype(dtype)
-  k = jax.random.normal(keys[1], (b, s, kh, h), jnp.float32).astype(dtype)
-  v = jax.random.normal(keys[2], (b, s, kh, h), jnp.float32).astype(dtype)
-  dout = jax.random.normal(keys[3], (b, t, n, h), jnp.float32).astype(dtype)
-  return q, k, v, dout
+  return tuple(jax.random.normal(key, shape, jnp.float32).astype(dtype) for key, shape in zip(
+      keys, ((b, t, n, h), (b, s, kh, h), (b, s, kh, h), (b, t, n, h))))
 
 
 def _value_and_grads(fn, q, k, v, dout):
@@ -73,50 +89,67 @@ def _value_and_grads(fn, q, k, v, dout):
   return (out, *pullback(dout))
 
 
-def check_correctness():
-  print("== correctness: pallas and XLA path (same dtype) vs the float32 reference ==")
-  seg = jnp.asarray(np.repeat(np.arange(5), 200)[None].repeat(2, 0), jnp.int32)
-  seg = seg.at[:, -37:].set(-1)
-  cases = [
-      ("causal d128", (2, 1000, 1000, 8, 8, 128), Mask(causal=True)),
-      ("window 300 gqa 8:2 d64", (2, 1000, 1000, 8, 2, 64), local_mask(300)),
-      ("segments+pad d128", (2, 1000, 1000, 4, 4, 128),
-       Mask(causal=True, q_segment_ids=seg, kv_segment_ids=seg)),
-      ("q_offset [B] mqa d64", (2, 256, 1000, 8, 1, 64),
-       Mask(causal=True, window=(511, 0), q_offset=jnp.array([744, 500]))),
-      ("bidirectional window d256", (1, 700, 700, 4, 2, 256), Mask(window=(64, 64))),
+def check_cases(length: int):
+  """(name, (B, T, S, N, K, H), mask, dtype), most important first; lengths scale with `length`."""
+  seg = jnp.asarray(np.minimum(np.arange(length) * 5 // length, 4)[None].repeat(2, 0), jnp.int32)
+  seg = seg.at[:, -max(1, length // 27):].set(-1)
+  t_dec, w = max(16, length // 4), max(8, length * 3 // 10)
+  causal = ("causal d128", (2, length, length, 8, 8, 128), Mask(causal=True))
+  segments = ("segments+pad d128", (2, length, length, 4, 4, 128),
+              Mask(causal=True, q_segment_ids=seg, kv_segment_ids=seg))
+  return [
+      (*causal, jnp.bfloat16), (*segments, jnp.float32), (*causal, jnp.float32),
+      ("window gqa 8:2 d64", (2, length, length, 8, 2, 64), local_mask(w), jnp.bfloat16),
+      (*segments, jnp.bfloat16),
+      ("q_offset [B] mqa d64", (2, t_dec, length, 8, 1, 64),
+       Mask(causal=True, window=(length // 2, 0),
+            q_offset=jnp.array([length - t_dec, length // 2])), jnp.bfloat16),
+      ("bidirectional window d256", (1, length * 7 // 10, length * 7 // 10, 4, 2, 256),
+       Mask(window=(w // 4, w // 4)), jnp.bfloat16),
+      (*causal, jnp.float16),
   ]
-  tol = {jnp.bfloat16: 2e-2, jnp.float16: 5e-3, jnp.float32: 1e-5}
+
+
+def _check_one(name, shape, mask, dtype) -> dict:
+  q, k, v, dout = _inputs(0, *shape, dtype)
+  run = lambda impl: jax.jit(functools.partial(_value_and_grads, functools.partial(
+      flash_attention, mask=mask, implementation=impl,
+      interpret=FLAGS.interpret and impl == "pallas")))(q, k, v, dout)
+  ours, xla = run("pallas"), run("xla")
+  with jax.default_matmul_precision("highest"):
+    ref = jax.jit(functools.partial(_value_and_grads, functools.partial(
+        reference_attention, mask=mask)))(*(x.astype(jnp.float32) for x in (q, k, v, dout)))
+  err = lambda xs: [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b))) for a, b in zip(xs, ref)]
+  errs, errs_xla = err(ours), err(xla)
+  scale = [float(jnp.max(jnp.abs(b))) + 1.0 for b in ref]
+  tol = TOL[jnp.dtype(dtype)]
+  ok = all(e <= tol * (2 if i else 1) * s for i, (e, s) in enumerate(zip(errs, scale)))
+  ok = ok and all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in ours)
+  fmt = lambda es: " ".join(f"{e:.1e}" for e in es)
+  return dict(status="PASS" if ok else "FAIL", pallas_err=fmt(errs), xla_err=fmt(errs_xla))
+
+
+def check_correctness(budget: gpu_run.Budget, out_dir: str) -> bool:
+  table = gpu_run.Table(out_dir, "gpu_check_correctness",
+                        ["case", "dtype", "status", "pallas_err", "xla_err", "s"],
+                        [-26, -8, 6, -31, -31, 5],
+                        "correctness vs the float32 reference (max|err| of out dq dk dv)")
   all_ok = True
-  runs = [(c, jnp.bfloat16) for c in cases] + [(cases[0], jnp.float16), (cases[2], jnp.float32)]
-  for (name, shape, mask), dtype in runs:
+  for i, (name, shape, mask, dtype) in enumerate(check_cases(FLAGS.check_len)):
+    if i >= FLAGS.check_cases:
+      break
+    row = dict(case=name, dtype=jnp.dtype(dtype).name)
+    if not budget.allows(FLAGS.check_share):
+      table.add(**row, status="skipped (budget)")
+      continue
+    start = time.time()
     try:
-      q, k, v, dout = _inputs(0, *shape, dtype)
-      run = lambda impl, q=q, k=k, v=v, dout=dout, mask=mask: jax.jit(functools.partial(
-          _value_and_grads, functools.partial(flash_attention, mask=mask, implementation=impl,
-                                              interpret=FLAGS.interpret and impl == "pallas"))
-      )(q, k, v, dout)
-      ours, xla = run("pallas"), run("xla")
-      f32 = [x.astype(jnp.float32) for x in (q, k, v, dout)]
-      with jax.default_matmul_precision("highest"):
-        ref = jax.jit(functools.partial(_value_and_grads, functools.partial(
-            reference_attention, mask=mask)))(*f32)
-      err = lambda xs: [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)))
-                        for a, b in zip(xs, ref)]
-      errs, errs_xla = err(ours), err(xla)
-      scale = [float(jnp.max(jnp.abs(b))) + 1.0 for b in ref]
-      # Relative to each output's magnitude (long rows accumulate); gradients get 2x.
-      ok = all(e <= tol[dtype] * (2 if i else 1) * s
-               for i, (e, s) in enumerate(zip(errs, scale)))
-      ok = ok and all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in ours)
-      all_ok &= ok
-      fmt = lambda es: " ".join(f"{e:.1e}" for e in es)
-      print(f"  {'PASS' if ok else 'FAIL'} {name:28s} {jnp.dtype(dtype).name:8s} max|err| vs f32 "
-            f"ref (out dq dk dv): pallas {fmt(errs)}  xla {fmt(errs_xla)}")
+      row.update(_check_one(name, shape, mask, dtype))
     except Exception as e:  # pylint: disable=broad-except
-      all_ok = False
-      print(f"  ERROR {name} {jnp.dtype(dtype).name}: {type(e).__name__}: {e}"[:600])
-  print(f"correctness: {'ALL PASS' if all_ok else 'FAILURES ABOVE'}\n")
+      row.update(status="ERROR", pallas_err=f"{type(e).__name__}: {e}"[:300])
+    all_ok &= row["status"] == "PASS"
+    table.add(**row, s=round(time.time() - start, 1))
+  return all_ok
 
 
 # --- timing --------------------------------------------------------------------------------------
@@ -161,13 +194,17 @@ def _implementations(cfg: Config):
           local_window_size=None if cfg.window is None else (cfg.window - 1, 0)),
       "xla": functools.partial(flash_attention, mask=mask, implementation="xla"),
   }
+  if jax.default_backend() != "gpu":
+    impls["cudnn"] = "n/a (no GPU)"
   if cfg.window is not None or jax_mha is None:
     impls["jax_pallas_mha"] = "n/a (no window)" if jax_mha else "n/a (not in this JAX)"
   else:
-    blocks = jax_mha.BlockSizes(block_q=128, block_k=64, block_q_dkv=32, block_kv_dkv=32,
-                                block_q_dq=32, block_kv_dq=32)
+    b128, b64, b32 = (min(b, cfg.length) for b in (128, 64, 32))
+    blocks = jax_mha.BlockSizes(block_q=b128, block_k=b64, block_q_dkv=b32, block_kv_dkv=b32,
+                                block_q_dq=b32, block_kv_dq=b32)
     impls["jax_pallas_mha"] = lambda q, k, v: jax_mha.mha(
-        q, k, v, None, sm_scale=cfg.head_dim ** -0.5, causal=True, block_sizes=blocks)
+        q, k, v, None, sm_scale=cfg.head_dim ** -0.5, causal=True, block_sizes=blocks,
+        interpret=FLAGS.interpret)
   return impls
 
 
@@ -179,12 +216,12 @@ def _measure(impl, cfg: Config, mode: str):
   else:
     loss = lambda q, k, v: jnp.sum(impl(q, k, v).astype(jnp.float32))
     fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-  seconds = timing.seconds_per_call(fn, q, k, v)
+  seconds = timing.seconds_per_call(fn, q, k, v, samples=1 if FLAGS.interpret else 5)
   flops = cfg.fwd_flops() * (1.0 if mode == "fwd" else 3.5)
   return seconds, flops / seconds / 1e12
 
 
-def _plan(lengths, head_dims, window: int):
+def plan(lengths, head_dims, window: int):
   """(config, mode, impl) in order of importance: acceptance configurations, ours and cuDNN
   first; JAX's Pallas mha and our XLA path last."""
   first = [Config(16384, 128, None), Config(65536, 128, None), Config(65536, 128, window)]
@@ -196,111 +233,94 @@ def _plan(lengths, head_dims, window: int):
           for cfg in configs for mode in ("fwd", "fwd+bwd") for impl in impls]
 
 
-def run_timing(deadline: float, lengths, head_dims, window: int):
-  """Times the plan until `deadline` (a `time.time()`); returns {(cfg, mode, impl): result}."""
-  print("== speed (bf16, TFLOP/s of visible (query, key) pairs) ==")
-  results = {}
-  impls_cache = {}
-  for cfg, mode, impl_name in _plan(lengths, head_dims, window):
-    key = (cfg, mode, impl_name)
-    if time.time() > deadline:
-      results[key] = "skipped (budget)"
+def run_timing(budget: gpu_run.Budget, out_dir: str, lengths, head_dims, window: int):
+  """Times the plan while the budget allows; returns {(cfg, mode, impl): (s, TFLOP/s)}."""
+  table = gpu_run.Table(out_dir, "gpu_check_speed",
+                        ["config", "mode", "impl", "ms", "tflops", "status"],
+                        [-18, -8, -15, 9, 7, -20], "speed (bf16, TFLOP/s of visible pairs)")
+  results, impls_cache, skipped = {}, {}, []
+  for cfg, mode, impl_name in plan(lengths, head_dims, window):
+    row = dict(config=cfg.name(), mode=mode, impl=impl_name)
+    if not budget.allows():
+      skipped.append(row)
       continue
     if cfg not in impls_cache:
       impls_cache[cfg] = _implementations(cfg)
     impl = impls_cache[cfg][impl_name]
     if isinstance(impl, str):
-      results[key] = impl
+      table.add(**row, status=impl)
       continue
     try:
       seconds, tflops = _measure(impl, cfg, mode)
-      results[key] = (seconds, tflops)
-      print(f"  {cfg.name():20s} {mode:8s} {impl_name:15s} {seconds * 1e3:9.2f} ms "
-            f"{tflops:7.1f} TFLOP/s", flush=True)
+      results[(cfg, mode, impl_name)] = (seconds, tflops)
+      table.add(**row, ms=seconds * 1e3, tflops=tflops, status="ok")
     except Exception as e:  # pylint: disable=broad-except
-      results[key] = f"error: {type(e).__name__}"
-      print(f"  {cfg.name():20s} {mode:8s} {impl_name:15s} ERROR {type(e).__name__}: "
-            f"{str(e)[:300]}", flush=True)
+      table.add(**row, status=f"ERROR {type(e).__name__}: {str(e)[:200]}")
+  for row in skipped:
+    table.add(**row, status="skipped (budget)")
   return results
 
 
-def report(results, window: int):
-  def get(cfg, mode, impl):
-    r = results.get((cfg, mode, impl))
-    return r if isinstance(r, tuple) else None
-
-  print("\n== acceptance ==")
+def report(results, out_dir: str, window: int) -> None:
+  table = gpu_run.Table(out_dir, "gpu_check_acceptance", ["figure", "value", "goal", "verdict"],
+                        [-50, 7, 6, -8], "acceptance")
   c16 = Config(16384, 128, None)
   for mode, goal in (("fwd", 0.6), ("fwd+bwd", 0.5)):
-    ours, cudnn = get(c16, mode, "pallas"), get(c16, mode, "cudnn")
-    if ours and cudnn:
-      ratio = ours[1] / cudnn[1]
-      print(f"  16K d128 causal {mode}: pallas/cudnn = {ratio:.2f} (goal >= {goal}) "
-            f"{'OK' if ratio >= goal else 'BELOW'}")
+    ours, cudnn = results.get((c16, mode, "pallas")), results.get((c16, mode, "cudnn"))
+    value = ours[1] / cudnn[1] if ours and cudnn else None
+    table.add(figure=f"16K d128 causal {mode}: pallas / cuDNN TFLOP/s", goal=f">={goal}",
+              value=value if value else "n/a",
+              verdict="n/a" if value is None else ("OK" if value >= goal else "BELOW"))
   for mode in ("fwd", "fwd+bwd"):
-    causal, win = get(Config(65536, 128, None), mode, "pallas"), get(
-        Config(65536, 128, window), mode, "pallas")
-    if causal and win:
-      speedup = causal[0] / win[0]
-      print(f"  64K d128 {mode}: window {window} is {speedup:.1f}x faster than causal (goal >= 8) "
-            f"{'OK' if speedup >= 8 else 'BELOW'}")
-
-  impls = ("pallas", "cudnn", "jax_pallas_mha", "xla")
-  print("\n| config | mode | " + " | ".join(impls) + " |")
-  print("|---|---|" + "---|" * len(impls))
-  configs = sorted({cfg for cfg, _, _ in results}, key=lambda c: (c.length, -c.head_dim,
-                                                                  c.window or 0))
-  for cfg in configs:
-    for mode in ("fwd", "fwd+bwd"):
-      cells = []
-      for impl in impls:
-        r = results.get((cfg, mode, impl), "")
-        cells.append(f"{r[1]:.0f} ({r[0] * 1e3:.1f} ms)" if isinstance(r, tuple) else str(r))
-      print(f"| {cfg.name()} | {mode} | " + " | ".join(cells) + " |")
+    causal = results.get((Config(65536, 128, None), mode, "pallas"))
+    win = results.get((Config(65536, 128, window), mode, "pallas"))
+    value = causal[0] / win[0] if causal and win else None
+    table.add(figure=f"64K d128 {mode}: window {window} speed-up over causal", goal=">=8",
+              value=value if value else "n/a",
+              verdict="n/a" if value is None else ("OK" if value >= 8 else "BELOW"))
 
 
-def run_sweep():
+def run_sweep(budget: gpu_run.Budget, out_dir: str):
   """Tile shapes around the defaults: 16K d128 causal, and 64K d128 window (edge-tile waste)."""
-  print("\n== tile sweep (pallas, bf16, d128) ==")
+  table = gpu_run.Table(out_dir, "gpu_check_sweep", ["config", "mode", "ms", "tflops", "tiles"],
+                        [-18, -8, 9, 7, -40], "tile sweep (pallas, bf16, d128)")
   base = BlockSizes.default_pallas(128, jnp.bfloat16)
-  fwd_variants = [dict(), dict(block_q=128, block_kv=128), dict(block_q=64, block_kv=64),
-                  dict(block_q=64, block_kv=32), dict(num_stages=2), dict(num_warps=4)]
-  bwd_variants = [dict(), dict(block_kv_bwd=64, block_q_bwd=64, block_q_dq=64, block_kv_dq=64),
-                  dict(block_q_bwd=64), dict(block_kv_dq=64), dict(num_warps=4)]
-  plan = [(Config(16384, 128, None), "fwd", kw) for kw in fwd_variants]
-  plan += [(Config(16384, 128, None), "fwd+bwd", kw) for kw in bwd_variants]
-  plan += [(Config(65536, 128, FLAGS.window), "fwd", kw) for kw in fwd_variants[:4]]
-  for cfg, mode, kw in plan:
-    sizes = dataclasses.replace(base, **kw)
+  fwd = [dict(), dict(block_q=128, block_kv=128), dict(block_q=64, block_kv=64),
+         dict(block_q=64, block_kv=32), dict(num_stages=2), dict(num_warps=4)]
+  bwd = [dict(), dict(block_kv_bwd=64, block_q_bwd=64, block_q_dq=64, block_kv_dq=64),
+         dict(block_q_bwd=64), dict(block_kv_dq=64), dict(num_warps=4)]
+  runs = [(Config(16384, 128, None), "fwd", kw) for kw in fwd]
+  runs += [(Config(16384, 128, None), "fwd+bwd", kw) for kw in bwd]
+  runs += [(Config(65536, 128, FLAGS.window), "fwd", kw) for kw in fwd[:4]]
+  for cfg, mode, kw in runs:
+    if not budget.allows():
+      table.add(config=cfg.name(), mode=mode, tiles=f"{kw} skipped (budget)")
+      continue
     mask = Mask(causal=True) if cfg.window is None else local_mask(cfg.window)
     impl = functools.partial(flash_attention, mask=mask, implementation="pallas",
-                             block_sizes=sizes)
+                             block_sizes=dataclasses.replace(base, **kw))
     try:
       seconds, tflops = _measure(impl, cfg, mode)
-      print(f"  {cfg.name():18s} {mode:8s} {seconds * 1e3:8.2f} ms {tflops:7.1f} TFLOP/s  {kw}",
-            flush=True)
+      table.add(config=cfg.name(), mode=mode, ms=seconds * 1e3, tflops=tflops, tiles=str(kw))
     except Exception as e:  # pylint: disable=broad-except
-      print(f"  {cfg.name():18s} {mode:8s} ERROR {type(e).__name__}: {str(e)[:200]}  {kw}",
-            flush=True)
+      table.add(config=cfg.name(), mode=mode, tiles=f"{kw} ERROR {type(e).__name__}")
 
 
 def main(argv):
   del argv
-  print(f"jax {jax.__version__}, devices: {jax.devices()}")
-  if jax.default_backend() != "gpu":
-    print("WARNING: no GPU backend; the Pallas kernels need one (use the tests' interpret mode).")
-  t0 = _START
+  gpu_run.require_gpu(FLAGS.allow_cpu)
+  budget = gpu_run.Budget(_START, FLAGS.budget_s, FLAGS.margin_s)
+  ok = True
   if not FLAGS.skip_check:
-    try:
-      check_correctness()
-    except Exception:  # pylint: disable=broad-except
-      traceback.print_exc()
-  results = run_timing(t0 + FLAGS.budget_s - 40, [int(t) for t in FLAGS.lengths],
+    ok = check_correctness(budget, FLAGS.out)
+  results = run_timing(budget, FLAGS.out, [int(t) for t in FLAGS.lengths],
                        [int(h) for h in FLAGS.head_dims], FLAGS.window)
-  report(results, FLAGS.window)
+  report(results, FLAGS.out, FLAGS.window)
   if FLAGS.sweep:
-    run_sweep()
-  print(f"\ntotal {time.time() - t0:.0f}s")
+    run_sweep(budget, FLAGS.out)
+  print(f"\ncorrectness: {'ALL PASS' if ok else 'FAILURES (see above)'}; "
+        f"total {budget.elapsed():.0f}s of {FLAGS.budget_s:.0f}s", flush=True)
+  sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,14 @@ def seconds_per_call(fn, *args, samples: int = 5, sample_s: float = 0.08) -> flo
 
   After a warm-up (compile) call, `samples` timings of enough back-to-back calls to fill about
   `sample_s` each (asynchronous dispatch hides the Python overhead); slow calls (> 0.3 s) get
-  3 samples of one call, to keep a run short.
+  at most 3 samples of one call, to keep a run short.
   """
   jax.block_until_ready(fn(*args))
   start = time.perf_counter()
   jax.block_until_ready(fn(*args))
   first = time.perf_counter() - start
   calls = int(np.clip(sample_s / max(first, 1e-6), 1, 50))
-  samples = samples if first < 0.3 else 3
+  samples = samples if first < 0.3 else min(samples, 3)
   times = []
   for _ in range(samples):
     start = time.perf_counter()

@@ -40,12 +40,12 @@ from attention.kernels import flash_tiles as tiles
 
 def _dkdv_kernel(offsets_ref, schedule_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref,
                  *refs, geom: tiles.Geometry, scale: float, block_q: int, block_kv: int,
-                 group: int):
+                 group: int, precision):
   """Refs: offsets `[B]`, schedule `[B, 4, nk]`, q/dout `[Tp, G, H]` (the group's q heads),
   k/v `[bk, H]`, lse/delta `[G, Tp]` (lse in log2 units), then (segments only) q_seg `[Tp]`,
-  kv_seg `[bk]`, q_tab, kv_tab; outputs dk, dv `[bk, H]`."""
+  kv_seg `[bk]`; outputs dk, dv `[bk, H]`."""
   if geom.has_segments:
-    q_seg_ref, kv_seg_ref, q_tab_ref, kv_tab_ref, dk_ref, dv_ref = refs
+    q_seg_ref, kv_seg_ref, dk_ref, dv_ref = refs
   else:
     dk_ref, dv_ref = refs
   j, b = pl.program_id(0), pl.program_id(1)
@@ -55,11 +55,7 @@ def _dkdv_kernel(offsets_ref, schedule_ref, q_ref, k_ref, v_ref, dout_ref, lse_r
   k, v = k_ref[...], v_ref[...]
   kv_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)[:, None]  # bk 1
   offset = offsets_ref[b]
-  kv_seg = seg_kind = None
-  if geom.has_segments:
-    kv_seg = kv_seg_ref[...][:, None]
-    kv_tab = tiles.read_row(kv_tab_ref, b, j, 3)
-    seg_kind = lambda i: tiles.segment_kind(kv_tab, tiles.read_row(q_tab_ref, b, i, 3))
+  kv_seg = kv_seg_ref[...][:, None] if geom.has_segments else None
   schedule = tiles.read_row(schedule_ref, b, j, 4)
   qk_scale = scale * tiles.LOG2E
 
@@ -69,17 +65,19 @@ def _dkdv_kernel(offsets_ref, schedule_ref, q_ref, k_ref, v_ref, dout_ref, lse_r
       rows = pl.ds(pl.multiple_of(i * bq, bq), bq)
       q, dout = q_ref[rows, g, :], dout_ref[rows, g, :]  # bq H
       lse, delta = lse_ref[g, rows], delta_ref[g, rows]  # bq
-      p_t = jnp.exp2(plgpu.dot(k, q, trans_b=True) * qk_scale - lse[None, :])  # bk bq
+      s_t = plgpu.dot(k, q, trans_b=True, precision=precision)  # bk bq
+      p_t = jnp.exp2(s_t * qk_scale - lse[None, :])
       if masked:
         q_pos = offset + i * bq + jnp.arange(bq, dtype=jnp.int32)[None, :]
         q_seg = q_seg_ref[rows][None, :] if geom.has_segments else None
         p_t = jnp.where(tiles.visible(geom, q_pos, kv_pos, q_seg, kv_seg), p_t, 0.0)
-      dv = dv + plgpu.dot(p_t.astype(dout.dtype), dout)
-      ds_t = p_t * (plgpu.dot(v, dout, trans_b=True) - delta[None, :])  # bk bq
-      dk = dk + plgpu.dot(ds_t.astype(q.dtype), q)
+      dv = dv + plgpu.dot(p_t.astype(dout.dtype), dout, precision=precision)
+      dp_t = plgpu.dot(v, dout, trans_b=True, precision=precision)  # bk bq
+      ds_t = p_t * (dp_t - delta[None, :])
+      dk = dk + plgpu.dot(ds_t.astype(q.dtype), q, precision=precision)
       return dk, dv
 
-    return tiles.visit(schedule, step, carry, seg_kind)
+    return tiles.visit(schedule, step, carry)
 
   zeros = jnp.zeros((bk, head_dim), jnp.float32)
   dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
@@ -89,7 +87,7 @@ def _dkdv_kernel(offsets_ref, schedule_ref, q_ref, k_ref, v_ref, dout_ref, lse_r
 
 def dkdv_call(q, k, v, dout, lse2, delta, offsets, schedule, segments, *, geom: tiles.Geometry,
               scale: float, block_q: int, block_kv: int, num_warps: int, num_stages: int,
-              interpret: bool = False):
+              allow_tf32: bool = False, interpret: bool = False):
   """dK, dV `[B, Sp, K, Hp]` from padded q/dout `[B, Tp, N, Hp]`, k/v `[B, Sp, K, Hp]`,
   lse2 (log2 units, +inf for rows without keys) and delta `[B, N, Tp]` float32."""
   batch, t_pad, heads, head_dim = q.shape
@@ -108,14 +106,13 @@ def dkdv_call(q, k, v, dout, lse2, delta, offsets, schedule, segments, *, geom: 
               row_spec]
   inputs = [offsets, schedule, q, k, v, dout, lse2, delta]
   if segments is not None:
-    q_seg, kv_seg, q_tab, kv_tab = segments
     in_specs += [pl.BlockSpec((None, t_pad), lambda j, b, h: (b, 0)),
-                 pl.BlockSpec((None, block_kv), lambda j, b, h: (b, j)), full(q_tab),
-                 full(kv_tab)]
+                 pl.BlockSpec((None, block_kv), lambda j, b, h: (b, j))]
     inputs += list(segments)
 
   kernel = functools.partial(_dkdv_kernel, geom=geom, scale=scale, block_q=block_q,
-                             block_kv=block_kv, group=group)
+                             block_kv=block_kv, group=group,
+                             precision=tiles.dot_precision(q.dtype, allow_tf32))
   return pl.pallas_call(
       kernel,
       grid=(nk, batch, kv_heads),
@@ -133,11 +130,11 @@ def dkdv_call(q, k, v, dout, lse2, delta, offsets, schedule, segments, *, geom: 
 
 def _dq_kernel(offsets_ref, schedule_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref,
                *refs, geom: tiles.Geometry, scale: float, block_q: int, block_kv: int,
-               num_q_blocks: int):
+               num_q_blocks: int, precision):
   """Refs: offsets, schedule `[B, 4, nq]`, q/dout `[bq, H]`, k/v `[Sp, H]`, lse/delta `[bq]`,
-  then (segments only) q_seg `[bq]`, kv_seg `[Sp]`, q_tab, kv_tab; output dq `[bq, H]`."""
+  then (segments only) q_seg `[bq]`, kv_seg `[Sp]`; output dq `[bq, H]`."""
   if geom.has_segments:
-    q_seg_ref, kv_seg_ref, q_tab_ref, kv_tab_ref, dq_ref = refs
+    q_seg_ref, kv_seg_ref, dq_ref = refs
   else:
     (dq_ref,) = refs
   i = num_q_blocks - 1 - pl.program_id(0)
@@ -147,32 +144,28 @@ def _dq_kernel(offsets_ref, schedule_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref
   q, dout = q_ref[...], dout_ref[...]
   lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]  # bq 1
   q_pos = offsets_ref[b] + i * bq + jnp.arange(bq, dtype=jnp.int32)[:, None]
-  q_seg = seg_kind = None
-  if geom.has_segments:
-    q_seg = q_seg_ref[...][:, None]
-    q_tab = tiles.read_row(q_tab_ref, b, i, 3)
-    seg_kind = lambda j: tiles.segment_kind(q_tab, tiles.read_row(kv_tab_ref, b, j, 3))
+  q_seg = q_seg_ref[...][:, None] if geom.has_segments else None
   qk_scale = scale * tiles.LOG2E
 
   def step(j, dq, masked: bool):
     kv = pl.ds(pl.multiple_of(j * bk, bk), bk)
     k, v = k_ref[kv, :], v_ref[kv, :]
-    p = jnp.exp2(plgpu.dot(q, k, trans_b=True) * qk_scale - lse)  # bq bk
+    p = jnp.exp2(plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale - lse)  # bq bk
     if masked:
       kv_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)[None, :]
       kv_seg = kv_seg_ref[kv][None, :] if geom.has_segments else None
       p = jnp.where(tiles.visible(geom, q_pos, kv_pos, q_seg, kv_seg), p, 0.0)
-    ds = p * (plgpu.dot(dout, v, trans_b=True) - delta)
-    return dq + plgpu.dot(ds.astype(k.dtype), k)
+    ds = p * (plgpu.dot(dout, v, trans_b=True, precision=precision) - delta)
+    return dq + plgpu.dot(ds.astype(k.dtype), k, precision=precision)
 
   dq = tiles.visit(tiles.read_row(schedule_ref, b, i, 4), step,
-                   jnp.zeros(q.shape, jnp.float32), seg_kind)
+                   jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def dq_call(q, k, v, dout, lse2, delta, offsets, schedule, segments, *, geom: tiles.Geometry,
             scale: float, block_q: int, block_kv: int, num_warps: int, num_stages: int,
-            interpret: bool = False):
+            allow_tf32: bool = False, interpret: bool = False):
   """dQ `[B, Tp, N, Hp]` (q.dtype); arguments as `dkdv_call` with a q-major schedule."""
   batch, t_pad, heads, head_dim = q.shape
   s_pad, kv_heads = k.shape[1], k.shape[2]
@@ -188,13 +181,13 @@ def dq_call(q, k, v, dout, lse2, delta, offsets, schedule, segments, *, geom: ti
               row_spec]
   inputs = [offsets, schedule, q, k, v, dout, lse2, delta]
   if segments is not None:
-    q_seg, kv_seg, q_tab, kv_tab = segments
     in_specs += [pl.BlockSpec((None, block_q), lambda i, b, n: (b, qi(i))),
-                 pl.BlockSpec((None, s_pad), lambda i, b, n: (b, 0)), full(q_tab), full(kv_tab)]
+                 pl.BlockSpec((None, s_pad), lambda i, b, n: (b, 0))]
     inputs += list(segments)
 
   kernel = functools.partial(_dq_kernel, geom=geom, scale=scale, block_q=block_q,
-                             block_kv=block_kv, num_q_blocks=nq)
+                             block_kv=block_kv, num_q_blocks=nq,
+                             precision=tiles.dot_precision(q.dtype, allow_tf32))
   return pl.pallas_call(
       kernel,
       grid=(nq, batch, heads),

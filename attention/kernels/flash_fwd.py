@@ -35,12 +35,11 @@ from attention.kernels import flash_tiles as tiles
 
 
 def _forward_kernel(offsets_ref, schedule_ref, q_ref, k_ref, v_ref, *refs, geom: tiles.Geometry,
-                    scale: float, block_q: int, block_kv: int, num_q_blocks: int):
+                    scale: float, block_q: int, block_kv: int, num_q_blocks: int, precision):
   """Refs: offsets `[B]`, schedule `[B, 4, nq]`, q `[bq, H]`, k/v `[Sp, H]` (one kv head),
-  then (segments only) q_seg `[bq]`, kv_seg `[Sp]`, q_tab `[B, 3, nq]`, kv_tab `[B, 3, nk]`;
-  outputs out `[bq, H]`, lse `[bq]`."""
+  then (segments only) q_seg `[bq]`, kv_seg `[Sp]`; outputs out `[bq, H]`, lse `[bq]`."""
   if geom.has_segments:
-    q_seg_ref, kv_seg_ref, q_tab_ref, kv_tab_ref, out_ref, lse_ref = refs
+    q_seg_ref, kv_seg_ref, out_ref, lse_ref = refs
   else:
     out_ref, lse_ref = refs
   i = num_q_blocks - 1 - pl.program_id(0)  # heaviest (causal) q blocks first: shorter tail
@@ -50,18 +49,14 @@ def _forward_kernel(offsets_ref, schedule_ref, q_ref, k_ref, v_ref, *refs, geom:
 
   q = q_ref[...]
   q_pos = offsets_ref[b] + i * bq + jnp.arange(bq, dtype=jnp.int32)[:, None]  # bq 1
-  q_seg = seg_kind = None
-  if geom.has_segments:
-    q_seg = q_seg_ref[...][:, None]
-    q_tab = tiles.read_row(q_tab_ref, b, i, 3)
-    seg_kind = lambda j: tiles.segment_kind(q_tab, tiles.read_row(kv_tab_ref, b, j, 3))
+  q_seg = q_seg_ref[...][:, None] if geom.has_segments else None
   qk_scale = scale * tiles.LOG2E
 
   def step(j, carry, masked: bool):
     m, l, acc = carry
     kv = pl.ds(pl.multiple_of(j * bk, bk), bk)
     k, v = k_ref[kv, :], v_ref[kv, :]
-    s = plgpu.dot(q, k, trans_b=True) * qk_scale  # bq bk, float32
+    s = plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale  # bq bk, float32
     if masked:
       kv_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)[None, :]
       kv_seg = kv_seg_ref[kv][None, :] if geom.has_segments else None
@@ -71,12 +66,12 @@ def _forward_kernel(offsets_ref, schedule_ref, q_ref, k_ref, v_ref, *refs, geom:
     correction = jnp.exp2(m - m_use)
     p = jnp.exp2(s - m_use[:, None])
     l = l * correction + jnp.sum(p, axis=1)
-    acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
+    acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
     return m_new, l, acc
 
   init = (jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32),
           jnp.zeros((bq, head_dim), jnp.float32))
-  m, l, acc = tiles.visit(tiles.read_row(schedule_ref, b, i, 4), step, init, seg_kind)
+  m, l, acc = tiles.visit(tiles.read_row(schedule_ref, b, i, 4), step, init)
 
   has_key = l > 0.0
   l_safe = jnp.where(has_key, l, 1.0)
@@ -86,14 +81,16 @@ def _forward_kernel(offsets_ref, schedule_ref, q_ref, k_ref, v_ref, *refs, geom:
 
 def forward_call(q, k, v, offsets, schedule, segments, *, geom: tiles.Geometry, scale: float,
                  block_q: int, block_kv: int, num_warps: int, num_stages: int,
-                 interpret: bool = False):
+                 allow_tf32: bool = False, interpret: bool = False):
   """Runs the forward kernel on padded inputs.
 
   Args:
     q: `[B, Tp, N, Hp]`, Tp a multiple of `block_q`. k, v: `[B, Sp, K, Hp]`, Sp a multiple of
       `block_kv`, `N % K == 0`.
     offsets: `[B]` int32 absolute position of query 0. schedule: `[B, 4, Tp // block_q]`.
-    segments: None, or `(q_seg [B, Tp], kv_seg [B, Sp], q_tab, kv_tab)` (padding = -1).
+    segments: None, or `(q_seg [B, Tp], kv_seg [B, Sp])` (padding = -1).
+    allow_tf32: float32 inputs: TF32 tensor-core dots instead of exact (ieee) float32
+      (`tiles.dot_precision`); no effect on bf16/f16.
 
   Returns:
     out `[B, Tp, N, Hp]` (q.dtype), lse `[B, N, Tp]` float32 (natural log; -inf: no key).
@@ -110,13 +107,13 @@ def forward_call(q, k, v, offsets, schedule, segments, *, geom: tiles.Geometry, 
   in_specs = [full(offsets), full(schedule), q_spec, kv_spec, kv_spec]
   inputs = [offsets, schedule, q, k, v]
   if segments is not None:
-    q_seg, kv_seg, q_tab, kv_tab = segments
     in_specs += [pl.BlockSpec((None, block_q), lambda i, b, n: (b, qi(i))),
-                 pl.BlockSpec((None, s_pad), lambda i, b, n: (b, 0)), full(q_tab), full(kv_tab)]
+                 pl.BlockSpec((None, s_pad), lambda i, b, n: (b, 0))]
     inputs += list(segments)
 
   kernel = functools.partial(_forward_kernel, geom=geom, scale=scale, block_q=block_q,
-                             block_kv=block_kv, num_q_blocks=nq)
+                             block_kv=block_kv, num_q_blocks=nq,
+                             precision=tiles.dot_precision(q.dtype, allow_tf32))
   return pl.pallas_call(
       kernel,
       grid=(nq, batch, heads),

@@ -18,6 +18,10 @@ What happens here, outside the kernels (all O(T + S) or O(#blocks)):
   per-row `q_offset` and segment ranges, plus the fully visible middle run that needs no mask;
 * block sizes are validated (powers of two >= 16, fit in shared memory) before any tracing.
 
+Float32 policy: float32 inputs are multiplied in exact float32 (Triton `inputPrecision = ieee`)
+unless `BlockSizes.allow_tf32` (TF32 tensor cores); bf16/f16 use tensor cores in their own
+dtype with float32 accumulation. Softmax statistics and accumulators are float32 in every case.
+
 Layouts: `q [B, T, N, H]`, `k, v [B, S, K, H]` with `N % K == 0` (GQA/MQA read kv head `n // G`;
 K/V are never repeated); `lse [B, N, T]` float32 natural log, -inf for rows with no visible key
 (the XLA path's convention, so `flash_forward_pallas` / `flash_backward_pallas` can stand in for
@@ -54,7 +58,7 @@ def resolve_block_sizes(block_sizes: BlockSizes | None, head_dim: int, dtype) ->
 
 class _Padded:
   """One kernel call's padded operands: sequences to `(q_tile, kv_tile)` multiples, head_dim to
-  a power of two, segment ids with -1, plus per-tile segment tables."""
+  a power of two, segment ids with -1 (and per-tile segment tables for the schedules)."""
 
   def __init__(self, q, k, v, mask: Mask, q_tile: int, kv_tile: int):
     b, self.t, self.s, _, _, self.h = check_qkv(q, k, v)
@@ -75,11 +79,11 @@ class _Padded:
     return pad_to_size(pad_to_size(x, 1, self.t_pad), 3, self.h_pad)
 
   def segments(self, q_tile: int, kv_tile: int):
-    """Kernel segment operands `(q_seg, kv_seg, q_tab, kv_tab)` for these tiles, or None."""
+    """`((q_seg, kv_seg) kernel operands, (q_tab, kv_tab) schedule tables)`, or `(None, ())`."""
     if self.q_seg is None:
-      return None
-    return (self.q_seg, self.kv_seg, tiles.segment_table(self.q_seg, q_tile),
-            tiles.segment_table(self.kv_seg, kv_tile))
+      return None, ()
+    return (self.q_seg, self.kv_seg), (tiles.segment_table(self.q_seg, q_tile),
+                                       tiles.segment_table(self.kv_seg, kv_tile))
 
 
 # --- forward / backward with the XLA path's signatures -------------------------------------------
@@ -92,13 +96,13 @@ def flash_forward_pallas(q, k, v, mask: Mask, scale: float, block_sizes: BlockSi
   t, s, h = q.shape[1], k.shape[1], q.shape[3]
   bq, bk = _fit(block_sizes.block_q, t), _fit(block_sizes.block_kv, s)
   x = _Padded(q, k, v, mask, bq, bk)
-  segments = x.segments(bq, bk)
-  schedule = tiles.q_major_schedule(mask, x.offsets, x.t_pad // bq, bq, s, bk,
-                                    *(segments[2:] if segments else ()))
-  warps, stages = block_sizes.pallas_launch("fwd", h)
+  segments, tabs = x.segments(bq, bk)
+  schedule = tiles.q_major_schedule(mask, x.offsets, x.t_pad // bq, bq, s, bk, *tabs)
+  warps, stages = block_sizes.pallas_launch("fwd", h, q.dtype)
   out, lse = flash_fwd.forward_call(
       x.q, x.k, x.v, x.offsets, schedule, segments, geom=tiles.Geometry.of(mask, s), scale=scale,
-      block_q=bq, block_kv=bk, num_warps=warps, num_stages=stages, interpret=interpret)
+      block_q=bq, block_kv=bk, num_warps=warps, num_stages=stages,
+      allow_tf32=block_sizes.allow_tf32, interpret=interpret)
   return out[:, :t, :, :h], lse[:, :, :t]
 
 
@@ -119,21 +123,21 @@ def flash_backward_pallas(q, k, v, out, lse, dout, mask: Mask, scale: float,
   # Base-2 lse; rows with no visible key (and padded rows) get +inf, hence p = 0.
   lse2 = pad_to_size(backward_lse(lse) * tiles.LOG2E, 2, x.t_pad, jnp.inf)
 
-  segments = x.segments(bq_kv, bk_kv)
-  schedule = tiles.kv_major_schedule(mask, x.offsets, x.s_pad // bk_kv, bk_kv, s, t, bq_kv,
-                                     *(segments[2:] if segments else ()))
-  warps, stages = block_sizes.pallas_launch("dkdv", h)
+  segments, tabs = x.segments(bq_kv, bk_kv)
+  schedule = tiles.kv_major_schedule(mask, x.offsets, x.s_pad // bk_kv, bk_kv, s, t, bq_kv, *tabs)
+  warps, stages = block_sizes.pallas_launch("dkdv", h, q.dtype)
   dk, dv = flash_bwd.dkdv_call(
       x.q, x.k, x.v, dout_p, lse2, delta, x.offsets, schedule, segments, geom=geom, scale=scale,
-      block_q=bq_kv, block_kv=bk_kv, num_warps=warps, num_stages=stages, interpret=interpret)
+      block_q=bq_kv, block_kv=bk_kv, num_warps=warps, num_stages=stages,
+      allow_tf32=block_sizes.allow_tf32, interpret=interpret)
 
-  segments = x.segments(bq_q, bk_q)
-  schedule = tiles.q_major_schedule(mask, x.offsets, x.t_pad // bq_q, bq_q, s, bk_q,
-                                    *(segments[2:] if segments else ()))
-  warps, stages = block_sizes.pallas_launch("dq", h)
+  segments, tabs = x.segments(bq_q, bk_q)
+  schedule = tiles.q_major_schedule(mask, x.offsets, x.t_pad // bq_q, bq_q, s, bk_q, *tabs)
+  warps, stages = block_sizes.pallas_launch("dq", h, q.dtype)
   dq = flash_bwd.dq_call(
       x.q, x.k, x.v, dout_p, lse2, delta, x.offsets, schedule, segments, geom=geom, scale=scale,
-      block_q=bq_q, block_kv=bk_q, num_warps=warps, num_stages=stages, interpret=interpret)
+      block_q=bq_q, block_kv=bk_q, num_warps=warps, num_stages=stages,
+      allow_tf32=block_sizes.allow_tf32, interpret=interpret)
   return dq[:, :t, :, :h], dk[:, :s, :, :h], dv[:, :s, :, :h]
 
 

@@ -2,8 +2,9 @@
 
 Each kernel program owns one *resident* tile (a q block in the forward and dQ kernels, a kv
 block in the dK/dV kernel) and loops over *streamed* tiles of the other axis. The loop never
-touches a tile the mask hides, and never evaluates the mask elementwise on a tile it fully
-shows. Both facts are precomputed here, in XLA, as small int32 tables (O(B * blocks)):
+touches a tile the positions (causal, window, offsets) hide, and never evaluates the mask
+elementwise on a tile it fully shows. Both facts are precomputed here, in XLA, as small int32
+tables (O(B * blocks)):
 
     schedule[b, :, r] = (lo, hi, full_lo, full_hi)      lo <= full_lo <= full_hi <= hi
 
@@ -14,27 +15,38 @@ shows. Both facts are precomputed here, in XLA, as small int32 tables (O(B * blo
   diagonal and window edges, 1-3 blocks each) are visited masked.
 
 So causal costs ~T*S/2 and a window w ~T*(w + 2 blocks), in the forward and both backward
-kernels. With segment ids, blocks whose id ranges are disjoint are skipped inside the loop
-(`lax.cond`), and a middle block is only visited unmasked when both tiles hold one segment.
+kernels. With segment ids the schedule does all the segment work, so the kernels' loops hold
+no branch (a `lax.cond` / `lax.switch` around the K/V loads lowers to nested `scf.if`, which
+Triton does not software-pipeline): `[lo, hi)` is cut to the streamed blocks whose id range
+meets the resident block's (packed, sorted segments: exactly the non-empty ones), and
+`[full_lo, full_hi)` to the run of blocks that hold the resident block's single segment
+(`_segment_full_run`). Every other block is loaded and computed unconditionally with the
+elementwise mask (`visible`, which includes the segment ids), so a block with no visible pair
+inside `[lo, hi)` (unsorted ids only) costs its compute and contributes nothing.
 
 Segment tables `seg_tab[b, :, r] = (min, max, single)`: min/max id over the tile's valid (>= 0)
 ids (`big, -1` if all padding) and `single` = the id when the tile is one unpadded segment,
 else -1.
 
-The in-kernel helpers (`visible`, `segment_kind`, `visit`) are shared by the three kernels.
+The in-kernel helpers (`visible`, `visit`, `dot_precision`) are shared by the three kernels.
+
+Float32 policy: every `plgpu.dot` passes an explicit precision. float32 inputs multiply in exact
+float32 (`lax.Precision.HIGHEST`, Triton `inputPrecision = ieee`) unless the caller sets
+`BlockSizes.allow_tf32` (`lax.Precision.DEFAULT`: Triton's TF32 tensor cores, ~1e-3 relative
+error, several times faster). bf16/f16 inputs always run on tensor cores in their own dtype
+with float32 accumulation; the flag changes nothing for them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax.numpy as jnp
 from jax import lax
 
 from attention import masks as masks_lib
-from attention.masks import EMPTY, FULL, PARTIAL, UNBOUNDED, Mask
+from attention.masks import UNBOUNDED, Mask
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -87,12 +99,31 @@ def _segment_range(res_tab, str_tab, n_res: int, n_str: int):
   return jnp.where(found, first, 0), jnp.where(found, last, 0)
 
 
-def _finish(lo, hi, full_lo, full_hi, seg_range=None):
+def _segment_full_run(res_tab, str_tab, n_res: int, n_str: int, full_lo, full_hi):
+  """The first run of streamed blocks in `[full_lo, full_hi)` holding exactly the resident
+  block's single segment (both tiles one unpadded segment, the same id): `(lo, hi)` `[B, n_res]`,
+  empty (lo = hi) when there is none. Only such blocks may be visited without a mask."""
+  res_single = res_tab[:, 2, :n_res, None]
+  same = (res_single == str_tab[:, 2, None, :n_str]) & (res_single >= 0)  # B n_res n_str
+  col = jnp.arange(n_str, dtype=jnp.int32)[None, None]
+  same &= (col >= full_lo[..., None]) & (col < full_hi[..., None])
+  first = jnp.where(jnp.any(same, -1), jnp.argmax(same, -1), full_lo)
+  after = (col > first[..., None]) & ~same
+  last = jnp.where(jnp.any(after, -1), jnp.argmax(after, -1), n_str)
+  last = jnp.where(jnp.any(same, -1), last, first)
+  return first, last
+
+
+def _finish(lo, hi, full_lo, full_hi, seg_range=None, full_run=None):
   if seg_range is not None:
     lo, hi = jnp.maximum(lo, seg_range[0]), jnp.minimum(hi, seg_range[1])
   hi = jnp.maximum(hi, lo)
   full_lo = jnp.clip(full_lo, lo, hi)
   full_hi = jnp.clip(full_hi, full_lo, hi)
+  if full_run is not None:  # segments: only the single-segment run goes unmasked
+    full_lo, full_hi = jnp.clip(full_run[0], full_lo, full_hi), jnp.clip(full_run[1], full_lo,
+                                                                          full_hi)
+    full_hi = jnp.maximum(full_hi, full_lo)
   return jnp.stack(jnp.broadcast_arrays(lo, hi, full_lo, full_hi), axis=1).astype(jnp.int32)
 
 
@@ -110,9 +141,12 @@ def q_major_schedule(mask: Mask, offsets, num_q_blocks: int, block_q: int, kv_le
   # Block j is fully visible iff j*bk >= q_hi - left and (j+1)*bk - 1 <= q_lo + right.
   full_lo = cdiv(q_hi - left, block_kv)
   full_hi = jnp.minimum((q_lo + right + 1) // block_kv, kv_len // block_kv)  # no padded keys
-  seg = None if q_tab is None else _segment_range(q_tab, kv_tab, num_q_blocks, nk)
   zero = 0 * q_lo
-  return _finish(lo + zero, hi + zero, full_lo, full_hi, seg)
+  lo, hi, full_lo, full_hi = lo + zero, hi + zero, full_lo + zero, full_hi + zero
+  if q_tab is None:
+    return _finish(lo, hi, full_lo, full_hi)
+  return _finish(lo, hi, full_lo, full_hi, _segment_range(q_tab, kv_tab, num_q_blocks, nk),
+                 _segment_full_run(q_tab, kv_tab, num_q_blocks, nk, full_lo, full_hi))
 
 
 def kv_major_schedule(mask: Mask, offsets, num_kv_blocks: int, block_kv: int, kv_len: int,
@@ -133,8 +167,11 @@ def kv_major_schedule(mask: Mask, offsets, num_kv_blocks: int, block_kv: int, kv
   full_lo = cdiv(k_hi - right - off, block_q)
   full_hi = (k_lo + left - off + 1) // block_q
   full_hi = jnp.where(k_lo + block_kv > kv_len, full_lo, full_hi)  # padded keys: always mask
-  seg = None if q_tab is None else _segment_range(kv_tab, q_tab, num_kv_blocks, nq)
-  return _finish(lo + zero, hi + zero, full_lo + zero, full_hi + zero, seg)
+  lo, hi, full_lo, full_hi = lo + zero, hi + zero, full_lo + zero, full_hi + zero
+  if q_tab is None:
+    return _finish(lo, hi, full_lo, full_hi)
+  return _finish(lo, hi, full_lo, full_hi, _segment_range(kv_tab, q_tab, num_kv_blocks, nq),
+                 _segment_full_run(kv_tab, q_tab, num_kv_blocks, nq, full_lo, full_hi))
 
 
 # --- in-kernel helpers -------------------------------------------------------------------------
@@ -156,39 +193,23 @@ def visible(geom: Geometry, q_pos, kv_pos, q_seg=None, kv_seg=None):
   return vis
 
 
-def segment_kind(res, streamed):
-  """EMPTY / PARTIAL / FULL from two `(min, max, single)` scalar triples (resident, streamed)."""
-  disjoint = (res[1] < streamed[0]) | (streamed[1] < res[0])
-  full = (res[2] == streamed[2]) & (res[2] >= 0)
-  # EMPTY = 0, PARTIAL = 1, FULL = 2, in arithmetic (scalar selects trip the Triton lowering).
-  assert (EMPTY, PARTIAL, FULL) == (0, 1, 2)
-  meets = jnp.logical_not(disjoint).astype(jnp.int32)
-  return meets * (1 + full.astype(jnp.int32))
-
-
-def visit(schedule, step, carry, seg_kind=None):
+def visit(schedule, step, carry):
   """Runs `step(j, carry, masked)` over the streamed blocks of one resident tile.
 
   `schedule = (lo, hi, full_lo, full_hi)` scalars: `[lo, full_lo)` and `[full_hi, hi)` masked,
-  `[full_lo, full_hi)` unmasked. `seg_kind(j)` (segment ids only) refines each step: EMPTY
-  skips the block, PARTIAL forces the mask.
+  `[full_lo, full_hi)` unmasked. Three plain loops, no branch inside (Triton pipelines them).
   """
   lo, hi, full_lo, full_hi = schedule
+  carry = lax.fori_loop(lo, full_lo, lambda j, c: step(j, c, True), carry)
+  carry = lax.fori_loop(full_lo, full_hi, lambda j, c: step(j, c, False), carry)
+  return lax.fori_loop(full_hi, hi, lambda j, c: step(j, c, True), carry)
 
-  def edge(j, c):
-    if seg_kind is None:
-      return step(j, c, True)
-    return lax.cond(seg_kind(j) == EMPTY, lambda c: c, functools.partial(step, j, masked=True), c)
 
-  def middle(j, c):
-    if seg_kind is None:
-      return step(j, c, False)
-    return lax.switch(seg_kind(j), [lambda c: c, functools.partial(step, j, masked=True),
-                                    functools.partial(step, j, masked=False)], c)
-
-  carry = lax.fori_loop(lo, full_lo, edge, carry)
-  carry = lax.fori_loop(full_lo, full_hi, middle, carry)
-  return lax.fori_loop(full_hi, hi, edge, carry)
+def dot_precision(dtype, allow_tf32: bool):
+  """The `precision` of every kernel dot on `dtype` inputs: exact float32 (HIGHEST, Triton
+  `ieee`) unless TF32 is allowed for float32 inputs (DEFAULT, `tf32`); 16-bit inputs: HIGHEST,
+  i.e. their native tensor-core dot (Triton ignores the input precision of non-f32 dots)."""
+  return lax.Precision.DEFAULT if allow_tf32 and dtype == jnp.float32 else lax.Precision.HIGHEST
 
 
 def read_row(table_ref, b, r, rows: int):

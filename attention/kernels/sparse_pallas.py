@@ -1,29 +1,28 @@
-"""Pallas (Triton) kernels for top-k gather attention: forward and backward.
+"""Pallas (Triton) kernels for top-k gather attention: forward, dQ, and (sparse_dkdv) dK/dV.
 
 Same function as the XLA path in attention/sparse.py, on effective indices `[B, T, X, k]`
 (-1 = ignored slot, X = 1 shared by all kv heads or X = K):
 
 Forward, one program per (batch, query, kv head): the program holds the `G` query heads of
-that kv head, walks the query's index list in chunks of `block_k` slots, loads the selected key
-and value rows by index (a gather load `k_ref[idx]`), and keeps an online softmax::
+that kv head as a `[Gp, H]` tile, `Gp = max(16, next power of two >= G)` rows (zero rows pad
+the group: in MQA all heads of a token share the selected keys, which is what makes this a
+matrix product, as in FlashMLA's sparse kernels). It walks the query's index list in chunks of
+`block_k` slots, gathers the selected key and value rows (`k_ref[idx]`, `[bk, H]`) and keeps an
+online softmax with both products on tensor cores (`tt.dot`, float32 accumulation)::
 
-    for each chunk c:  s = q k[idx_c]^T * scale   (-inf on -1 slots)
+    for each chunk c:  s = q k[idx_c]^T * scale   (-inf on -1 slots)        [Gp, bk]
                        m' = max(m, rowmax s); p = exp(s - m'); l = l e^(m-m') + rowsum p
-                       acc = acc e^(m-m') + p v[idx_c]
+                       acc = acc e^(m-m') + p v[idx_c]                        [Gp, H]
     out = acc / l;  lse = m + log l            (a query with no slot: out 0, lse -inf)
 
-Backward, same grid, recomputing p from the saved lse: dq is accumulated in the program;
-dK/dV rows are scattered with `plgpu.atomic_add` (float32, masked on -1 slots) into
-`[B, K, S + 1, H]` accumulators aliased to zero-initialised inputs (row S is a spare row that
-ignored slots point at: interpret mode cannot mask atomics; their values are 0 there).
-Interpret mode applies a chunk's adds as one gather/set, so it needs distinct indices within
-a chunk of one query (as `indexer_topk` guarantees); on GPU duplicates add up correctly. Atomics are used because a key
-row is selected by many queries in different programs; returning per-slot gradients instead
-would cost O(T * k * H) memory. The order of float adds is not deterministic on GPU.
+Backward: dQ with the same grid (p recomputed from the saved lse, `ds = p * (dp - delta)`,
+`dq += ds k[idx]`), and dK/dV key-major over the inverted selection (`sparse_dkdv`): every
+output row is written by exactly one program, so there are no atomics and the result is
+deterministic.
 
-The per-query programs multiply with broadcasts + reductions instead of `tl.dot` (G and the
-slot count per query are often below the 16x16 minimum of `tl.dot`). G, H and `block_k` are
-padded to powers of two as Triton requires.
+Precision: bf16/f16 operands go to the tensor cores as they are (float32 accumulation); float32
+operands multiply in exact float32 (`inputPrecision = ieee`, the flash kernels' policy).
+Cost per query: O(k * Gp * H) tensor-core FLOPs and O(k * H) gathered bytes per kv head.
 """
 
 from __future__ import annotations
@@ -35,10 +34,18 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from attention.block_sizes import SparseBlockSizes
-from attention.common import lse_vjp, next_pow2
+from attention.block_sizes import SparseBlockSizes, padded_head_dim
+from attention.common import backward_lse, lse_vjp
+from attention.kernels import flash_tiles as tiles
+from attention.kernels.sparse_dkdv import sparse_dkdv_pallas
 
 DEFAULT_BLOCK_K = 64
+MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows
+
+
+def padded_group(group: int) -> int:
+  """Rows of a program's q tile: `max(16, next power of two >= group)`."""
+  return max(MIN_DOT_ROWS, 1 << max(0, group - 1).bit_length())
 
 
 def _chunk(idx_ref, c, block_k):
@@ -47,26 +54,23 @@ def _chunk(idx_ref, c, block_k):
   return jnp.where(valid, idx, 0), valid
 
 
-def _scores(q, k_rows, valid, scale):
-  """q `[G, H]`, rows `[bk, H]` -> `[G, bk]` float32 (-inf on invalid slots)."""
-  s = jnp.sum(q[:, None, :] * k_rows.astype(jnp.float32)[None, :, :], axis=-1) * scale
-  return jnp.where(valid[None, :], s, -jnp.inf)
-
-
-def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, scale, block_k, num_chunks):
-  q = q_ref[...].astype(jnp.float32)  # G H
+def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, scale, block_k, num_chunks,
+                precision):
+  """Refs: q `[Gp, H]`, k/v `[S, H]` (one kv head), idx `[kp]`; out `[Gp, H]`, lse `[Gp]`."""
+  q = q_ref[...]
   g, h = q.shape
 
   def body(c, carry):
     m, l, acc = carry
     safe, valid = _chunk(idx_ref, c, block_k)
-    s = _scores(q, k_ref[safe], valid, scale)  # G bk
+    k_rows, v_rows = k_ref[safe], v_ref[safe]  # bk H
+    s = plgpu.dot(q, k_rows, trans_b=True, precision=precision) * scale  # Gp bk
+    s = jnp.where(valid[None, :], s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     p = jnp.exp(s - m_safe[:, None])
     alpha = jnp.exp(m - m_safe)
-    v_rows = v_ref[safe].astype(jnp.float32)  # bk H
-    pv = jnp.sum(p[:, :, None] * v_rows[None, :, :], axis=1)  # G H
+    pv = plgpu.dot(p.astype(v_rows.dtype), v_rows, precision=precision)  # Gp H
     return m_new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[:, None] + pv
 
   init = (jnp.full((g,), -jnp.inf, jnp.float32), jnp.zeros((g,), jnp.float32),
@@ -78,37 +82,24 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, scale, block_k,
   lse_ref[...] = jnp.where(has_key, m + jnp.log(l_safe), -jnp.inf)
 
 
-def _bwd_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dk_in, dv_in,
-                dq_ref, dk_ref, dv_ref, *, scale, block_k, num_chunks, masked_atomics):
-  del dk_in, dv_in  # aliased to dk_ref, dv_ref (zero-initialised accumulators)
-  q = q_ref[...].astype(jnp.float32)  # G H
-  h = q.shape[-1]
-  do = do_ref[...].astype(jnp.float32)
-  lse = lse_ref[...]
-  lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # nothing selected -> p = 0
-  delta = delta_ref[...]
+def _dq_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale,
+               block_k, num_chunks, precision):
+  """Refs: q/dout `[Gp, H]`, k/v `[S, H]`, idx `[kp]`, lse (+inf: nothing selected) and delta
+  `[Gp]`; output dq `[Gp, H]` float32."""
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]  # Gp 1
 
   def body(c, dq):
     safe, valid = _chunk(idx_ref, c, block_k)
-    k_rows = k_ref[safe].astype(jnp.float32)
-    v_rows = v_ref[safe].astype(jnp.float32)
-    p = jnp.exp(_scores(q, k_rows, valid, scale) - lse[:, None])  # G bk
-    dp = jnp.sum(do[:, None, :] * v_rows[None, :, :], axis=-1)
-    ds = p * (dp - delta[:, None]) * scale
-    dq = dq + jnp.sum(ds[:, :, None] * k_rows[None, :, :], axis=1)
-    dk_rows = jnp.sum(ds[:, :, None] * q[:, None, :], axis=0)  # bk H
-    dv_rows = jnp.sum(p[:, :, None] * do[:, None, :], axis=0)
-    # Element indices [bk, H]; ignored slots go to the spare row S (their values are 0 anyway).
-    trash = dk_ref.shape[0] - 1
-    rows = jnp.broadcast_to(jnp.where(valid, safe, trash)[:, None], dk_rows.shape)
-    cols = jnp.broadcast_to(jnp.arange(h, dtype=jnp.int32)[None, :], dk_rows.shape)
-    mask = jnp.broadcast_to(valid[:, None], dk_rows.shape) if masked_atomics else None
-    plgpu.atomic_add(dk_ref, (rows, cols), dk_rows, mask=mask)
-    plgpu.atomic_add(dv_ref, (rows, cols), dv_rows, mask=mask)
-    return dq
+    k_rows, v_rows = k_ref[safe], v_ref[safe]  # bk H
+    s = plgpu.dot(q, k_rows, trans_b=True, precision=precision) * scale
+    p = jnp.where(valid[None, :], jnp.exp(s - lse), 0.0)  # Gp bk
+    dp = plgpu.dot(do, v_rows, trans_b=True, precision=precision)
+    ds = p * (dp - delta)
+    return dq + plgpu.dot(ds.astype(k_rows.dtype), k_rows, precision=precision)
 
   dq = jax.lax.fori_loop(0, num_chunks, body, jnp.zeros(q.shape, jnp.float32))
-  dq_ref[...] = dq.astype(dq_ref.dtype)
+  dq_ref[...] = dq * scale
 
 
 # --- layout ---------------------------------------------------------------------------------
@@ -119,8 +110,8 @@ def _layout(q, k, v, idx, block_k):
   b, t, n, h = q.shape
   kh = k.shape[2]
   g = n // kh
-  gp, hp = next_pow2(g), next_pow2(h)
-  bk = min(block_k, next_pow2(idx.shape[-1]))
+  gp, hp = padded_group(g), padded_head_dim(h)
+  bk = min(block_k, max(MIN_DOT_ROWS, 1 << max(0, idx.shape[-1] - 1).bit_length()))
   kp = -(-idx.shape[-1] // bk) * bk
   q = jnp.pad(q.reshape(b, t, kh, g, h), ((0, 0),) * 3 + ((0, gp - g), (0, hp - h)))
   k = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0),) * 3 + ((0, hp - h),))
@@ -151,7 +142,8 @@ def sparse_forward_pallas(q, k, v, idx, *, scale, block_k=DEFAULT_BLOCK_K, num_w
   qp, kp_, vp, idxp, bk = _layout(q, k, v, idx, block_k)
   grid, q_spec, kv_spec, idx_spec, row_spec = _specs(qp, kp_, idxp)
   kernel = functools.partial(_fwd_kernel, scale=scale, block_k=bk,
-                             num_chunks=idxp.shape[-1] // bk)
+                             num_chunks=idxp.shape[-1] // bk,
+                             precision=tiles.dot_precision(q.dtype, False))
   out, lse = pl.pallas_call(
       kernel, grid=grid,
       in_specs=[q_spec, kv_spec, kv_spec, idx_spec],
@@ -168,37 +160,32 @@ def sparse_forward_pallas(q, k, v, idx, *, scale, block_k=DEFAULT_BLOCK_K, num_w
 
 def sparse_backward_pallas(q, k, v, idx, out, lse, dout, *, scale, block_k=DEFAULT_BLOCK_K,
                            num_warps=4, num_stages=2, interpret=False):
-  """`(dq, dk, dv)` with dk/dv scatter-added by float32 atomics."""
+  """`(dq, dk, dv)` from the saved `lse [B, N, T]`: dQ query-major, dK/dV key-major
+  (`sparse_dkdv`); no atomics."""
   b, t, n, h = q.shape
-  s, kh = k.shape[1], k.shape[2]
+  kh = k.shape[2]
   g = n // kh
   delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)  # B T N
-  lse = jnp.swapaxes(lse, 1, 2)  # B N T -> B T N
+  lse = backward_lse(jnp.swapaxes(lse, 1, 2))  # B T N; nothing selected -> +inf, p = 0
   qp, kp_, vp, idxp, bk = _layout(q, k, v, idx, block_k)
-  dop = _layout(dout, k, v, idx, block_k)[0]
-  gp, hp = qp.shape[-2:]
+  dop = _layout(dout.astype(q.dtype), k, v, idx, block_k)[0]
+  gp = qp.shape[-2]
   rows = lambda x: jnp.pad(x.reshape(b, t, kh, g), ((0, 0),) * 3 + ((0, gp - g),))
   grid, q_spec, kv_spec, idx_spec, row_spec = _specs(qp, kp_, idxp)
-  # dK/dV accumulators get one spare row (S) that ignored slots point at.
-  zeros = jnp.zeros((b, kh, s + 1, hp), jnp.float32)
-  acc_spec = pl.BlockSpec((None, None, s + 1, hp), lambda i, j, x: (i, x, 0, 0))
-  kernel = functools.partial(_bwd_kernel, scale=scale, block_k=bk,
-                             num_chunks=idxp.shape[-1] // bk, masked_atomics=not interpret)
-  dq, dk, dv = pl.pallas_call(
+  kernel = functools.partial(_dq_kernel, scale=scale, block_k=bk,
+                             num_chunks=idxp.shape[-1] // bk,
+                             precision=tiles.dot_precision(q.dtype, False))
+  dq = pl.pallas_call(
       kernel, grid=grid,
-      in_specs=[q_spec, kv_spec, kv_spec, idx_spec, q_spec, row_spec, row_spec, acc_spec,
-                acc_spec],
-      out_specs=[q_spec, acc_spec, acc_spec],
-      out_shape=[jax.ShapeDtypeStruct(qp.shape, jnp.float32),
-                 jax.ShapeDtypeStruct(zeros.shape, jnp.float32),
-                 jax.ShapeDtypeStruct(zeros.shape, jnp.float32)],
-      input_output_aliases={7: 1, 8: 2},
+      in_specs=[q_spec, kv_spec, kv_spec, idx_spec, q_spec, row_spec, row_spec],
+      out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct(qp.shape, jnp.float32),
       compiler_params=_params(num_warps, num_stages), interpret=interpret,
-      name="sparse_attention_bwd",
-  )(qp, kp_, vp, idxp, dop, rows(lse), rows(delta), zeros, zeros)
+      name="sparse_attention_dq",
+  )(qp, kp_, vp, idxp, dop, rows(lse), rows(delta))
   dq = dq[..., :g, :h].reshape(b, t, n, h).astype(q.dtype)
-  dk = dk[:, :, :s, :h].transpose(0, 2, 1, 3).astype(k.dtype)
-  dv = dv[:, :, :s, :h].transpose(0, 2, 1, 3).astype(v.dtype)
+  dk, dv = sparse_dkdv_pallas(q, k, v, idx, dout, lse, delta, scale=scale, num_warps=num_warps,
+                              num_stages=num_stages, interpret=interpret)
   return dq, dk, dv
 
 

@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 
 from attention import BlockSizes, Mask, flash_attention, reference_attention
+from attention import block_sizes as block_sizes_lib
 from attention import masks as masks_lib
 from attention.kernels import flash_pallas
 from attention.kernels import flash_tiles as tiles
 from attention.reference import reference_attention_with_lse
 from tests.attention.grid import BY_NAME, CASES, DTYPE_CASES, Case
+from tests.attention.triton_ir import triton_kernels
 from tests.helpers import assert_close, random_qkv, random_segments
 
 # Small tiles so that short sequences still span several blocks of each kind.
@@ -79,6 +81,11 @@ def _lower_for_cuda(fn, *args) -> str:
   return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
+def _kernel_calls(text: str) -> int:
+  """Triton kernels in a lowered module (jaxlib <= 0.10.2: `xla.gpu.triton`; newer: FFI)."""
+  return text.count("__gpu$xla.gpu.triton") + text.count("@triton_kernel_call_ffi")
+
+
 LOWER_CASES = ([(c, d) for c in PALLAS_CASES for d in (jnp.float32, jnp.bfloat16)]
                + [(BY_NAME[name], jnp.float16) for name in DTYPE_CASES])
 
@@ -88,10 +95,10 @@ LOWER_CASES = ([(c, d) for c in PALLAS_CASES for d in (jnp.float32, jnp.bfloat16
 def test_lowers_for_cuda_forward_and_backward(case, dtype):
   q, k, v, mask = case.inputs(dtype)
   fwd = _pallas(mask, interpret=False)
-  assert _lower_for_cuda(fwd, q, k, v).count("xla.gpu.triton") == 1
+  assert _kernel_calls(_lower_for_cuda(fwd, q, k, v)) == 1
   loss = lambda q, k, v: jnp.sum(fwd(q, k, v).astype(jnp.float32))
   text = _lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
-  assert text.count("xla.gpu.triton") == 3  # forward (recomputed for residuals), dK/dV, dQ
+  assert _kernel_calls(text) == 3  # forward (recomputed for residuals), dK/dV, dQ
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
@@ -105,7 +112,44 @@ def test_default_tiles_lower_for_cuda(head_dim, dtype):
     fwd = _pallas(mask, block_sizes=None, interpret=False)
     loss = lambda q, k, v: jnp.sum(fwd(q, k, v).astype(jnp.float32))
     text = _lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
-    assert text.count("xla.gpu.triton") == 3
+    assert _kernel_calls(text) == 3
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True], ids=["exact", "tf32"])
+def test_triton_ir_dot_precision(allow_tf32):
+  """float32 dots carry `ieee` (exact) unless TF32 is asked for; bf16 dots stay bf16 on tensor
+  cores; with segment ids the loops hold no branch. Read from the Triton IR of the CUDA
+  lowering (forward, dK/dV, dQ)."""
+  for dtype, want in ((jnp.float32, "tf32" if allow_tf32 else "ieee"), (jnp.bfloat16, None)):
+    q, k, v, mask = BY_NAME["segments_causal"].inputs(dtype)
+    sizes = dataclasses.replace(SMALL, allow_tf32=allow_tf32)
+    fwd = _pallas(mask, block_sizes=sizes, interpret=False)
+    loss = lambda q, k, v, fwd=fwd: jnp.sum(fwd(q, k, v).astype(jnp.float32))
+    kernels = triton_kernels(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
+    assert [name.split("#")[0] for name in kernels] == ["flash_fwd", "flash_dkdv", "flash_dq"]
+    for name, kernel in kernels.items():
+      assert len(kernel.dots) >= 2, name
+      # Segment ids: no branch around the K/V loads (nested scf.if is not software-pipelined).
+      assert "scf.if" not in kernel.ops and kernel.ops.count("scf.for") >= 3, name
+      for precision, lhs, rhs in kernel.dots:
+        element = "f32" if dtype == jnp.float32 else "bf16"
+        assert lhs.endswith(f"x{element}>") and rhs.endswith(f"x{element}>"), (name, lhs, rhs)
+        if want:
+          assert precision == want, (name, precision)
+
+
+def test_allow_tf32_interpret_matches_reference():
+  """The TF32 option runs the same kernels (exact on CPU: the interpreter ignores TF32)."""
+  q, k, v, mask = BY_NAME["len_7"].inputs(jnp.float32)
+  got = _pallas(mask, dataclasses.replace(SMALL, allow_tf32=True))(q, k, v)
+  assert_close(got, reference_attention(q, k, v, mask=mask))
+
+
+def test_allow_tf32_is_pallas_only():
+  q, k, v, mask = BY_NAME["causal"].inputs(jnp.float32)
+  with pytest.raises(ValueError, match="allow_tf32"):
+    flash_attention(q, k, v, mask=mask, implementation="xla",
+                    block_sizes=BlockSizes(allow_tf32=True))
 
 
 # --- block sizes ----------------------------------------------------------------------------------
@@ -133,7 +177,18 @@ def test_block_sizes_must_be_powers_of_two(value):
 @pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_default_pallas_block_sizes_validate(head_dim, dtype):
-  BlockSizes.default_pallas(head_dim, dtype).validate_pallas(head_dim, dtype)
+  sizes = BlockSizes.default_pallas(head_dim, dtype).validate_pallas(head_dim, dtype)
+  for kernel, size in sizes.shared_memory_bytes(head_dim, dtype).items():
+    assert size <= block_sizes_lib.DEFAULT_SHARED_MEMORY_BUDGET, (kernel, size)
+
+
+def test_float32_head_dim_128_forward_budget():
+  """float32 d128 forward: 128x64 tiles with 2 stages = 192 KiB (3 stages would not fit)."""
+  sizes = BlockSizes.default_pallas(128, jnp.float32)
+  assert (sizes.block_q, sizes.block_kv) == (128, 64)
+  assert sizes.pallas_launch("fwd", 128, jnp.float32)[1] == 2
+  assert sizes.pallas_launch("fwd", 128, jnp.bfloat16)[1] == 3
+  assert sizes.shared_memory_bytes(128, jnp.float32)["fwd"] == 192 * 1024
 
 
 # --- schedules: exactly the visible tiles, and no mask where none is needed -----------------------

@@ -1,0 +1,104 @@
+"""What the GPU check scripts share: a time budget, a GPU guard and tables written as they go.
+
+A lent GPU comes for minutes, and each command is cut at 600 s, so the scripts
+(`experiments/gpu_check.py`, `experiments/dsa_gpu_check.py`) never lose what they measured:
+
+* `Budget`: one deadline for the whole run, correctness included, counted from process start
+  (JAX start-up too); nothing new starts after `deadline - margin`.
+* `Table`: each row is printed the moment it is measured (flushed) and appended to
+  `OUT/<name>.csv` (header first, flushed per row); `OUT/<name>.md` is rewritten per row. A run
+  killed mid-way keeps every finished row on disk. Rows never started are written as
+  "skipped (budget)" when the run ends normally.
+* `require_gpu`: exits with status 2 at once when JAX's backend is not a GPU, unless the caller
+  passes the explicit CPU override (the interpret-mode smoke test).
+
+Imports nothing beyond the standard library and JAX: the scripts must run on a bare JAX image.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+
+import jax
+
+
+def require_gpu(allow_cpu: bool) -> None:
+  """Exit(2) unless the default backend is a GPU or `allow_cpu` (the CPU smoke-test override)."""
+  backend = jax.default_backend()
+  print(f"jax {jax.__version__}, backend {backend}, devices: {jax.devices()}", flush=True)
+  if backend != "gpu" and not allow_cpu:
+    print(f"ERROR: JAX backend is {backend!r}, not a GPU: nothing measured. (CPU smoke test: "
+          f"--allow_cpu --interpret.)", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+class Budget:
+  """Wall-clock budget from `start` (a `time.time()`, e.g. at import): `budget_s` in all."""
+
+  def __init__(self, start: float, budget_s: float, margin_s: float):
+    self.start, self.budget_s, self.margin_s = start, float(budget_s), float(margin_s)
+
+  def elapsed(self) -> float:
+    return time.time() - self.start
+
+  def left(self) -> float:
+    """Seconds left for starting new work (deadline minus the margin)."""
+    return self.budget_s - self.margin_s - self.elapsed()
+
+  def allows(self, share: float = 1.0) -> bool:
+    """May a new measurement start, within the first `share` of the usable budget?"""
+    usable = self.budget_s - self.margin_s
+    return self.elapsed() < usable * share
+
+
+class Table:
+  """Rows printed as measured and written to `out_dir/<name>.csv` and `.md` as they come.
+
+  `columns` name the fields; `widths` (same length) give the printed column widths.
+  """
+
+  def __init__(self, out_dir: str | None, name: str, columns, widths, title: str):
+    self.columns, self.widths, self.rows = list(columns), list(widths), []
+    self.csv_path = self.md_path = None
+    self.title = title
+    print(f"\n== {title} ==", flush=True)
+    print("  " + " ".join(f"{c:>{w}}" if w > 0 else f"{c:<{-w}}"
+                          for c, w in zip(self.columns, self.widths)), flush=True)
+    if out_dir:
+      os.makedirs(out_dir, exist_ok=True)
+      self.csv_path = os.path.join(out_dir, f"{name}.csv")
+      self.md_path = os.path.join(out_dir, f"{name}.md")
+      with open(self.csv_path, "w", newline="") as f:
+        csv.writer(f).writerow(self.columns)
+      self._write_markdown()
+
+  def add(self, **row) -> None:
+    """Prints the row (flushed) and appends it to the CSV and markdown files at once."""
+    cells = [_fmt(row.get(c, "")) for c in self.columns]
+    self.rows.append(cells)
+    print("  " + " ".join(f"{c:>{w}}" if w > 0 else f"{c:<{-w}}"
+                          for c, w in zip(cells, self.widths)), flush=True)
+    if self.csv_path:
+      with open(self.csv_path, "a", newline="") as f:
+        csv.writer(f).writerow(cells)
+        f.flush()
+        os.fsync(f.fileno())
+      self._write_markdown()
+
+  def _write_markdown(self) -> None:
+    lines = [f"## {self.title}", "", "| " + " | ".join(self.columns) + " |",
+             "|" + "---|" * len(self.columns)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in cells) + " |" for cells in self.rows]
+    tmp = self.md_path + ".tmp"
+    with open(tmp, "w") as f:
+      f.write("\n".join(lines) + "\n")
+    os.replace(tmp, self.md_path)
+
+
+def _fmt(value) -> str:
+  if isinstance(value, float):
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+  return str(value)
