@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attention import BlockSizes, Mask, flash_attention, local_mask
+from attention import BlockSizes, Mask, flash_attention, local_mask, visible_pairs
 from attention.reference import reference_attention
 from experiments import gpu_run, timing
 
@@ -169,10 +169,12 @@ class Config:
   def heads(self):
     return max(1, FLAGS.width // self.head_dim)
 
+  def mask(self) -> Mask:
+    return Mask(causal=True) if self.window is None else local_mask(self.window)
+
   def pairs(self) -> int:
     """Visible (query, key) pairs of one head: causal, or causal within the window."""
-    t, w = self.length, self.window or self.length
-    return w * t - w * (w - 1) // 2
+    return visible_pairs(self.mask(), self.length, self.length)
 
   def fwd_flops(self) -> float:
     return 4.0 * self.batch * self.heads * self.pairs() * self.head_dim
@@ -185,7 +187,7 @@ class Config:
 
 def _implementations(cfg: Config):
   """name -> attention fn(q, k, v) on [B, T, N, H] bf16, or a string saying why it is n/a."""
-  mask = Mask(causal=True) if cfg.window is None else local_mask(cfg.window)
+  mask = cfg.mask()
   impls = {
       "pallas": functools.partial(flash_attention, mask=mask, implementation="pallas",
                                   interpret=FLAGS.interpret),
@@ -296,7 +298,7 @@ def run_sweep(budget: gpu_run.Budget, out_dir: str):
     if not budget.allows():
       table.add(config=cfg.name(), mode=mode, tiles=f"{kw} skipped (budget)")
       continue
-    mask = Mask(causal=True) if cfg.window is None else local_mask(cfg.window)
+    mask = cfg.mask()
     impl = functools.partial(flash_attention, mask=mask, implementation="pallas",
                              block_sizes=dataclasses.replace(base, **kw))
     try:

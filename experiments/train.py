@@ -270,13 +270,6 @@ class _QuietLibraries:
     return record.levelno >= 30 or "orbax" not in record.pathname
 
 
-class _QuietLibraries:
-  """Drops other libraries' INFO lines (orbax logs every checkpoint step); keeps warnings."""
-
-  def filter(self, record) -> bool:
-    return record.levelno >= 30 or "orbax" not in record.pathname
-
-
 # Errors of a bad command or workdir: one message on the console, the traceback in train.log.
 EXPECTED_ERRORS = (ValueError, workdir_lib.WorkdirError, ckpt_lib.CheckpointError,
                    FileExistsError)

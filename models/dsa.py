@@ -75,7 +75,8 @@ class DsaSettings:
     hadamard: rotate q_I and k_I by the normalised Walsh-Hadamard transform (index_dim a power
       of two); None = on exactly when fp8 is.
     stage: "dense" (warm-up: dense attention, dense KL) or "sparse" (top-k attention).
-    block_q: queries per block of the indexer's top-k selection.
+    block_q: queries per block of the indexer's top-k selection; None = the backend's default
+      (`attention.indexer_topk`: 16 on CPU, 256 on GPU).
     recall: also report `aux["indexer_recall"]`, the share of the dense attention mass that
       falls on the top_k keys the indexer selects (mean over queries that see a key). Costs
       the dense O(T * S) target: for evaluation (`experiments.evaluate`), not training.
@@ -90,12 +91,14 @@ class DsaSettings:
   fp8_pow2: bool = False
   hadamard: bool | None = None
   stage: str = "sparse"
-  block_q: int = 16
+  block_q: int | None = None
   recall: bool = False
 
   def __post_init__(self):
     for name in ("index_heads", "index_dim", "top_k", "block_q"):
       value = getattr(self, name)
+      if name == "block_q" and value is None:
+        continue
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"DSA option {name} must be a positive int, got {value!r}.")
     if self.index_dim % 2:
