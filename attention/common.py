@@ -12,6 +12,8 @@ module, never a front door, so there is no import cycle.
 * `finish_softmax`, `tile_grads`: the closing step of a softmax tile and the gradient of one
   score tile from the saved lse (shared by the tiled and the banded flash paths).
 * `pad_to_multiple`, `pad_to_size`, `round_block`, `next_pow2`: padding and tile sizes.
+* `varying_axes`, `to_varying`: loop carries typed as device-varying under `jax.shard_map`'s
+  default `check_vma=True` (a no-op outside shard_map and under `check_vma=False`).
 
 lse convention everywhere: `[B, N, T]` float32 natural log, -inf for a row with no visible key.
 """
@@ -102,6 +104,48 @@ class Implementations:
   def get(self, name: str):
     entry = self._entries[name] = _load(self._entries[name])
     return entry
+
+
+# --- device-varying types under shard_map ------------------------------------------------------
+#
+# Inside `jax.shard_map(..., check_vma=True)` (the default) every value's type records the mesh
+# axes it varies over; `lax.cond` / `lax.switch` branches and loop carries must agree on them.
+# A carry initialised from constants (zeros, -inf) is invarying while the tile updates that
+# flow into it vary with q, k, v (and, in the ring, with `axis_index`): cast the initial carry.
+
+
+def _varies_over(x) -> frozenset:
+  aval = jax.typeof(x)
+  mat = getattr(aval, "mat", None)  # JAX >= 0.10: the manual axis type's `varying` set
+  return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def varying_axes(*trees) -> tuple[str, ...]:
+  """The mesh axes any array leaf of `trees` varies over (sorted); () outside shard_map."""
+  axes = set()
+  for leaf in jax.tree.leaves(trees):
+    axes |= _varies_over(leaf)
+  return tuple(sorted(axes, key=str))
+
+
+def to_varying(tree, axes: str | tuple[str, ...]):
+  """Every array leaf of `tree` cast to device-varying over `axes` (`lax.pcast(...,
+  to="varying")`, formerly `lax.pvary`). Axes a leaf already varies over are left alone; a
+  no-op outside shard_map (unbound axes) and under `check_vma=False`."""
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+
+  def cast(x):
+    missing = tuple(a for a in axes if a not in _varies_over(x))
+    if not missing:
+      return x
+    try:
+      if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, missing, to="varying")
+      return jax.lax.pvary(x, missing)  # JAX < 0.10
+    except NameError:  # an axis not bound here: not inside shard_map over it
+      return x
+
+  return jax.tree.map(cast, tree)
 
 
 # --- the lse custom_vjp --------------------------------------------------------------------------

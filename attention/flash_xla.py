@@ -37,7 +37,7 @@ from attention import band as band_lib
 from attention import masks as masks_lib
 from attention.block_sizes import BlockSizes
 from attention.common import (backward_lse, finish_softmax, pad_to_multiple, round_block,
-                              tile_grads, with_lse_vjp)
+                              tile_grads, to_varying, varying_axes, with_lse_vjp)
 from attention.masks import PARTIAL, Mask
 from attention.reference import check_qkv
 
@@ -58,6 +58,11 @@ class _Tiling:
       self.kv_seg_min, self.kv_seg_max = masks_lib.segment_ranges(kv_seg, block_kv)
       self.q_seg_full = jnp.all(q_seg.reshape(batch, self.nq, block_q) >= 0, axis=-1)
       self.kv_seg_full = jnp.all(kv_seg.reshape(batch, self.nk, block_kv) >= 0, axis=-1)
+
+  def varying(self, carry, *arrays):
+    """`carry` typed as varying over every shard_map axis the mask or `arrays` vary over, so
+    the `lax.switch` branches of a tile agree (a no-op outside shard_map)."""
+    return to_varying(carry, varying_axes(self.offsets, self.q_seg, self.kv_seg, *arrays))
 
   def kv_range(self, i):
     q_lo = self.off_min + i * self.bq
@@ -156,9 +161,9 @@ def flash_forward_xla(q, k, v, mask: Mask, scale: float, block_q: int, block_kv:
     def body(j, carry):
       return _switch_tile(tiling, i, j, lambda c, masked: update(c, j, masked), carry)
 
-    init = (jnp.full((b, kh, g, bq), -jnp.inf, jnp.float32),
-            jnp.zeros((b, kh, g, bq), jnp.float32),
-            jnp.zeros((b, kh, g, bq, h), jnp.float32))
+    init = tiling.varying((jnp.full((b, kh, g, bq), -jnp.inf, jnp.float32),
+                           jnp.zeros((b, kh, g, bq), jnp.float32),
+                           jnp.zeros((b, kh, g, bq, h), jnp.float32)), q_i, kp, vp)
     m, l, acc = lax.fori_loop(*tiling.kv_range(i), body, init)
     return finish_softmax(m, l, acc, q.dtype)
 
@@ -209,11 +214,13 @@ def flash_backward_xla(q, k, v, out, lse, dout, mask: Mask, scale: float, block_
     def body(i, carry):
       return _switch_tile(tiling, i, j, lambda c, masked: update(c, i, masked), carry)
 
-    init = (jnp.zeros((b, kh, bk, h), jnp.float32), jnp.zeros((b, kh, bk, h), jnp.float32), dq)
+    init = tiling.varying((jnp.zeros((b, kh, bk, h), jnp.float32),
+                           jnp.zeros((b, kh, bk, h), jnp.float32)), qp, k_j, v_j, dout_p, lse_p,
+                          delta) + (dq,)
     dk, dv, dq = lax.fori_loop(*tiling.q_range(j), body, init)
     return dq, (dk, dv)
 
-  dq0 = jnp.zeros(qp.shape, jnp.float32)
+  dq0 = tiling.varying(jnp.zeros(qp.shape, jnp.float32), qp, kp, vp, dout_p, lse_p, delta)
   dq, (dk, dv) = lax.scan(kv_tile, dq0, jnp.arange(tiling.nk))  # dk, dv: [nk, B, K, bk, H]
   dq = jnp.moveaxis(dq, 3, 1).reshape(b, -1, n, h)[:, :t].astype(q.dtype)
   dk = dk.transpose(1, 0, 3, 2, 4).reshape(b, tiling.nk * bk, kh, h)[:, :s].astype(k.dtype)

@@ -45,9 +45,10 @@ the per-device temporaries for C x as many (C x smaller) hops. Measured (CPU, co
 65536 causal tokens, B = 1, N = K = 4, H = 64, float32, fwd+bwd): 135 MiB per device on 8
 devices (0.39 of the 345 MiB of flash on one device), 50 MiB with head_chunks=4 (0.145).
 
-Caveat: `jax.shard_map(..., check_vma=False)` is required (the flash loops' carries are not
-typed as device-varying). `ring_attention_sharded` (registered as "ring") does the shard_map
-itself, from a mesh given as an option or the ambient one (`jax.sharding.set_mesh`).
+It works under `jax.shard_map` with the default `check_vma=True` (the loop carries of the ring
+and of the flash tiles are cast to device-varying, `common.to_varying`) and with
+`check_vma=False`. `ring_attention_sharded` (registered as "ring") does the shard_map itself,
+from a mesh given as an option or the ambient one (`jax.sharding.set_mesh`).
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def ring_attention(
   Returns:
     The local `[B, T, N, H]` output block, q's dtype; rows with no visible key are 0.
 
-  Must run inside `jax.shard_map(..., check_vma=False)` (see the module docstring).
+  Must run inside `jax.shard_map` over `axis_name` (`check_vma` True, the default, or False).
   """
   _, t, s, _, kh, h = check_qkv(q, k, v)
   mask = masks_lib.validate(mask, q.shape, k.shape)
@@ -243,5 +244,5 @@ def _shard_ring(q, k, v, mask: Mask, mesh, axis_name: str, batch, options):
   segments = _segments(mask)
   in_specs = (spec, spec, spec, None if segments is None else (seg_spec, seg_spec),
               None if offsets is None else jax.P(batch))
-  fn = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False)
+  fn = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=spec)
   return fn(q, k, v, segments, offsets)

@@ -18,7 +18,7 @@ from jax import lax
 
 from attention import masks as masks_lib
 from attention.block_sizes import BlockSizes
-from attention.common import lse_vjp
+from attention.common import lse_vjp, to_varying, varying_axes
 from attention.masks import EMPTY, Mask
 from attention.reference import check_qkv
 
@@ -52,6 +52,11 @@ class RingPlan:
   def mask(self, q_seg, kv_seg, offsets) -> Mask:
     return Mask(causal=self.causal, window=self.window, q_segment_ids=q_seg,
                 kv_segment_ids=kv_seg, q_offset=offsets)
+
+  def varying(self, carry, *arrays):
+    """`carry` typed as varying over the ring axis and every axis `arrays` vary over, as the
+    block updates that flow into it are (needed under shard_map's default `check_vma=True`)."""
+    return to_varying(carry, (self.axis_name,) + varying_axes(*arrays))
 
   def forward(self, q, k, v, mask):
     """One block's `(out [B, T, N, H], lse [B, N, T])`."""
@@ -142,7 +147,8 @@ def _forward_pass(ring: RingPlan, q, k, v, q_seg, kv_seg, offsets):
 
     return lax.cond(kind != EMPTY, compute, lambda c: c, (out, lse))
 
-  acc = (jnp.zeros(q.shape, jnp.float32), jnp.full((b, n, t), -jnp.inf, jnp.float32))
+  acc = ring.varying((jnp.zeros(q.shape, jnp.float32), jnp.full((b, n, t), -jnp.inf, jnp.float32)),
+                     q, k, v, q_seg, kv_seg, offsets)
   own = (k, v, kv_seg)
   for sweep, (shift, hops) in enumerate(ring.sweeps):
     start = 0 if sweep == 0 else 1  # the own block is visited once, in the first sweep
@@ -181,9 +187,8 @@ def _backward_pass(ring: RingPlan, q, k, v, q_seg, kv_seg, offsets, out, lse, do
 
     return lax.cond(kind != EMPTY, compute, lambda a: a, (dq, dkv))
 
-  dq = jnp.zeros(q.shape, jnp.float32)
-  dk = jnp.zeros(k.shape, jnp.float32)
-  dv = jnp.zeros(v.shape, jnp.float32)
+  arrays = (q, k, v, q_seg, kv_seg, offsets, out, lse, dout)
+  dq, dk, dv = ring.varying(tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v)), *arrays)
   own = (k, v, kv_seg)
   for sweep, (shift, hops) in enumerate(ring.sweeps):
     start = 0 if sweep == 0 else 1
@@ -195,7 +200,8 @@ def _backward_pass(ring: RingPlan, q, k, v, q_seg, kv_seg, offsets, out, lse, do
       return kv_next, _permute(ring, dkv, shift), dq  # the gradient follows its block
 
     kv0 = own if start == 0 else _permute(ring, own, shift)
-    zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    zeros = ring.varying((jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)),
+                         *arrays)
     _, dkv, dq = lax.fori_loop(start, hops + 1, body, (kv0, zeros, dq))
     # Device j now holds the accumulator of block j - shift * (hops + 1): send it home.
     home = (-shift * (hops + 1)) % p
@@ -231,7 +237,8 @@ def _ring_forward(ring: RingPlan, q, k, v, q_seg, kv_seg, offsets):
     return (lax.dynamic_update_slice_in_dim(out, o_i, i * nc, axis=2),
             lax.dynamic_update_slice_in_dim(lse, l_i, i * nc, axis=1))
 
-  init = (jnp.zeros(q.shape, q.dtype), jnp.zeros((b, n, t), jnp.float32))
+  init = ring.varying((jnp.zeros(q.shape, q.dtype), jnp.zeros((b, n, t), jnp.float32)),
+                      q, k, v, q_seg, kv_seg, offsets)
   return lax.fori_loop(0, c, body, init)
 
 
@@ -253,7 +260,8 @@ def _ring_backward(ring: RingPlan, q, k, v, q_seg, kv_seg, offsets, out, lse, do
             lax.dynamic_update_slice_in_dim(dk, dk_i, i * kc, axis=2),
             lax.dynamic_update_slice_in_dim(dv, dv_i, i * kc, axis=2))
 
-  init = (jnp.zeros(q.shape, q.dtype), jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype))
+  init = ring.varying(tuple(jnp.zeros(x.shape, x.dtype) for x in (q, k, v)),
+                      q, k, v, q_seg, kv_seg, offsets, out, lse, dout)
   return lax.fori_loop(0, c, body, init)
 
 

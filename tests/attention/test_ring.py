@@ -86,9 +86,9 @@ def slow_cases():
 
 
 def explicit_shard_map_and_hlo():
-  """Worker: `ring_attention` in a user's shard_map (data x seq mesh, 2 head chunks), the
-  ambient-mesh "ring" registry entry, the compiled HLO's collectives, and the Pallas path
-  lowered for CUDA."""
+  """Worker: `ring_attention` in a user's shard_map (data x seq mesh, 2 head chunks) with
+  `check_vma` True (JAX's default) and False, the ambient-mesh "ring" registry entry, the
+  compiled HLO's collectives, and the Pallas path lowered for CUDA."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.sharding import AxisType  # pylint: disable=g-import-not-at-top
@@ -99,15 +99,17 @@ def explicit_shard_map_and_hlo():
   spec = jax.P("data", "seq")
   out = {}
 
-  def user_fn(q, k, v, mask):
-    local = lambda q, k, v: ring.ring_attention(q, k, v, mask=Mask(causal=True),
-                                                axis_name="seq", implementation="xla",
-                                                head_chunks=2)
-    return jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(
-        q, k, v)
+  def user_fn(q, k, v, mask, check_vma):
+    local = lambda q, k, v: ring.ring_attention(q, k, v, mask=mask, axis_name="seq",
+                                                implementation="xla", head_chunks=2)
+    return jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec,
+                         check_vma=check_vma)(q, k, v)
 
   q, k, v = random_qkv(3, 2, 64, 64, 4, 2, 16)
-  out["user_shard_map"] = _errors(user_fn, q, k, v, Mask(causal=True))
+  for check_vma in (True, False):
+    out[f"user_shard_map_check_vma_{check_vma}"] = _errors(
+        lambda q, k, v, mask, c=check_vma: user_fn(q, k, v, mask, c), q, k, v,
+        Mask(causal=True))
 
   def ambient_fn(q, k, v, mask):  # the mesh comes from set_mesh, read while tracing
     return attention.get("ring")(q, k, v, mask=mask, implementation="xla")
@@ -196,7 +198,8 @@ def test_ring_matches_reference_more_cases():
 
 def test_user_shard_map_registry_and_no_all_gather():
   result = run_worker(__name__, "explicit_shard_map_and_hlo")
-  for name in ("user_shard_map", "registry_ambient_mesh"):
+  for name in ("user_shard_map_check_vma_True", "user_shard_map_check_vma_False",
+               "registry_ambient_mesh"):
     errors = result[name]
     assert errors["out"] <= 1.5e-5 and max(errors[g] for g in ("dq", "dk", "dv")) <= 3e-5, (
         name, errors)
