@@ -12,7 +12,7 @@ module, never a front door, so there is no import cycle.
 * `finish_softmax`, `tile_grads`: the closing step of a softmax tile and the gradient of one
   score tile from the saved lse (shared by the tiled and the banded flash paths).
 * `pad_to_multiple`, `pad_to_size`, `round_block`, `next_pow2`: padding and tile sizes.
-* `varying_axes`, `to_varying`: loop carries typed as device-varying under `jax.shard_map`'s
+* `varying_axes`, `to_varying`, `varying_struct`: loop carries and Pallas outputs typed as device-varying under `jax.shard_map`'s
   default `check_vma=True` (a no-op outside shard_map and under `check_vma=False`).
 
 lse convention everywhere: `[B, N, T]` float32 natural log, -inf for a row with no visible key.
@@ -146,6 +146,18 @@ def to_varying(tree, axes: str | tuple[str, ...]):
       return x
 
   return jax.tree.map(cast, tree)
+
+
+def varying_struct(shape, dtype, *like) -> jax.ShapeDtypeStruct:
+  """A `pallas_call` out_shape typed as varying over every shard_map axis `like` vary over
+  (required under `check_vma=True`; the type is ignored outside shard_map)."""
+  axes = frozenset(varying_axes(*like))
+  leaves = jax.tree.leaves(like)
+  mat = getattr(jax.typeof(leaves[0]), "mat", None) if leaves else None
+  if mat is None:  # JAX < 0.10 spells the type `vma`
+    return jax.ShapeDtypeStruct(shape, dtype, vma=axes)
+  mat = mat.update(varying=axes, unreduced=frozenset(), reduced=frozenset())
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
 
 
 # --- the lse custom_vjp --------------------------------------------------------------------------

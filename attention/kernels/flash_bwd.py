@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from attention.common import varying_struct
 from attention.kernels import flash_tiles as tiles
 
 
@@ -118,7 +118,8 @@ def dkdv_call(q, k, v, dout, lse2, delta, offsets, schedule, segments, *, geom: 
       grid=(nk, batch, kv_heads),
       in_specs=in_specs,
       out_specs=[kv_spec, kv_spec],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      out_shape=[varying_struct(k.shape, k.dtype, inputs),
+                 varying_struct(v.shape, v.dtype, inputs)],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="flash_dkdv",
@@ -193,7 +194,7 @@ def dq_call(q, k, v, dout, lse2, delta, offsets, schedule, segments, *, geom: ti
       grid=(nq, batch, heads),
       in_specs=in_specs,
       out_specs=q_spec,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      out_shape=varying_struct(q.shape, q.dtype, inputs),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="flash_dq",

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from attention.common import varying_struct
 from attention.kernels import flash_tiles as tiles
 
 
@@ -119,8 +119,8 @@ def forward_call(q, k, v, offsets, schedule, segments, *, geom: tiles.Geometry, 
       grid=(nq, batch, heads),
       in_specs=in_specs,
       out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, b, n: (b, n, qi(i)))],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((batch, heads, t_pad), jnp.float32)],
+      out_shape=[varying_struct(q.shape, q.dtype, inputs),
+                 varying_struct((batch, heads, t_pad), jnp.float32, inputs)],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="flash_fwd",
