@@ -130,20 +130,20 @@ def varying_axes(*trees) -> tuple[str, ...]:
 
 def to_varying(tree, axes: str | tuple[str, ...]):
   """Every array leaf of `tree` cast to device-varying over `axes` (`lax.pcast(...,
-  to="varying")`, formerly `lax.pvary`). Axes a leaf already varies over are left alone; a
-  no-op outside shard_map (unbound axes) and under `check_vma=False`."""
+  to="varying")`, formerly `lax.pvary`). Axes a leaf already varies over, and axes no
+  enclosing shard_map binds, are left alone: a no-op outside shard_map and under
+  `check_vma=False`."""
   axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  manual = getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ())
+  axes = tuple(a for a in axes if a in manual)  # only axes a shard_map binds here
 
   def cast(x):
     missing = tuple(a for a in axes if a not in _varies_over(x))
     if not missing:
       return x
-    try:
-      if hasattr(jax.lax, "pcast"):
-        return jax.lax.pcast(x, missing, to="varying")
-      return jax.lax.pvary(x, missing)  # JAX < 0.10
-    except NameError:  # an axis not bound here: not inside shard_map over it
-      return x
+    if hasattr(jax.lax, "pcast"):
+      return jax.lax.pcast(x, missing, to="varying")
+    return jax.lax.pvary(x, missing)  # JAX < 0.10
 
   return jax.tree.map(cast, tree)
 

@@ -237,3 +237,25 @@ def test_ring_memory_per_device_at_64k_tokens():
   result = run_worker(__name__, "memory_figures")
   assert result["ring_head_chunks_1"] < result["single_flash"] / 2, result
   assert result["ring_head_chunks_4"] <= result["single_flash"] / 6, result
+
+
+def test_to_varying_outside_inside_and_twice():
+  """`common.to_varying`: a no-op outside shard_map and on already-varying values; inside a
+  `check_vma=True` shard_map it makes a constant carry varying (a one-device mesh suffices)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from attention.common import to_varying, varying_axes  # pylint: disable=g-import-not-at-top
+  x = jnp.arange(4.0)
+  assert to_varying(x, "seq") is x and varying_axes(x) == ()
+  mesh = jax.make_mesh((1,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,))
+  seen = {}
+
+  def local(a):
+    zero = jnp.zeros((), a.dtype)
+    once = to_varying(zero, "seq")
+    seen.update(zero=varying_axes(zero), once=varying_axes(once), like=varying_axes(a))
+    return a + to_varying(once, ("seq",))
+
+  out = jax.shard_map(local, mesh=mesh, in_specs=jax.P("seq"), out_specs=jax.P("seq"))(x)
+  assert seen == {"zero": (), "once": ("seq",), "like": ("seq",)}, seen
+  assert (out == x).all()
