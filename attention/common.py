@@ -12,8 +12,9 @@ module, never a front door, so there is no import cycle.
 * `finish_softmax`, `tile_grads`: the closing step of a softmax tile and the gradient of one
   score tile from the saved lse (shared by the tiled and the banded flash paths).
 * `pad_to_multiple`, `pad_to_size`, `round_block`, `next_pow2`: padding and tile sizes.
-* `varying_axes`, `to_varying`, `varying_struct`: loop carries and Pallas outputs typed as device-varying under `jax.shard_map`'s
-  default `check_vma=True` (a no-op outside shard_map and under `check_vma=False`).
+* `varying_axes`, `to_varying`, `varying_struct`: loop carries and Pallas outputs typed as
+  device-varying under `jax.shard_map`'s default `check_vma=True` (a no-op outside shard_map
+  and under `check_vma=False`).
 
 lse convention everywhere: `[B, N, T]` float32 natural log, -inf for a row with no visible key.
 """
