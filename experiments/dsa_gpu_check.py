@@ -49,13 +49,7 @@ from experiments import gpu_run, timing
 
 _START = time.time()
 FLAGS = flags.FLAGS
-flags.DEFINE_float("budget_s", 240.0, "Seconds for the whole run, correctness included.")
-flags.DEFINE_float("margin_s", 20.0, "No measurement starts in the last margin_s seconds.")
-flags.DEFINE_float("check_share", 0.35, "Correctness cases start only in this first share of "
-                   "the budget; the rest is for timing.")
-flags.DEFINE_string("out", "", "Directory for the CSV/markdown tables (written as rows come).")
-flags.DEFINE_bool("allow_cpu", False, "Run without a GPU (with --interpret: CPU smoke test).")
-flags.DEFINE_bool("interpret", False, "Pallas interpret mode (a CPU smoke test of this script).")
+gpu_run.define_common_flags(check_share=0.35)
 flags.DEFINE_list("lengths", ["32768", "131072"], "Sequence lengths to time.")
 flags.DEFINE_integer("top_k", 2048, "Keys per query (DeepSeek-V3.2: 2048).")
 flags.DEFINE_integer("heads", 8, "Query heads.")

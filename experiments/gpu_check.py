@@ -54,13 +54,7 @@ except ImportError:  # pragma: no cover - removed in some future JAX
 
 _START = time.time()  # the budget counts from here (after the imports: ~2 s of JAX start-up)
 FLAGS = flags.FLAGS
-flags.DEFINE_float("budget_s", 240.0, "Seconds for the whole run, correctness included.")
-flags.DEFINE_float("margin_s", 20.0, "No measurement starts in the last margin_s seconds.")
-flags.DEFINE_float("check_share", 0.4, "Correctness cases start only in this first share of "
-                   "the budget; the rest is for timing.")
-flags.DEFINE_string("out", "", "Directory for the CSV/markdown tables (written as rows come).")
-flags.DEFINE_bool("allow_cpu", False, "Run without a GPU (with --interpret: CPU smoke test).")
-flags.DEFINE_bool("interpret", False, "Pallas interpret mode (a CPU smoke test of this script).")
+gpu_run.define_common_flags(check_share=0.4)
 flags.DEFINE_bool("sweep", False, "Also time a few tile shapes at 16K, head_dim 128, causal.")
 flags.DEFINE_bool("skip_check", False, "Skip the correctness section.")
 flags.DEFINE_integer("check_len", 1000, "Sequence length of the correctness cases.")

@@ -9,10 +9,11 @@ A lent GPU comes for minutes, and each command is cut at 600 s, so the scripts
   `OUT/<name>.csv` (header first, flushed per row); `OUT/<name>.md` is rewritten per row. A run
   killed mid-way keeps every finished row on disk. Rows never started are written as
   "skipped (budget)" when the run ends normally.
+* `define_common_flags`: the flags both scripts take (budget, output folder, CPU override).
 * `require_gpu`: exits with status 2 at once when JAX's backend is not a GPU, unless the caller
   passes the explicit CPU override (the interpret-mode smoke test).
 
-Imports nothing beyond the standard library and JAX: the scripts must run on a bare JAX image.
+Imports nothing beyond the standard library, absl and JAX: the scripts must run on a bare JAX image.
 """
 
 from __future__ import annotations
@@ -23,6 +24,18 @@ import sys
 import time
 
 import jax
+from absl import flags
+
+
+def define_common_flags(check_share: float) -> None:
+  """Defines --budget_s, --margin_s, --check_share, --out, --allow_cpu and --interpret."""
+  flags.DEFINE_float("budget_s", 240.0, "Seconds for the whole run, correctness included.")
+  flags.DEFINE_float("margin_s", 20.0, "No measurement starts in the last margin_s seconds.")
+  flags.DEFINE_float("check_share", check_share, "Correctness cases start only in this first "
+                     "share of the budget; the rest is for timing.")
+  flags.DEFINE_string("out", "", "Directory for the CSV/markdown tables (written as rows come).")
+  flags.DEFINE_bool("allow_cpu", False, "Run without a GPU (with --interpret: CPU smoke test).")
+  flags.DEFINE_bool("interpret", False, "Pallas interpret mode (a CPU smoke test of this script).")
 
 
 def require_gpu(allow_cpu: bool) -> None:
