@@ -1,0 +1,111 @@
+r"""Reproduces README "Results": one command per row, CSV + PNG per row, one summary table.
+
+    python -m experiments.reproduce --rows=1,3 --workdir=/tmp/longctx_results
+    python -m experiments.reproduce --quick --workdir=/tmp/q   # every row in seconds (tests)
+
+Each row (experiments/rows/*.py, listed in `ROWS`) trains its models under
+`<workdir>/<row name>/` (resumable: rerun the same command after a kill) and reports every
+cell over `--seeds`. Outputs go to `--out` (default `experiments/results/` for full runs, the
+committed figures; `<workdir>/results/` with `--quick`): `<row>.csv`, `<row>.png`, and
+`summary.md` (`summary_quick.md`) with each row's table, seeds and wall minutes.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+
+from absl import app, flags
+
+from experiments import cli
+from experiments.rows import base, performance
+
+FLAGS = flags.FLAGS
+RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+
+# Every row, by its number in README "Results" (issue 17).
+ROWS: dict[int, base.Row] = {m.ROW.number: m.ROW for m in (performance,)}
+
+
+def parse_rows(spec: str) -> list[base.Row]:
+  """`"1,3"` or `"all"` -> the rows; ValueError naming unknown ones and what exists."""
+  if spec.strip() == "all":
+    return [ROWS[n] for n in sorted(ROWS)]
+  picked = []
+  for word in (w.strip() for w in spec.split(",") if w.strip()):
+    match = [r for r in ROWS.values() if word in (str(r.number), r.name)]
+    if not match:
+      raise ValueError(f"--rows: unknown row {word!r}; rows: "
+                       + ", ".join(f"{r.number} ({r.name})" for r in ROWS.values()))
+    picked.append(match[0])
+  return picked
+
+
+def write_csv(records: list[dict], path: str) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(records[0]))
+    writer.writeheader()
+    writer.writerows(records)
+  os.replace(tmp, path)
+
+
+def run_row(row: base.Row, workdir: str, out: str, quick: bool, seeds: tuple[int, ...]
+            ) -> str:
+  """Runs one row; writes `<out>/<name>.csv` (+ `.png`); returns its summary section."""
+  start = time.perf_counter()
+  ctx = base.Context(workdir=os.path.join(workdir, row.name), quick=quick, seeds=seeds)
+  os.makedirs(ctx.workdir, exist_ok=True)
+  print(f"\n=== row {row.number}: {row.title} ({'quick' if quick else 'full'}, seeds "
+        f"{','.join(map(str, seeds))}) ===", flush=True)
+  result = row.run(ctx)
+  base.check_records(row, result.records)
+  write_csv(result.records, os.path.join(out, f"{row.name}.csv"))
+  if result.plot is not None:
+    result.plot(os.path.join(out, f"{row.name}.png"))
+  minutes = (time.perf_counter() - start) / 60
+  section = (f"## Row {row.number}: {row.title}\n\n`python -m experiments.reproduce "
+             f"--rows={row.number}{' --quick' if quick else ''}`; seeds "
+             f"{','.join(map(str, seeds))}; {minutes:.1f} wall minutes this call (cached "
+             f"runs are not re-trained).\n\n{result.markdown}\n")
+  print(section, flush=True)
+  return section
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    rows = parse_rows(FLAGS.rows)
+    seeds = tuple(int(s) for s in FLAGS.seeds.split(","))
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  out = FLAGS.out or (os.path.join(FLAGS.workdir, "results") if FLAGS.quick else RESULTS_DIR)
+  run_rows(rows, FLAGS.workdir, out, FLAGS.quick, seeds)
+
+
+def run_rows(rows: list[base.Row], workdir: str, out: str, quick: bool,
+             seeds: tuple[int, ...]) -> str:
+  """Runs `rows` in order; writes their outputs and the summary under `out`; returns its path."""
+  os.makedirs(out, exist_ok=True)
+  sections = [run_row(r, workdir, out, quick, seeds) for r in rows]
+  path = os.path.join(out, "summary_quick.md" if quick else "summary.md")
+  with open(path, "w") as f:
+    f.write("# Results\n\n" + "\n".join(sections))
+  print(f"wrote {path}")
+  return path
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("rows", "all", "Rows to run: comma-separated numbers or names, or all.")
+  flags.DEFINE_string("workdir", "/tmp/longctx_results", "Training runs and caches go here.")
+  flags.DEFINE_bool("quick", False, "Every row shrunk to seconds (the suite runs this).")
+  flags.DEFINE_string("seeds", "0,1,2", "Training seeds; every cell is reported over them.")
+  flags.DEFINE_string("out", None, "CSV/PNG/summary directory (default: experiments/results, "
+                      "or <workdir>/results with --quick).")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,75 @@
+"""experiments/reproduce.py: every row's --quick version runs and writes sane outputs."""
+
+import csv
+import math
+import subprocess
+import sys
+
+import pytest
+
+from experiments import reproduce
+from experiments.rows import base
+
+
+def test_quick_runs_every_row(tmp_path):
+  out = tmp_path / "results"
+  reproduce.run_rows(reproduce.parse_rows("all"), str(tmp_path), str(out), quick=True,
+                     seeds=(0, 1))
+  summary = (out / "summary_quick.md").read_text()
+  for row in reproduce.ROWS.values():
+    with open(out / f"{row.name}.csv") as f:
+      records = list(csv.DictReader(f))
+    assert records, row.name
+    assert tuple(records[0]) == row.columns, row.name
+    for r in records:
+      for key, value in r.items():
+        try:
+          number = float(value)
+        except ValueError:
+          continue  # a label column
+        assert math.isfinite(number) or key in row.unmeasured, (row.name, key, r)
+    assert f"## Row {row.number}:" in summary
+
+
+def test_command_line_refuses_an_unknown_row(tmp_path):
+  cmd = [sys.executable, "-m", "experiments.reproduce", "--rows=99", f"--workdir={tmp_path}"]
+  result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode != 0
+  assert "unknown row '99'" in result.stderr
+
+
+def test_parse_rows():
+  assert [r.number for r in reproduce.parse_rows("all")] == sorted(reproduce.ROWS)
+  assert reproduce.parse_rows("performance") == [reproduce.ROWS[6]]
+  with pytest.raises(ValueError, match="unknown row '99'"):
+    reproduce.parse_rows("6,99")
+
+
+def test_cell_and_spread():
+  assert base.cell([0.5, 1.0, 0.75]) == "0.75 (0.50-1.00)"
+  assert base.cell([0.25]) == "0.25"
+  with pytest.raises(ValueError):
+    base.spread([])
+
+
+def test_cached_computes_once(tmp_path):
+  calls = []
+  compute = lambda: calls.append(1) or {"a": 1.5}
+  path = str(tmp_path / "c" / "x.json")
+  assert base.cached(path, compute) == {"a": 1.5}
+  assert base.cached(path, compute) == {"a": 1.5}
+  assert len(calls) == 1
+
+
+def test_check_records_refuses_bad_records():
+  row = base.Row(number=9, name="t", title="t", columns=("a", "b"), run=lambda ctx: None)
+  base.check_records(row, [{"a": 1, "b": 2.0}])
+  with pytest.raises(ValueError, match="columns"):
+    base.check_records(row, [{"a": 1}])
+  with pytest.raises(ValueError, match="non-finite"):
+    base.check_records(row, [{"a": 1, "b": float("nan")}])
+  unmeasured = base.Row(number=9, name="t", title="t", columns=("a", "b"), run=row.run,
+                        unmeasured=("b",))
+  base.check_records(unmeasured, [{"a": 1, "b": float("nan")}])
+  with pytest.raises(ValueError, match="non-finite"):
+    base.check_records(unmeasured, [{"a": 1, "b": float("inf")}])
