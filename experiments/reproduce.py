@@ -6,8 +6,8 @@ r"""Reproduces README "Results": one command per row, CSV + PNG per row, one sum
 Each row (experiments/rows/*.py, listed in `ROWS`) trains its models under
 `<workdir>/<row name>/` (resumable: rerun the same command after a kill) and reports every
 cell over `--seeds`. Outputs go to `--out` (default `experiments/results/` for full runs, the
-committed figures; `<workdir>/results/` with `--quick`): `<row>.csv`, `<row>.png`, and
-`summary.md` (`summary_quick.md`) with each row's table, seeds and wall minutes.
+committed figures; `<workdir>/results/` with `--quick`): `<row>.csv`, `<row>.png`, `<row>.md`
+and `summary.md` (`summary_quick.md`): every row's table, seeds and wall minutes.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def write_csv(records: list[dict], path: str) -> None:
 
 def run_row(row: base.Row, workdir: str, out: str, quick: bool, seeds: tuple[int, ...]
             ) -> str:
-  """Runs one row; writes `<out>/<name>.csv` (+ `.png`); returns its summary section."""
+  """Runs one row; writes `<out>/<name>.csv`, `.md` (+ `.png`); returns its summary section."""
   start = time.perf_counter()
   ctx = base.Context(workdir=os.path.join(workdir, row.name), quick=quick, seeds=seeds)
   os.makedirs(ctx.workdir, exist_ok=True)
@@ -69,6 +69,8 @@ def run_row(row: base.Row, workdir: str, out: str, quick: bool, seeds: tuple[int
              f"--rows={row.number}{' --quick' if quick else ''}`; seeds "
              f"{','.join(map(str, seeds))}; {minutes:.1f} wall minutes this call (cached "
              f"runs are not re-trained).\n\n{result.markdown}\n")
+  with open(os.path.join(out, f"{row.name}.md"), "w") as f:
+    f.write(section)
   print(section, flush=True)
   return section
 
@@ -87,9 +89,20 @@ def main(argv):
 
 def run_rows(rows: list[base.Row], workdir: str, out: str, quick: bool,
              seeds: tuple[int, ...]) -> str:
-  """Runs `rows` in order; writes their outputs and the summary under `out`; returns its path."""
+  """Runs `rows` in order and writes their outputs under `out`; returns the summary's path.
+
+  The summary holds every row whose section (`<out>/<name>.md`) exists, this call's and
+  earlier calls' (`--rows=1` then `--rows=3` leave both in it).
+  """
   os.makedirs(out, exist_ok=True)
-  sections = [run_row(r, workdir, out, quick, seeds) for r in rows]
+  for row in rows:
+    run_row(row, workdir, out, quick, seeds)
+  sections = []
+  for number in sorted(ROWS):
+    md = os.path.join(out, f"{ROWS[number].name}.md")
+    if os.path.exists(md):
+      with open(md) as f:
+        sections.append(f.read())
   path = os.path.join(out, "summary_quick.md" if quick else "summary.md")
   with open(path, "w") as f:
     f.write("# Results\n\n" + "\n".join(sections))
