@@ -63,12 +63,13 @@ from jaxtyping import Array, Float
 
 from attention import flash_xla
 from attention import masks as masks_lib
+from attention import ring_layout
 from attention.block_sizes import BlockSizes
 from attention.common import Implementations
 from attention.flash import flash_attention
 from attention.masks import Mask
 from attention.reference import check_qkv, default_scale
-from attention.ring_pass import RingPlan, ring_call, ring_sweeps
+from attention.ring_pass import RingPlan, ring_call
 
 # Per-block compute of the ring: one flash backend's `(forward, backward)` blockwise pair.
 IMPLEMENTATIONS = Implementations(
@@ -94,11 +95,15 @@ def ring_attention(
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
     head_chunks: int = 1,
+    layout: str = "contiguous",
 ) -> Float[Array, "B T N H"]:
   """Exact attention over a sequence sharded on mesh axis `axis_name`; call inside shard_map.
 
-  Equals `reference_attention` of the gathered sequences: query `t` of device `r` is global
-  query `r * T + t` (position `q_offset + r * T + t`), key `j` of device `s` is key `s * S + j`.
+  Equals `reference_attention` of the gathered sequences. With `layout="contiguous"` query `t`
+  of device `r` is global query `r * T + t` (position `q_offset + r * T + t`) and key `j` of
+  device `s` is key `s * S + j`; with `layout="zigzag"` the first half of device r's block is
+  global chunk `r` and the second half chunk `2P - 1 - r` (of 2P chunks of `T / 2` queries,
+  `S / 2` keys), which balances causal work over the devices (attention/ring_layout.py).
 
   Args:
     q: the local `[B, T, N, H]` query block. k, v: the local `[B, S, K, H]` blocks, `N % K == 0`.
@@ -112,6 +117,8 @@ def ring_attention(
     interpret: run the Pallas kernels in interpret mode (tests).
     head_chunks: run the ring for this many groups of kv heads one after the other (must
       divide K): ~1/head_chunks of the temporary memory, head_chunks x as many (smaller) hops.
+    layout: which chunks of the sequence each device's q, k, v and segment ids hold:
+      "contiguous" or "zigzag" (`ring_layout.to_layout` / `relayout` put data there).
 
   Returns:
     The local `[B, T, N, H]` output block, q's dtype; rows with no visible key are 0.
@@ -126,6 +133,11 @@ def ring_attention(
                      f"{head_chunks!r}.")
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise ValueError(f"block_sizes must be an attention.BlockSizes, got {block_sizes!r}.")
+  layout = ring_layout.check_layout(layout)
+  c = ring_layout.chunks_per_device(layout)
+  if t % c or s % c:
+    raise ValueError(f"the {layout} layout needs local lengths divisible by {c}, got q {t} "
+                     f"and kv {s}.")
   forward, backward = IMPLEMENTATIONS.get(IMPLEMENTATIONS.resolve(implementation, interpret))
   try:
     num_devices = int(lax.axis_size(axis_name))
@@ -136,7 +148,8 @@ def ring_attention(
   static_offset = isinstance(mask.q_offset, int) and mask.q_offset == 0
   plan = RingPlan(axis_name, num_devices, mask.causal, mask.window, default_scale(h, scale),
                   forward, backward, block_sizes, bool(interpret), head_chunks,
-                  ring_sweeps(mask, num_devices, t, s, static_offset))
+                  ring_layout.ring_sweeps(mask, layout, num_devices, t, s, static_offset),
+                  layout)
   return ring_call(plan, q, k, v, _segments(mask), masks_lib.q_offsets(mask, q.shape[0]))
 
 
@@ -199,6 +212,8 @@ def ring_attention_sharded(
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
     head_chunks: int = 1,
+    layout: str | None = None,
+    permuted: bool = False,
 ) -> Float[Array, "B T N H"]:
   """`ring_attention` on global arrays: shards the sequence over `axis_name` with shard_map.
 
@@ -214,6 +229,14 @@ def ring_attention_sharded(
     mesh: a `jax.sharding.Mesh`, or None for the ambient one.
     axis_name: the mesh axis the sequence is split over; `T` and `S` must divide by its size.
     batch_axes: mesh axes splitting the batch (default: the other axes, where they divide B).
+    layout: "contiguous" or "zigzag" (attention/ring_layout.py). None: "zigzag" for causal
+      self-attention whose ring visits every block (no window that bounds it), which balances
+      the causal work; "contiguous" otherwise (a window: contiguous needs the fewest hops).
+    permuted: False: the arrays are in natural token order; each device's shards are moved
+      into `layout` and the output back inside the shard_map (two `ppermute`s of half a block
+      per array). True: they already are in `layout`'s order (`ring_layout.to_layout`,
+      applied once to the batch: tokens, positions, segment ids) and the output stays in it;
+      `layout` must then be given.
   """
   check_qkv(q, k, v)
   mask = masks_lib.validate(mask, q.shape, k.shape)
@@ -223,27 +246,51 @@ def ring_attention_sharded(
   if mesh is None or axis_name not in mesh.axis_names or mesh.shape[axis_name] == 1:
     return flash_attention(q, k, v, mask=mask, **options)
   p = mesh.shape[axis_name]
-  if q.shape[1] % p or k.shape[1] % p:
-    raise ValueError(f"ring attention over {axis_name!r} ({p} devices) needs the query and key "
-                     f"lengths divisible by {p}, got {q.shape[1]} and {k.shape[1]}.")
+  layout = _sharded_layout(mask, p, q.shape[1], k.shape[1], layout, permuted)
+  c = ring_layout.chunks_per_device(layout)
+  if q.shape[1] % (p * c) or k.shape[1] % (p * c):
+    raise ValueError(f"ring attention over {axis_name!r} ({p} devices, {layout} layout) needs "
+                     f"the query and key lengths divisible by {p * c}, got {q.shape[1]} and "
+                     f"{k.shape[1]}.")
   batch = _batch_axes(mesh, axis_name, q.shape[0], batch_axes) or None
-  return _shard_ring(q, k, v, mask, mesh, axis_name, batch,
-                     dict(options, axis_name=axis_name, head_chunks=head_chunks))
+  relayout = None if permuted or layout == "contiguous" else layout
+  return _shard_ring(q, k, v, mask, mesh, axis_name, batch, relayout,
+                     dict(options, axis_name=axis_name, head_chunks=head_chunks, layout=layout))
 
 
-def _shard_ring(q, k, v, mask: Mask, mesh, axis_name: str, batch, options):
-  """`ring_attention` under `jax.shard_map`: sequence over `axis_name`, batch over `batch`."""
+def _sharded_layout(mask: Mask, p: int, q_len: int, kv_len: int, layout, permuted: bool) -> str:
+  """The layout `ring_attention_sharded` runs: the given one, else the balanced default."""
+  if layout is not None:
+    return ring_layout.check_layout(layout)
+  if permuted:
+    raise ValueError("ring_attention_sharded: permuted=True needs the layout the inputs are in "
+                     f"(layout= one of {ring_layout.LAYOUTS}).")
+  static = isinstance(mask.q_offset, int) and mask.q_offset == 0
+  full_ring = ring_layout.ring_sweeps(mask, "contiguous", p, q_len // p, kv_len // p,
+                                      static) == ((1, p - 1),)
+  balanced = mask.causal and q_len == kv_len and q_len % (2 * p) == 0 and full_ring
+  return "zigzag" if balanced else "contiguous"
+
+
+def _shard_ring(q, k, v, mask: Mask, mesh, axis_name: str, batch, relayout, options):
+  """`ring_attention` under `jax.shard_map`: sequence over `axis_name`, batch over `batch`;
+  with `relayout` (a layout name) the natural-order shards are moved into it and back."""
   spec = jax.P(batch, axis_name, None, None)
   seg_spec = jax.P(batch, axis_name)
   static_offset = mask.q_offset if isinstance(mask.q_offset, int) else None
   offsets = None if static_offset is not None else masks_lib.q_offsets(mask, q.shape[0])
 
+  p = mesh.shape[axis_name]
+  move = lambda x, src, dst: x if relayout is None else ring_layout.relayout(
+      x, axis_name, p, src, dst)
+
   def local(q, k, v, segments, offsets):
+    q, k, v, segments = move((q, k, v, segments), "contiguous", relayout)
     q_seg, kv_seg = segments if segments is not None else (None, None)
     local_mask = Mask(causal=mask.causal, window=mask.window, q_segment_ids=q_seg,
                       kv_segment_ids=kv_seg,
                       q_offset=static_offset if offsets is None else offsets)
-    return ring_attention(q, k, v, mask=local_mask, **options)
+    return move(ring_attention(q, k, v, mask=local_mask, **options), relayout, "contiguous")
 
   segments = _segments(mask)
   in_specs = (spec, spec, spec, None if segments is None else (seg_spec, seg_spec),

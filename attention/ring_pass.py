@@ -1,22 +1,26 @@
 """The ring passes of `ring_attention` (attention/ring.py): visiting plan, forward, backward.
 
 Device `r` of a `P`-device mesh axis keeps its queries and passes K/V (and kv segment ids)
-around the ring with `lax.ppermute`; each visit runs one flash backend's blockwise pair
-(`RingPlan.block_forward` / `block_backward`, lse `[B, N, T]`) with `q_offset = r*T - s*S`,
-and merges the partial results by log-sum-exp. The backward sends the dK/dV accumulators
-around with their block. See attention/ring.py for the algorithm and its costs.
+around the ring with `lax.ppermute`. A visit (device r's queries, device s's keys) is the
+`C x C` pairs of their chunks (`RingPlan.layout`, attention/ring_layout.py: C = 1 contiguous,
+2 zig-zag); each pair the mask does not hide runs one flash backend's blockwise pair
+(`RingPlan.block_forward` / `block_backward`, lse `[B, N, T]`) with `q_offset` = the chunks'
+position difference, and merges into its query rows by log-sum-exp. The backward sends the
+dK/dV accumulators around with their block. See attention/ring.py for the algorithm and costs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from attention import masks as masks_lib
+from attention import ring_layout
 from attention.block_sizes import BlockSizes
 from attention.common import lse_vjp, to_varying, varying_axes
 from attention.masks import EMPTY, Mask
@@ -46,8 +50,13 @@ class RingPlan:
   interpret: bool
   head_chunks: int
   # Sweeps `(shift, hops)`: with `shift` +1 device r receives from r - 1 (blocks r-1, r-2, ...).
-  # The first sweep also visits the device's own block.
+  # The first sweep also visits the device's own block (`ring_layout.ring_sweeps`).
   sweeps: tuple[tuple[int, int], ...]
+  layout: str = "contiguous"  # which chunks each device holds (attention/ring_layout.py)
+
+  @property
+  def chunks(self) -> int:
+    return ring_layout.chunks_per_device(self.layout)
 
   def mask(self, q_seg, kv_seg, offsets) -> Mask:
     return Mask(causal=self.causal, window=self.window, q_segment_ids=q_seg,
@@ -68,47 +77,63 @@ class RingPlan:
                                self.interpret)
 
 
-def ring_sweeps(mask: Mask, num_devices: int, q_len: int, kv_len: int,
-                static_offset: bool) -> tuple[tuple[int, int], ...]:
-  """The static visiting plan `((shift, hops), ...)` for a mask on `num_devices` blocks.
-
-  One sweep of `P - 1` hops (every block) unless the window bounds the reach: then
-  `ceil(left / S)` hops receiving from the left and `ceil(right / S)` from the right. Only
-  when the query offset is the static 0 and `T == S` (self-attention over a sharded sequence);
-  otherwise the full ring, where `lax.cond` still skips hidden blocks.
-  """
-  full = ((1, num_devices - 1),)
-  if mask.window is None or not static_offset or q_len != kv_len:
-    return full
-  left, right = mask.bounds
-  hops_left = min(num_devices - 1, -(-left // kv_len))
-  hops_right = min(num_devices - 1, -(-right // kv_len))
-  if hops_left + hops_right >= num_devices - 1:
-    return full
-  return ((1, hops_left), (-1, hops_right)) if hops_right else ((1, hops_left),)
+# --- one visit: chunk pairs, each skipped when hidden -------------------------------------------
 
 
-# --- one visit: classification + block compute ---------------------------------------------------
-
-
-def _block_kind(mask_q: Mask, r, s, t: int, kv_len: int, offsets, q_seg, kv_seg):
-  """EMPTY / PARTIAL / FULL of (query block r, key block s) from positions and segment ranges."""
-  q_lo = jnp.min(offsets) + r * t
-  q_hi = jnp.max(offsets) + r * t + t - 1
-  kind = masks_lib.classify_positions(mask_q, q_lo, q_hi, s * kv_len, s * kv_len + kv_len - 1)
+def _pair_visible(ring: RingPlan, q_lo, q_hi, kv_lo: int, kv_len: int, q_seg, kv_seg):
+  """Traced bool: some query at `[q_lo, q_hi]` may see some of the `kv_len` keys from `kv_lo`
+  (`ring_layout.pair_visible`, then the segment ranges of the two chunks)."""
+  visible = ring_layout.pair_visible(ring.mask(None, None, 0), q_lo, q_hi, kv_lo,
+                                     kv_lo + kv_len - 1)
   if q_seg is not None:
-    q_min, q_max = masks_lib.segment_ranges(q_seg, t)
-    kv_min, kv_max = masks_lib.segment_ranges(kv_seg, kv_len)
+    q_min, q_max = masks_lib.segment_ranges(q_seg, q_seg.shape[1])
+    kv_min, kv_max = masks_lib.segment_ranges(kv_seg, kv_seg.shape[1])
     seg_kind = masks_lib.classify_segments(q_min, q_max, kv_min, kv_max,
                                            jnp.all(q_seg >= 0, axis=1, keepdims=True),
                                            jnp.all(kv_seg >= 0, axis=1, keepdims=True))
-    kind = masks_lib.combine(kind, seg_kind)
-  return kind
+    visible &= seg_kind != EMPTY
+  return visible
 
 
-def _source(ring: RingPlan, r, shift: int, i):
-  """Index of the kv block device r holds after `i` hops of `shift`."""
-  return (r - shift * i) % ring.num_devices
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+  """Rows `[start, start + size)` of a local block along a sequence axis (start may be traced)."""
+
+  start: Any
+  size: int
+
+  def get(self, x, axis: int = 1):
+    return lax.dynamic_slice_in_dim(x, self.start, self.size, axis=axis)
+
+  def put(self, x, part, axis: int = 1):
+    return lax.dynamic_update_slice_in_dim(x, part.astype(x.dtype), self.start, axis=axis)
+
+
+def _for_each_pair(ring: RingPlan, r, s, q_len: int, kv_len: int, offsets, q_seg, kv_seg,
+                   step, carry):
+  """`carry = step(carry, q_rows, kv_rows, mask)` for every (query chunk, key chunk) pair of
+  the visit (device r's queries, device s's keys) that `_pair_visible` keeps; the others are
+  skipped by `lax.cond`. `q_rows` / `kv_rows` (`_Rows`) locate the chunks in the local blocks;
+  `mask` has the pair's segment ids and relative `q_offset`. One pair (contiguous) runs
+  inline; the C x C pairs of the zig-zag layout in a `fori_loop` (one traced body)."""
+  c = ring.chunks
+  qc, kc = q_len // c, kv_len // c
+
+  def pair(j, carry):
+    a, b = j // c, j % c
+    q_rows, kv_rows = _Rows(a * qc, qc), _Rows(b * kc, kc)
+    q_pos = offsets + ring_layout.chunk_index(ring.layout, ring.num_devices, r, a) * qc  # B
+    kv_pos = ring_layout.chunk_index(ring.layout, ring.num_devices, s, b) * kc
+    q_seg_a = None if q_seg is None else q_rows.get(q_seg)
+    kv_seg_b = None if kv_seg is None else kv_rows.get(kv_seg)
+    visible = _pair_visible(ring, jnp.min(q_pos), jnp.max(q_pos) + qc - 1, kv_pos, kc,
+                            q_seg_a, kv_seg_b)
+    mask = ring.mask(q_seg_a, kv_seg_b, q_pos - kv_pos)
+    return lax.cond(visible, lambda c: step(c, q_rows, kv_rows, mask), lambda c: c, carry)
+
+  if c == 1:
+    return pair(0, carry)
+  return lax.fori_loop(0, c * c, pair, carry)
 
 
 def _permute(ring: RingPlan, tree, shift: int):
@@ -134,18 +159,17 @@ def _forward_pass(ring: RingPlan, q, k, v, q_seg, kv_seg, offsets):
   """`(out [B, T, N, H] q.dtype, lse [B, N, T] f32)` of the local queries against all keys."""
   b, t, s_len, n, _, _ = check_qkv(q, k, v)
   r = lax.axis_index(ring.axis_name)
-  mask_q = ring.mask(None, None, offsets)
 
-  def visit(carry, kv, s):
-    out, lse = carry
+  def visit(acc, kv, s):
     k_s, v_s, kv_seg_s = kv
-    kind = _block_kind(mask_q, r, s, t, s_len, offsets, q_seg, kv_seg_s)
 
-    def compute(carry):
-      mask = ring.mask(q_seg, kv_seg_s, offsets + r * t - s * s_len)
-      return _merge(*carry, *ring.forward(q, k_s, v_s, mask))
+    def step(acc, q_rows, kv_rows, mask):
+      out, lse = acc
+      out_a, lse_a = _merge(q_rows.get(out), q_rows.get(lse, 2),
+                            *ring.forward(q_rows.get(q), kv_rows.get(k_s), kv_rows.get(v_s), mask))
+      return q_rows.put(out, out_a), q_rows.put(lse, lse_a, 2)
 
-    return lax.cond(kind != EMPTY, compute, lambda c: c, (out, lse))
+    return _for_each_pair(ring, r, s, t, s_len, offsets, q_seg, kv_seg_s, step, acc)
 
   acc = ring.varying((jnp.zeros(q.shape, jnp.float32), jnp.full((b, n, t), -jnp.inf, jnp.float32)),
                      q, k, v, q_seg, kv_seg, offsets)
@@ -156,7 +180,7 @@ def _forward_pass(ring: RingPlan, q, k, v, q_seg, kv_seg, offsets):
     def body(i, carry, shift=shift):
       kv, acc = carry
       kv_next = _permute(ring, kv, shift)  # no data dependence on the compute: overlaps it
-      return kv_next, visit(acc, kv, _source(ring, r, shift, i))
+      return kv_next, visit(acc, kv, ring_layout.source(ring.num_devices, r, shift, i))
 
     kv0 = own if start == 0 else _permute(ring, own, shift)
     _, acc = lax.fori_loop(start, hops + 1, body, (kv0, acc))
@@ -171,21 +195,20 @@ def _backward_pass(ring: RingPlan, q, k, v, q_seg, kv_seg, offsets, out, lse, do
   """`(dq, dk, dv)`: blockwise, with the dK/dV accumulators travelling with their K/V block."""
   _, t, s_len, _, _, _ = check_qkv(q, k, v)
   r = lax.axis_index(ring.axis_name)
-  mask_q = ring.mask(None, None, offsets)
   p = ring.num_devices
 
   def visit(dq, kv, dkv, s):
     k_s, v_s, kv_seg_s = kv
-    kind = _block_kind(mask_q, r, s, t, s_len, offsets, q_seg, kv_seg_s)
 
-    def compute(args):
-      dq, (dk, dv) = args
-      mask = ring.mask(q_seg, kv_seg_s, offsets + r * t - s * s_len)
-      dq_i, dk_i, dv_i = ring.backward(q, k_s, v_s, out, lse, dout, mask)
-      return dq + dq_i.astype(jnp.float32), (dk + dk_i.astype(jnp.float32),
-                                              dv + dv_i.astype(jnp.float32))
+    def step(grads, q_rows, kv_rows, mask):
+      dq, (dk, dv) = grads
+      q_a, out_a, dout_a = (q_rows.get(x) for x in (q, out, dout))
+      dq_a, dk_b, dv_b = ring.backward(q_a, kv_rows.get(k_s), kv_rows.get(v_s), out_a,
+                                       q_rows.get(lse, 2), dout_a, mask)
+      add = lambda acc, part, rows: rows.put(acc, rows.get(acc) + part.astype(jnp.float32))
+      return add(dq, dq_a, q_rows), (add(dk, dk_b, kv_rows), add(dv, dv_b, kv_rows))
 
-    return lax.cond(kind != EMPTY, compute, lambda a: a, (dq, dkv))
+    return _for_each_pair(ring, r, s, t, s_len, offsets, q_seg, kv_seg_s, step, (dq, dkv))
 
   arrays = (q, k, v, q_seg, kv_seg, offsets, out, lse, dout)
   dq, dk, dv = ring.varying(tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v)), *arrays)
@@ -196,7 +219,7 @@ def _backward_pass(ring: RingPlan, q, k, v, q_seg, kv_seg, offsets, out, lse, do
     def body(i, carry, shift=shift):
       kv, dkv, dq = carry
       kv_next = _permute(ring, kv, shift)
-      dq, dkv = visit(dq, kv, dkv, _source(ring, r, shift, i))
+      dq, dkv = visit(dq, kv, dkv, ring_layout.source(p, r, shift, i))
       return kv_next, _permute(ring, dkv, shift), dq  # the gradient follows its block
 
     kv0 = own if start == 0 else _permute(ring, own, shift)
