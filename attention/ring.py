@@ -240,13 +240,18 @@ def ring_attention_sharded(
   """
   check_qkv(q, k, v)
   mask = masks_lib.validate(mask, q.shape, k.shape)
+  if layout is not None:
+    ring_layout.check_layout(layout)
+  elif permuted:
+    raise ValueError("ring_attention_sharded: permuted=True needs the layout the inputs are in "
+                     f"(layout= one of {ring_layout.LAYOUTS}).")
   mesh = _resolve_mesh(mesh)
   options = dict(scale=scale, implementation=implementation, block_sizes=block_sizes,
                  interpret=interpret)
   if mesh is None or axis_name not in mesh.axis_names or mesh.shape[axis_name] == 1:
     return flash_attention(q, k, v, mask=mask, **options)
   p = mesh.shape[axis_name]
-  layout = _sharded_layout(mask, p, q.shape[1], k.shape[1], layout, permuted)
+  layout = _sharded_layout(mask, p, q.shape[1], k.shape[1], layout)
   c = ring_layout.chunks_per_device(layout)
   if q.shape[1] % (p * c) or k.shape[1] % (p * c):
     raise ValueError(f"ring attention over {axis_name!r} ({p} devices, {layout} layout) needs "
@@ -258,13 +263,10 @@ def ring_attention_sharded(
                      dict(options, axis_name=axis_name, head_chunks=head_chunks, layout=layout))
 
 
-def _sharded_layout(mask: Mask, p: int, q_len: int, kv_len: int, layout, permuted: bool) -> str:
+def _sharded_layout(mask: Mask, p: int, q_len: int, kv_len: int, layout) -> str:
   """The layout `ring_attention_sharded` runs: the given one, else the balanced default."""
   if layout is not None:
-    return ring_layout.check_layout(layout)
-  if permuted:
-    raise ValueError("ring_attention_sharded: permuted=True needs the layout the inputs are in "
-                     f"(layout= one of {ring_layout.LAYOUTS}).")
+    return layout
   static = isinstance(mask.q_offset, int) and mask.q_offset == 0
   full_ring = ring_layout.ring_sweeps(mask, "contiguous", p, q_len // p, kv_len // p,
                                       static) == ((1, p - 1),)
