@@ -35,6 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from attention.block_sizes import padded_head_dim
+from attention.common import varying_struct
 from attention.kernels import flash_tiles as tiles
 
 BLOCK_KEYS = 16  # keys per program (tensor-core minimum)
@@ -133,7 +134,8 @@ def sparse_dkdv_pallas(q, k, v, idx, dout, lse, delta, *, scale: float, num_warp
       in_specs=[csr(ptr), csr(entry_t), csr(entry_key), full_rows(q_r), full_rows(do_r),
                 full_rows(lse_r), full_rows(delta_r), kv_spec, kv_spec],
       out_specs=[kv_spec, kv_spec],
-      out_shape=[jax.ShapeDtypeStruct((b, kh, nk * bk, hp), jnp.float32)] * 2,
+      out_shape=[varying_struct((b, kh, nk * bk, hp), jnp.float32,
+                                (q, k, v, idx, dout, lse, delta))] * 2,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret, name="sparse_attention_dkdv",
   )(ptr, entry_t, entry_key, q_r, do_r, lse_r, delta_r, kv(k), kv(v))

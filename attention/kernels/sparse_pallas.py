@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from attention.block_sizes import SparseBlockSizes, padded_head_dim
-from attention.common import backward_lse, lse_vjp
+from attention.common import backward_lse, lse_vjp, varying_struct
 from attention.kernels import flash_tiles as tiles
 from attention.kernels.sparse_dkdv import sparse_dkdv_pallas
 
@@ -148,8 +148,8 @@ def sparse_forward_pallas(q, k, v, idx, *, scale, block_k=DEFAULT_BLOCK_K, num_w
       kernel, grid=grid,
       in_specs=[q_spec, kv_spec, kv_spec, idx_spec],
       out_specs=[q_spec, row_spec],
-      out_shape=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
-                 jax.ShapeDtypeStruct(qp.shape[:-1], jnp.float32)],
+      out_shape=[varying_struct(qp.shape, q.dtype, (qp, kp_, vp, idxp)),
+                 varying_struct(qp.shape[:-1], jnp.float32, (qp, kp_, vp, idxp))],
       compiler_params=_params(num_warps, num_stages), interpret=interpret,
       name="sparse_attention_fwd",
   )(qp, kp_, vp, idxp)
@@ -179,7 +179,7 @@ def sparse_backward_pallas(q, k, v, idx, out, lse, dout, *, scale, block_k=DEFAU
       kernel, grid=grid,
       in_specs=[q_spec, kv_spec, kv_spec, idx_spec, q_spec, row_spec, row_spec],
       out_specs=q_spec,
-      out_shape=jax.ShapeDtypeStruct(qp.shape, jnp.float32),
+      out_shape=varying_struct(qp.shape, jnp.float32, (qp, kp_, vp, idxp, dop, lse, delta)),
       compiler_params=_params(num_warps, num_stages), interpret=interpret,
       name="sparse_attention_dq",
   )(qp, kp_, vp, idxp, dop, rows(lse), rows(delta))

@@ -92,3 +92,22 @@ def test_triton_ir_tensor_cores_and_no_atomics(dtype):
 def test_padded_group_sizes():
   assert [sparse_pallas.padded_group(g) for g in (1, 4, 8, 16, 17, 64)] == [16, 16, 16, 16, 32,
                                                                             64]
+
+
+def test_lowers_for_cuda_inside_shard_map_with_check_vma():
+  """Inside `jax.shard_map` with its default `check_vma=True` the kernels' outputs are typed
+  device-varying (`common.varying_struct`), so forward and gradients lower for CUDA."""
+  q, k, v = random_qkv(6, 2, 16, 16, 2, 1, 16)
+  indices = random_indices(6, (2, 16, 4), 16)
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+  def loss(q, k, v, idx):
+    local = lambda q, k, v, idx: sparse.sparse_attention(
+        q, k, v, idx, mask=Mask(causal=True), implementation="pallas")
+    spec = jax.P("data")
+    out = jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec)(q, k, v, idx)
+    return jnp.sum(out)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  text = grad.trace(q, k, v, indices).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("triton") >= 3
