@@ -16,6 +16,13 @@ attention layers only.
 * Parameters and optimizer state are replicated, or with `fsdp=True` each array is split over
   `data` along its largest divisible dimension (ZeRO-3 style: XLA gathers a weight where it is
   used and reduce-scatters its gradient).
+* Token layout: causal ring attention is balanced only when each device holds an early and a
+  late chunk of the sequence (attention/ring_layout.py, "zigzag": chunks r and 2P-1-r). So for
+  a causal model whose every layer runs ring attention, `ring_config` picks the zig-zag
+  layout and `shard_batch(..., layout=batch_layout(model.config))` permutes each host batch
+  ONCE (tokens, targets, masks, segment ids, plus explicit `positions` and `next_in_doc`
+  computed before permuting): no layer permutes anything, the loss is a sum over tokens, and
+  the per-device causal work is equal (max / mean 1.0 vs ~1.9 contiguous on 8 devices).
 * Attention is the only token-mixing op. With `seq > 1`, `ring_config` switches every layer
   kind whose attention is exact and parameter-free ("flash", "local", "dense") to "ring"
   (`attention.ring`): global layers pass K/V blocks around the ring; local (sliding-window)
@@ -46,7 +53,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from models import KindSettings, ModelConfig
+import jax.numpy as jnp
+from attention import ring_layout
+from models import KindSettings, ModelConfig, positions_from_segments
 
 DATA, SEQ = "data", "seq"
 AXES = (DATA, SEQ)
@@ -118,21 +127,43 @@ def initialize_distributed(**kwargs) -> None:
 # --- model: ring attention where the sequence is split ----------------------------------------
 
 
-def ring_config(config: ModelConfig, mesh: Mesh | None) -> ModelConfig:
+def ring_config(config: ModelConfig, mesh: Mesh | None, layout: str | None = None
+                ) -> ModelConfig:
   """`config` with kinds using `RING_REPLACES` attention switched to "ring" when `seq > 1`.
 
   The ring call computes the same function (the layer's Mask carries causality, window and
   segment ids), so parameters and checkpoints are unchanged; the mesh is read at trace time
-  from `jax.sharding.set_mesh`. Unchanged when there is no mesh or `seq == 1`.
+  from `jax.sharding.set_mesh`. Every ring kind gets the options `layout` (the token layout of
+  the batches, `batch_layout`) and `permuted=True`. `layout` None: "zigzag" for a causal
+  model whose every kind runs ring attention, else "contiguous"; "zigzag" needs every kind to
+  run ring attention (other kinds would see permuted tokens). Unchanged when there is no mesh
+  or `seq == 1`.
   """
   if mesh is None or mesh.shape.get(SEQ, 1) == 1:
     return config
   kinds = dict(config.kinds)
-  for kind in sorted(set(config.layer_pattern)):
-    settings = config.kind_settings(kind)
-    if settings.attention in RING_REPLACES:
-      kinds[kind] = dataclasses.replace(kinds.get(kind, KindSettings()), attention="ring")
+  names = sorted(set(config.layer_pattern))
+  ring_kinds = [k for k in names if config.kind_settings(k).attention in RING_REPLACES + ("ring",)]
+  if layout is None:
+    layout = "zigzag" if config.causal and ring_kinds == names else "contiguous"
+  if ring_layout.check_layout(layout) != "contiguous" and ring_kinds != names:
+    raise ValueError(f"ring layout {layout!r} permutes the tokens, but layer kinds "
+                     f"{sorted(set(names) - set(ring_kinds))} do not run ring attention; use "
+                     f"layout='contiguous'.")
+  for kind in ring_kinds:
+    settings = kinds.get(kind, KindSettings())
+    options = dict(config.kind_settings(kind).options or (), layout=layout, permuted=True)
+    kinds[kind] = dataclasses.replace(settings, attention="ring", options=options)
   return dataclasses.replace(config, kinds=kinds)
+
+
+def batch_layout(config: ModelConfig) -> str:
+  """The token layout `ring_config` chose for `config`'s ring layers ("contiguous" if none)."""
+  layouts = {dict(config.kind_settings(k).options or ()).get("layout", "contiguous")
+             for k in set(config.layer_pattern) if config.kind_settings(k).attention == "ring"}
+  if len(layouts) > 1:
+    raise ValueError(f"ring layers disagree on the token layout: {sorted(layouts)}.")
+  return layouts.pop() if layouts else "contiguous"
 
 
 def check_divisible(mesh: Mesh, batch_size: int, seq_len: int) -> None:
@@ -194,9 +225,35 @@ def shard_state(model: nnx.Module, optimizer: nnx.Optimizer | None, mesh: Mesh,
     nnx.update(obj, put(host, state_shardings(host, mesh, fsdp)))
 
 
-def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """A host batch (the same global batch on every process) as `P("data", "seq")` arrays."""
+def next_in_doc(segment_ids):
+  """`[B, T]` bool: token t's target (token t + 1) is in t's document (not padding): what the
+  LM loss needs from token adjacency, computed before any permutation."""
+  same = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, :-1] >= 0)
+  return jnp.concatenate([same, jnp.zeros_like(same[:, :1])], axis=1)
+
+
+def layout_batch(batch: Mapping[str, np.ndarray], layout: str, num_devices: int
+                 ) -> dict[str, np.ndarray]:
+  """A host batch with every `[B, T, ...]` array in `layout` (`ring_layout.to_layout`), after
+  adding what depends on token order: `positions` (restarting per document) and
+  `next_in_doc`. A no-op for "contiguous"."""
+  if layout == "contiguous":
+    return dict(batch)
+  batch = {key: np.asarray(value) for key, value in batch.items()}
+  seg = batch["segment_ids"]
+  batch.setdefault("positions", np.asarray(positions_from_segments(jnp.asarray(seg))))
+  batch.setdefault("next_in_doc", np.asarray(next_in_doc(seg)))
+  t = seg.shape[1]
+  return {key: ring_layout.to_layout(value, layout, num_devices) if value.ndim >= 2 and
+          value.shape[1] == t else value for key, value in batch.items()}
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, layout: str = "contiguous"
+                ) -> dict[str, jax.Array]:
+  """A host batch (the same global batch on every process) as `P("data", "seq")` arrays, its
+  tokens in `layout` (`layout_batch`; `batch_layout(model.config)` says which)."""
   sharding = batch_sharding(mesh)
+  batch = layout_batch(batch, layout, mesh.shape.get(SEQ, 1))
   return {key: put(np.asarray(value), sharding) for key, value in batch.items()}
 
 

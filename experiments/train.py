@@ -152,7 +152,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, primary: bool = True)
   put = trainer.to_device
   if mesh is not None:  # before restoring: orbax restores onto these shardings
     sharding.shard_state(model, optimizer, mesh, fsdp=config.fsdp)
-    put = functools.partial(sharding.shard_batch, mesh=mesh)
+    put = functools.partial(sharding.shard_batch, mesh=mesh,
+                            layout=sharding.batch_layout(model.config))
   model_meta = json.loads(json.dumps(config.model.to_dict()))  # as the checkpoint stores it
   ckpt = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), config.max_to_keep)
   try:  # both raise before anything is written

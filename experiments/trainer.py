@@ -110,7 +110,8 @@ def loss_fn(model: Transformer, batch: dict[str, jax.Array], lm_weight: float = 
   over the other in-document tokens (an auxiliary language-modelling loss; 0 = answers only),
   plus `weight * layer_losses(...)[name]` for each `(name, weight)` of `aux_losses` (losses the
   layers report in `aux`, e.g. DSA's "indexer_kl")."""
-  logits, aux = model(batch["tokens"], segment_ids=batch["segment_ids"])  # B T V
+  logits, aux = model(batch["tokens"], segment_ids=batch["segment_ids"],
+                      positions=batch.get("positions"))  # B T V
   extra = layer_losses(aux, aux_losses)
   extra_total = sum(weight * extra[name] for name, weight in aux_losses)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # B T
@@ -118,10 +119,10 @@ def loss_fn(model: Transformer, batch: dict[str, jax.Array], lm_weight: float = 
   scored = (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
   if not lm_weight:
     return scored + extra_total, {"scored_loss": scored, **extra}
-  segments = batch["segment_ids"]
-  same_doc = jnp.concatenate([segments[:, 1:] == segments[:, :-1],
-                              jnp.zeros_like(segments[:, :1], bool)], axis=1)
-  other = (same_doc & (segments >= 0)).astype(losses.dtype) * (1.0 - mask)
+  same_doc = batch.get("next_in_doc")  # set when the batch's tokens were permuted
+  if same_doc is None:
+    same_doc = sharding.next_in_doc(batch["segment_ids"])
+  other = same_doc.astype(losses.dtype) * (1.0 - mask)
   lm = (losses * other).sum() / jnp.maximum(other.sum(), 1.0)
   return scored + lm_weight * lm + extra_total, {"scored_loss": scored, **extra}
 
@@ -156,7 +157,8 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer, batch: dict[str, ja
 @nnx.jit
 def eval_step(model: Transformer, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """Per-row scores: `exact` (every answer token greedy-correct), `correct`/`scored` tokens, loss."""
-  logits, _ = model(batch["tokens"], segment_ids=batch["segment_ids"])
+  logits, _ = model(batch["tokens"], segment_ids=batch["segment_ids"],
+                    positions=batch.get("positions"))
   mask = batch["loss_mask"] > 0
   hit = (jnp.argmax(logits, axis=-1) == batch["targets"]) & mask
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])

@@ -44,7 +44,7 @@ def _step_on(mesh_spec: str | None):
   else:
     sharding.shard_state(model, optimizer, mesh)
     with jax.sharding.set_mesh(mesh):
-      placed = sharding.shard_batch(batch, mesh)
+      placed = sharding.shard_batch(batch, mesh, layout=sharding.batch_layout(model.config))
       hlo = trainer.train_step.lower(model, optimizer, placed).compile().as_text()
       metrics = trainer.train_step(model, optimizer, placed)
   params = jax.tree.map(np.asarray, jax.device_get(nnx.state(model, nnx.Param)))
@@ -169,6 +169,7 @@ def test_parse_and_make_mesh_errors():
 def test_ring_config_switches_exact_kinds_only():
   import dataclasses  # pylint: disable=g-import-not-at-top
   from experiments import sharding, trainer  # pylint: disable=g-import-not-at-top
+  from models import KindSettings  # pylint: disable=g-import-not-at-top
 
   @dataclasses.dataclass
   class FakeMesh:
@@ -180,6 +181,31 @@ def test_ring_config_switches_exact_kinds_only():
   ring = sharding.ring_config(config, FakeMesh({"data": 2, "seq": 4}))
   assert {ring.kind_settings(k).attention for k in ring.layer_pattern} == {"ring"}
   assert ring.kind_settings("local").window == config.kind_settings("local").window
+  # A causal model, every kind ring: batches in the balanced zig-zag layout, permuted once.
+  assert dict(ring.kind_settings("global").options) == {"layout": "zigzag", "permuted": True}
+  assert sharding.batch_layout(ring) == "zigzag" and sharding.batch_layout(config) == "contiguous"
+  with_dsa = dataclasses.replace(config, kinds={"local": KindSettings(attention="dsa")})
+  assert sharding.batch_layout(sharding.ring_config(with_dsa, FakeMesh({"seq": 4}))) == (
+      "contiguous")
+  with pytest.raises(ValueError, match="do not run ring attention"):
+    sharding.ring_config(with_dsa, FakeMesh({"seq": 4}), layout="zigzag")
+
+
+def test_layout_batch_permutes_once_with_positions():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from attention import ring_layout  # pylint: disable=g-import-not-at-top
+  from experiments import sharding  # pylint: disable=g-import-not-at-top
+  seg = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, -1, -1]])
+  batch = {"tokens": np.arange(16)[None] + 100, "segment_ids": seg, "other": np.ones(3)}
+  assert sharding.layout_batch(batch, "contiguous", 4) == batch
+  out = sharding.layout_batch(batch, "zigzag", 4)
+  back = {k: ring_layout.from_layout(v, "zigzag", 4) for k, v in out.items() if v.ndim == 2}
+  np.testing.assert_array_equal(back["tokens"], batch["tokens"])
+  np.testing.assert_array_equal(back["positions"][0], [0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5,
+                                                       0, 1])
+  np.testing.assert_array_equal(back["next_in_doc"][0],
+                                [1, 1, 0, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 0, 0, 0])
+  assert (out["other"] == batch["other"]).all()
 
 
 def test_param_spec_fsdp():
