@@ -51,9 +51,10 @@ blocks in flight, the f32 accumulators), communication (hops + 1) x |kv block| f
 that backward (K/V and their gradients). The last hop of each sweep is spent (issued before
 the compute it overlaps with). `head_chunks=C` runs one ring per group of K/C kv heads, one
 after the other: ~1/C of the per-device temporaries for C x as many (C x smaller) hops.
-Measured (CPU, compile-only, 65536 causal tokens, B = 1, N = K = 4, H = 64, float32, fwd+bwd): zig-zag data 103 MiB per
-device on 8 devices (0.30 of the 345 MiB of flash on one device), 50 MiB with head_chunks=4
-(0.145); contiguous 135 / 50 MiB; zig-zag relaid out inside each call 111 / 74 MiB.
+Measured (CPU, compile-only, 65536 causal tokens, B = 1, N = K = 4, H = 64, float32,
+fwd+bwd): zig-zag data 103 MiB per device on 8 devices (0.30 of the 345 MiB of flash on one
+device), 50 MiB with head_chunks=4 (0.145); contiguous 135 / 50 MiB; zig-zag relaid out
+inside each call 111 / 74 MiB.
 
 It works under `jax.shard_map` with the default `check_vma=True` (the loop carries of the ring
 and of the flash tiles are cast to device-varying, `common.to_varying`) and with
