@@ -143,16 +143,7 @@ def ring_attention(
   """
   _, t, s, _, kh, h = check_qkv(q, k, v)
   mask = masks_lib.validate(mask, q.shape, k.shape)
-  if not isinstance(head_chunks, int) or head_chunks < 1 or kh % head_chunks:
-    raise ValueError(f"head_chunks must be a positive int dividing the {kh} kv heads, got "
-                     f"{head_chunks!r}.")
-  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
-    raise ValueError(f"block_sizes must be an attention.BlockSizes, got {block_sizes!r}.")
-  layout = ring_layout.check_layout(layout)
-  c = ring_layout.chunks_per_device(layout)
-  if t % c or s % c:
-    raise ValueError(f"the {layout} layout needs local lengths divisible by {c}, got q {t} "
-                     f"and kv {s}.")
+  _check_options(t, s, kh, head_chunks, block_sizes, layout)
   forward, backward = IMPLEMENTATIONS.get(IMPLEMENTATIONS.resolve(implementation, interpret))
   try:
     num_devices = int(lax.axis_size(axis_name))
@@ -166,6 +157,18 @@ def ring_attention(
                   ring_layout.ring_sweeps(mask, layout, num_devices, t, s, static_offset),
                   layout)
   return ring_call(plan, q, k, v, _segments(mask), masks_lib.q_offsets(mask, q.shape[0]))
+
+
+def _check_options(t: int, s: int, kh: int, head_chunks, block_sizes, layout) -> None:
+  if not isinstance(head_chunks, int) or head_chunks < 1 or kh % head_chunks:
+    raise ValueError(f"head_chunks must be a positive int dividing the {kh} kv heads, got "
+                     f"{head_chunks!r}.")
+  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+    raise ValueError(f"block_sizes must be an attention.BlockSizes, got {block_sizes!r}.")
+  c = ring_layout.chunks_per_device(layout)  # checks the name
+  if t % c or s % c:
+    raise ValueError(f"the {layout} layout needs local lengths divisible by {c}, got q {t} "
+                     f"and kv {s}.")
 
 
 def _segments(mask: Mask):
@@ -255,11 +258,7 @@ def ring_attention_sharded(
   """
   check_qkv(q, k, v)
   mask = masks_lib.validate(mask, q.shape, k.shape)
-  if layout is not None:
-    ring_layout.check_layout(layout)
-  elif permuted:
-    raise ValueError("ring_attention_sharded: permuted=True needs the layout the inputs are in "
-                     f"(layout= one of {ring_layout.LAYOUTS}).")
+  _check_layout_option(layout, permuted)
   mesh = _resolve_mesh(mesh)
   options = dict(scale=scale, implementation=implementation, block_sizes=block_sizes,
                  interpret=interpret)
@@ -276,6 +275,14 @@ def ring_attention_sharded(
   relayout = None if permuted or layout == "contiguous" else layout
   return _shard_ring(q, k, v, mask, mesh, axis_name, batch, relayout,
                      dict(options, axis_name=axis_name, head_chunks=head_chunks, layout=layout))
+
+
+def _check_layout_option(layout, permuted: bool) -> None:
+  if layout is not None:
+    ring_layout.check_layout(layout)
+  elif permuted:
+    raise ValueError("ring_attention_sharded: permuted=True needs the layout the inputs are in "
+                     f"(layout= one of {ring_layout.LAYOUTS}).")
 
 
 def _sharded_layout(mask: Mask, p: int, q_len: int, kv_len: int, layout) -> str:
