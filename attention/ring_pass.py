@@ -80,7 +80,7 @@ class RingPlan:
 # --- one visit: chunk pairs, each skipped when hidden -------------------------------------------
 
 
-def _pair_visible(ring: RingPlan, q_lo, q_hi, kv_lo: int, kv_len: int, q_seg, kv_seg):
+def _pair_visible(ring: RingPlan, q_lo, q_hi, kv_lo, kv_len: int, q_seg, kv_seg):
   """Traced bool: some query at `[q_lo, q_hi]` may see some of the `kv_len` keys from `kv_lo`
   (`ring_layout.pair_visible`, then the segment ranges of the two chunks)."""
   visible = ring_layout.pair_visible(ring.mask(None, None, 0), q_lo, q_hi, kv_lo,
@@ -129,7 +129,8 @@ def _for_each_pair(ring: RingPlan, r, s, q_len: int, kv_len: int, offsets, q_seg
     visible = _pair_visible(ring, jnp.min(q_pos), jnp.max(q_pos) + qc - 1, kv_pos, kc,
                             q_seg_a, kv_seg_b)
     mask = ring.mask(q_seg_a, kv_seg_b, q_pos - kv_pos)
-    return lax.cond(visible, lambda c: step(c, q_rows, kv_rows, mask), lambda c: c, carry)
+    return lax.cond(visible, lambda acc: step(acc, q_rows, kv_rows, mask), lambda acc: acc,
+                    carry)
 
   if c == 1:
     return pair(0, carry)
