@@ -12,6 +12,7 @@ import pytest
 from tests.multidevice import run_worker
 
 SEQ_LEN, BATCH = 128, 4
+LM_WEIGHT = 0.5  # the LM loss reads token adjacency: must survive the zig-zag permutation
 
 
 def _config():
@@ -40,13 +41,14 @@ def _step_on(mesh_spec: str | None):
   init = jax.tree.map(np.asarray, jax.device_get(nnx.state(model, nnx.Param)))
   hlo = None
   if mesh is None:
-    metrics = trainer.train_step(model, optimizer, trainer.to_device(batch))
+    metrics = trainer.train_step(model, optimizer, trainer.to_device(batch), lm_weight=LM_WEIGHT)
   else:
     sharding.shard_state(model, optimizer, mesh)
     with jax.sharding.set_mesh(mesh):
       placed = sharding.shard_batch(batch, mesh, layout=sharding.batch_layout(model.config))
-      hlo = trainer.train_step.lower(model, optimizer, placed).compile().as_text()
-      metrics = trainer.train_step(model, optimizer, placed)
+      hlo = trainer.train_step.lower(model, optimizer, placed,
+                                     lm_weight=LM_WEIGHT).compile().as_text()
+      metrics = trainer.train_step(model, optimizer, placed, lm_weight=LM_WEIGHT)
   params = jax.tree.map(np.asarray, jax.device_get(nnx.state(model, nnx.Param)))
   moved = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
                                            init, params)))
