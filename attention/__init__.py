@@ -2,10 +2,11 @@
 
 Public names: `Mask`, `BlockSizes`, `SparseBlockSizes`, `reference_attention`,
 `flash_attention`, `local_attention`, `sparse_attention`, `ring_attention(_sharded)`, the DSA
-pieces, and the registry (`register`, `get`, `available`). Registered: "dense" (the O(L^2)
-reference), "flash" (blockwise, exact), "local" (flash with a sliding window), "dsa" (DeepSeek
-sparse attention: lightning-indexer top-k + top-k gather attention; needs
-index_q/index_k/index_w), "ring" (context parallel over a mesh axis).
+pieces, `geometric_alibi_slopes`, and the registry (`register`, `get`, `available`,
+`refusing`). Registered: "dense" (the O(L^2) reference), "flash" (blockwise, exact), "local"
+(flash with a sliding window), "dsa" (DeepSeek sparse attention: lightning-indexer top-k +
+top-k gather attention; needs index_q/index_k/index_w), "ring" (context parallel over a mesh
+axis; refuses logits_soft_cap / alibi_slopes / return_lse and Hv != H).
 
 Each operation has one front door holding its implementation table (`flash.IMPLEMENTATIONS`,
 `sparse.IMPLEMENTATIONS`, `ring.IMPLEMENTATIONS`); backends (XLA paths, Pallas kernels) share
@@ -19,7 +20,8 @@ from attention.indexer import indexer_kl_loss, indexer_scores, indexer_scores_at
 from attention.masks import (UNBOUNDED, Mask, block_map, effective_indices, local_mask,
                              visible_keys, visible_pairs)
 from attention.reference import reference_attention
-from attention.registry import available, get, register
+from attention.scores import geometric_alibi_slopes
+from attention.registry import available, get, refusing, register
 from attention.ring import ring_attention, ring_attention_sharded
 from attention.sparse import sparse_attention
 
@@ -27,11 +29,13 @@ register("dense")(reference_attention)
 register("flash")(flash_attention)
 register("local")(local_attention)
 register("dsa")(dsa_attention)
-register("ring")(ring_attention_sharded)
+register("ring")(refusing(ring_attention_sharded, "logits_soft_cap", "alibi_slopes",
+                          "return_lse"))
 
 __all__ = [
     "BlockSizes", "Mask", "SparseBlockSizes", "UNBOUNDED", "available", "block_map",
-    "effective_indices", "flash_attention", "get", "local_attention", "local_mask",
+    "effective_indices", "flash_attention", "geometric_alibi_slopes", "get", "local_attention",
+    "local_mask", "refusing",
     "reference_attention", "register", "ring_attention", "ring_attention_sharded",
     "attention_target", "dsa_attention", "indexer_kl_loss", "indexer_scores",
     "indexer_scores_at", "indexer_topk", "selected_mass", "sparse_attention", "visible_keys",

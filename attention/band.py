@@ -31,9 +31,11 @@ import numpy as np
 from jax import lax
 
 from attention import masks as masks_lib
-from attention.common import backward_lse, finish_softmax, pad_to_size, tile_grads
+from attention.common import backward_lse, finish_softmax, pad_to_size, row_delta, tile_grads
 from attention.masks import UNBOUNDED, Mask
 from attention.reference import check_qkv
+from attention.scores import NONE as NO_MODS
+from attention.scores import ScoreMods
 
 _ALIGN = 8  # band lengths are rounded up to this many keys
 
@@ -63,10 +65,13 @@ def band_applies(mask: Mask, kv_len: int, block_q: int) -> bool:
 class _Band:
   """Layout and per-tile visibility shared by the banded forward and backward."""
 
-  def __init__(self, q, k, v, mask: Mask, block_q: int):
-    b, t, s, n, kh, _ = check_qkv(q, k, v)
+  def __init__(self, q, k, v, mask: Mask, block_q: int, mods: ScoreMods):
+    b, t, s, n, kh, _ = check_qkv(q, k, v, value_dim=True)
     self.b, self.t, self.s, self.n, self.kh, self.g = b, t, s, n, kh, n // kh
-    self.mask, self.bq = mask, block_q
+    self.mask, self.bq, self.mods = mask, block_q, mods
+    self.slopes = None  # ALiBi: [1, K, G, 1, 1]
+    if mods.alibi_slopes is not None:
+      self.slopes = mods.alibi_slopes.reshape(1, kh, self.g, 1, 1)
     self.left = mask.bounds[0]
     self.span = band_span(mask, block_q)
     self.nq = -(-t // block_q)
@@ -129,14 +134,21 @@ class _Band:
     return vis
 
   def scores(self, q_i, k_i, i, start, scale):
-    """Masked logits `[B, K, G, bq, span]` float32 (hidden keys at -inf)."""
+    """`(s, dcap)`: masked logits `[B, K, G, bq, span]` float32 (hidden keys at -inf), soft-capped
+    and ALiBi-biased (`attention.scores`); `dcap` the cap's derivative or None."""
     s = jnp.einsum("BKGtH,BKsH->BKGts", q_i, k_i, preferred_element_type=jnp.float32) * scale
-    return jnp.where(self.visible(i, start)[:, None, None], s, -jnp.inf)
+    dcap = None
+    if self.mods.active:
+      q_pos = self.offset + i * self.bq + jnp.arange(self.bq, dtype=jnp.int32)
+      kv_pos = start - self.left + jnp.arange(self.span, dtype=jnp.int32)
+      s, dcap = self.mods.apply(s, self.slopes, q_pos[:, None], kv_pos)
+    return jnp.where(self.visible(i, start)[:, None, None], s, -jnp.inf), dcap
 
 
-def band_forward(q, k, v, mask: Mask, scale: float, block_q: int):
-  """Returns `out [B, T, N, H]` (q.dtype) and `lse [B, N, T]` float32."""
-  band = _Band(q, k, v, mask, block_q)
+def band_forward(q, k, v, mask: Mask, scale: float, block_q: int, *,
+                 mods: ScoreMods = NO_MODS):
+  """Returns `out [B, T, N, Hv]` (q.dtype) and `lse [B, N, T]` float32."""
+  band = _Band(q, k, v, mask, block_q, mods)
   span = band.span
   qp, kp, vp = band.pad_q(q), band.kv_layout(k), band.kv_layout(v)
 
@@ -145,7 +157,7 @@ def band_forward(q, k, v, mask: Mask, scale: float, block_q: int):
     q_i = band.q_tile(qp, i)  # B K G bq H
     k_i = lax.dynamic_slice_in_dim(kp, start, span, axis=2)  # B K span H
     v_i = lax.dynamic_slice_in_dim(vp, start, span, axis=2)
-    s = band.scores(q_i, k_i, i, start, scale)
+    s, _ = band.scores(q_i, k_i, i, start, scale)
     m = jnp.max(s, axis=-1)
     m_safe = jnp.where(m == -jnp.inf, 0.0, m)  # rows with no visible key
     p = jnp.exp(s - m_safe[..., None])
@@ -157,13 +169,14 @@ def band_forward(q, k, v, mask: Mask, scale: float, block_q: int):
   return band.untile(out), jnp.moveaxis(band.untile(lse), 1, 2)
 
 
-def band_backward(q, k, v, out, lse, dout, mask: Mask, scale: float, block_q: int):
+def band_backward(q, k, v, out, lse, dout, mask: Mask, scale: float, block_q: int, *,
+                  mods: ScoreMods = NO_MODS, dlse=None):
   """Gradients `(dq, dk, dv)` from the saved `lse`, recomputing each tile's band scores."""
-  band = _Band(q, k, v, mask, block_q)
+  band = _Band(q, k, v, mask, block_q, mods)
   span = band.span
   qp, kp, vp = band.pad_q(q), band.kv_layout(k), band.kv_layout(v)
   dout_p = band.pad_q(dout)
-  delta = band.pad_q(jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1))
+  delta = band.pad_q(row_delta(out, dout, dlse))
   # Rows with no visible key (lse = -inf) get p = exp(-inf - inf) = 0 everywhere.
   lse_p = band.pad_q(jnp.moveaxis(backward_lse(lse), 1, 2), jnp.inf)
 
@@ -173,13 +186,14 @@ def band_backward(q, k, v, out, lse, dout, mask: Mask, scale: float, block_q: in
     q_i, do_i, lse_i, delta_i = (band.q_tile(x, i) for x in (qp, dout_p, lse_p, delta))
     k_i = lax.dynamic_slice_in_dim(kp, start, span, axis=2)  # B K span H
     v_i = lax.dynamic_slice_in_dim(vp, start, span, axis=2)
-    s = band.scores(q_i, k_i, i, start, scale)
-    dq_i, dk_i, dv_i = tile_grads(s, q_i, k_i, v_i, do_i, lse_i, delta_i, scale)
+    s, dcap = band.scores(q_i, k_i, i, start, scale)
+    dq_i, dk_i, dv_i = tile_grads(s, q_i, k_i, v_i, do_i, lse_i, delta_i, scale, dcap)
     add = lambda acc, x: lax.dynamic_update_slice_in_dim(
         acc, lax.dynamic_slice_in_dim(acc, start, span, axis=2) + x, start, axis=2)
     return (add(dk, dk_i), add(dv, dv_i)), dq_i
 
-  zeros = jnp.zeros(kp.shape, jnp.float32)
-  (dk, dv), dq = lax.scan(q_tile, (zeros, zeros), jnp.arange(band.nq))
-  unpad = lambda x: x[:, :, band.left:band.left + band.s].transpose(0, 2, 1, 3).astype(k.dtype)
-  return band.untile(dq).astype(q.dtype), unpad(dk), unpad(dv)
+  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+  (dk, dv), dq = lax.scan(q_tile, (zeros(kp), zeros(vp)), jnp.arange(band.nq))
+  unpad = lambda x, like: x[:, :, band.left:band.left + band.s].transpose(0, 2, 1, 3).astype(
+      like.dtype)
+  return band.untile(dq).astype(q.dtype), unpad(dk, k), unpad(dv, v)

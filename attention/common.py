@@ -8,7 +8,8 @@ module, never a front door, so there is no import cycle.
 * `Implementations`: one operation's name -> backend table; entries may be "module:attr"
   strings imported on first use (so the Pallas kernels load only when picked).
 * `lse_vjp` / `with_lse_vjp`: the `jax.custom_vjp` around a `(forward -> (out, lse),
-  backward from lse)` pair; every blockwise backend uses it.
+  backward from lse)` pair; every blockwise backend uses it. Gradients flow through both
+  outputs (`row_delta` folds the lse cotangent into the softmax backward's delta).
 * `finish_softmax`, `tile_grads`: the closing step of a softmax tile and the gradient of one
   score tile from the saved lse (shared by the tiled and the banded flash paths).
 * `pad_to_multiple`, `pad_to_size`, `round_block`, `next_pow2`: padding and tile sizes.
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from attention.masks import Mask, q_offsets
+from attention.scores import ScoreMods
 
 # --- padding and tile sizes ----------------------------------------------------------------------
 
@@ -164,62 +166,84 @@ def varying_struct(shape, dtype, *like) -> jax.ShapeDtypeStruct:
 # --- the lse custom_vjp --------------------------------------------------------------------------
 
 
-def lse_vjp(forward: Callable, backward: Callable) -> Callable:
+def lse_vjp(forward: Callable, backward: Callable, *, lse_grad: bool = False) -> Callable:
   """`attend(q, k, v, aux, *static) -> out` with a `custom_vjp` from a blockwise pair.
 
   `forward(q, k, v, aux, *static) -> (out, lse)`; `backward(q, k, v, aux, out, lse, dout,
-  *static) -> (dq, dk, dv)`. `aux` is a pytree of integer arrays (indices, segment ids,
-  offsets) with no cotangent; `static` are hashable settings. Residuals are the inputs, `out`
+  *static) -> (dq, dk, dv)`. `aux` is a pytree of arrays (indices, segment ids, offsets, ALiBi
+  slopes) with no cotangent; `static` are hashable settings. Residuals are the inputs, `out`
   and the float32 `lse`, so backward memory stays O(T + S).
+
+  `lse_grad=True`: `attend` returns `(out, lse)` and `backward` also gets `dlse=` (the lse
+  cotangent `[B, N, T]`; `row_delta` folds it into delta, since d lse / d s = p).
   """
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
   def attend(q, k, v, aux, static):
-    return forward(q, k, v, aux, *static)[0]
+    return forward(q, k, v, aux, *static)
 
   def attend_fwd(q, k, v, aux, static):
     out, lse = forward(q, k, v, aux, *static)
-    return out, (q, k, v, aux, out, lse)
+    return (out, lse), (q, k, v, aux, out, lse)
 
-  def attend_bwd(static, res, dout):
+  def attend_bwd(static, res, cotangents):
     q, k, v, aux, out, lse = res
-    dq, dk, dv = backward(q, k, v, aux, out, lse, dout, *static)
+    dout, dlse = cotangents
+    extra = dict(dlse=dlse) if lse_grad else {}
+    dq, dk, dv = backward(q, k, v, aux, out, lse, dout, *static, **extra)
     return dq, dk, dv, None
 
   attend.defvjp(attend_fwd, attend_bwd)
-  return lambda q, k, v, aux, *static: attend(q, k, v, aux, static)
+  if lse_grad:
+    return lambda q, k, v, aux, *static: attend(q, k, v, aux, static)
+  return lambda q, k, v, aux, *static: attend(q, k, v, aux, static)[0]
 
 
 def with_lse_vjp(forward: Callable, backward: Callable) -> Callable:
-  """`lse_vjp` for a pair that takes a `Mask`: `attend(q, k, v, mask, scale, *static) -> out`.
+  """`lse_vjp` for a pair that takes a `Mask` and `ScoreMods`:
+  `attend(q, k, v, mask, scale, mods, *static) -> (out, lse)`, differentiable in both.
 
-  `forward(q, k, v, mask, scale, *static) -> (out, lse)` and `backward(q, k, v, out, lse, dout,
-  mask, scale, *static) -> (dq, dk, dv)`. The mask's array leaves (segment ids, offsets) travel
-  as primal inputs with no cotangent; its static structure (causal, window) and `scale` are
-  static arguments.
+  `forward(q, k, v, mask, scale, *static, mods=) -> (out, lse)` and `backward(q, k, v, out,
+  lse, dout, mask, scale, *static, mods=, dlse=) -> (dq, dk, dv)`. The mask's array leaves
+  (segment ids, offsets) and the ALiBi slopes travel as primal inputs with no cotangent; the
+  mask's static structure (causal, window), the soft-cap and `scale` are static arguments.
   """
 
   def fwd(q, k, v, arrays, mask_static, scale, *static):
-    return forward(q, k, v, _rebuild(mask_static, arrays), scale, *static)
+    mask, mods = _rebuild(mask_static, arrays)
+    return forward(q, k, v, mask, scale, *static, mods=mods)
 
-  def bwd(q, k, v, arrays, out, lse, dout, mask_static, scale, *static):
-    return backward(q, k, v, out, lse, dout, _rebuild(mask_static, arrays), scale, *static)
+  def bwd(q, k, v, arrays, out, lse, dout, mask_static, scale, *static, dlse):
+    mask, mods = _rebuild(mask_static, arrays)
+    return backward(q, k, v, out, lse, dout, mask, scale, *static, mods=mods, dlse=dlse)
 
-  attend = lse_vjp(fwd, bwd)
+  attend = lse_vjp(fwd, bwd, lse_grad=True)
 
-  def call(q, k, v, mask: Mask, scale: float, *static):
+  def call(q, k, v, mask: Mask, scale: float, mods: ScoreMods, *static):
     segments = (mask.q_segment_ids, mask.kv_segment_ids) if mask.has_segments else None
-    arrays = (segments, q_offsets(mask, q.shape[0]))
-    return attend(q, k, v, arrays, (mask.causal, mask.window), scale, *static)
+    arrays = (segments, q_offsets(mask, q.shape[0]), mods.alibi_slopes)
+    return attend(q, k, v, arrays, (mask.causal, mask.window, mods.soft_cap), scale, *static)
 
   return call
 
 
-def _rebuild(mask_static, arrays) -> Mask:
-  (causal, window), (segments, offsets) = mask_static, arrays
+def _rebuild(mask_static, arrays) -> tuple[Mask, ScoreMods]:
+  (causal, window, soft_cap), (segments, offsets, slopes) = mask_static, arrays
   q_seg, kv_seg = segments if segments is not None else (None, None)
-  return Mask(causal=causal, window=window, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-              q_offset=offsets)
+  return (Mask(causal=causal, window=window, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+               q_offset=offsets), ScoreMods(soft_cap, slopes))
+
+
+def row_delta(out, dout, dlse=None):
+  """`delta [B, T, N]` float32 = rowsum(out * dout) - dlse: the softmax backward's row term.
+
+  With an lse cotangent `dlse [B, N, T]` the score gradient is `p * (dp - delta + dlse)`
+  (d lse / d s = p), so it folds into delta and the tile gradients do not change.
+  """
+  delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)
+  if dlse is not None:
+    delta = delta - jnp.swapaxes(dlse, 1, 2).astype(jnp.float32)
+  return delta
 
 
 # --- softmax tiles --------------------------------------------------------------------------------
@@ -241,20 +265,24 @@ def backward_lse(lse):
   return jnp.where(jnp.isfinite(lse), lse, jnp.inf)
 
 
-def tile_grads(s, q_i, k_j, v_j, do_i, lse_i, delta_i, scale: float):
+def tile_grads(s, q_i, k_j, v_j, do_i, lse_i, delta_i, scale: float, dcap=None):
   """Gradients of one score tile from the saved lse; float32 results.
 
-  `s [B, K, G, t, s]` masked logits (hidden keys -inf), `q_i, do_i [B, K, G, t, H]`,
-  `k_j, v_j [B, K, s, H]`, `lse_i, delta_i [B, K, G, t]` (delta = rowsum(out * dout)).
-  Returns `(dq_i [B, K, G, t, H], dk_j [B, K, s, H], dv_j [B, K, s, H])`::
+  `s [B, K, G, t, s]` masked (modified) logits (hidden keys -inf), `q_i, do_i [B, K, G, t, H]`,
+  `k_j [B, K, s, H]`, `v_j [B, K, s, Hv]`, `lse_i, delta_i [B, K, G, t]` (`row_delta`),
+  `dcap`: the soft-cap's derivative on the tile (`ScoreMods.apply`) or None.
+  Returns `(dq_i [B, K, G, t, H], dk_j [B, K, s, H], dv_j [B, K, s, Hv])`::
 
-      p = exp(s - lse);  dv = p^T do;  ds = p * (do v^T - delta) * scale;  dk = ds^T q;  dq = ds k
+      p = exp(s - lse);  dv = p^T do;  ds = p * (do v^T - delta) * dcap * scale
+      dk = ds^T q;  dq = ds k
   """
   f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
   p = jnp.exp(s - lse_i[..., None])
   dv = f32("BKGts,BKGtH->BKsH", p.astype(do_i.dtype), do_i)
   dp = f32("BKGtH,BKsH->BKGts", do_i, v_j)
   ds = p * (dp - delta_i[..., None]) * scale
+  if dcap is not None:
+    ds = ds * dcap
   dk = f32("BKGts,BKGtH->BKsH", ds.astype(q_i.dtype), q_i)
   dq = f32("BKGts,BKsH->BKGtH", ds.astype(k_j.dtype), k_j)
   return dq, dk, dv

@@ -50,7 +50,7 @@ def dsa_attention(
   loss), used instead of selecting again. Cost O(T * S * J * D) for the indexer
   + O(T * top_k * N * H) for the attention; memory O(T * top_k + block_q * S).
   """
-  check_qkv(q, k, v)
+  check_qkv(q, k, v, value_dim=True)
   if indices is None:
     topk_options = {} if block_q is None else dict(block_q=block_q)
     indices = indexer_topk(

@@ -8,9 +8,10 @@ computes exactly what `reference_attention` computes, with the backend picked fr
                                        narrow windows), any backend
     "pallas"  attention/kernels/flash_pallas.py   Triton kernels (GPU; CPU with interpret=True)
 
-Every entry is `attend(q, k, v, mask, scale, block_sizes, interpret) -> out` on validated
-inputs, differentiable through the shared lse `custom_vjp` (`attention.common`), with softmax
-statistics in float32 and `lse [B, N, T]`. Backends never import this module; a new backend
+Every entry is `attend(q, k, v, mask, scale, block_sizes, interpret, mods) -> (out, lse)` on
+validated inputs (`mods`: soft-cap and ALiBi, `attention.scores`), differentiable in both
+outputs through the shared lse `custom_vjp` (`attention.common`), with softmax statistics in
+float32 and `lse [B, N, T]`. Backends never import this module; a new backend
 registers with `IMPLEMENTATIONS.register(name, attend)`.
 
 Cost: O(T * S_visible * H) compute, S_visible the keys the mask can reach from a q tile
@@ -23,6 +24,7 @@ from jaxtyping import Array, Float
 
 from attention import flash_xla
 from attention import masks as masks_lib
+from attention import scores as scores_lib
 from attention.block_sizes import BlockSizes
 from attention.common import Implementations
 from attention.masks import Mask
@@ -38,39 +40,52 @@ IMPLEMENTATIONS = Implementations(
 def flash_attention(
     q: Float[Array, "B T N H"],
     k: Float[Array, "B S K H"],
-    v: Float[Array, "B S K H"],
+    v: Float[Array, "B S K Hv"],
     *,
     mask: Mask | None = None,
     scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    alibi_slopes: Float[Array, "N"] | None = None,
+    return_lse: bool = False,
     implementation: str | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
-) -> Float[Array, "B T N H"]:
-  """Exact attention, blockwise; equals `reference_attention(q, k, v, mask=mask, scale=scale)`.
+) -> Float[Array, "B T N Hv"] | tuple[Float[Array, "B T N Hv"], Float[Array, "B N T"]]:
+  """Exact attention, blockwise; equals `reference_attention` with the same arguments.
 
   Args:
-    q: `[B, T, N, H]` queries. k, v: `[B, S, K, H]` with `N % K == 0` (GQA/MQA).
+    q: `[B, T, N, H]` queries. k: `[B, S, K, H]`, v: `[B, S, K, Hv]` with `N % K == 0`
+      (GQA/MQA); the value head dim Hv may differ from H (MLA: 192 / 128).
     mask: visibility (`attention.Mask`); None = every query sees every key.
     scale: logit scale, default `H ** -0.5`.
+    logits_soft_cap: `cap * tanh(s / cap)` on the scaled scores, inside the tiles (forward
+      and backward); None = no cap.
+    alibi_slopes: `[N]` ALiBi slopes: `-slope_n * |i - j|` added to the (capped) scores, computed
+      per tile from positions (memory O(L)); `attention.scores` states the convention.
+    return_lse: also return `lse [B, N, T]`, the float32 natural-log log-sum-exp of the scaled,
+      capped, biased, masked scores (-inf for a row with no visible key); gradients flow
+      through both outputs.
     implementation: a name in `IMPLEMENTATIONS`: "xla" (pure JAX, any backend), "pallas" (GPU
       Triton kernels, or CPU with `interpret=True`), or None: Pallas on GPU, XLA elsewhere.
     block_sizes: tile sizes (`BlockSizes`); defaults depend on the implementation.
     interpret: run the Pallas kernels in interpret mode (CPU tests); only with "pallas".
 
   Returns:
-    `[B, T, N, H]` in q's dtype. Rows with no visible key are 0.
+    `[B, T, N, Hv]` in q's dtype (rows with no visible key are 0), or `(out, lse)`.
 
   Cost: O(T * S_visible * H) compute with S_visible the keys the mask can reach from each q tile
   (S for full, ~S/2 causal, ~w for a window); O(T + S) memory in forward and backward.
   """
-  _, _, _, _, _, h = check_qkv(q, k, v)
+  _, _, _, n, _, h = check_qkv(q, k, v, value_dim=True)
   mask = masks_lib.validate(mask, q.shape, k.shape)
   scale = default_scale(h, scale)
+  mods = scores_lib.make(logits_soft_cap, alibi_slopes, n)
   implementation = IMPLEMENTATIONS.resolve(implementation, interpret)
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise ValueError(f"block_sizes must be an attention.BlockSizes, got {block_sizes!r}.")
   attend = IMPLEMENTATIONS.get(implementation)
-  return attend(q, k, v, mask, scale, block_sizes, bool(interpret))
+  out, lse = attend(q, k, v, mask, scale, block_sizes, bool(interpret), mods)
+  return (out, lse) if return_lse else out
 
 
 def local_attention(
@@ -90,7 +105,7 @@ def local_attention(
   window already in `mask` by intersection; None uses the mask's window (one is required).
   Causality and segments come from `mask`.
   """
-  check_qkv(q, k, v)
+  check_qkv(q, k, v, value_dim=True)
   mask = masks_lib.validate(mask, q.shape, k.shape)
   if window is None:
     if mask.window is None:

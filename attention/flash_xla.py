@@ -5,6 +5,7 @@ Forward (per q tile of `block_q` queries, for all batch rows and heads at once):
     m, l, acc = -inf, 0, 0                       # running max, denominator, numerator
     for each kv tile j the mask can reach:       # loop bounds from the mask, not a mask
       s   = q_i k_j^T * scale                    # [B, K, G, bq, bk] float32
+      s   = mods(s)                              # soft-cap, ALiBi from positions (scores.py)
       s   = where(visible, s, -inf)              # only on PARTIAL tiles; FULL tiles skip it
       m'  = max(m, rowmax(s));  p = exp(s - m')
       l   = l * exp(m - m') + rowsum(p);  acc = acc * exp(m - m') + p v_j;  m = m'
@@ -15,7 +16,10 @@ Backward (one pass over kv tiles, recomputing p from the saved lse, `common.tile
     delta = rowsum(out * dout)
     for each kv tile j: for each q tile i that can see it:
       p = exp(s_ij - lse_i);  dv_j += p^T dout_i;  dp = dout_i v_j^T
-      ds = p * (dp - delta_i) * scale;  dk_j += ds^T q_i;  dq_i += ds k_j
+      ds = p * (dp - delta_i) * scale * cap'(s);  dk_j += ds^T q_i;  dq_i += ds k_j
+
+(`delta` has the lse cotangent subtracted when the lse is an output: `common.row_delta`.)
+A value head dim Hv != H only changes the shapes of v, out, dout and dv.
 
 Memory is O(T + S) in both passes (plus one tile of scores). Tiles the mask hides entirely
 are skipped by the loop bounds (causal: half the tiles; window w: O(L * w) work) or, for
@@ -37,17 +41,22 @@ from attention import band as band_lib
 from attention import masks as masks_lib
 from attention.block_sizes import BlockSizes
 from attention.common import (backward_lse, finish_softmax, pad_to_multiple, round_block,
-                              tile_grads, to_varying, varying_axes, with_lse_vjp)
+                              row_delta, tile_grads, to_varying, varying_axes, with_lse_vjp)
 from attention.masks import PARTIAL, Mask
 from attention.reference import check_qkv
+from attention.scores import NONE as NO_MODS
+from attention.scores import ScoreMods
 
 
 class _Tiling:
   """Static geometry + per-tile visibility for one call (lengths, tiles, mask)."""
 
   def __init__(self, mask: Mask, batch: int, q_len: int, kv_len: int, block_q: int, block_kv: int,
-               q_seg=None, kv_seg=None, offsets=None):
-    self.mask, self.q_len, self.kv_len = mask, q_len, kv_len
+               q_seg=None, kv_seg=None, offsets=None, mods: ScoreMods = NO_MODS, kv_heads=1):
+    self.mask, self.q_len, self.kv_len, self.mods = mask, q_len, kv_len, mods
+    self.slopes = None  # ALiBi: [1, K, G, 1, 1]
+    if mods.alibi_slopes is not None:
+      self.slopes = mods.alibi_slopes.reshape(1, kv_heads, -1, 1, 1)
     self.bq, self.bk = block_q, block_kv
     self.nq, self.nk = -(-q_len // block_q), -(-kv_len // block_kv)
     self.offsets = offsets  # [B] int32
@@ -88,10 +97,14 @@ class _Tiling:
       kind = masks_lib.combine(kind, seg_kind)
     return kind
 
+  def positions(self, i, j):
+    """Query positions `[B, bq]` of q tile i and key positions `[bk]` of kv tile j."""
+    q_pos = self.offsets[:, None] + i * self.bq + jnp.arange(self.bq, dtype=jnp.int32)[None]
+    return q_pos, j * self.bk + jnp.arange(self.bk, dtype=jnp.int32)
+
   def visible(self, i, j):
     """Elementwise visibility of tile (i, j): `[B, bq, bk]` bool."""
-    q_pos = self.offsets[:, None] + i * self.bq + jnp.arange(self.bq, dtype=jnp.int32)[None]
-    kv_idx = j * self.bk + jnp.arange(self.bk, dtype=jnp.int32)
+    q_pos, kv_idx = self.positions(i, j)
     q_seg = kv_seg = None
     if self.q_seg is not None:
       q_seg = lax.dynamic_slice_in_dim(self.q_seg, i * self.bq, self.bq, axis=1)
@@ -100,9 +113,9 @@ class _Tiling:
     return vis & (kv_idx < self.kv_len)[None, None, :]
 
 
-def _prepare(q, k, v, mask: Mask, block_q: int, block_kv: int):
-  """Pads and lays out inputs: q `[B, K, G, Tp, H]`, k/v `[B, K, Sp, H]` plus the tiling."""
-  b, t, s, n, kh, h = check_qkv(q, k, v)
+def _prepare(q, k, v, mask: Mask, block_q: int, block_kv: int, mods: ScoreMods):
+  """Pads and lays out inputs: q `[B, K, G, Tp, H]`, k/v `[B, K, Sp, H | Hv]` plus the tiling."""
+  b, t, s, n, kh, h = check_qkv(q, k, v, value_dim=True)
   g = n // kh
   q = pad_to_multiple(q, 1, block_q).reshape(b, -1, kh, g, h).transpose(0, 2, 3, 1, 4)
   k = pad_to_multiple(k, 1, block_kv).transpose(0, 2, 1, 3)
@@ -112,7 +125,7 @@ def _prepare(q, k, v, mask: Mask, block_q: int, block_kv: int):
     q_seg = pad_to_multiple(jnp.asarray(mask.q_segment_ids, jnp.int32), 1, block_q, value=-1)
     kv_seg = pad_to_multiple(jnp.asarray(mask.kv_segment_ids, jnp.int32), 1, block_kv, value=-1)
   tiling = _Tiling(mask, b, t, s, block_q, block_kv, q_seg, kv_seg,
-                   masks_lib.q_offsets(mask, b))
+                   masks_lib.q_offsets(mask, b), mods, kh)
   return q, k, v, tiling
 
 
@@ -124,21 +137,27 @@ def _switch_tile(tiling: _Tiling, i, j, update, carry):
 
 
 def _scores(tiling: _Tiling, q_i, k_j, i, j, scale: float, masked: bool):
-  """Logits `[B, K, G, bq, bk]` float32 of tile (i, j); hidden keys -inf when `masked`."""
+  """`(s, dcap)`: logits `[B, K, G, bq, bk]` float32 of tile (i, j), soft-capped and ALiBi-biased
+  (`attention.scores`), hidden keys -inf when `masked`; `dcap` the cap's derivative or None."""
   s = jnp.einsum("BKGtH,BKsH->BKGts", q_i, k_j, preferred_element_type=jnp.float32) * scale
+  dcap = None
+  if tiling.mods.active:
+    q_pos, kv_pos = tiling.positions(i, j)
+    s, dcap = tiling.mods.apply(s, tiling.slopes, q_pos[:, None, None, :, None], kv_pos)
   if masked:
     s = jnp.where(tiling.visible(i, j)[:, None, None], s, -jnp.inf)
-  return s
+  return s, dcap
 
 
 # --- forward ------------------------------------------------------------------------------------
 
 
-def flash_forward_xla(q, k, v, mask: Mask, scale: float, block_q: int, block_kv: int):
-  """Returns `out [B, T, N, H]` (q.dtype) and `lse [B, N, T]` float32."""
-  b, t, _, n, kh, h = check_qkv(q, k, v)
-  g = n // kh
-  qp, kp, vp, tiling = _prepare(q, k, v, mask, block_q, block_kv)
+def flash_forward_xla(q, k, v, mask: Mask, scale: float, block_q: int, block_kv: int, *,
+                      mods: ScoreMods = NO_MODS):
+  """Returns `out [B, T, N, Hv]` (q.dtype) and `lse [B, N, T]` float32."""
+  b, t, _, n, kh, _ = check_qkv(q, k, v, value_dim=True)
+  g, hv = n // kh, v.shape[3]
+  qp, kp, vp, tiling = _prepare(q, k, v, mask, block_q, block_kv, mods)
   bq, bk = block_q, block_kv
 
   def q_tile(i):
@@ -148,7 +167,7 @@ def flash_forward_xla(q, k, v, mask: Mask, scale: float, block_q: int, block_kv:
       m, l, acc = carry
       k_j = lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=2)  # B K bk H
       v_j = lax.dynamic_slice_in_dim(vp, j * bk, bk, axis=2)
-      s = _scores(tiling, q_i, k_j, i, j, scale, masked)
+      s, _ = _scores(tiling, q_i, k_j, i, j, scale, masked)
       m_new = jnp.maximum(m, jnp.max(s, axis=-1))
       m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet
       p = jnp.exp(s - m_safe[..., None])
@@ -163,12 +182,12 @@ def flash_forward_xla(q, k, v, mask: Mask, scale: float, block_q: int, block_kv:
 
     init = tiling.varying((jnp.full((b, kh, g, bq), -jnp.inf, jnp.float32),
                            jnp.zeros((b, kh, g, bq), jnp.float32),
-                           jnp.zeros((b, kh, g, bq, h), jnp.float32)), q_i, kp, vp)
+                           jnp.zeros((b, kh, g, bq, hv), jnp.float32)), q_i, kp, vp)
     m, l, acc = lax.fori_loop(*tiling.kv_range(i), body, init)
     return finish_softmax(m, l, acc, q.dtype)
 
   out, lse = lax.map(q_tile, jnp.arange(tiling.nq))  # [nq, B, K, G, bq, H], [nq, B, K, G, bq]
-  out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, tiling.nq * bq, n, h)[:, :t]
+  out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, tiling.nq * bq, n, hv)[:, :t]
   lse = lse.transpose(1, 2, 3, 0, 4).reshape(b, n, tiling.nq * bq)[..., :t]
   return out, lse
 
@@ -176,8 +195,8 @@ def flash_forward_xla(q, k, v, mask: Mask, scale: float, block_q: int, block_kv:
 # --- backward -----------------------------------------------------------------------------------
 
 
-def _backward_rows(out, lse, dout, kh: int, bq: int):
-  """`dout [B, K, G, Tp, H]`, `lse` and `delta = rowsum(out * dout)` as `[B, K, G, Tp]`."""
+def _backward_rows(out, lse, dout, dlse, kh: int, bq: int):
+  """`dout [B, K, G, Tp, Hv]`, `lse` and `delta` (`common.row_delta`) as `[B, K, G, Tp]`."""
   b, _, n, _ = dout.shape
 
   def to_bkgth(x, pad_value=0):  # [B, T, N, ...] -> [B, K, G, Tp, ...]
@@ -185,18 +204,19 @@ def _backward_rows(out, lse, dout, kh: int, bq: int):
     x = x.reshape(b, x.shape[1], kh, n // kh, *x.shape[3:])
     return jnp.moveaxis(x, 1, 3)
 
-  delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)  # B T N
+  delta = row_delta(out, dout, dlse)  # B T N
   lse_p = to_bkgth(jnp.moveaxis(backward_lse(lse), 1, 2), jnp.inf)
   return to_bkgth(dout), lse_p, to_bkgth(delta)
 
 
 def flash_backward_xla(q, k, v, out, lse, dout, mask: Mask, scale: float, block_q: int,
-                       block_kv: int):
+                       block_kv: int, *, mods: ScoreMods = NO_MODS, dlse=None):
   """Gradients `(dq, dk, dv)` from the saved `lse`, recomputing scores tile by tile."""
-  b, t, s, n, kh, h = check_qkv(q, k, v)
-  qp, kp, vp, tiling = _prepare(q, k, v, mask, block_q, block_kv)
+  b, t, s, n, kh, h = check_qkv(q, k, v, value_dim=True)
+  hv = v.shape[3]
+  qp, kp, vp, tiling = _prepare(q, k, v, mask, block_q, block_kv, mods)
   bq, bk = block_q, block_kv
-  dout_p, lse_p, delta = _backward_rows(out, lse, dout, kh, bq)
+  dout_p, lse_p, delta = _backward_rows(out, lse, dout, dlse, kh, bq)
   q_slice = lambda x, i: lax.dynamic_slice_in_dim(x, i * bq, bq, axis=3)
 
   def kv_tile(dq, j):
@@ -206,8 +226,8 @@ def flash_backward_xla(q, k, v, out, lse, dout, mask: Mask, scale: float, block_
     def update(carry, i, masked: bool):
       dk, dv, dq = carry
       q_i, do_i, lse_i, delta_i = (q_slice(x, i) for x in (qp, dout_p, lse_p, delta))
-      s_ij = _scores(tiling, q_i, k_j, i, j, scale, masked)
-      dq_i, dk_j, dv_j = tile_grads(s_ij, q_i, k_j, v_j, do_i, lse_i, delta_i, scale)
+      s_ij, dcap = _scores(tiling, q_i, k_j, i, j, scale, masked)
+      dq_i, dk_j, dv_j = tile_grads(s_ij, q_i, k_j, v_j, do_i, lse_i, delta_i, scale, dcap)
       dq = lax.dynamic_update_slice_in_dim(dq, q_slice(dq, i) + dq_i, i * bq, axis=3)
       return dk + dk_j, dv + dv_j, dq
 
@@ -215,7 +235,7 @@ def flash_backward_xla(q, k, v, out, lse, dout, mask: Mask, scale: float, block_
       return _switch_tile(tiling, i, j, lambda c, masked: update(c, i, masked), carry)
 
     init = tiling.varying((jnp.zeros((b, kh, bk, h), jnp.float32),
-                           jnp.zeros((b, kh, bk, h), jnp.float32)), qp, k_j, v_j, dout_p, lse_p,
+                           jnp.zeros((b, kh, bk, hv), jnp.float32)), qp, k_j, v_j, dout_p, lse_p,
                           delta) + (dq,)
     dk, dv, dq = lax.fori_loop(*tiling.q_range(j), body, init)
     return dq, (dk, dv)
@@ -224,7 +244,7 @@ def flash_backward_xla(q, k, v, out, lse, dout, mask: Mask, scale: float, block_
   dq, (dk, dv) = lax.scan(kv_tile, dq0, jnp.arange(tiling.nk))  # dk, dv: [nk, B, K, bk, H]
   dq = jnp.moveaxis(dq, 3, 1).reshape(b, -1, n, h)[:, :t].astype(q.dtype)
   dk = dk.transpose(1, 0, 3, 2, 4).reshape(b, tiling.nk * bk, kh, h)[:, :s].astype(k.dtype)
-  dv = dv.transpose(1, 0, 3, 2, 4).reshape(b, tiling.nk * bk, kh, h)[:, :s].astype(v.dtype)
+  dv = dv.transpose(1, 0, 3, 2, 4).reshape(b, tiling.nk * bk, kh, hv)[:, :s].astype(v.dtype)
   return dq, dk, dv
 
 
@@ -251,20 +271,22 @@ def xla_tiles(block_sizes: BlockSizes, q_len: int, kv_len: int) -> tuple[int, in
 
 
 def forward_blocks(q, k, v, mask: Mask, scale: float, block_sizes: BlockSizes | None,
-                   interpret: bool = False):
+                   interpret: bool = False, *, mods: ScoreMods = NO_MODS):
   """`(out, lse [B, N, T])` of the tiled path with `BlockSizes` (as `flash_forward_pallas`)."""
   del interpret  # the ring's uniform block signature; the XLA path has nothing to interpret
   block_sizes = resolve_block_sizes(block_sizes, q.shape[3], mask)
-  return flash_forward_xla(q, k, v, mask, scale, *xla_tiles(block_sizes, q.shape[1], k.shape[1]))
+  tiles = xla_tiles(block_sizes, q.shape[1], k.shape[1])
+  return flash_forward_xla(q, k, v, mask, scale, *tiles, mods=mods)
 
 
 def backward_blocks(q, k, v, out, lse, dout, mask: Mask, scale: float,
-                    block_sizes: BlockSizes | None, interpret: bool = False):
+                    block_sizes: BlockSizes | None, interpret: bool = False, *,
+                    mods: ScoreMods = NO_MODS, dlse=None):
   """`(dq, dk, dv)` of the tiled path with `BlockSizes` (as `flash_backward_pallas`)."""
   del interpret
   block_sizes = resolve_block_sizes(block_sizes, q.shape[3], mask)
   tiles = xla_tiles(block_sizes, q.shape[1], k.shape[1])
-  return flash_backward_xla(q, k, v, out, lse, dout, mask, scale, *tiles)
+  return flash_backward_xla(q, k, v, out, lse, dout, mask, scale, *tiles, mods=mods, dlse=dlse)
 
 
 xla_flash = with_lse_vjp(flash_forward_xla, flash_backward_xla)
@@ -272,11 +294,12 @@ xla_band = with_lse_vjp(band_lib.band_forward, band_lib.band_backward)
 
 
 def attend(q, k, v, mask: Mask, scale: float, block_sizes: BlockSizes | None,
-           interpret: bool = False):
-  """The "xla" entry of `flash.IMPLEMENTATIONS` (inputs validated by the front door)."""
+           interpret: bool = False, mods: ScoreMods = NO_MODS):
+  """The "xla" entry of `flash.IMPLEMENTATIONS` (inputs validated by the front door):
+  `(out [B, T, N, Hv], lse [B, N, T])`, differentiable in both."""
   del interpret  # refused by the front door for "xla"
   block_sizes = resolve_block_sizes(block_sizes, q.shape[3], mask)
   bq, bk = xla_tiles(block_sizes, q.shape[1], k.shape[1])
   if band_lib.band_applies(mask, k.shape[1], bq):  # a narrow window: one key band per q tile
-    return xla_band(q, k, v, mask, scale, bq)
-  return xla_flash(q, k, v, mask, scale, bq, bk)
+    return xla_band(q, k, v, mask, scale, mods, bq)
+  return xla_flash(q, k, v, mask, scale, mods, bq, bk)

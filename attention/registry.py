@@ -6,7 +6,9 @@ Every registered function follows the attention contract::
        scale: float | None = None, **options) -> [B, T, N, H]
 
 and computes `reference_attention` under its own visibility rule (a shared parametrised test
-checks every registered name against the reference).
+checks every registered name against the reference). The contract's optional features
+(`logits_soft_cap`, `alibi_slopes`, `return_lse`, a value head dim Hv != H) are either
+computed or refused with a ValueError naming them (`refusing` wraps a function for that).
 
     @register("my_attention")
     def my_attention(q, k, v, *, mask=None, scale=None, **options): ...
@@ -16,7 +18,10 @@ checks every registered name against the reference).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+
+from attention import scores as scores_lib
 
 AttentionFn = Callable[..., object]
 _REGISTRY: dict[str, AttentionFn] = {}
@@ -51,3 +56,15 @@ def get(name: str) -> AttentionFn:
 def available() -> tuple[str, ...]:
   """Registered names, sorted."""
   return tuple(sorted(_REGISTRY))
+
+
+def refusing(fn: AttentionFn, *options: str) -> AttentionFn:
+  """`fn` with the contract options it does not support (e.g. "return_lse") refused by a
+  ValueError naming them, before anything runs (for registering functions without them)."""
+
+  @functools.wraps(fn)
+  def wrapped(q, k, v, **kwargs):
+    scores_lib.refuse(fn.__name__, **{name: kwargs.pop(name, None) for name in options})
+    return fn(q, k, v, **kwargs)
+
+  return wrapped

@@ -10,7 +10,8 @@ re-checked after selection (`masks.effective_indices`). A query with nothing lef
 Duplicated indices count twice (`indexer_topk` never produces them).
 
 The front door of the sparse operation: the backend comes from the table `IMPLEMENTATIONS`,
-each entry `attend(q, k, v, effective_indices, scale, block_sizes, interpret) -> out`:
+each entry `attend(q, k, v, effective_indices, scale, block_sizes, interpret, mods) -> (out,
+lse)` (`mods`: the soft-cap, `attention.scores`; ALiBi is refused):
 
     "xla"     attention/sparse_xla.py             blocks of queries, gathered K/V rows
     "pallas"  attention/kernels/sparse_pallas.py  Triton: one program per query, atomics
@@ -24,6 +25,7 @@ from __future__ import annotations
 from jaxtyping import Array, Float, Int
 
 from attention import masks as masks_lib
+from attention import scores as scores_lib
 from attention import sparse_xla
 from attention.block_sizes import SparseBlockSizes
 from attention.common import Implementations
@@ -40,23 +42,31 @@ IMPLEMENTATIONS = Implementations(
 def sparse_attention(
     q: Float[Array, "B T N H"],
     k: Float[Array, "B S K H"],
-    v: Float[Array, "B S K H"],
+    v: Float[Array, "B S K Hv"],
     indices: Int[Array, "B T k"] | Int[Array, "B T K k"],
     *,
     mask: Mask | None = None,
     scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    alibi_slopes=None,
+    return_lse: bool = False,
     implementation: str | None = None,
     block_sizes: SparseBlockSizes | None = None,
     interpret: bool = False,
-) -> Float[Array, "B T N H"]:
+) -> Float[Array, "B T N Hv"] | tuple[Float[Array, "B T N Hv"], Float[Array, "B N T"]]:
   """Softmax attention of each query over its selected keys only (see the module docstring).
 
   Args:
-    q: `[B, T, N, H]`. k, v: `[B, S, K, H]`, `N % K == 0`.
+    q: `[B, T, N, H]`. k: `[B, S, K, H]`, v: `[B, S, K, Hv]` (Hv may differ from H),
+      `N % K == 0`.
     indices: `[B, T, k]` key positions shared by all heads, or `[B, T, K, k]` per kv head;
       -1 marks an unused slot.
     mask: visibility re-applied to the selected keys (causal, window, segments, q_offset).
     scale: logit scale, default `H ** -0.5`.
+    logits_soft_cap: `cap * tanh(s / cap)` on the scaled scores (`attention.scores`).
+    alibi_slopes: not supported here (a ValueError); use flash_attention.
+    return_lse: also return `lse [B, N, T]` (float32, natural log, -inf where nothing is
+      selected and visible); gradients flow through both outputs.
     implementation: a name in `IMPLEMENTATIONS`: "xla", "pallas" (Triton kernels; CPU needs
       `interpret=True`) or None (Pallas on GPU, XLA elsewhere).
     block_sizes: `SparseBlockSizes` (XLA: `block_q`; Pallas: `block_k`); None = defaults.
@@ -64,14 +74,17 @@ def sparse_attention(
     interpret: run the Pallas kernels in interpret mode; only with "pallas".
 
   Returns:
-    `[B, T, N, H]` in q's dtype; 0 for a query with no selected visible key.
+    `[B, T, N, Hv]` in q's dtype (0 for a query with no selected visible key), or `(out, lse)`.
   """
-  b, t, s, _, kh, h = check_qkv(q, k, v)
+  b, t, s, n, kh, h = check_qkv(q, k, v, value_dim=True)
   mask = masks_lib.validate(mask, q.shape, k.shape)
   scale = default_scale(h, scale)
+  scores_lib.refuse("sparse_attention", alibi_slopes=alibi_slopes)
+  mods = scores_lib.make(logits_soft_cap, None, n)
   implementation = IMPLEMENTATIONS.resolve(implementation, interpret)
   if block_sizes is not None and not isinstance(block_sizes, SparseBlockSizes):
     raise ValueError(f"block_sizes must be an attention.SparseBlockSizes, got {block_sizes!r}.")
   idx = masks_lib.effective_indices(indices, mask, b, t, s, kh)
   attend = IMPLEMENTATIONS.get(implementation)
-  return attend(q, k, v, idx, scale, block_sizes, bool(interpret))
+  out, lse = attend(q, k, v, idx, scale, block_sizes, bool(interpret), mods)
+  return (out, lse) if return_lse else out

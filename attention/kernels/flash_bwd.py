@@ -1,9 +1,10 @@
 """Pallas (Triton) flash attention backward kernels: dK/dV and dQ, recomputing p from the lse.
 
 With `s = q k^T * scale`, `p = exp(s - lse)` (the forward's saved log-sum-exp) and the
-preprocessed `delta = rowsum(out * dout)` (`flash_pallas`, one fused XLA reduction)::
+preprocessed `delta = rowsum(out * dout) - dlse` (`common.row_delta`, one fused XLA reduction;
+`dlse` the lse's cotangent when the lse is an output; `cap'` the soft-cap's derivative)::
 
-    dv = p^T dout          dp = dout v^T          ds = p * (dp - delta)
+    dv = p^T dout          dp = dout v^T          ds = p * (dp - delta) * cap'(s)
     dk = scale * ds^T q    dq = scale * ds k
 
 Two kernels, so that each output tile is owned by one program (no atomics):
@@ -41,74 +42,81 @@ from attention.kernels import flash_tiles as tiles
 def _dkdv_kernel(offsets_ref, schedule_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref,
                  *refs, geom: tiles.Geometry, scale: float, block_q: int, block_kv: int,
                  group: int, precision):
-  """Refs: offsets `[B]`, schedule `[B, 4, nk]`, q/dout `[Tp, G, H]` (the group's q heads),
-  k/v `[bk, H]`, lse/delta `[G, Tp]` (lse in log2 units), then (segments only) q_seg `[Tp]`,
-  kv_seg `[bk]`; outputs dk, dv `[bk, H]`."""
-  if geom.has_segments:
-    q_seg_ref, kv_seg_ref, dk_ref, dv_ref = refs
-  else:
-    dk_ref, dv_ref = refs
+  """Refs: offsets `[B]`, schedule `[B, 4, nk]`, q `[Tp, G, H]`, dout `[Tp, G, Hv]` (the group's
+  q heads), k `[bk, H]`, v `[bk, Hv]`, lse/delta `[G, Tp]` (lse in log2 units), then q_seg
+  `[Tp]`, kv_seg `[bk]` (segments only), slopes `[Np]` (ALiBi only); outputs dk `[bk, H]`,
+  dv `[bk, Hv]`."""
+  q_seg_ref, kv_seg_ref, slopes_ref, (dk_ref, dv_ref) = tiles.split_refs(geom, refs)
   j, b = pl.program_id(0), pl.program_id(1)
   bq, bk = block_q, block_kv
-  head_dim = k_ref.shape[-1]
 
   k, v = k_ref[...], v_ref[...]
   kv_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)[:, None]  # bk 1
   offset = offsets_ref[b]
   kv_seg = kv_seg_ref[...][:, None] if geom.has_segments else None
   schedule = tiles.read_row(schedule_ref, b, j, 4)
-  qk_scale = scale * tiles.LOG2E
+  first_head = pl.program_id(2) * group  # q heads of this kv head: first_head + g
 
   def head(g, carry):
+    slope = tiles.read_slope(slopes_ref, first_head + g)
+
     def step(i, carry, masked: bool):
       dk, dv = carry
       rows = pl.ds(pl.multiple_of(i * bq, bq), bq)
-      q, dout = q_ref[rows, g, :], dout_ref[rows, g, :]  # bq H
+      q, dout = q_ref[rows, g, :], dout_ref[rows, g, :]  # bq H, bq Hv
       lse, delta = lse_ref[g, rows], delta_ref[g, rows]  # bq
-      s_t = plgpu.dot(k, q, trans_b=True, precision=precision)  # bk bq
-      p_t = jnp.exp2(s_t * qk_scale - lse[None, :])
+      q_pos = offset + i * bq + jnp.arange(bq, dtype=jnp.int32)[None, :]
+      s_t, dcap = tiles.scores2(geom, plgpu.dot(k, q, trans_b=True, precision=precision), scale,
+                                slope, q_pos, kv_pos)  # bk bq
+      p_t = jnp.exp2(s_t - lse[None, :])
       if masked:
-        q_pos = offset + i * bq + jnp.arange(bq, dtype=jnp.int32)[None, :]
         q_seg = q_seg_ref[rows][None, :] if geom.has_segments else None
         p_t = jnp.where(tiles.visible(geom, q_pos, kv_pos, q_seg, kv_seg), p_t, 0.0)
       dv = dv + plgpu.dot(p_t.astype(dout.dtype), dout, precision=precision)
       dp_t = plgpu.dot(v, dout, trans_b=True, precision=precision)  # bk bq
       ds_t = p_t * (dp_t - delta[None, :])
+      if dcap is not None:
+        ds_t = ds_t * dcap
       dk = dk + plgpu.dot(ds_t.astype(q.dtype), q, precision=precision)
       return dk, dv
 
     return tiles.visit(schedule, step, carry)
 
-  zeros = jnp.zeros((bk, head_dim), jnp.float32)
-  dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
+  zeros = lambda ref: jnp.zeros(ref.shape, jnp.float32)
+  dk, dv = lax.fori_loop(0, group, head, (zeros(k_ref), zeros(v_ref)))
   dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def dkdv_call(q, k, v, dout, lse2, delta, offsets, schedule, segments, *, geom: tiles.Geometry,
-              scale: float, block_q: int, block_kv: int, num_warps: int, num_stages: int,
-              allow_tf32: bool = False, interpret: bool = False):
-  """dK, dV `[B, Sp, K, Hp]` from padded q/dout `[B, Tp, N, Hp]`, k/v `[B, Sp, K, Hp]`,
-  lse2 (log2 units, +inf for rows without keys) and delta `[B, N, Tp]` float32."""
+def dkdv_call(q, k, v, dout, lse2, delta, offsets, schedule, segments, slopes=None, *,
+              geom: tiles.Geometry, scale: float, block_q: int, block_kv: int, num_warps: int,
+              num_stages: int, allow_tf32: bool = False, interpret: bool = False):
+  """dK `[B, Sp, K, Hp]`, dV `[B, Sp, K, Hvp]` from padded q `[B, Tp, N, Hp]`, dout
+  `[B, Tp, N, Hvp]`, k `[B, Sp, K, Hp]`, v `[B, Sp, K, Hvp]`, lse2 (log2 units, +inf for rows
+  without keys) and delta `[B, N, Tp]` float32; slopes `[Np]` (ALiBi) or None."""
   batch, t_pad, heads, head_dim = q.shape
-  s_pad, kv_heads = k.shape[1], k.shape[2]
+  s_pad, kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[3]
   group = heads // kv_heads
   nk = s_pad // block_kv
   # Free reshapes: the G q heads of kv head kh are contiguous.
-  q, dout = (x.reshape(batch, t_pad, kv_heads, group, head_dim) for x in (q, dout))
+  q, dout = (x.reshape(batch, t_pad, kv_heads, group, x.shape[-1]) for x in (q, dout))
   lse2, delta = (x.reshape(batch, kv_heads, group, t_pad) for x in (lse2, delta))
 
   full = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
-  group_spec = pl.BlockSpec((None, t_pad, None, group, head_dim), lambda j, b, h: (b, 0, h, 0, 0))
-  kv_spec = pl.BlockSpec((None, block_kv, None, head_dim), lambda j, b, h: (b, j, h, 0))
+  group_spec = lambda d: pl.BlockSpec((None, t_pad, None, group, d),
+                                      lambda j, b, h: (b, 0, h, 0, 0))
+  kv_spec = lambda d: pl.BlockSpec((None, block_kv, None, d), lambda j, b, h: (b, j, h, 0))
   row_spec = pl.BlockSpec((None, None, group, t_pad), lambda j, b, h: (b, h, 0, 0))
-  in_specs = [full(offsets), full(schedule), group_spec, kv_spec, kv_spec, group_spec, row_spec,
-              row_spec]
+  in_specs = [full(offsets), full(schedule), group_spec(head_dim), kv_spec(head_dim),
+              kv_spec(value_dim), group_spec(value_dim), row_spec, row_spec]
   inputs = [offsets, schedule, q, k, v, dout, lse2, delta]
   if segments is not None:
     in_specs += [pl.BlockSpec((None, t_pad), lambda j, b, h: (b, 0)),
                  pl.BlockSpec((None, block_kv), lambda j, b, h: (b, j))]
     inputs += list(segments)
+  if slopes is not None:
+    in_specs.append(full(slopes))
+    inputs.append(slopes)
 
   kernel = functools.partial(_dkdv_kernel, geom=geom, scale=scale, block_q=block_q,
                              block_kv=block_kv, group=group,
@@ -117,7 +125,7 @@ def dkdv_call(q, k, v, dout, lse2, delta, offsets, schedule, segments, *, geom: 
       kernel,
       grid=(nk, batch, kv_heads),
       in_specs=in_specs,
-      out_specs=[kv_spec, kv_spec],
+      out_specs=[kv_spec(head_dim), kv_spec(value_dim)],
       out_shape=[varying_struct(k.shape, k.dtype, inputs),
                  varying_struct(v.shape, v.dtype, inputs)],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
@@ -132,12 +140,10 @@ def dkdv_call(q, k, v, dout, lse2, delta, offsets, schedule, segments, *, geom: 
 def _dq_kernel(offsets_ref, schedule_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref,
                *refs, geom: tiles.Geometry, scale: float, block_q: int, block_kv: int,
                num_q_blocks: int, precision):
-  """Refs: offsets, schedule `[B, 4, nq]`, q/dout `[bq, H]`, k/v `[Sp, H]`, lse/delta `[bq]`,
-  then (segments only) q_seg `[bq]`, kv_seg `[Sp]`; output dq `[bq, H]`."""
-  if geom.has_segments:
-    q_seg_ref, kv_seg_ref, dq_ref = refs
-  else:
-    (dq_ref,) = refs
+  """Refs: offsets, schedule `[B, 4, nq]`, q `[bq, H]`, dout `[bq, Hv]`, k `[Sp, H]`, v
+  `[Sp, Hv]`, lse/delta `[bq]`, then q_seg `[bq]`, kv_seg `[Sp]` (segments only), slopes `[Np]`
+  (ALiBi only); output dq `[bq, H]`."""
+  q_seg_ref, kv_seg_ref, slopes_ref, (dq_ref,) = tiles.split_refs(geom, refs)
   i = num_q_blocks - 1 - pl.program_id(0)
   b = pl.program_id(1)
   bq, bk = block_q, block_kv
@@ -146,17 +152,21 @@ def _dq_kernel(offsets_ref, schedule_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref
   lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]  # bq 1
   q_pos = offsets_ref[b] + i * bq + jnp.arange(bq, dtype=jnp.int32)[:, None]
   q_seg = q_seg_ref[...][:, None] if geom.has_segments else None
-  qk_scale = scale * tiles.LOG2E
+  slope = tiles.read_slope(slopes_ref, pl.program_id(2))
 
   def step(j, dq, masked: bool):
     kv = pl.ds(pl.multiple_of(j * bk, bk), bk)
     k, v = k_ref[kv, :], v_ref[kv, :]
-    p = jnp.exp2(plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale - lse)  # bq bk
+    kv_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)[None, :]
+    s, dcap = tiles.scores2(geom, plgpu.dot(q, k, trans_b=True, precision=precision), scale,
+                            slope, q_pos, kv_pos)
+    p = jnp.exp2(s - lse)  # bq bk
     if masked:
-      kv_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)[None, :]
       kv_seg = kv_seg_ref[kv][None, :] if geom.has_segments else None
       p = jnp.where(tiles.visible(geom, q_pos, kv_pos, q_seg, kv_seg), p, 0.0)
     ds = p * (plgpu.dot(dout, v, trans_b=True, precision=precision) - delta)
+    if dcap is not None:
+      ds = ds * dcap
     return dq + plgpu.dot(ds.astype(k.dtype), k, precision=precision)
 
   dq = tiles.visit(tiles.read_row(schedule_ref, b, i, 4), step,
@@ -164,27 +174,30 @@ def _dq_kernel(offsets_ref, schedule_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def dq_call(q, k, v, dout, lse2, delta, offsets, schedule, segments, *, geom: tiles.Geometry,
-            scale: float, block_q: int, block_kv: int, num_warps: int, num_stages: int,
-            allow_tf32: bool = False, interpret: bool = False):
+def dq_call(q, k, v, dout, lse2, delta, offsets, schedule, segments, slopes=None, *,
+            geom: tiles.Geometry, scale: float, block_q: int, block_kv: int, num_warps: int,
+            num_stages: int, allow_tf32: bool = False, interpret: bool = False):
   """dQ `[B, Tp, N, Hp]` (q.dtype); arguments as `dkdv_call` with a q-major schedule."""
   batch, t_pad, heads, head_dim = q.shape
-  s_pad, kv_heads = k.shape[1], k.shape[2]
+  s_pad, kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[3]
   group = heads // kv_heads
   nq = t_pad // block_q
   qi = lambda i: nq - 1 - i
 
   full = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
-  q_spec = pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, n: (b, qi(i), n, 0))
-  kv_spec = pl.BlockSpec((None, s_pad, None, head_dim), lambda i, b, n: (b, 0, n // group, 0))
+  q_spec = lambda d: pl.BlockSpec((None, block_q, None, d), lambda i, b, n: (b, qi(i), n, 0))
+  kv_spec = lambda d: pl.BlockSpec((None, s_pad, None, d), lambda i, b, n: (b, 0, n // group, 0))
   row_spec = pl.BlockSpec((None, None, block_q), lambda i, b, n: (b, n, qi(i)))
-  in_specs = [full(offsets), full(schedule), q_spec, kv_spec, kv_spec, q_spec, row_spec,
-              row_spec]
+  in_specs = [full(offsets), full(schedule), q_spec(head_dim), kv_spec(head_dim),
+              kv_spec(value_dim), q_spec(value_dim), row_spec, row_spec]
   inputs = [offsets, schedule, q, k, v, dout, lse2, delta]
   if segments is not None:
     in_specs += [pl.BlockSpec((None, block_q), lambda i, b, n: (b, qi(i))),
                  pl.BlockSpec((None, s_pad), lambda i, b, n: (b, 0))]
     inputs += list(segments)
+  if slopes is not None:
+    in_specs.append(full(slopes))
+    inputs.append(slopes)
 
   kernel = functools.partial(_dq_kernel, geom=geom, scale=scale, block_q=block_q,
                              block_kv=block_kv, num_q_blocks=nq,
@@ -193,7 +206,7 @@ def dq_call(q, k, v, dout, lse2, delta, offsets, schedule, segments, *, geom: ti
       kernel,
       grid=(nq, batch, heads),
       in_specs=in_specs,
-      out_specs=q_spec,
+      out_specs=q_spec(head_dim),
       out_shape=varying_struct(q.shape, q.dtype, inputs),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,

@@ -5,7 +5,8 @@ One program per (q block, batch row, q head): it keeps its `[bq, H]` queries, th
 streams the kv blocks its schedule lists (`flash_tiles`), base-2 exponentials throughout::
 
     for j in the kv blocks this q block can see:        # [lo, hi) from the mask, no more
-      s   = q k_j^T * scale * log2(e)                     # [bq, bk] float32
+      s   = q k_j^T * scale * log2(e)                     # [bq, bk] float32 (soft-cap and
+                                                          # ALiBi first: tiles.scores2)
       s   = where(visible, s, -inf)                       # edge blocks only (diagonal, window)
       m'  = max(m, rowmax(s));  p = 2^(s - m');  c = 2^(m - m')
       l   = c l + rowsum(p);  acc = c acc + p v_j;  m = m'
@@ -36,29 +37,28 @@ from attention.kernels import flash_tiles as tiles
 
 def _forward_kernel(offsets_ref, schedule_ref, q_ref, k_ref, v_ref, *refs, geom: tiles.Geometry,
                     scale: float, block_q: int, block_kv: int, num_q_blocks: int, precision):
-  """Refs: offsets `[B]`, schedule `[B, 4, nq]`, q `[bq, H]`, k/v `[Sp, H]` (one kv head),
-  then (segments only) q_seg `[bq]`, kv_seg `[Sp]`; outputs out `[bq, H]`, lse `[bq]`."""
-  if geom.has_segments:
-    q_seg_ref, kv_seg_ref, out_ref, lse_ref = refs
-  else:
-    out_ref, lse_ref = refs
+  """Refs: offsets `[B]`, schedule `[B, 4, nq]`, q `[bq, H]`, k `[Sp, H]`, v `[Sp, Hv]` (one kv
+  head), then q_seg `[bq]`, kv_seg `[Sp]` (segments only), slopes `[Np]` (ALiBi only);
+  outputs out `[bq, Hv]`, lse `[bq]`."""
+  q_seg_ref, kv_seg_ref, slopes_ref, (out_ref, lse_ref) = tiles.split_refs(geom, refs)
   i = num_q_blocks - 1 - pl.program_id(0)  # heaviest (causal) q blocks first: shorter tail
   b = pl.program_id(1)
   bq, bk = block_q, block_kv
-  head_dim = q_ref.shape[-1]
+  value_dim = v_ref.shape[-1]
 
   q = q_ref[...]
   q_pos = offsets_ref[b] + i * bq + jnp.arange(bq, dtype=jnp.int32)[:, None]  # bq 1
   q_seg = q_seg_ref[...][:, None] if geom.has_segments else None
-  qk_scale = scale * tiles.LOG2E
+  slope = tiles.read_slope(slopes_ref, pl.program_id(2))
 
   def step(j, carry, masked: bool):
     m, l, acc = carry
     kv = pl.ds(pl.multiple_of(j * bk, bk), bk)
     k, v = k_ref[kv, :], v_ref[kv, :]
-    s = plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale  # bq bk, float32
+    kv_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)[None, :]
+    s, _ = tiles.scores2(geom, plgpu.dot(q, k, trans_b=True, precision=precision), scale, slope,
+                         q_pos, kv_pos)  # bq bk, float32, base 2
     if masked:
-      kv_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)[None, :]
       kv_seg = kv_seg_ref[kv][None, :] if geom.has_segments else None
       s = jnp.where(tiles.visible(geom, q_pos, kv_pos, q_seg, kv_seg), s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -70,7 +70,7 @@ def _forward_kernel(offsets_ref, schedule_ref, q_ref, k_ref, v_ref, *refs, geom:
     return m_new, l, acc
 
   init = (jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32),
-          jnp.zeros((bq, head_dim), jnp.float32))
+          jnp.zeros((bq, value_dim), jnp.float32))
   m, l, acc = tiles.visit(tiles.read_row(schedule_ref, b, i, 4), step, init)
 
   has_key = l > 0.0
@@ -79,37 +79,42 @@ def _forward_kernel(offsets_ref, schedule_ref, q_ref, k_ref, v_ref, *refs, geom:
   lse_ref[...] = jnp.where(has_key, (m + jnp.log2(l_safe)) * tiles.LN2, -jnp.inf)
 
 
-def forward_call(q, k, v, offsets, schedule, segments, *, geom: tiles.Geometry, scale: float,
-                 block_q: int, block_kv: int, num_warps: int, num_stages: int,
+def forward_call(q, k, v, offsets, schedule, segments, slopes=None, *, geom: tiles.Geometry,
+                 scale: float, block_q: int, block_kv: int, num_warps: int, num_stages: int,
                  allow_tf32: bool = False, interpret: bool = False):
   """Runs the forward kernel on padded inputs.
 
   Args:
-    q: `[B, Tp, N, Hp]`, Tp a multiple of `block_q`. k, v: `[B, Sp, K, Hp]`, Sp a multiple of
-      `block_kv`, `N % K == 0`.
+    q: `[B, Tp, N, Hp]`, Tp a multiple of `block_q`. k: `[B, Sp, K, Hp]`, v: `[B, Sp, K, Hvp]`,
+      Sp a multiple of `block_kv`, `N % K == 0`.
     offsets: `[B]` int32 absolute position of query 0. schedule: `[B, 4, Tp // block_q]`.
     segments: None, or `(q_seg [B, Tp], kv_seg [B, Sp])` (padding = -1).
+    slopes: `[Np]` float32 ALiBi slopes (`geom.alibi`) or None.
     allow_tf32: float32 inputs: TF32 tensor-core dots instead of exact (ieee) float32
       (`tiles.dot_precision`); no effect on bf16/f16.
 
   Returns:
-    out `[B, Tp, N, Hp]` (q.dtype), lse `[B, N, Tp]` float32 (natural log; -inf: no key).
+    out `[B, Tp, N, Hvp]` (q.dtype), lse `[B, N, Tp]` float32 (natural log; -inf: no key).
   """
   batch, t_pad, heads, head_dim = q.shape
-  s_pad, kv_heads = k.shape[1], k.shape[2]
+  s_pad, kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[3]
   group = heads // kv_heads
   nq = t_pad // block_q
   qi = lambda i: nq - 1 - i  # grid step -> q block (reversed, as in the kernel)
 
   full = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
   q_spec = pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, n: (b, qi(i), n, 0))
-  kv_spec = pl.BlockSpec((None, s_pad, None, head_dim), lambda i, b, n: (b, 0, n // group, 0))
-  in_specs = [full(offsets), full(schedule), q_spec, kv_spec, kv_spec]
+  kv_spec = lambda d: pl.BlockSpec((None, s_pad, None, d), lambda i, b, n: (b, 0, n // group, 0))
+  out_spec = pl.BlockSpec((None, block_q, None, value_dim), lambda i, b, n: (b, qi(i), n, 0))
+  in_specs = [full(offsets), full(schedule), q_spec, kv_spec(head_dim), kv_spec(value_dim)]
   inputs = [offsets, schedule, q, k, v]
   if segments is not None:
     in_specs += [pl.BlockSpec((None, block_q), lambda i, b, n: (b, qi(i))),
                  pl.BlockSpec((None, s_pad), lambda i, b, n: (b, 0))]
     inputs += list(segments)
+  if slopes is not None:
+    in_specs.append(full(slopes))
+    inputs.append(slopes)
 
   kernel = functools.partial(_forward_kernel, geom=geom, scale=scale, block_q=block_q,
                              block_kv=block_kv, num_q_blocks=nq,
@@ -118,8 +123,8 @@ def forward_call(q, k, v, offsets, schedule, segments, *, geom: tiles.Geometry, 
       kernel,
       grid=(nq, batch, heads),
       in_specs=in_specs,
-      out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, b, n: (b, n, qi(i)))],
-      out_shape=[varying_struct(q.shape, q.dtype, inputs),
+      out_specs=[out_spec, pl.BlockSpec((None, None, block_q), lambda i, b, n: (b, n, qi(i)))],
+      out_shape=[varying_struct((batch, t_pad, heads, value_dim), q.dtype, inputs),
                  varying_struct((batch, heads, t_pad), jnp.float32, inputs)],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,

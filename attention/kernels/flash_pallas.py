@@ -35,11 +35,13 @@ from jaxtyping import Array, Float
 
 from attention import masks as masks_lib
 from attention.block_sizes import MIN_PALLAS_BLOCK, BlockSizes, padded_head_dim
-from attention.common import backward_lse, pad_to_size, round_block, with_lse_vjp
+from attention.common import backward_lse, pad_to_size, round_block, row_delta, with_lse_vjp
 from attention.kernels import flash_bwd, flash_fwd
 from attention.kernels import flash_tiles as tiles
 from attention.masks import Mask
 from attention.reference import SUPPORTED_DTYPES, check_qkv, default_scale
+from attention.scores import NONE as NO_MODS
+from attention.scores import ScoreMods
 
 
 def _fit(block: int, length: int) -> int:
@@ -61,22 +63,23 @@ class _Padded:
   a power of two, segment ids with -1 (and per-tile segment tables for the schedules)."""
 
   def __init__(self, q, k, v, mask: Mask, q_tile: int, kv_tile: int):
-    b, self.t, self.s, _, _, self.h = check_qkv(q, k, v)
+    b, self.t, self.s, _, _, self.h = check_qkv(q, k, v, value_dim=True)
+    self.hv = v.shape[3]
     self.t_pad = tiles.cdiv(self.t, q_tile) * q_tile
     self.s_pad = tiles.cdiv(self.s, kv_tile) * kv_tile
-    self.h_pad = padded_head_dim(self.h)
+    self.h_pad, self.hv_pad = padded_head_dim(self.h), padded_head_dim(self.hv)
     self.q = self.seq(q)
     self.k = pad_to_size(pad_to_size(k, 1, self.s_pad), 3, self.h_pad)
-    self.v = pad_to_size(pad_to_size(v, 1, self.s_pad), 3, self.h_pad)
+    self.v = pad_to_size(pad_to_size(v, 1, self.s_pad), 3, self.hv_pad)
     self.offsets = masks_lib.q_offsets(mask, b)
     self.q_seg = self.kv_seg = None
     if mask.has_segments:
       self.q_seg = pad_to_size(jnp.asarray(mask.q_segment_ids, jnp.int32), 1, self.t_pad, -1)
       self.kv_seg = pad_to_size(jnp.asarray(mask.kv_segment_ids, jnp.int32), 1, self.s_pad, -1)
 
-  def seq(self, x):
-    """`[B, T, N, H]` -> `[B, Tp, N, Hp]` (zeros)."""
-    return pad_to_size(pad_to_size(x, 1, self.t_pad), 3, self.h_pad)
+  def seq(self, x, head_pad: int | None = None):
+    """`[B, T, N, H]` -> `[B, Tp, N, Hp]` (zeros; `head_pad` instead of Hp if given)."""
+    return pad_to_size(pad_to_size(x, 1, self.t_pad), 3, head_pad or self.h_pad)
 
   def segments(self, q_tile: int, kv_tile: int):
     """`((q_seg, kv_seg) kernel operands, (q_tab, kv_tab) schedule tables)`, or `(None, ())`."""
@@ -89,36 +92,43 @@ class _Padded:
 # --- forward / backward with the XLA path's signatures -------------------------------------------
 
 
+def _head_dim(q, v) -> int:
+  """The head dim tiles are sized for: the larger of q/k's and v's."""
+  return max(q.shape[3], v.shape[3])
+
+
 def flash_forward_pallas(q, k, v, mask: Mask, scale: float, block_sizes: BlockSizes | None,
-                         interpret: bool = False):
-  """Returns `out [B, T, N, H]` (q.dtype) and `lse [B, N, T]` float32 (-inf: no visible key)."""
-  block_sizes = resolve_block_sizes(block_sizes, q.shape[3], q.dtype)
-  t, s, h = q.shape[1], k.shape[1], q.shape[3]
+                         interpret: bool = False, *, mods: ScoreMods = NO_MODS):
+  """Returns `out [B, T, N, Hv]` (q.dtype) and `lse [B, N, T]` float32 (-inf: no visible key)."""
+  block_sizes = resolve_block_sizes(block_sizes, _head_dim(q, v), q.dtype)
+  t, s, h = q.shape[1], k.shape[1], _head_dim(q, v)
   bq, bk = _fit(block_sizes.block_q, t), _fit(block_sizes.block_kv, s)
   x = _Padded(q, k, v, mask, bq, bk)
   segments, tabs = x.segments(bq, bk)
   schedule = tiles.q_major_schedule(mask, x.offsets, x.t_pad // bq, bq, s, bk, *tabs)
   warps, stages = block_sizes.pallas_launch("fwd", h, q.dtype)
   out, lse = flash_fwd.forward_call(
-      x.q, x.k, x.v, x.offsets, schedule, segments, geom=tiles.Geometry.of(mask, s), scale=scale,
-      block_q=bq, block_kv=bk, num_warps=warps, num_stages=stages,
-      allow_tf32=block_sizes.allow_tf32, interpret=interpret)
-  return out[:, :t, :, :h], lse[:, :, :t]
+      x.q, x.k, x.v, x.offsets, schedule, segments, tiles.slopes_operand(mods),
+      geom=tiles.Geometry.of(mask, s, mods), scale=scale, block_q=bq, block_kv=bk,
+      num_warps=warps, num_stages=stages, allow_tf32=block_sizes.allow_tf32,
+      interpret=interpret)
+  return out[:, :t, :, :x.hv], lse[:, :, :t]
 
 
 def flash_backward_pallas(q, k, v, out, lse, dout, mask: Mask, scale: float,
-                          block_sizes: BlockSizes | None, interpret: bool = False):
+                          block_sizes: BlockSizes | None, interpret: bool = False, *,
+                          mods: ScoreMods = NO_MODS, dlse=None):
   """Gradients `(dq, dk, dv)` from the saved `lse [B, N, T]`, recomputing scores tile by tile."""
-  block_sizes = resolve_block_sizes(block_sizes, q.shape[3], q.dtype)
-  t, s, h = q.shape[1], k.shape[1], q.shape[3]
+  block_sizes = resolve_block_sizes(block_sizes, _head_dim(q, v), q.dtype)
+  t, s, h = q.shape[1], k.shape[1], _head_dim(q, v)
   q_dq, kv_dq = block_sizes.dq_tiles
   bq_kv, bk_kv = _fit(block_sizes.block_q_bwd, t), _fit(block_sizes.block_kv_bwd, s)
   bq_q, bk_q = _fit(q_dq, t), _fit(kv_dq, s)
   x = _Padded(q, k, v, mask, max(bq_kv, bq_q), max(bk_kv, bk_q))  # powers of two: max = lcm
-  geom = tiles.Geometry.of(mask, s)
+  geom, slopes = tiles.Geometry.of(mask, s, mods), tiles.slopes_operand(mods)
 
-  dout_p = x.seq(dout.astype(q.dtype))
-  delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)  # B T N
+  dout_p = x.seq(dout.astype(q.dtype), x.hv_pad)
+  delta = row_delta(out, dout, dlse)  # B T N
   delta = pad_to_size(jnp.swapaxes(delta, 1, 2), 2, x.t_pad)  # B N Tp
   # Base-2 lse; rows with no visible key (and padded rows) get +inf, hence p = 0.
   lse2 = pad_to_size(backward_lse(lse) * tiles.LOG2E, 2, x.t_pad, jnp.inf)
@@ -127,7 +137,8 @@ def flash_backward_pallas(q, k, v, out, lse, dout, mask: Mask, scale: float,
   schedule = tiles.kv_major_schedule(mask, x.offsets, x.s_pad // bk_kv, bk_kv, s, t, bq_kv, *tabs)
   warps, stages = block_sizes.pallas_launch("dkdv", h, q.dtype)
   dk, dv = flash_bwd.dkdv_call(
-      x.q, x.k, x.v, dout_p, lse2, delta, x.offsets, schedule, segments, geom=geom, scale=scale,
+      x.q, x.k, x.v, dout_p, lse2, delta, x.offsets, schedule, segments, slopes, geom=geom,
+      scale=scale,
       block_q=bq_kv, block_kv=bk_kv, num_warps=warps, num_stages=stages,
       allow_tf32=block_sizes.allow_tf32, interpret=interpret)
 
@@ -135,10 +146,11 @@ def flash_backward_pallas(q, k, v, out, lse, dout, mask: Mask, scale: float,
   schedule = tiles.q_major_schedule(mask, x.offsets, x.t_pad // bq_q, bq_q, s, bk_q, *tabs)
   warps, stages = block_sizes.pallas_launch("dq", h, q.dtype)
   dq = flash_bwd.dq_call(
-      x.q, x.k, x.v, dout_p, lse2, delta, x.offsets, schedule, segments, geom=geom, scale=scale,
+      x.q, x.k, x.v, dout_p, lse2, delta, x.offsets, schedule, segments, slopes, geom=geom,
+      scale=scale,
       block_q=bq_q, block_kv=bk_q, num_warps=warps, num_stages=stages,
       allow_tf32=block_sizes.allow_tf32, interpret=interpret)
-  return dq[:, :t, :, :h], dk[:, :s, :, :h], dv[:, :s, :, :h]
+  return dq[:, :t, :, :x.h], dk[:, :s, :, :x.h], dv[:, :s, :, :x.hv]
 
 
 # --- custom_vjp wiring ---------------------------------------------------------------------------
@@ -148,16 +160,17 @@ _pallas_flash = with_lse_vjp(flash_forward_pallas, flash_backward_pallas)
 
 
 def attend(q, k, v, mask: Mask, scale: float, block_sizes: BlockSizes | None,
-           interpret: bool = False):
-  """The "pallas" entry of `flash.IMPLEMENTATIONS` (shapes and mask validated by the caller).
+           interpret: bool = False, mods: ScoreMods = NO_MODS):
+  """The "pallas" entry of `flash.IMPLEMENTATIONS` (shapes and mask validated by the caller):
+  `(out [B, T, N, Hv], lse [B, N, T])`, differentiable in both.
 
   Checks the dtypes and the block sizes (ValueError before tracing), then runs the kernels.
   """
   if not q.dtype == k.dtype == v.dtype or q.dtype not in map(jnp.dtype, SUPPORTED_DTYPES):
     raise ValueError(f"Pallas flash attention needs q, k, v of one dtype among float32, bfloat16, "
                      f"float16; got {q.dtype}, {k.dtype}, {v.dtype}.")
-  block_sizes = resolve_block_sizes(block_sizes, q.shape[3], q.dtype)
-  return _pallas_flash(q, k, v, mask, scale, block_sizes, bool(interpret))
+  block_sizes = resolve_block_sizes(block_sizes, _head_dim(q, v), q.dtype)
+  return _pallas_flash(q, k, v, mask, scale, mods, block_sizes, bool(interpret))
 
 
 def flash_attention_pallas(
@@ -188,4 +201,4 @@ def flash_attention_pallas(
   """
   _, _, _, _, _, h = check_qkv(q, k, v)
   mask = masks_lib.validate(mask, q.shape, k.shape)
-  return attend(q, k, v, mask, default_scale(h, scale), block_sizes, interpret)
+  return attend(q, k, v, mask, default_scale(h, scale), block_sizes, interpret)[0]

@@ -47,6 +47,8 @@ from jax import lax
 
 from attention import masks as masks_lib
 from attention.masks import UNBOUNDED, Mask
+from attention.scores import NONE as NO_MODS
+from attention.scores import ScoreMods, modify
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -65,12 +67,19 @@ class Geometry:
   right: int
   kv_len: int  # real keys; positions >= kv_len are padding
   has_segments: bool
+  soft_cap: float | None = None  # logits soft-cap (`attention.scores`)
+  alibi: bool = False  # ALiBi slopes arrive as a `[Np]` float32 operand
 
   @classmethod
-  def of(cls, mask: Mask, kv_len: int) -> "Geometry":
+  def of(cls, mask: Mask, kv_len: int, mods: ScoreMods = NO_MODS) -> "Geometry":
     left, right = mask.bounds
     return cls(left=int(left), right=int(right), kv_len=int(kv_len),
-               has_segments=mask.has_segments)
+               has_segments=mask.has_segments, soft_cap=mods.soft_cap,
+               alibi=mods.alibi_slopes is not None)
+
+  @property
+  def has_mods(self) -> bool:
+    return self.soft_cap is not None or self.alibi
 
 
 # --- schedules (XLA, outside the kernels) ------------------------------------------------------
@@ -191,6 +200,41 @@ def visible(geom: Geometry, q_pos, kv_pos, q_seg=None, kv_seg=None):
   if q_seg is not None:
     vis &= (q_seg == kv_seg) & (q_seg >= 0)
   return vis
+
+
+def scores2(geom: Geometry, s, scale: float, slope, q_pos, kv_pos):
+  """`(s2, dcap)`: a tile of raw dots `s` as base-2 logits (`s * scale * log2 e`), soft-capped
+  and ALiBi-biased in natural units first when the geometry has score modifiers
+  (`attention.scores`; `slope` a scalar, positions broadcasting to the tile)."""
+  if not geom.has_mods:
+    return s * (scale * LOG2E), None
+  s, dcap = modify(s * scale, geom.soft_cap, slope, q_pos, kv_pos)
+  return s * LOG2E, dcap
+
+
+def split_refs(geom: Geometry, refs):
+  """`(q_seg_ref, kv_seg_ref, slopes_ref, output refs)` from a kernel's trailing refs: the
+  segment ids (with segments), the ALiBi slopes (with ALiBi), then the outputs."""
+  refs = list(refs)
+  q_seg_ref = kv_seg_ref = slopes_ref = None
+  if geom.has_segments:
+    q_seg_ref, kv_seg_ref, *refs = refs
+  if geom.alibi:
+    slopes_ref, *refs = refs
+  return q_seg_ref, kv_seg_ref, slopes_ref, refs
+
+
+def slopes_operand(mods: ScoreMods):
+  """The ALiBi slopes padded to a power of two (a kernel operand), or None."""
+  if mods.alibi_slopes is None:
+    return None
+  n = mods.alibi_slopes.shape[0]
+  return jnp.pad(mods.alibi_slopes, (0, (1 << max(0, n - 1).bit_length()) - n))
+
+
+def read_slope(slopes_ref, head):
+  """The ALiBi slope of q head `head` (None when the kernel has no slopes operand)."""
+  return None if slopes_ref is None else slopes_ref[head]
 
 
 def visit(schedule, step, carry):

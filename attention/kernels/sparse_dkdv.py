@@ -37,6 +37,7 @@ from jax.experimental.pallas import triton as plgpu
 from attention.block_sizes import padded_head_dim
 from attention.common import varying_struct
 from attention.kernels import flash_tiles as tiles
+from attention.scores import modify
 
 BLOCK_KEYS = 16  # keys per program (tensor-core minimum)
 BLOCK_ENTRIES = 32  # (query, slot) entries per inner step
@@ -63,10 +64,11 @@ def inverted_selection(idx, num_key_blocks: int, block_keys: int, block_entries:
 
 
 def _dkdv_kernel(ptr_ref, entry_t_ref, entry_key_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref,
-                 v_ref, dk_ref, dv_ref, *, scale: float, group: int, block_keys: int,
-                 block_entries: int, precision):
-  """Refs: ptr `[nk + 1]`, entry_t/entry_key `[E + be]`, q/dout `[T * G, H]` (row t * G + g),
-  lse/delta `[T * G]`, k/v `[bk, H]`; outputs dk/dv `[bk, H]` float32."""
+                 v_ref, dk_ref, dv_ref, *, scale: float, soft_cap: float | None, group: int,
+                 block_keys: int, block_entries: int, precision):
+  """Refs: ptr `[nk + 1]`, entry_t/entry_key `[E + be]`, q `[T * G, H]`, dout `[T * G, Hv]`
+  (row t * G + g), lse/delta `[T * G]`, k `[bk, H]`, v `[bk, Hv]`; outputs dk `[bk, H]`, dv
+  `[bk, Hv]` float32."""
   j = pl.program_id(1)
   bk, be = block_keys, block_entries
   k, v = k_ref[...], v_ref[...]
@@ -86,58 +88,66 @@ def _dkdv_kernel(ptr_ref, entry_t_ref, entry_key_ref, q_ref, do_ref, lse_ref, de
       q, do = q_ref[rows], do_ref[rows]  # be H
       lse, delta = lse_ref[rows], delta_ref[rows]  # be
       s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale  # be bk
+      s, dcap = modify(s, soft_cap)
       p = jnp.where(onehot, jnp.exp(s - lse[:, None]), 0.0)
       dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True, precision=precision)
       dp = plgpu.dot(do, v, trans_b=True, precision=precision)  # be bk
       ds = p * (dp - delta[:, None])
+      if dcap is not None:
+        ds = ds * dcap
       dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True, precision=precision)
       return dk, dv
 
     return lax.fori_loop(0, group, head, carry)
 
-  zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = lax.fori_loop(0, tiles.cdiv(end - start, be), chunk, (zeros, zeros))
+  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+  dk, dv = lax.fori_loop(0, tiles.cdiv(end - start, be), chunk, (zeros(k), zeros(v)))
   dk_ref[...] = dk * scale
   dv_ref[...] = dv
 
 
-def sparse_dkdv_pallas(q, k, v, idx, dout, lse, delta, *, scale: float, num_warps: int = 4,
-                       num_stages: int = 2, interpret: bool = False):
-  """`(dk, dv) [B, S, K, H]` (k's dtype) of top-k attention, key-major and atomic-free.
+def sparse_dkdv_pallas(q, k, v, idx, dout, lse, delta, *, scale: float,
+                       soft_cap: float | None = None, num_warps: int = 4, num_stages: int = 2,
+                       interpret: bool = False):
+  """`(dk [B, S, K, H], dv [B, S, K, Hv])` (k's / v's dtype) of top-k attention, key-major and
+  atomic-free.
 
-  Args: q/dout `[B, T, N, H]`; k, v `[B, S, K, H]`; idx `[B, T, X, k]` effective indices
-  (X = 1 shared or K); lse/delta `[B, T, N]` float32 (lse +inf where nothing was selected).
+  Args: q `[B, T, N, H]`, dout `[B, T, N, Hv]`; k `[B, S, K, H]`, v `[B, S, K, Hv]`; idx
+  `[B, T, X, k]` effective indices (X = 1 shared or K); lse/delta `[B, T, N]` float32 (lse
+  +inf where nothing was selected); soft_cap as the forward's.
   """
   b, t, n, h = q.shape
-  s, kh = k.shape[1], k.shape[2]
+  s, kh, hv = k.shape[1], k.shape[2], v.shape[3]
   g, nx = n // kh, idx.shape[2]
-  hp = padded_head_dim(h)
   bk, be = BLOCK_KEYS, BLOCK_ENTRIES
   nk = tiles.cdiv(s, bk)
   entry_t, entry_key, ptr = inverted_selection(idx, nk, bk, be)
-  pad_h = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, hp - h),))
-  # q, dout: [B, K, T * G, Hp] (row t * G + g); lse, delta: [B, K, T * G]; k, v: [B, K, Sp, Hp].
+  pad_h = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, padded_head_dim(x.shape[3]) - x.shape[3]),))
+  # q, dout: [B, K, T * G, Hp | Hvp] (row t * G + g); lse, delta: [B, K, T * G];
+  # k, v: [B, K, Sp, Hp | Hvp].
   rows = lambda x: x.reshape(b, t, kh, g, *x.shape[3:]).swapaxes(1, 2).reshape(
       b, kh, t * g, *x.shape[3:])
   q_r, do_r = rows(pad_h(q)), rows(pad_h(dout.astype(q.dtype)))
   lse_r, delta_r = rows(lse[..., None])[..., 0], rows(delta[..., None])[..., 0]
   kv = lambda x: jnp.pad(pad_h(x), ((0, 0), (0, nk * bk - s), (0, 0), (0, 0))).swapaxes(1, 2)
+  k_r, v_r = kv(k), kv(v)
   full_rows = lambda x: pl.BlockSpec((None, None, *x.shape[2:]),
                                      lambda i, j, x_: (i, x_, *(0,) * (x.ndim - 2)))
   csr = lambda x: pl.BlockSpec((None, None, x.shape[-1]),
                                lambda i, j, x_: (i, x_ if nx > 1 else 0, 0))
-  kv_spec = pl.BlockSpec((None, None, bk, hp), lambda i, j, x_: (i, x_, j, 0))
-  kernel = functools.partial(_dkdv_kernel, scale=scale, group=g, block_keys=bk,
-                             block_entries=be, precision=tiles.dot_precision(q.dtype, False))
+  kv_spec = lambda x: pl.BlockSpec((None, None, bk, x.shape[-1]), lambda i, j, x_: (i, x_, j, 0))
+  kernel = functools.partial(_dkdv_kernel, scale=scale, soft_cap=soft_cap, group=g,
+                             block_keys=bk, block_entries=be,
+                             precision=tiles.dot_precision(q.dtype, False))
   dk, dv = pl.pallas_call(
       kernel, grid=(b, nk, kh),
       in_specs=[csr(ptr), csr(entry_t), csr(entry_key), full_rows(q_r), full_rows(do_r),
-                full_rows(lse_r), full_rows(delta_r), kv_spec, kv_spec],
-      out_specs=[kv_spec, kv_spec],
-      out_shape=[varying_struct((b, kh, nk * bk, hp), jnp.float32,
-                                (q, k, v, idx, dout, lse, delta))] * 2,
+                full_rows(lse_r), full_rows(delta_r), kv_spec(k_r), kv_spec(v_r)],
+      out_specs=[kv_spec(k_r), kv_spec(v_r)],
+      out_shape=[varying_struct(x.shape, jnp.float32, (q, k, v, idx, dout, lse, delta))
+                 for x in (k_r, v_r)],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret, name="sparse_attention_dkdv",
-  )(ptr, entry_t, entry_key, q_r, do_r, lse_r, delta_r, kv(k), kv(v))
-  unpad = lambda x, like: x[:, :, :s, :h].swapaxes(1, 2).astype(like.dtype)
+  )(ptr, entry_t, entry_key, q_r, do_r, lse_r, delta_r, k_r, v_r)
+  unpad = lambda x, like: x[:, :, :s, :like.shape[3]].swapaxes(1, 2).astype(like.dtype)
   return unpad(dk, k), unpad(dv, v)
