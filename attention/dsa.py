@@ -18,6 +18,7 @@ from jaxtyping import Array, Float, Int
 
 from attention import fp8 as fp8_lib
 from attention import masks as masks_lib
+from attention import scores as scores_lib
 from attention.indexer import check_indices, indexer_topk
 from attention.masks import Mask
 from attention.reference import check_qkv, default_scale
@@ -51,6 +52,7 @@ def dsa_attention(
   + O(T * top_k * N * H) for the attention; memory O(T * top_k + block_q * S).
   """
   check_qkv(q, k, v, value_dim=True)
+  scores_lib.refuse("dsa_attention", alibi_slopes=options.get("alibi_slopes"))  # before top-k
   if indices is None:
     topk_options = {} if block_q is None else dict(block_q=block_q)
     indices = indexer_topk(

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
-from attention import Mask
+from attention import Mask, geometric_alibi_slopes
 from tests.helpers import random_qkv, random_segments
 
 # Cases short enough for the Pallas interpret mode (and for the slower implementations).
@@ -32,6 +33,29 @@ class Case:
   window: tuple[int, int] | None = None
   segments: int = 0  # number of segments (0: none); the last 5 positions are padding
   q_offset: int | tuple[int, ...] = 0
+  # Contract options (FEATURES): soft-cap, v head dim (None: head_dim), ALiBi, return_lse.
+  soft_cap: float | None = None
+  value_dim: int | None = None
+  alibi: bool = False
+  lse: bool = False
+
+  @property
+  def features(self) -> frozenset[str]:
+    """The optional contract features this case exercises (a subset of FEATURES)."""
+    return frozenset(name for name, on in (
+        ("soft_cap", self.soft_cap is not None), ("value_dim", self.value_dim is not None),
+        ("alibi", self.alibi), ("lse", self.lse)) if on)
+
+  def options(self) -> dict:
+    """Keyword options of the attention call (and of the reference) for this case."""
+    options = {}
+    if self.soft_cap is not None:
+      options["logits_soft_cap"] = self.soft_cap
+    if self.alibi:
+      options["alibi_slopes"] = jnp.asarray(geometric_alibi_slopes(self.heads))
+    if self.lse:
+      options["return_lse"] = True
+    return options
 
   @property
   def small(self) -> bool:
@@ -46,6 +70,8 @@ class Case:
     """Fresh random `(q, k, v, mask)` of this case."""
     q, k, v = random_qkv(seed, self.batch, self.q_len, self.kv_len, self.heads, self.kv_heads,
                          self.head_dim, dtype)
+    if self.value_dim is not None:
+      v = jax.random.normal(jax.random.key(seed + 1), (*v.shape[:3], self.value_dim)).astype(dtype)
     q_seg = kv_seg = None
     if self.segments:
       assert self.q_len == self.kv_len
@@ -91,15 +117,29 @@ CASES = [
          q_offset=130),
     Case("head_dim_128", batch=1, q_len=100, kv_len=100, heads=2, kv_heads=1, head_dim=128,
          causal=True),
+    # Contract options, one small case each (+ one long case through the XLA banded path).
+    Case("lse_no_key_rows", q_len=24, kv_len=40, causal=True, q_offset=-5, lse=True),
+    Case("soft_cap_segments", causal=True, segments=3, soft_cap=1.5),
+    Case("value_dim_offsets", q_len=32, kv_len=96, causal=True, window=(47, 0), q_offset=(64, 50),
+         value_dim=48),
+    Case("alibi_bidir_segments", window=(20, 9), segments=4, alibi=True),
+    Case("alibi_decode_all", q_len=7, kv_len=100, causal=True, q_offset=93, alibi=True,
+         soft_cap=2.0, lse=True, value_dim=16),
+    Case("band_all_features", batch=1, q_len=200, kv_len=200, heads=2, kv_heads=1, causal=True,
+         window=(15, 0), alibi=True, soft_cap=2.0, lse=True, value_dim=16),
 ]
+FEATURES = frozenset({"soft_cap", "value_dim", "alibi", "lse"})
 BY_NAME = {c.name: c for c in CASES}
-# Cases also run in bfloat16 and float16.
+# Cases also run in bfloat16 and float16; the feature cases also in bfloat16.
 DTYPE_CASES = ("causal", "segments_causal", "chunk_offsets", "gqa_8_2")
+BF16_CASES = ("lse_no_key_rows", "soft_cap_segments", "value_dim_offsets", "alibi_bidir_segments")
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
 
 
 def case_dtypes(cases) -> list[tuple[Case, str]]:
-  """`(case, dtype name)` pairs: every case in float32, the DTYPE_CASES also in bf16 / f16."""
+  """`(case, dtype name)` pairs: every case in float32, the DTYPE_CASES also in bf16 / f16,
+  the BF16_CASES also in bf16."""
   out = [(c, "f32") for c in cases]
   out += [(c, d) for d in ("bf16", "f16") for c in cases if c.name in DTYPE_CASES]
+  out += [(c, "bf16") for c in cases if c.name in BF16_CASES]
   return out

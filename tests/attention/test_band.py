@@ -10,6 +10,7 @@ import attention
 from attention import BlockSizes, Mask
 from attention import band as band_lib
 from attention import flash_xla
+from attention.scores import NONE as NO_MODS
 from tests.helpers import assert_close, random_qkv, random_segments, vjp_of
 
 # (id, B, T, S, N, K, H, mask kwargs, segments, q_offset, block_q)
@@ -43,8 +44,8 @@ def test_band_matches_tiled_and_reference(case):
   assert band_lib.band_applies(mask, s, bq)
   scale = h ** -0.5
   # pylint: disable=protected-access
-  band = jax.jit(lambda q, k, v: flash_xla.xla_band(q, k, v, mask, scale, bq))
-  tiled = jax.jit(lambda q, k, v: flash_xla.xla_flash(q, k, v, mask, scale, bq, bq))
+  band = jax.jit(lambda q, k, v: flash_xla.xla_band(q, k, v, mask, scale, NO_MODS, bq)[0])
+  tiled = jax.jit(lambda q, k, v: flash_xla.xla_flash(q, k, v, mask, scale, NO_MODS, bq, bq)[0])
   # pylint: enable=protected-access
   ref = jax.jit(lambda q, k, v: attention.reference_attention(q, k, v, mask=mask))
   out, grads = vjp_of(band, q, k, v)

@@ -33,9 +33,9 @@ SMALL = BlockSizes(block_q=16, block_kv=16, block_q_bwd=16, block_kv_bwd=32, blo
 PALLAS_CASES = [c for c in CASES if c.small]
 
 
-def _pallas(mask, block_sizes=SMALL, interpret=True):
+def _pallas(mask, block_sizes=SMALL, interpret=True, **options):
   return lambda q, k, v: flash_attention(q, k, v, mask=mask, implementation="pallas",
-                                         block_sizes=block_sizes, interpret=interpret)
+                                         block_sizes=block_sizes, interpret=interpret, **options)
 
 
 # --- kernel-specific checks (the reference comparison over the grid is test_grid.py's) -----------
@@ -86,17 +86,28 @@ def _kernel_calls(text: str) -> int:
   return text.count("__gpu$xla.gpu.triton") + text.count("@triton_kernel_call_ffi")
 
 
-LOWER_CASES = ([(c, d) for c in PALLAS_CASES for d in (jnp.float32, jnp.bfloat16)]
+# The contract options' cases lower in f32 and bf16 through the two that hold all of them.
+FEATURE_LOWER = ("alibi_decode_all", "alibi_bidir_segments")
+LOWER_CASES = ([(c, d) for c in PALLAS_CASES for d in (jnp.float32, jnp.bfloat16)
+                if not c.features or c.name in FEATURE_LOWER]
                + [(BY_NAME[name], jnp.float16) for name in DTYPE_CASES])
+
+
+def _output_sum(out) -> jax.Array:
+  """A scalar loss from `out` or `(out, lse)` (with return_lse: through the lse too)."""
+  if isinstance(out, tuple):
+    out, lse = out
+    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+  return jnp.sum(out.astype(jnp.float32))
 
 
 @pytest.mark.parametrize("case,dtype", LOWER_CASES,
                          ids=[f"{c.name}-{jnp.dtype(d).name}" for c, d in LOWER_CASES])
 def test_lowers_for_cuda_forward_and_backward(case, dtype):
   q, k, v, mask = case.inputs(dtype)
-  fwd = _pallas(mask, interpret=False)
+  fwd = _pallas(mask, interpret=False, **case.options())
   assert _kernel_calls(_lower_for_cuda(fwd, q, k, v)) == 1
-  loss = lambda q, k, v: jnp.sum(fwd(q, k, v).astype(jnp.float32))
+  loss = lambda q, k, v: _output_sum(fwd(q, k, v))
   text = _lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
   assert _kernel_calls(text) == 3  # forward (recomputed for residuals), dK/dV, dQ
 

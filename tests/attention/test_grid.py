@@ -26,7 +26,7 @@ import pytest
 
 import attention
 from attention import BlockSizes, SparseBlockSizes
-from tests.attention.grid import BY_NAME, CASES, DTYPES, Case, case_dtypes
+from tests.attention.grid import BY_NAME, CASES, DTYPES, FEATURES, Case, case_dtypes
 from tests.helpers import tolerance
 from tests.multidevice import run_worker
 
@@ -36,7 +36,9 @@ PALLAS_TILES = BlockSizes(block_q=16, block_kv=16, block_q_bwd=16, block_kv_bwd=
 # Registered names: the grid cases they run (float32) and the options they need.
 REGISTRY_CASES = ("segments_window", "chunk_offsets")
 SPARSE_CASES = ("full", "causal", "window_3_0", "segments_causal", "gqa_8_2", "mqa", "len_7",
-                "chunk_offsets", "no_key_rows", "cross_attn")
+                "chunk_offsets", "no_key_rows", "cross_attn", "lse_no_key_rows",
+                "soft_cap_segments", "value_dim_offsets")
+SPARSE_FEATURES = frozenset({"soft_cap", "value_dim", "lse"})  # ALiBi: refused
 # Ring: "causal" (GQA 4/2; the zig-zag default), windows + segments (contiguous, both sweeps),
 # an odd per-device length; attention/test_ring.py has the rest (layouts, halos, offsets, bf16).
 RING_CASES = ("causal", "segments_window", "len_100")
@@ -45,9 +47,10 @@ RING_CASES = ("causal", "segments_window", "len_100")
 @dataclasses.dataclass(frozen=True)
 class Impl:
   name: str
-  fn: Callable  # (q, k, v, mask) -> out
+  fn: Callable  # (q, k, v, mask, **case.options()) -> out, or (out, lse) with return_lse
   supports: Callable[[Case], bool]
   low_precision: bool = True
+  features: frozenset = FEATURES  # contract options it computes (the others it refuses)
 
 
 def all_keys(q, k):
@@ -68,9 +71,9 @@ REGISTRY_OPTIONS = {"dsa": _dsa_options}
 
 
 def _registered(name: str) -> Impl:
-  def fn(q, k, v, mask):
+  def fn(q, k, v, mask, **case_options):
     options = REGISTRY_OPTIONS.get(name, lambda q, k: {})(q, k)
-    return attention.get(name)(q, k, v, mask=mask, **options)
+    return attention.get(name)(q, k, v, mask=mask, **options, **case_options)
 
   cases = REGISTRY_CASES[-1:] if name == "dsa" else REGISTRY_CASES  # dsa: indexer + top-k
   needs_window = name == "local"
@@ -79,15 +82,15 @@ def _registered(name: str) -> Impl:
 
 
 def _flash(implementation, block_sizes, interpret=False):
-  return lambda q, k, v, mask: attention.flash_attention(
+  return lambda q, k, v, mask, **options: attention.flash_attention(
       q, k, v, mask=mask, implementation=implementation, block_sizes=block_sizes,
-      interpret=interpret)
+      interpret=interpret, **options)
 
 
 def _sparse(implementation, block_sizes):
-  return lambda q, k, v, mask: attention.sparse_attention(
+  return lambda q, k, v, mask, **options: attention.sparse_attention(
       q, k, v, all_keys(q, k), mask=mask, implementation=implementation,
-      block_sizes=block_sizes, interpret=implementation == "pallas")
+      block_sizes=block_sizes, interpret=implementation == "pallas", **options)
 
 
 IMPLEMENTATIONS = [
@@ -97,28 +100,36 @@ IMPLEMENTATIONS = [
     Impl("flash_pallas_interpret", _flash("pallas", PALLAS_TILES, interpret=True),
          lambda c: c.small),
     Impl("sparse_xla_all_keys", _sparse("xla", SparseBlockSizes(block_q=16)),
-         lambda c: c.name in SPARSE_CASES, low_precision=False),
+         lambda c: c.name in SPARSE_CASES, low_precision=False, features=SPARSE_FEATURES),
     Impl("sparse_pallas_all_keys", _sparse("pallas", SparseBlockSizes(block_k=16)),
-         lambda c: c.name in ("causal", "segments_window", "chunk_offsets", "len_7"),
-         low_precision=False),
+         lambda c: c.name in ("causal", "segments_window", "chunk_offsets", "len_7",
+                              "soft_cap_segments", "value_dim_offsets"),
+         low_precision=False, features=SPARSE_FEATURES),
 ] + [_registered(name) for name in attention.available()]
 
 PARAMS = [(impl, case, dtype) for impl in IMPLEMENTATIONS for case, dtype in case_dtypes(CASES)
-          if impl.supports(case) and (dtype == "f32" or impl.low_precision)]
+          if impl.supports(case) and case.features <= impl.features
+          and (dtype == "f32" or impl.low_precision)]
 
 
-def _with_reference(fn, q, k, v, mask):
-  """`(out, grads, ref_out, ref_grads)` in one jit, against a fixed random cotangent."""
-  dout = jax.random.normal(jax.random.key(123), q.shape, jnp.float32).astype(q.dtype)
+def _with_reference(fn, q, k, v, mask, options):
+  """`(out, grads, ref_out, ref_grads)` in one jit, against fixed random cotangents; `out` is
+  `(out, lse)` with `return_lse` (the lse gets a cotangent too)."""
+  key_out, key_lse = jax.random.split(jax.random.key(123))
+  out_shape = (*q.shape[:3], v.shape[3])
+  cotangent = jax.random.normal(key_out, out_shape, jnp.float32).astype(q.dtype)
+  if options.get("return_lse"):
+    b, t, n = q.shape[:3]
+    cotangent = (cotangent, jax.random.normal(key_lse, (b, n, t), jnp.float32))
 
   @jax.jit
-  def both(q, k, v, dout):  # the mask is closed over: concrete offsets keep the band path
-    out, pull = jax.vjp(lambda q, k, v: fn(q, k, v, mask), q, k, v)
-    ref, ref_pull = jax.vjp(lambda q, k, v: attention.reference_attention(q, k, v, mask=mask),
-                            q, k, v)
-    return out, pull(dout), ref, ref_pull(dout)
+  def both(q, k, v, cotangent):  # the mask is closed over: concrete offsets keep the band path
+    out, pull = jax.vjp(lambda q, k, v: fn(q, k, v, mask, **options), q, k, v)
+    ref, ref_pull = jax.vjp(
+        lambda q, k, v: attention.reference_attention(q, k, v, mask=mask, **options), q, k, v)
+    return out, pull(cotangent), ref, ref_pull(cotangent)
 
-  return both(q, k, v, dout)
+  return both(q, k, v, cotangent)
 
 
 def worst_error(got, want, dtype, grad: bool) -> float:
@@ -131,12 +142,26 @@ def worst_error(got, want, dtype, grad: bool) -> float:
                       initial=0.0))
 
 
+def lse_error(got, want, dtype) -> float:
+  """`worst_error` of an lse `[B, N, T]`: -inf (no visible key) exactly where the reference's."""
+  got, want = np.asarray(got), np.asarray(want)
+  assert got.dtype == np.float32 and got.shape == want.shape
+  if not np.array_equal(np.isneginf(got), np.isneginf(want)):
+    return float("inf")
+  finite = ~np.isneginf(want)
+  return worst_error(got[finite], want[finite], dtype, grad=False)
+
+
 def errors(fn, case: Case, dtype) -> dict[str, float]:
-  """Worst normalised errors of the output and the gradients of `fn` on `case`."""
+  """Worst normalised errors of the output (and lse) and the gradients of `fn` on `case`."""
   q, k, v, mask = case.inputs(dtype)
-  out, grads, ref, ref_grads = _with_reference(fn, q, k, v, mask)
-  assert out.shape == q.shape and out.dtype == q.dtype
-  result = {"out": worst_error(out, ref, dtype, grad=False)}
+  out, grads, ref, ref_grads = _with_reference(fn, q, k, v, mask, case.options())
+  result = {}
+  if case.lse:
+    (out, lse), (ref, ref_lse) = out, ref
+    result["lse"] = lse_error(lse, ref_lse, dtype)
+  assert out.shape == (*q.shape[:3], v.shape[3]) and out.dtype == q.dtype
+  result["out"] = worst_error(out, ref, dtype, grad=False)
   for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
     assert got.dtype == want.dtype
     result[name] = worst_error(got, want, dtype, grad=True)
@@ -177,3 +202,34 @@ def test_ring_matches_reference(name: str):
   assert BY_NAME[name].self_attention
   result = _ring_results()[name]
   assert max(result.values()) <= 1.0, result
+
+
+# --- registered names: each contract option computed (== reference) or refused by name --------
+
+OPTIONS_CASE = Case("options_tiny", batch=1, q_len=16, kv_len=16, heads=2, kv_heads=1,
+                    head_dim=16, causal=True, window=(7, 0))  # "local" needs a window
+FEATURE_SETTINGS = {"soft_cap": dict(soft_cap=1.5), "value_dim": dict(value_dim=8),
+                    "alibi": dict(alibi=True), "lse": dict(lse=True)}
+# What each registered name refuses; every other (name, option) must equal the reference.
+REFUSED = {"ring": FEATURES, "dsa": frozenset({"alibi"})}
+# The word a refusal must contain.
+OPTION_WORDS = {"soft_cap": "logits_soft_cap", "value_dim": "value head dim",
+                "alibi": "alibi_slopes", "lse": "return_lse"}
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+@pytest.mark.parametrize("name", attention.available())
+def test_registered_options_computed_or_refused(name: str, feature: str):
+  case = dataclasses.replace(OPTIONS_CASE, **FEATURE_SETTINGS[feature])
+  q, k, v, mask = case.inputs(jnp.float32)
+  fn = jax.jit(lambda q, k, v: _registered(name).fn(q, k, v, mask, **case.options()))
+  if feature in REFUSED.get(name, ()):
+    with pytest.raises(ValueError, match=OPTION_WORDS[feature]):
+      fn(q, k, v)
+    return
+  got = fn(q, k, v)
+  want = attention.reference_attention(q, k, v, mask=mask, **case.options())
+  if case.lse:
+    (got, lse), (want, want_lse) = got, want
+    assert lse_error(lse, want_lse, jnp.float32) <= 1.0
+  assert worst_error(got, want, jnp.float32, grad=False) <= 1.0

@@ -89,6 +89,25 @@ def test_triton_ir_tensor_cores_and_no_atomics(dtype):
         assert precision == "ieee", (name, precision)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_soft_cap_and_value_dim_lower_for_cuda(dtype):
+  """Soft-capping and a value head dim (48, padded to 64) != the q/k head dim (32) lower for
+  CUDA in the three kernels, forward and gradients (through the lse too)."""
+  q, k, _ = random_qkv(5, 1, 32, 32, 8, 1, 32, dtype)
+  v = jax.random.normal(jax.random.key(6), (1, 32, 1, 48)).astype(dtype)
+  indices = random_indices(5, (1, 32, 8), 32)
+
+  def loss(q, k, v):
+    out, lse = sparse.sparse_attention(q, k, v, indices, mask=Mask(causal=True),
+                                       logits_soft_cap=2.0, return_lse=True,
+                                       implementation="pallas")
+    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+  kernels = triton_kernels(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
+  assert len(kernels) == 3
+  assert all(len(kernel.dots) >= 2 for kernel in kernels.values())
+
+
 def test_padded_group_sizes():
   assert [sparse_pallas.padded_group(g) for g in (1, 4, 8, 16, 17, 64)] == [16, 16, 16, 16, 32,
                                                                             64]
