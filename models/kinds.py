@@ -9,6 +9,8 @@ repeated). Each kind carries default `KindSettings`:
   (`attention.local_mask`), so ModernBERT's "128" is `(64, 64)`,
 * `rope_theta`: the RoPE base of this kind (ModernBERT: 160k global, 10k local),
 * `options`: extra keyword arguments for the attention function (e.g. `implementation`),
+* `alibi`: ALiBi instead of RoPE (Press et al.): no rotary embedding on this kind's q/k, and the
+  attention function gets `alibi_slopes` = the geometric `2^(-8 n / N)` (`rope_theta` unused),
 
 and the attention module that implements it (`None` = `models.layers.Attention`, which handles
 any kind defined by these settings, KV cache included: a windowed kind keeps a ring buffer of
@@ -40,12 +42,14 @@ class KindSettings:
     window: sliding-window width in tokens, `>= 0`; 0 means unbounded (global).
     rope_theta: RoPE base, `> 0`.
     options: extra keyword arguments for the attention function, a mapping or pairs.
+    alibi: True: ALiBi position biases and no RoPE; None (not set) is False.
   """
 
   attention: str | None = None
   window: int | None = None
   rope_theta: float | None = None
   options: Mapping[str, Any] | tuple[tuple[str, Any], ...] | None = None  # stored as pairs
+  alibi: bool | None = None
 
   def __post_init__(self):
     if isinstance(self.options, Mapping):
@@ -78,7 +82,7 @@ def register_layer_kind(name: str, kind: LayerKind, *, overwrite: bool = False) 
   if not isinstance(kind, LayerKind):
     raise ValueError(f"register_layer_kind({name!r}) needs a LayerKind, got {kind!r}.")
   missing = [f.name for f in dataclasses.fields(KindSettings)
-             if f.name != "options" and getattr(kind.defaults, f.name) is None]
+             if f.name not in ("options", "alibi") and getattr(kind.defaults, f.name) is None]
   if missing:
     raise ValueError(f"layer kind {name!r}: defaults must set {missing}.")
   if kind.defaults.options is None:
@@ -105,3 +109,4 @@ def available_layer_kinds() -> tuple[str, ...]:
 
 register_layer_kind("global", LayerKind(KindSettings("flash", 0, 160_000.0)))
 register_layer_kind("local", LayerKind(KindSettings("local", 128, 10_000.0)))
+register_layer_kind("alibi", LayerKind(KindSettings("flash", 0, 10_000.0, alibi=True)))

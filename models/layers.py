@@ -68,7 +68,9 @@ class Attention(nnx.Module):
   """Multi-head attention with GQA projections, RoPE and the layer kind's attention function.
 
   The kind's settings (`config.kind_settings(kind)`) give the attention function name, the
-  sliding window (0 = unbounded) and the RoPE theta. The window travels in the `Mask` (as
+  sliding window (0 = unbounded) and the RoPE theta, or ALiBi instead of RoPE (`alibi=True`:
+  per-head slopes `2^(-8 n / N)`, distances from the mask's positions, so a KV cache works
+  unchanged). The window travels in the `Mask` (as
   every other visibility rule), so "local", "flash" and "dense" compute the same thing.
   """
 
@@ -79,7 +81,10 @@ class Attention(nnx.Module):
     self.options = tuple(settings.options)
     self.window = settings.window
     self.causal = config.causal
-    self.rope = config.rope(kind)
+    # ALiBi kinds: no RoPE; static per-head slopes (Python floats, not parameters).
+    self.alibi_slopes = (tuple(float(x) for x in attention.geometric_alibi_slopes(
+        config.num_heads)) if settings.alibi else None)
+    self.rope = None if settings.alibi else config.rope(kind)
     self.dtype = config.dtype
     d, n, kh, h = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
     self.num_kv_heads, self.head_dim = kh, h
@@ -100,8 +105,11 @@ class Attention(nnx.Module):
 
   def attend(self, q: Float[Array, "B T N H"], k: Float[Array, "B S K H"],
              v: Float[Array, "B S K H"], mask: attention.Mask) -> Float[Array, "B T N H"]:
-    """Calls the registered attention function of this kind."""
-    return attention.get(self.attention_name)(q, k, v, mask=mask, **dict(self.options))
+    """Calls the registered attention function of this kind (with its ALiBi slopes, if any)."""
+    options = dict(self.options)
+    if self.alibi_slopes is not None:
+      options["alibi_slopes"] = jnp.asarray(self.alibi_slopes, jnp.float32)
+    return attention.get(self.attention_name)(q, k, v, mask=mask, **options)
 
   # --- forward and decoding ------------------------------------------------------------------
 
@@ -113,8 +121,9 @@ class Attention(nnx.Module):
     Without a cache, queries and keys are `x` itself (segment ids: packed documents). With a
     cache (from `init_cache`), `x` is the chunk at stream positions `cache_index + t`.
     """
-    q = self.rope(self.q_proj(x), positions)  # B T N H
-    k = self.rope(self.k_proj(x), positions)  # B T K H
+    q, k = self.q_proj(x), self.k_proj(x)  # B T N H, B T K H
+    if self.rope is not None:
+      q, k = self.rope(q, positions), self.rope(k, positions)
     v = self.v_proj(x)
     if cache is None:
       out = self.attend(q, k, v, self.mask(segment_ids, segment_ids))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import attention
 from models import cache as cache_lib
 from models.config import ModelConfig
 from models.kinds import KindSettings
@@ -43,7 +44,8 @@ def cached_logits(model, tokens, chunk: int):
   return logits.transpose(1, 0, 2, 3).reshape(b, t, -1), cache.index
 
 
-@pytest.mark.parametrize("pattern", [("global",), ("local",), ("global", "local", "local")])
+@pytest.mark.parametrize("pattern", [("global",), ("local",), ("global", "local", "local"),
+                                     ("alibi", "local")])
 def test_token_by_token_decode_equals_full_forward(pattern):
   model = Transformer(tiny(pattern), rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(1), (2, T), 0, VOCAB, jnp.int32)
@@ -98,3 +100,18 @@ def test_ring_cache_keeps_the_newest_positions_in_order():
   np.testing.assert_array_equal(k[0, :, 0, 0], [3, 4, 5, 6])  # 3 cached + the new token
   assert offset == 3 and (seg >= 0).all()
   np.testing.assert_array_equal(sorted(ring.k[0, :, 0, 0]), [4, 5, 6])
+
+
+def test_alibi_kind_uses_slopes_and_no_rope():
+  """An "alibi" layer: reference attention of the raw (un-rotated) projections with the
+  geometric slopes; positions (RoPE's input) do not change it."""
+  layer = Transformer(tiny(("alibi",)), rngs=nnx.Rngs(4)).blocks[0].attn
+  x = jax.random.normal(jax.random.key(5), (2, T, 32))
+  positions = jnp.broadcast_to(jnp.arange(T), (2, T))
+  y, _, _ = layer(x, positions=positions)
+  y_shifted, _, _ = layer(x, positions=positions + 100)
+  want = attention.reference_attention(
+      layer.q_proj(x), layer.k_proj(x), layer.v_proj(x), mask=attention.Mask(causal=True),
+      alibi_slopes=jnp.asarray(attention.geometric_alibi_slopes(4)))
+  np.testing.assert_allclose(y, layer.o_proj(want), atol=1e-5, rtol=1e-6)
+  np.testing.assert_allclose(y_shifted, y, atol=1e-5, rtol=1e-6)
