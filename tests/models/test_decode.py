@@ -107,11 +107,16 @@ def test_alibi_kind_uses_slopes_and_no_rope():
   geometric slopes; positions (RoPE's input) do not change it."""
   layer = Transformer(tiny(("alibi",)), rngs=nnx.Rngs(4)).blocks[0].attn
   x = jax.random.normal(jax.random.key(5), (2, T, 32))
-  positions = jnp.broadcast_to(jnp.arange(T), (2, T))
-  y, _, _ = layer(x, positions=positions)
-  y_shifted, _, _ = layer(x, positions=positions + 100)
-  want = attention.reference_attention(
-      layer.q_proj(x), layer.k_proj(x), layer.v_proj(x), mask=attention.Mask(causal=True),
-      alibi_slopes=jnp.asarray(attention.geometric_alibi_slopes(4)))
-  np.testing.assert_allclose(y, layer.o_proj(want), atol=1e-5, rtol=1e-6)
+
+  @nnx.jit
+  def outputs(layer, x):
+    positions = jnp.broadcast_to(jnp.arange(T), (2, T))
+    want = attention.reference_attention(
+        layer.q_proj(x), layer.k_proj(x), layer.v_proj(x), mask=attention.Mask(causal=True),
+        alibi_slopes=jnp.asarray(attention.geometric_alibi_slopes(4)))
+    return (layer(x, positions=positions)[0], layer(x, positions=positions + 100)[0],
+            layer.o_proj(want))
+
+  y, y_shifted, want = outputs(layer, x)
+  np.testing.assert_allclose(y, want, atol=1e-5, rtol=1e-6)
   np.testing.assert_allclose(y_shifted, y, atol=1e-5, rtol=1e-6)
