@@ -63,8 +63,10 @@ def flash_attention(
     alibi_slopes: `[N]` ALiBi slopes: `-slope_n * |i - j|` added to the (capped) scores, computed
       per tile from positions (memory O(L)); `attention.scores` states the convention.
     return_lse: also return `lse [B, N, T]`, the float32 natural-log log-sum-exp of the scaled,
-      capped, biased, masked scores (-inf for a row with no visible key); gradients flow
-      through both outputs.
+      capped, biased, masked scores (-inf for a row with no visible key, whose out is 0);
+      gradients flow through both outputs. Two results over disjoint keys merge as
+      `lse = logaddexp(lse_a, lse_b)`, `out = sum_x out_x * exp(lse_x - lse)` (use 0 for lse
+      where it is -inf in both, so the weights are 0, not NaN).
     implementation: a name in `IMPLEMENTATIONS`: "xla" (pure JAX, any backend), "pallas" (GPU
       Triton kernels, or CPU with `interpret=True`), or None: Pallas on GPU, XLA elsewhere.
     block_sizes: tile sizes (`BlockSizes`); defaults depend on the implementation.
