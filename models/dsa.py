@@ -222,6 +222,9 @@ class DsaAttention(layers.Attention):
     if not config.causal or self.window:
       raise ValueError(f"layer kind {kind!r} (DSA) needs a causal model and window=0, got "
                        f"causal={config.causal}, window={self.window}.")
+    if self.alibi_slopes is not None:
+      raise ValueError(f"layer kind {kind!r} (DSA) does not support alibi=True (sparse "
+                       f"attention refuses ALiBi); it uses RoPE.")
     self.indexer = Indexer(config, self.dsa, self.rope, rngs=rngs)
 
   def __call__(self, x: Float[Array, "B T D"], *, positions: Int[Array, "B T"],
