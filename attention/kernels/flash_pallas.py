@@ -13,7 +13,10 @@ What happens here, outside the kernels (all O(T + S) or O(#blocks)):
 
 * tiles are shrunk for short sequences (never below 16), and sequences are zero-padded to whole
   tiles; padded keys are masked out, padded queries are sliced off (dout = 0 there);
-* head_dim is zero-padded to a power of two >= 16 (zeros change no score and no output);
+* head_dim is zero-padded to a power of two >= 16 (zeros change no score and no output); a value
+  head dim Hv != H pads v, out, dout and dV to their own power of two;
+* score modifiers (`attention.scores`: soft-cap static in `Geometry`, ALiBi slopes as a `[Np]`
+  operand read per head) are applied inside the tiles of all three kernels;
 * the mask becomes per-block schedules (`flash_tiles`): loop bounds from causal / window /
   per-row `q_offset` and segment ranges, plus the fully visible middle run that needs no mask;
 * block sizes are validated (powers of two >= 16, fit in shared memory) before any tracing.
