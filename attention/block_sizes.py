@@ -51,7 +51,9 @@ class BlockSizes:
 
   Attributes:
     block_q, block_kv: forward tiles (queries per program, keys per inner step).
-    block_q_bwd, block_kv_bwd: backward tiles (dK/dV pass; the XLA path ignores them).
+    block_q_bwd, block_kv_bwd: backward tiles (the dK/dV pass: `block_kv_bwd` keys resident,
+      `block_q_bwd` queries per inner step; the XLA backward uses the same two, its banded
+      path for narrow windows `block_q_bwd` as its q tile).
     block_q_dq, block_kv_dq: tiles of the Pallas dQ pass; None mirrors dK/dV (the resident q
       tile is `block_kv_bwd`, the streamed kv tile `block_q_bwd`).
     num_warps, num_stages: Triton launch parameters (ignored by the XLA path); None lets each

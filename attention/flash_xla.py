@@ -11,7 +11,8 @@ Forward (per q tile of `block_q` queries, for all batch rows and heads at once):
       l   = l * exp(m - m') + rowsum(p);  acc = acc * exp(m - m') + p v_j;  m = m'
     out_i = acc / l;  lse_i = m + log(l)         # a row with no visible key: out 0, lse -inf
 
-Backward (one pass over kv tiles, recomputing p from the saved lse, `common.tile_grads`)::
+Backward (one pass over kv tiles, recomputing p from the saved lse, `common.tile_grads`; its
+tiles are `BlockSizes.block_kv_bwd` keys x `block_q_bwd` queries, independent of the forward's)::
 
     delta = rowsum(out * dout)
     for each kv tile j: for each q tile i that can see it:
@@ -265,9 +266,14 @@ def resolve_block_sizes(block_sizes: BlockSizes | None, head_dim: int, mask: Mas
   return block_sizes
 
 
-def xla_tiles(block_sizes: BlockSizes, q_len: int, kv_len: int) -> tuple[int, int]:
-  """The XLA path's tiles for these lengths: one tile size for both passes (shared lse)."""
-  return round_block(block_sizes.block_q, q_len), round_block(block_sizes.block_kv, kv_len)
+def xla_tiles(block_sizes: BlockSizes, q_len: int, kv_len: int,
+              backward: bool = False) -> tuple[int, int]:
+  """The XLA path's `(q tile, kv tile)` for these lengths: `block_q`/`block_kv` of the
+  forward, or with `backward` the `block_q_bwd`/`block_kv_bwd` of the backward. The two passes
+  tile independently: the backward re-tiles from the saved per-row lse."""
+  bq, bk = ((block_sizes.block_q_bwd, block_sizes.block_kv_bwd) if backward
+            else (block_sizes.block_q, block_sizes.block_kv))
+  return round_block(bq, q_len), round_block(bk, kv_len)
 
 
 def forward_blocks(q, k, v, mask: Mask, scale: float, block_sizes: BlockSizes | None,
@@ -285,12 +291,27 @@ def backward_blocks(q, k, v, out, lse, dout, mask: Mask, scale: float,
   """`(dq, dk, dv)` of the tiled path with `BlockSizes` (as `flash_backward_pallas`)."""
   del interpret
   block_sizes = resolve_block_sizes(block_sizes, q.shape[3], mask)
-  tiles = xla_tiles(block_sizes, q.shape[1], k.shape[1])
+  tiles = xla_tiles(block_sizes, q.shape[1], k.shape[1], backward=True)
   return flash_backward_xla(q, k, v, out, lse, dout, mask, scale, *tiles, mods=mods, dlse=dlse)
 
 
-xla_flash = with_lse_vjp(flash_forward_xla, flash_backward_xla)
-xla_band = with_lse_vjp(band_lib.band_forward, band_lib.band_backward)
+def _forward_tiles(forward):
+  """`forward(..., *fwd_tiles)` taking `(..., fwd_tiles, bwd_tiles)`: the custom_vjp pair
+  shares its static arguments; each pass reads its own tiles."""
+  return lambda q, k, v, mask, scale, fwd_tiles, bwd_tiles, **kw: forward(
+      q, k, v, mask, scale, *fwd_tiles, **kw)
+
+
+def _backward_tiles(backward):
+  return lambda q, k, v, out, lse, dout, mask, scale, fwd_tiles, bwd_tiles, **kw: backward(
+      q, k, v, out, lse, dout, mask, scale, *bwd_tiles, **kw)
+
+
+# `xla_flash(q, k, v, mask, scale, mods, (bq, bk), (bq_bwd, bk_bwd))`;
+# `xla_band(q, k, v, mask, scale, mods, (bq,), (bq_bwd,))`.
+xla_flash = with_lse_vjp(_forward_tiles(flash_forward_xla), _backward_tiles(flash_backward_xla))
+xla_band = with_lse_vjp(_forward_tiles(band_lib.band_forward),
+                        _backward_tiles(band_lib.band_backward))
 
 
 def attend(q, k, v, mask: Mask, scale: float, block_sizes: BlockSizes | None,
@@ -300,6 +321,7 @@ def attend(q, k, v, mask: Mask, scale: float, block_sizes: BlockSizes | None,
   del interpret  # refused by the front door for "xla"
   block_sizes = resolve_block_sizes(block_sizes, q.shape[3], mask)
   bq, bk = xla_tiles(block_sizes, q.shape[1], k.shape[1])
+  bwd = xla_tiles(block_sizes, q.shape[1], k.shape[1], backward=True)
   if band_lib.band_applies(mask, k.shape[1], bq):  # a narrow window: one key band per q tile
-    return xla_band(q, k, v, mask, scale, mods, bq)
-  return xla_flash(q, k, v, mask, scale, mods, bq, bk)
+    return xla_band(q, k, v, mask, scale, mods, (bq,), bwd[:1])  # backward q tile: block_q_bwd
+  return xla_flash(q, k, v, mask, scale, mods, (bq, bk), bwd)

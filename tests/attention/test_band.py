@@ -44,8 +44,11 @@ def test_band_matches_tiled_and_reference(case):
   assert band_lib.band_applies(mask, s, bq)
   scale = h ** -0.5
   # pylint: disable=protected-access
-  band = jax.jit(lambda q, k, v: flash_xla.xla_band(q, k, v, mask, scale, NO_MODS, bq)[0])
-  tiled = jax.jit(lambda q, k, v: flash_xla.xla_flash(q, k, v, mask, scale, NO_MODS, bq, bq)[0])
+  # The backward tiles differ from the forward's (block_q_bwd, block_kv_bwd are honoured).
+  band = jax.jit(lambda q, k, v: flash_xla.xla_band(q, k, v, mask, scale, NO_MODS, (bq,),
+                                                    (2 * bq,))[0])
+  tiled = jax.jit(lambda q, k, v: flash_xla.xla_flash(q, k, v, mask, scale, NO_MODS, (bq, bq),
+                                                      (bq, 2 * bq))[0])
   # pylint: enable=protected-access
   ref = jax.jit(lambda q, k, v: attention.reference_attention(q, k, v, mask=mask))
   out, grads = vjp_of(band, q, k, v)

@@ -7,6 +7,8 @@ mask leaves under jit, block skipping, memory, validation.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,3 +111,26 @@ def test_block_map_classifies():
   # padding (100 is not a multiple of 32) and so is never "full".
   assert bmap[0, 0] == 1 and bmap[1, 0] == 2 and bmap[0, 1] == 0
   assert bmap[3, 3] == 1
+
+
+def test_backward_tiles_are_honoured():
+  """`block_q_bwd` / `block_kv_bwd` tile the XLA backward (tiled and banded paths), apart from
+  the forward's tiles; the gradients still equal the reference's."""
+  q, k, v = random_qkv(8, 2, 100, 100, 4, 2, 32)
+  seg = random_segments(2, 2, 100, pad=7)
+  tiles = BlockSizes(block_q=64, block_kv=64, block_q_bwd=16, block_kv_bwd=32)
+  for mask in (Mask(causal=True, q_segment_ids=seg, kv_segment_ids=seg),
+               Mask(causal=True, window=(9, 0))):  # the second takes the banded path
+    fn = lambda q, k, v: attention.flash_attention(q, k, v, mask=mask, block_sizes=tiles)
+    out, grads = vjp_of(fn, q, k, v)
+    ref, grads_ref = vjp_of(lambda q, k, v: attention.reference_attention(q, k, v, mask=mask),
+                            q, k, v)
+    assert_close(out, ref)
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+      assert_close(g, g_ref, grad=True, err_msg=f"d{name}")
+  # The loops' trip counts show the tiles: forward 2 q tiles of 64; backward 4 kv tiles of 32
+  # (tiled) or 7 q tiles of 16 (banded).
+  loops = lambda mask: set(re.findall(r"length=(\d+)", str(jax.make_jaxpr(jax.grad(
+      lambda q: attention.flash_attention(q, k, v, mask=mask, block_sizes=tiles).sum()))(q))))
+  assert loops(Mask(causal=True)) == {"2", "4"}
+  assert loops(Mask(causal=True, window=(9, 0))) == {"2", "7"}
