@@ -49,17 +49,22 @@ from experiments import gpu_run, timing
 
 _START = time.time()
 FLAGS = flags.FLAGS
-gpu_run.define_common_flags(check_share=0.35)
-flags.DEFINE_list("lengths", ["32768", "131072"], "Sequence lengths to time.")
-flags.DEFINE_integer("top_k", 2048, "Keys per query (DeepSeek-V3.2: 2048).")
-flags.DEFINE_integer("heads", 8, "Query heads.")
-flags.DEFINE_integer("kv_heads", 1, "KV heads (1: MQA, as DSA's MLA runs in MQA mode).")
-flags.DEFINE_integer("head_dim", 64, "Head dimension.")
-flags.DEFINE_integer("index_heads", 4, "Indexer heads.")
-flags.DEFINE_integer("index_dim", 32, "Indexer head dimension.")
-flags.DEFINE_integer("topk_block_q", 0, "Queries per top-k step (0: the backend default).")
-flags.DEFINE_integer("check_len", 512, "Sequence length of the correctness cases.")
-flags.DEFINE_integer("check_cases", 99, "Run at most this many correctness cases.")
+
+
+def define_flags() -> None:
+  """The command-line flags, defined when run as a script (importing defines nothing)."""
+  gpu_run.define_common_flags(check_share=0.35)
+  flags.DEFINE_list("lengths", ["32768", "131072"], "Sequence lengths to time.")
+  flags.DEFINE_integer("top_k", 2048, "Keys per query (DeepSeek-V3.2: 2048).")
+  flags.DEFINE_integer("heads", 8, "Query heads.")
+  flags.DEFINE_integer("kv_heads", 1, "KV heads (1: MQA, as DSA's MLA runs in MQA mode).")
+  flags.DEFINE_integer("head_dim", 64, "Head dimension.")
+  flags.DEFINE_integer("index_heads", 4, "Indexer heads.")
+  flags.DEFINE_integer("index_dim", 32, "Indexer head dimension.")
+  flags.DEFINE_integer("topk_block_q", 0, "Queries per top-k step (0: the backend default).")
+  flags.DEFINE_integer("check_len", 512, "Sequence length of the correctness cases.")
+  flags.DEFINE_integer("check_cases", 99, "Run at most this many correctness cases.")
+
 
 TOL = {jnp.dtype(jnp.bfloat16): 2e-2, jnp.dtype(jnp.float32): 1e-5}
 
@@ -265,4 +270,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -54,16 +54,21 @@ except ImportError:  # pragma: no cover - removed in some future JAX
 
 _START = time.time()  # the budget counts from here (after the imports: ~2 s of JAX start-up)
 FLAGS = flags.FLAGS
-gpu_run.define_common_flags(check_share=0.4)
-flags.DEFINE_bool("sweep", False, "Also time a few tile shapes at 16K, head_dim 128, causal.")
-flags.DEFINE_bool("skip_check", False, "Skip the correctness section.")
-flags.DEFINE_integer("check_len", 1000, "Sequence length of the correctness cases.")
-flags.DEFINE_integer("check_cases", 99, "Run at most this many correctness cases.")
-flags.DEFINE_integer("window", 4096, "Sliding window (tokens) of the windowed configurations.")
-flags.DEFINE_list("lengths", ["4096", "16384", "65536"], "Sequence lengths to time.")
-flags.DEFINE_list("head_dims", ["128", "64"], "Head dims to time.")
-flags.DEFINE_integer("tokens", 16384, "Batch x length of each timed configuration.")
-flags.DEFINE_integer("width", 2048, "Heads x head_dim of each timed configuration.")
+
+
+def define_flags() -> None:
+  """The command-line flags, defined when run as a script (importing defines nothing)."""
+  gpu_run.define_common_flags(check_share=0.4)
+  flags.DEFINE_bool("sweep", False, "Also time a few tile shapes at 16K, head_dim 128, causal.")
+  flags.DEFINE_bool("skip_check", False, "Skip the correctness section.")
+  flags.DEFINE_integer("check_len", 1000, "Sequence length of the correctness cases.")
+  flags.DEFINE_integer("check_cases", 99, "Run at most this many correctness cases.")
+  flags.DEFINE_integer("window", 4096, "Sliding window (tokens) of the windowed configurations.")
+  flags.DEFINE_list("lengths", ["4096", "16384", "65536"], "Sequence lengths to time.")
+  flags.DEFINE_list("head_dims", ["128", "64"], "Head dims to time.")
+  flags.DEFINE_integer("tokens", 16384, "Batch x length of each timed configuration.")
+  flags.DEFINE_integer("width", 2048, "Heads x head_dim of each timed configuration.")
+
 
 TOL = {jnp.dtype(jnp.bfloat16): 2e-2, jnp.dtype(jnp.float16): 5e-3,
        jnp.dtype(jnp.float32): 1e-5}
@@ -320,4 +325,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
