@@ -84,12 +84,24 @@ def trainable_params(trainable: str = "") -> nnx.filterlib.Filter:
 
 def make_optimizer(model: Transformer, config: ml_collections.ConfigDict) -> nnx.Optimizer:
   """AdamW on `learning_rate(config)` after clipping the global gradient norm, over the
-  parameters `trainable_params(config.trainable)` selects."""
+  parameters `trainable_params(config.trainable)` selects.
+
+  Runs with the same `optim` settings and `num_steps` share one optax transformation: it is
+  part of `train_step`'s jit cache key, so a second run in the process (a resume, a test)
+  reuses the compiled step instead of compiling it again.
+  """
+  tx = _transformation(tuple(sorted(config.optim.to_dict().items())), config.num_steps)
+  return nnx.Optimizer(model, tx, wrt=trainable_params(config.trainable))
+
+
+@functools.lru_cache(maxsize=16)
+def _transformation(optim: tuple[tuple[str, Any], ...], num_steps: int
+                    ) -> optax.GradientTransformation:
+  config = ml_collections.ConfigDict(dict(optim=dict(optim), num_steps=num_steps))
   o = config.optim
-  tx = optax.chain(
+  return optax.chain(
       optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity(),
       optax.adamw(learning_rate(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
-  return nnx.Optimizer(model, tx, wrt=trainable_params(config.trainable))
 
 
 # --- steps ---------------------------------------------------------------------------------------

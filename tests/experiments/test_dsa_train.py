@@ -29,34 +29,44 @@ def assert_only_indexer_changed(before, after):
                                                       params(after, dsa.INDEXER_PARAMS)))
 
 
-def test_warmup_trains_only_the_indexer_then_sparse(tmp_path):
-  """Warm-up (from the seed's initial weights) then sparse training from its checkpoint."""
-  warm_dir = tmp_path / "warmup"
-  warm = run("warmup,smoke", warm_dir)
-  assert np.isfinite(warm["indexer_kl"]) and np.isfinite(warm["scored_loss"])
-  config = dsa_config.get_config("warmup,smoke")
-  initial, trained = trainer.make_model(config), trainer.make_model(config)
-  checkpoints.load_params(trained, str(warm_dir))
-  assert_only_indexer_changed(initial, trained)
-
-  sparse = run("sparse,smoke", tmp_path / "sparse", init_from=str(warm_dir))
-  assert np.isfinite(sparse["indexer_kl"]) and np.isfinite(sparse["loss"])
-  assert os.path.exists(tmp_path / "sparse" / "metrics.jsonl")
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+  """The three documented commands in a row (smoke sizes), trained once for the tests below:
+  dense, then warm-up from the dense run, then sparse from the warm-up."""
+  root = tmp_path_factory.mktemp("dsa")
+  results = dict(dense=run("smoke", root / "dense"))
+  results["warmup"] = run("warmup,smoke", root / "warmup", init_from=str(root / "dense"))
+  results["sparse"] = run("sparse,smoke", root / "sparse", init_from=str(root / "warmup"))
+  return root, results
 
 
-@pytest.mark.slow
-def test_dense_then_warmup_then_sparse_commands(tmp_path):
-  """The three documented commands in a row (smoke sizes)."""
-  dense = run("smoke", tmp_path / "dense")
-  assert np.isfinite(dense["indexer_kl"])
-  run("warmup,smoke", tmp_path / "warmup", init_from=str(tmp_path / "dense"))
+def test_dense_stage_trains_model_and_indexer(stages):
+  _, results = stages
+  assert np.isfinite(results["dense"]["indexer_kl"]) and np.isfinite(results["dense"]["loss"])
+
+
+def test_warmup_trains_only_the_indexer(stages):
+  root, results = stages
+  assert np.isfinite(results["warmup"]["indexer_kl"])
+  assert np.isfinite(results["warmup"]["scored_loss"])
   config = dsa_config.get_config("warmup,smoke")
   before, after = trainer.make_model(config), trainer.make_model(config)
-  checkpoints.load_params(before, str(tmp_path / "dense"))
-  checkpoints.load_params(after, str(tmp_path / "warmup"))
+  checkpoints.load_params(before, str(root / "dense"))
+  checkpoints.load_params(after, str(root / "warmup"))
   assert_only_indexer_changed(before, after)
-  sparse = run("sparse,smoke", tmp_path / "sparse", init_from=str(tmp_path / "warmup"))
-  assert np.isfinite(sparse["loss"])
+
+
+def test_sparse_trains_from_the_warmup(stages):
+  root, results = stages
+  assert np.isfinite(results["sparse"]["indexer_kl"]) and np.isfinite(results["sparse"]["loss"])
+  assert os.path.exists(root / "sparse" / "metrics.jsonl")
+  config = dsa_config.get_config("sparse,smoke")
+  warm, sparse = trainer.make_model(config), trainer.make_model(config)
+  checkpoints.load_params(warm, str(root / "warmup"))
+  checkpoints.load_params(sparse, str(root / "sparse"))
+  changed = [not np.array_equal(a, b) for a, b in zip(params(warm, dsa.MAIN_PARAMS),
+                                                      params(sparse, dsa.MAIN_PARAMS))]
+  assert any(changed)  # stage 2 trains the model too (started from the warm-up's weights)
 
 
 def test_variants_and_stages():
