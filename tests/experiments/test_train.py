@@ -267,6 +267,15 @@ def jax_leaves(tree):
   return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
+def test_runs_with_the_same_optim_settings_share_one_transformation():
+  """So `train_step` (whose jit cache key holds it) compiles once for a resume in-process."""
+  from experiments import trainer
+  model = trainer.make_model(smoke())
+  first, again = (trainer.make_optimizer(model, smoke()) for _ in range(2))
+  assert first.tx is again.tx
+  assert trainer.make_optimizer(model, smoke(num_steps=5)).tx is not first.tx
+
+
 def test_base_config_has_every_field_the_configs_use():
   common.check_config(passkey.get_config())
   common.check_config(passkey.get_config("smoke"))
