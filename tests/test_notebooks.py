@@ -1,4 +1,8 @@
-"""Every notebook in notebooks/ runs top to bottom (deselect with -m "not notebooks")."""
+"""Every notebook in notebooks/ runs top to bottom (deselect with -m "not notebooks").
+
+The notebooks run in their quick mode here (`LONGCTX_QUICK=1`: fewer lengths or training
+steps, the same code and plots); run by hand, they show the full sizes.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
   for cell in notebook.cells:  # committed notebooks carry no outputs
     assert not cell.get("outputs"), f"{path.name}: strip outputs before committing"
   monkeypatch.setenv("MPLBACKEND", "Agg")
+  monkeypatch.setenv("LONGCTX_QUICK", "1")
   client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                                    resources={"metadata": {"path": str(tmp_path)}})
   client.execute()
