@@ -4,7 +4,7 @@ written as they come, the budget, the GPU guard.
 Each smoke run is one subprocess under `tests.experiments.bare_jax` (imports beyond JAX, numpy,
 absl, jaxtyping fail the run) with a budget far too small for its plan, so the run is cut
 short (the plans hold minutes of rows, even on a quiet machine) and the tables must still
-hold the measured rows plus "skipped (budget)" rows. The budget (20 s) leaves a quiet machine
+hold the measured rows plus "skipped (budget)" rows. The budget (25 s) leaves a quiet machine
 time for the correctness case and a few timed rows; a machine too loaded to time any row in
 it gets one more run with a longer budget.
 """
@@ -22,7 +22,7 @@ import pytest
 from experiments import gpu_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BUDGETS_S = (20, 45)  # the second only if the first was too loaded to check and time a row
+BUDGETS_S = (25, 45)  # the second only if the first was too loaded to check and time a row
 
 
 def _smoke(script: str, out_dir, *flags: str):
