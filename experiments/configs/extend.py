@@ -20,16 +20,23 @@ METHODS = ("none", "linear", "ntk", "yarn")
 def get_config(variant: str | None = None):
   method, smoke = common.parse_variant(variant, name="extend.py", choices=METHODS,
                                        default="yarn")
-  config = passkey.get_config("smoke" if smoke else None)
-  factor = 2
-  original = config.task.seq_len
-  config.task.seq_len = factor * original
-  if method != "none":
-    config.model.update(rope_scaling=method, rope_factor=float(factor),
-                        rope_original_length=original)
+  config = extend(passkey.get_config("smoke" if smoke else None), method, multiple=2, factor=2)
   config.init_from = "" if smoke else "/tmp/longctx_passkey"
   if not smoke:
     config.num_steps = 100
     config.optim.update(lr=1e-3, warmup_steps=10)
     config.eval_every = 50
+  return config
+
+
+def extend(config, method: str, *, multiple: int, factor: float):
+  """Turns a source run's `config` (in place) into its fine-tune at `multiple` x its length
+  with RoPE scaling `method` of scale `factor` (from the source length); returns it."""
+  if method not in METHODS:
+    raise ValueError(f"unknown extension method {method!r}; known: {METHODS}.")
+  original = config.task.seq_len
+  config.task.seq_len = multiple * original
+  if method != "none":
+    config.model.update(rope_scaling=method, rope_factor=float(factor),
+                        rope_original_length=original)
   return config

@@ -14,7 +14,11 @@ depths is printed and written to `eval_passkey.csv`/`.png`.
 Result (seeds 0-2, README): 0.83 exact match at the training length (0.75-0.97 by seed);
 beyond it accuracy drops (0.32 at 2x, 0.12 at 4x; RoPE models do not extrapolate reliably);
 `python -m experiments.evaluate --workdir=... --rope_scaling=yarn --rope_factor=4` or
-fine-tuning with `extend.py` recovers part of it. Tiny variant: `:smoke`.
+fine-tuning with `extend.py` recovers part of it.
+
+Variants: `:rope` = ordinary RoPE on every layer (all layers global, theta 1e4, so positions
+past the training length are unseen rotations and RoPE scaling matters: README row 3,
+experiments/rows/extension.py); tiny: `:smoke`, `:rope,smoke`.
 """
 
 from experiments.configs import common
@@ -31,7 +35,10 @@ def get_config(variant: str | None = None):
   config.optim.update(lr=3e-3, warmup_steps=50)
   config.eval_every = 250
   config.eval_after_train = True
-  _, smoke = common.parse_variant(variant, name="passkey.py")
+  rope, smoke = common.parse_variant(variant, name="passkey.py", choices=("rope",))
+  if rope:
+    config.model.layer_pattern = ("global",)
+    config.model.kinds = {"global": dict(rope_theta=1e4), "local": dict(window=64, rope_theta=1e4)}
   if smoke:
     common.smoke(config, steps=4, every=2)
     config.task.seq_len = 128

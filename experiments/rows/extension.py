@@ -1,0 +1,201 @@
+"""Row 3: context extension 1x-16x of a passkey model with ordinary RoPE on every layer.
+
+A decoder trained at length L (`passkey.py:rope`: all layers global, RoPE theta 1e4, so every
+position past L is a rotation never seen in training) is evaluated on passkey prompts of
+1, 2, 4, 8 and 16 x L with RoPE scaling none / linear (PI) / ntk / yarn (models/rope.py):
+
+* inference only: the trained weights, scale s = the column's multiple (s = 1 at 1x, where
+  every method is the unscaled model, evaluated once);
+* fine-tuned: a short fine-tune (`Finetune`: steps, length, scale) from the trained weights with
+  the method's RoPE (`extend.py`'s recipe; `none` = plain fine-tuning at the longer length),
+  evaluated with that RoPE at every column.
+
+Exact match of the 5-digit key over `depths` x `examples` prompts per (seed, cell); each cell is
+reported as the mean over seeds (min-max) of the per-seed mean over depths. Everything is
+resumable: runs checkpoint under `ctx.workdir`, each evaluated cell is cached as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from experiments.configs import extend, passkey
+from experiments.rows import base
+
+METHODS = extend.METHODS  # none, linear, ntk, yarn
+
+
+@dataclasses.dataclass(frozen=True)
+class Finetune:
+  """A fine-tune of `steps` steps of `batch_size` rows at `multiple` x L, RoPE scale `factor`."""
+  multiple: int
+  factor: float
+  steps: int
+  batch_size: int
+  methods: tuple[str, ...] = METHODS
+  lr: float = 1e-3
+
+  @property
+  def name(self) -> str:
+    return f"ft{self.multiple}x_s{self.factor:g}_{self.steps}steps"
+
+  @property
+  def label(self) -> str:
+    return f"fine-tuned {self.steps} steps at {self.multiple}x, s={self.factor:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+  """What one version of the row runs (`FULL`, `QUICK`)."""
+  variant: str            # passkey.py variant of the trained model
+  seq_len: int            # training length L
+  steps: int              # training steps
+  batch_size: int         # training rows per step
+  multiples: tuple[int, ...]
+  depths: tuple[float, ...]
+  examples: int           # prompts per (length, depth) cell and seed
+  eval_batch: int
+  finetunes: tuple[Finetune, ...]
+
+
+FULL = Sizes(variant="rope", seq_len=128, steps=1000, batch_size=16, multiples=(1, 2, 4, 8, 16),
+             depths=(0.0, 0.25, 0.5, 0.75, 1.0), examples=6, eval_batch=6,
+             finetunes=(Finetune(multiple=4, factor=16, steps=100, batch_size=8),))
+QUICK = Sizes(variant="rope,smoke", seq_len=128, steps=4, batch_size=4, multiples=(1, 2),
+              depths=(0.5,), examples=2, eval_batch=2,
+              finetunes=(Finetune(multiple=2, factor=2, steps=2, batch_size=2,
+                                  methods=("yarn",)),))
+
+
+def base_config(sizes: Sizes, seed: int):
+  """The trained model's config (`passkey.py:<variant>` at length L, seed `seed`)."""
+  config = passkey.get_config(sizes.variant)
+  config.seed = seed
+  config.task.update(seq_len=sizes.seq_len, min_len=min(112, sizes.seq_len))
+  config.update(num_steps=sizes.steps, batch_size=sizes.batch_size, eval_after_train=False,
+                progress=False)
+  return config
+
+
+def finetune_config(sizes: Sizes, ft: Finetune, method: str, seed: int, source: str):
+  """`extend.py`'s recipe from run `source`: rows of one document of 1/2-1x the new length."""
+  config = extend.extend(base_config(sizes, seed), method, multiple=ft.multiple,
+                         factor=ft.factor)
+  config.task.min_len = config.task.seq_len // 2
+  config.init_from = source
+  config.update(num_steps=ft.steps, batch_size=ft.batch_size, eval_every=0, eval_batches=1,
+                checkpoint_every=ft.steps, log_every=max(1, ft.steps // 10))
+  config.optim.update(lr=ft.lr, warmup_steps=max(1, ft.steps // 10))
+  return config
+
+
+def accuracy(sizes: Sizes, run_dir: str, method: str | None, factor: float | None,
+             length: int) -> list[float]:
+  """Exact match per depth of run `run_dir` at `length` (RoPE override `method` x `factor`,
+  None = as trained); cached in the run's directory."""
+  from experiments import evaluate  # pylint: disable=g-import-not-at-top
+
+  def compute():
+    config, model, _ = evaluate.load_run(run_dir, method, factor)
+    rows = evaluate.grid(model, config, "passkey", [length], sizes.depths, sizes.examples,
+                         sizes.eval_batch)
+    return [r["accuracy"] for r in rows]
+
+  tag = f"{method or 'trained'}{factor or ''}_{length}_n{sizes.examples}x{len(sizes.depths)}"
+  return base.cached(os.path.join(run_dir, f"row3_{tag}.json"), compute)
+
+
+def seed_records(ctx: base.Context, sizes: Sizes, seed: int) -> list[dict]:
+  """Trains seed `seed`'s model and fine-tunes; every (stage, method, length, depth) record."""
+  source = base.train_run(base_config(sizes, seed), ctx.path(f"base_s{seed}"))
+  records = []
+
+  def add(stage, method, factor, run_dir, override):
+    for multiple in sizes.multiples:
+      length = multiple * sizes.seq_len
+      f = factor if factor is not None else float(multiple)
+      if override and (method == "none" or f == 1.0):  # s = 1: the unscaled model
+        scores = accuracy(sizes, run_dir, "none", 1.0, length)
+      else:
+        scores = accuracy(sizes, run_dir, method if override else None,
+                          f if override else None, length)
+      for depth, acc in zip(sizes.depths, scores):
+        records.append(dict(stage=stage, method=method, factor=1.0 if method == "none" else f,
+                            seed=seed, length=length, multiple=multiple, depth=depth,
+                            examples=sizes.examples, accuracy=acc))
+
+  for method in METHODS:
+    add("inference", method, None, source, override=True)
+  for ft in sizes.finetunes:
+    for method in ft.methods:
+      run_dir = base.train_run(finetune_config(sizes, ft, method, seed, source),
+                               ctx.path(f"{ft.name}_{method}_s{seed}"))
+      add(ft.name, method, ft.factor, run_dir, override=False)
+  return records
+
+
+def summarise(records: list[dict], sizes: Sizes) -> tuple[list[str], list[list[float]],
+                                                               list[list[list[float]]]]:
+  """(row labels, multiples, per-seed means over depths [row][column][seed])."""
+  stages = ["inference"] + [ft.name for ft in sizes.finetunes]
+  labels = {ft.name: ft.label for ft in sizes.finetunes}
+  labels["inference"] = "inference only, s = column"
+  names, values = [], []
+  for stage in stages:
+    for method in METHODS:
+      mine = [r for r in records if r["stage"] == stage and r["method"] == method]
+      if not mine:
+        continue
+      names.append(f"{method}, {labels[stage]}")
+      row = []
+      for multiple in sizes.multiples:
+        per_seed = {}
+        for r in mine:
+          if r["multiple"] == multiple:
+            per_seed.setdefault(r["seed"], []).append(r["accuracy"])
+        row.append([float(np.mean(v)) for _, v in sorted(per_seed.items())])
+      values.append(row)
+  return names, list(sizes.multiples), values
+
+
+def plot(names, multiples, values, seq_len: int, path: str) -> None:
+  """The whole grid as a heatmap: rows (method, stage), columns length, mean over seeds."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  image = np.array([[np.mean(c) for c in row] for row in values])
+  fig, ax = plt.subplots(figsize=(1.1 * len(multiples) + 4.5, 0.4 * len(names) + 1.6))
+  im = ax.imshow(image, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+  for i in range(image.shape[0]):
+    for j in range(image.shape[1]):
+      ax.text(j, i, f"{image[i, j]:.2f}", ha="center", va="center", fontsize=8)
+  ax.set_xticks(range(len(multiples)), [f"{m}x\n{m * seq_len}" for m in multiples])
+  ax.set_yticks(range(len(names)), names, fontsize=8)
+  ax.set_xlabel("passkey context length (x training length)")
+  ax.set_title(f"Passkey exact match, trained at {seq_len} (mean over seeds)", fontsize=9)
+  fig.colorbar(im, ax=ax, label="exact match")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def run(ctx: base.Context) -> base.Result:
+  sizes = QUICK if ctx.quick else FULL
+  records = [r for seed in ctx.seeds for r in seed_records(ctx, sizes, seed)]
+  names, multiples, values = summarise(records, sizes)
+  header = ["RoPE scaling"] + [f"{m}x ({m * sizes.seq_len})" for m in multiples]
+  table = base.markdown_table(header, [[n] + [base.cell(c) for c in row]
+                                       for n, row in zip(names, values)])
+  note = (f"Passkey exact match, mean over {len(sizes.depths)} depths x {sizes.examples} "
+          f"prompts per seed; mean (min-max) over seeds {', '.join(map(str, ctx.seeds))}. "
+          f"Trained at L = {sizes.seq_len} ({sizes.steps} steps of {sizes.batch_size} rows).")
+  return base.Result(records, f"{note}\n\n{table}",
+                     lambda path: plot(names, multiples, values, sizes.seq_len, path))
+
+
+ROW = base.Row(number=3, name="extension", title="Context extension 1x-16x (passkey, RoPE "
+               "scaling)", columns=("stage", "method", "factor", "seed", "length", "multiple",
+                                    "depth", "examples", "accuracy"), run=run)
