@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from experiments.corpus import DEFAULT_TEXT_GLOB, decode, encode, load_corpus  # decode: re-exported
-from experiments.mlm_task import MLM
+from experiments.mlm_task import MLM, split_corpus
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
                "memorize them. I will quiz you about the important information there.")
@@ -206,33 +206,45 @@ class Text:
   glob: str = DEFAULT_TEXT_GLOB
   max_bytes: int = 64 << 20
   seed: int = 0
+  heldout_every: int = 0  # > 0: file i (sorted) is held out iff i % heldout_every == 0
 
-  def corpus(self) -> tuple[np.ndarray, np.ndarray]:
-    return load_corpus(self.glob, self.max_bytes)
+  def corpus(self, heldout: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(bytes, file ids): all files, or (`heldout_every` > 0) the training / held-out ones."""
+    if not self.heldout_every:
+      return load_corpus(self.glob, self.max_bytes)
+    return split_corpus(self.glob, self.max_bytes, self.heldout_every, heldout)
 
-  def num_windows(self) -> int:
-    n = (len(self.corpus()[0]) - 1) // self.seq_len
+  def num_windows(self, heldout: bool = False, seq_len: int | None = None) -> int:
+    seq_len = seq_len or self.seq_len
+    n = (len(self.corpus(heldout)[0]) - 1) // seq_len
     if n < 1:
-      raise ValueError(f"text: corpus {self.glob!r} is shorter than one row of {self.seq_len}.")
+      raise ValueError(f"text: corpus {self.glob!r} is shorter than one row of {seq_len}.")
     return n
 
-  def window(self, index: int) -> dict[str, np.ndarray]:
-    data, ids = self.corpus()
-    lo = index * self.seq_len
-    chunk, doc = data[lo:lo + self.seq_len + 1], ids[lo:lo + self.seq_len + 1]
+  def window(self, index: int, heldout: bool = False, seq_len: int | None = None
+             ) -> dict[str, np.ndarray]:
+    """Row `index` of the stream cut into rows of `seq_len` (default: the task's)."""
+    seq_len = seq_len or self.seq_len
+    data, ids = self.corpus(heldout)
+    lo = index * seq_len
+    chunk, doc = data[lo:lo + seq_len + 1], ids[lo:lo + seq_len + 1]
     _, segment_ids = np.unique(doc[:-1], return_inverse=True)
     return dict(tokens=chunk[:-1].astype(np.int32), targets=chunk[1:].astype(np.int32),
                 loss_mask=(doc[1:] == doc[:-1]).astype(np.float32),
                 segment_ids=segment_ids.astype(np.int32).reshape(-1))
 
-  def batch(self, step: int, batch_size: int, *, salt: int = 0) -> dict[str, np.ndarray]:
-    """Rows `step * B .. (step + 1) * B` of the epoch permutations (`salt` offsets the seed)."""
-    n = self.num_windows()
+  def batch(self, step: int, batch_size: int, *, salt: int = 0, seq_len: int | None = None
+            ) -> dict[str, np.ndarray]:
+    """Rows `step * B .. (step + 1) * B` of the epoch permutations (`salt` offsets the seed;
+    with `heldout_every`, salt 0 reads the training files and any other salt the held-out
+    ones). `seq_len` overrides the row length (evaluation at other lengths)."""
+    heldout = bool(self.heldout_every) and salt != 0
+    n = self.num_windows(heldout, seq_len)
     rows = []
     for i in range(step * batch_size, (step + 1) * batch_size):
       epoch, offset = divmod(i, n)
       order = _epoch_order(self.seed + 7919 * salt, epoch, n)
-      rows.append(self.window(int(order[offset])))
+      rows.append(self.window(int(order[offset]), heldout, seq_len))
     return _stack(rows)
 
 

@@ -6,23 +6,35 @@ r"""Byte-level language modelling on plain text files (default: the Python stand
 
 The corpus is every file matching `task.glob` (sorted), concatenated as bytes; rows of
 `seq_len` bytes pack short files together, told apart by segment ids (attention and loss stay
-within a file). Nothing is downloaded. Tiny variant for tests: `:smoke`.
+within a file). Every 10th file (sorted order) is held out: training reads the others, the
+periodic evaluation the held-out ones (`task.heldout_every`). Nothing is downloaded.
+
+Variants (layer patterns, README row 5, experiments/rows/text.py): `:alternating` (the
+default: global, local, local), `:global` (every layer global), `:local` (every layer local);
+tiny: `:smoke`, e.g. `:local,smoke`.
 """
+
 
 from experiments.configs import common
 from experiments import tasks
 
+PATTERNS = {"alternating": ("global", "local", "local"), "global": ("global",),
+            "local": ("local",)}
+
 
 def get_config(variant: str | None = None):
   config = common.base_config()
-  config.task = dict(name="text", seq_len=512, glob=tasks.DEFAULT_TEXT_GLOB, max_bytes=64 << 20)
+  config.task = dict(name="text", seq_len=512, glob=tasks.DEFAULT_TEXT_GLOB, max_bytes=64 << 20,
+                     heldout_every=10)
   config.model.update(d_model=128, num_layers=6, num_heads=4, mlp_dim=256)
   config.model.kinds.local.window = 128
   config.batch_size = 16
   config.num_steps = 1000
   config.optim.update(lr=2e-3, warmup_steps=100)
   config.eval_every = 250
-  _, smoke = common.parse_variant(variant, name="text.py")
+  pattern, smoke = common.parse_variant(variant, name="text.py", choices=tuple(PATTERNS),
+                                        default="alternating")
+  config.model.layer_pattern = PATTERNS[pattern]
   if smoke:
     common.smoke(config)
     config.task.update(seq_len=64, max_bytes=1 << 16)

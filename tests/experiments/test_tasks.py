@@ -82,6 +82,16 @@ def test_text_packs_short_documents_with_segment_ids(tmp_path):
   np.testing.assert_array_equal(task.batch(3, 4)["tokens"], task.batch(3, 4)["tokens"])
 
 
+def test_text_holds_out_every_kth_file(tmp_path):
+  for i in range(4):
+    (tmp_path / f"{i}.txt").write_bytes(bytes([ord("a") + i]) * 40)
+  task = tasks.Text(seq_len=8, glob=str(tmp_path / "*.txt"), heldout_every=2)
+  train, held = task.batch(0, 8)["tokens"], task.batch(0, 8, salt=1)["tokens"]
+  assert set(np.unique(train)) <= {ord("b"), ord("d")}  # files 1 and 3
+  assert set(np.unique(held)) <= {ord("a"), ord("c")}   # files 0 and 2
+  assert task.batch(0, 2, salt=1, seq_len=32)["tokens"].shape == (2, 32)
+
+
 def test_text_default_corpus_is_the_stdlib():
   assert os.path.basename(tasks.DEFAULT_TEXT_GLOB) == "*.py"
   task = tasks.Text(seq_len=64, max_bytes=1 << 16)

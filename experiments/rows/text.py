@@ -1,0 +1,188 @@
+"""Row 5: real text. Does a byte-level decoder use its context, and past its training length?
+
+Decoders that differ only in `layer_pattern` (`text.py:global`, `:local`, `:alternating`; the
+same parameters, steps, data and seed) train on the Python standard library's sources with
+every 10th file (sorted order) held out. On held-out rows of 1x, 2x and 4x the training length
+L, each token's loss is bucketed by the context it had: its position in its file within the
+row, plus one (buckets [1, 2), [2, 4), ... doubling; a row starting mid-file truncates the
+context at the row start). Past L the models run as trained (`none`) and with YaRN at
+s = length / L. Bits per byte = mean loss / ln 2 over a length's scored tokens.
+
+Expected (issue 17): loss falls with position for global and alternating, and stops falling past
+the window for local-only; without scaling the global models degrade past L.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments import tasks, trainer
+from experiments.configs import text
+from experiments.rows import base
+
+PATTERNS = tuple(text.PATTERNS)  # alternating, global, local
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+  """What one version of the row runs (`FULL`, `QUICK`)."""
+  smoke: bool
+  seq_len: int
+  d_model: int
+  num_layers: int
+  window: int
+  steps: int
+  batch_size: int
+  multiples: tuple[int, ...]
+  eval_tokens: int   # held-out tokens per (model, length, RoPE): rows = eval_tokens / length
+  patterns: tuple[str, ...] = PATTERNS
+
+
+FULL = Sizes(smoke=False, seq_len=256, d_model=64, num_layers=4, window=64, steps=600,
+             batch_size=16, multiples=(1, 2, 4), eval_tokens=32768)
+QUICK = Sizes(smoke=True, seq_len=64, d_model=32, num_layers=3, window=16, steps=2,
+              batch_size=4, multiples=(1, 2), eval_tokens=256, patterns=("global", "local"))
+
+
+def config_for(sizes: Sizes, pattern: str, seed: int):
+  """`text.py:<pattern>` at the row's size."""
+  config = text.get_config(f"{pattern},smoke" if sizes.smoke else pattern)
+  config.seed = seed
+  config.task.seq_len = sizes.seq_len
+  config.model.kinds.local.window = sizes.window
+  if not sizes.smoke:
+    config.model.update(d_model=sizes.d_model, num_layers=sizes.num_layers, num_heads=4,
+                        mlp_dim=2 * sizes.d_model)
+    config.update(num_steps=sizes.steps, batch_size=sizes.batch_size, eval_every=sizes.steps,
+                  progress=False)
+  return config
+
+
+@nnx.jit
+def token_losses(model, batch):
+  """`[B, T]` cross-entropy (nats) of every next-byte prediction."""
+  logits, _ = model(batch["tokens"], segment_ids=batch["segment_ids"])
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+
+
+def context_lengths(segment_ids: np.ndarray) -> np.ndarray:
+  """`[B, T]` tokens of its own document each position sees (itself included) in its row."""
+  b, t = segment_ids.shape
+  index = np.broadcast_to(np.arange(t), (b, t))
+  starts = np.concatenate([np.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+  first = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+  return index - first + 1
+
+
+def loss_by_position(model, task: tasks.Text, length: int, rows: int) -> list[dict]:
+  """Held-out loss at `length`, per doubling context bucket and (bucket [0, length]) overall."""
+  sums = np.zeros(int(math.log2(length)) + 1)
+  counts = np.zeros_like(sums)
+  for i in range(rows):
+    batch = task.batch(i, 1, salt=1, seq_len=length)
+    losses = np.asarray(jax.device_get(token_losses(model, trainer.to_device(batch))))
+    bucket = np.log2(context_lengths(batch["segment_ids"])).astype(int)
+    mask = batch["loss_mask"] > 0
+    np.add.at(sums, bucket[mask], losses[mask])
+    np.add.at(counts, bucket[mask], 1)
+  out = [dict(bucket_lo=2 ** k, bucket_hi=2 ** (k + 1), tokens=int(c), loss=float(s / c))
+         for k, (s, c) in enumerate(zip(sums, counts)) if c]
+  return out + [dict(bucket_lo=0, bucket_hi=length, tokens=int(counts.sum()),
+                     loss=float(sums.sum() / counts.sum()))]
+
+
+def model_records(ctx: base.Context, sizes: Sizes, pattern: str, seed: int) -> list[dict]:
+  """Trains (resuming) one model and measures every (length, RoPE) of it; cached."""
+  from experiments import evaluate  # pylint: disable=g-import-not-at-top
+  run_dir = base.train_run(config_for(sizes, pattern, seed), ctx.path(f"{pattern}_s{seed}"))
+  records = []
+  for multiple in sizes.multiples:
+    length = multiple * sizes.seq_len
+    for rope in ("none", "yarn") if multiple > 1 else ("none",):
+      factor = float(multiple) if rope == "yarn" else 1.0
+
+      def compute(rope=rope, factor=factor, length=length):
+        config, model, _ = evaluate.load_run(run_dir, rope, factor)
+        task = tasks.make_task(config.task, seed=config.seed)
+        return loss_by_position(model, task, length, max(1, sizes.eval_tokens // length))
+
+      tag = f"row5_{rope}{factor:g}_{length}_{sizes.eval_tokens}.json"
+      for r in base.cached(os.path.join(run_dir, tag), compute):
+        records.append(dict(pattern=pattern, seed=seed, rope=rope, factor=factor,
+                            length=length, multiple=multiple, **r,
+                            bits_per_byte=r["loss"] / math.log(2)))
+  return records
+
+
+def bpb_table(records: list[dict], sizes: Sizes) -> str:
+  """Bits per byte per (pattern, RoPE) and length: mean (min-max) over seeds."""
+  header = ["pattern", "RoPE past L"] + [f"{m}x ({m * sizes.seq_len})" for m in sizes.multiples]
+  rows = []
+  for pattern in sizes.patterns:
+    for rope in ("none", "yarn"):
+      cells = []
+      for multiple in sizes.multiples:
+        r_rope = rope if multiple > 1 else "none"
+        values = [r["bits_per_byte"] for r in records if r["pattern"] == pattern
+                  and r["rope"] == r_rope and r["multiple"] == multiple and r["bucket_lo"] == 0]
+        cells.append(base.cell(values, "{:.3f}"))
+      rows.append([pattern, rope if rope == "yarn" else "none"] + cells)
+  return base.markdown_table(header, rows)
+
+
+def plot(records: list[dict], sizes: Sizes, path: str) -> None:
+  """Loss against context (log x), one panel per pattern, a line per (length, RoPE)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, len(sizes.patterns), figsize=(4.2 * len(sizes.patterns), 3.6),
+                           sharey=True, squeeze=False)
+  for ax, pattern in zip(axes[0], sizes.patterns):
+    for multiple in sizes.multiples:
+      for rope in ("none", "yarn") if multiple > 1 else ("none",):
+        mine = [r for r in records if r["pattern"] == pattern and r["multiple"] == multiple
+                and r["rope"] == rope and r["bucket_lo"] > 0]
+        los = sorted({r["bucket_lo"] for r in mine})
+        means = [np.mean([r["loss"] for r in mine if r["bucket_lo"] == lo]) for lo in los]
+        ax.plot([lo * 1.5 for lo in los], means, marker="o", markersize=3,
+                linestyle="--" if rope == "yarn" else "-",
+                label=f"{multiple}x ({multiple * sizes.seq_len})" + (" YaRN" if rope == "yarn"
+                                                                      else ""))
+    ax.axvline(sizes.seq_len, color="gray", linestyle=":")
+    if pattern != "global":
+      ax.axvline(sizes.window, color="red", linestyle=":", alpha=0.5)
+    ax.set_xscale("log", base=2)
+    ax.set_title(f"{pattern} (L = {sizes.seq_len}, window {sizes.window})", fontsize=9)
+    ax.set_xlabel("context of the token (bytes of its file seen)")
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel("held-out loss (nats / byte), mean over seeds")
+  axes[0][-1].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def run(ctx: base.Context) -> base.Result:
+  sizes = QUICK if ctx.quick else FULL
+  records = [r for seed in ctx.seeds for pattern in sizes.patterns
+             for r in model_records(ctx, sizes, pattern, seed)]
+  note = (f"Held-out bits per byte ({sizes.eval_tokens} bytes per cell and seed; every 10th "
+          f"stdlib file held out), trained at L = {sizes.seq_len} for {sizes.steps} steps of "
+          f"{sizes.batch_size} rows; mean (min-max) over seeds "
+          f"{', '.join(map(str, ctx.seeds))}. YaRN: s = length / L.")
+  return base.Result(records, f"{note}\n\n{bpb_table(records, sizes)}",
+                     lambda path: plot(records, sizes, path))
+
+
+ROW = base.Row(number=5, name="text", title="Real text: loss by position, 1x-4x, with and "
+               "without YaRN", columns=("pattern", "seed", "rope", "factor", "length",
+                                        "multiple", "bucket_lo", "bucket_hi", "tokens", "loss",
+                                        "bits_per_byte"), run=run)
