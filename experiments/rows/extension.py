@@ -58,16 +58,22 @@ class Sizes:
   depths: tuple[float, ...]
   examples: int           # prompts per (length, depth) cell and seed
   eval_batch: int
-  finetunes: tuple[Finetune, ...]
+  finetunes: tuple[Finetune, ...]  # the first: every method; the rest: attempts (yarn)
+  methods: tuple[str, ...] = METHODS  # inference-only rows
 
 
 FULL = Sizes(variant="rope", seq_len=128, steps=1000, batch_size=16, multiples=(1, 2, 4, 8, 16),
              depths=(0.0, 0.25, 0.5, 0.75, 1.0), examples=6, eval_batch=6,
-             finetunes=(Finetune(multiple=4, factor=16, steps=100, batch_size=8),))
+             finetunes=(Finetune(multiple=4, factor=16, steps=100, batch_size=8),
+                        # Attempts (README row 3): at the target length; twice the steps.
+                        Finetune(multiple=16, factor=16, steps=100, batch_size=2,
+                                 methods=("yarn",)),
+                        Finetune(multiple=4, factor=16, steps=200, batch_size=8,
+                                 methods=("yarn",))))
 QUICK = Sizes(variant="rope,smoke", seq_len=128, steps=4, batch_size=4, multiples=(1, 2),
               depths=(0.5,), examples=2, eval_batch=2,
               finetunes=(Finetune(multiple=2, factor=2, steps=2, batch_size=2,
-                                  methods=("yarn",)),))
+                                  methods=("yarn",)),), methods=("none", "yarn"))
 
 
 def base_config(sizes: Sizes, seed: int):
@@ -127,7 +133,7 @@ def seed_records(ctx: base.Context, sizes: Sizes, seed: int) -> list[dict]:
                             seed=seed, length=length, multiple=multiple, depth=depth,
                             examples=sizes.examples, accuracy=acc))
 
-  for method in METHODS:
+  for method in sizes.methods:
     add("inference", method, None, source, override=True)
   for ft in sizes.finetunes:
     for method in ft.methods:

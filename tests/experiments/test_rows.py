@@ -1,0 +1,49 @@
+"""Pieces of the results rows (experiments/rows): configs they build and their measurements."""
+
+import numpy as np
+import pytest
+
+from experiments.configs import extend, passkey, text
+from experiments.rows import extension
+from experiments.rows import text as text_row
+
+
+def test_context_lengths_restart_at_each_document():
+  segments = np.array([[0, 0, 0, 1, 1], [2, 2, 2, 2, 2]])
+  np.testing.assert_array_equal(text_row.context_lengths(segments),
+                                [[1, 2, 3, 1, 2], [1, 2, 3, 4, 5]])
+
+
+@pytest.mark.parametrize("pattern", sorted(text.PATTERNS))
+def test_text_pattern_variants(pattern):
+  config = text.get_config(f"{pattern},smoke")
+  assert tuple(config.model.layer_pattern) == text.PATTERNS[pattern]
+  assert config.task.heldout_every == 10
+  with pytest.raises(ValueError, match="unknown variant"):
+    text.get_config("global,local")
+
+
+def test_passkey_rope_variant_is_ordinary_rope_everywhere():
+  config = passkey.get_config("rope,smoke")
+  assert tuple(config.model.layer_pattern) == ("global",)
+  assert config.model.kinds["global"].rope_theta == 1e4
+
+
+def test_extend_sets_length_and_rope():
+  config = extend.extend(passkey.get_config("rope"), "yarn", multiple=4, factor=16)
+  assert config.task.seq_len == 1024
+  assert (config.model.rope_scaling, config.model.rope_factor,
+          config.model.rope_original_length) == ("yarn", 16.0, 256)
+  assert extend.extend(passkey.get_config(), "none", multiple=2,
+                       factor=2).model.rope_scaling == "none"
+  with pytest.raises(ValueError, match="unknown extension method"):
+    extend.extend(passkey.get_config(), "pi", multiple=2, factor=2)
+
+
+def test_extension_finetune_config_starts_from_the_source():
+  sizes = extension.FULL
+  config = extension.finetune_config(sizes, sizes.finetunes[0], "ntk", 1, "/src")
+  assert config.init_from == "/src" and config.seed == 1
+  assert config.task.seq_len == 4 * sizes.seq_len
+  assert config.task.min_len == 2 * sizes.seq_len
+  assert config.num_steps <= 200  # issue 17: a short fine-tune
