@@ -37,14 +37,19 @@ class Finetune:
   batch_size: int
   methods: tuple[str, ...] = METHODS
   lr: float = 1e-3
+  seeds: tuple[int, ...] | None = None  # only these of the row's seeds (None: all)
 
   @property
   def name(self) -> str:
-    return f"ft{self.multiple}x_s{self.factor:g}_{self.steps}steps"
+    lr = "" if self.lr == 1e-3 else f"_lr{self.lr:g}"
+    return f"ft{self.multiple}x_s{self.factor:g}_{self.steps}steps{lr}"
 
   @property
   def label(self) -> str:
-    return f"fine-tuned {self.steps} steps at {self.multiple}x, s={self.factor:g}"
+    seeds = f" (seed {','.join(map(str, self.seeds))} only)" if self.seeds else ""
+    lr = "" if self.lr == 1e-3 else f", lr {self.lr:g}"
+    return (f"fine-tuned {self.steps} steps of {self.batch_size} at {self.multiple}x, "
+            f"s={self.factor:g}{lr}{seeds}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +69,14 @@ class Sizes:
 
 FULL = Sizes(variant="rope", seq_len=128, steps=1000, batch_size=16, multiples=(1, 2, 4, 8, 16),
              depths=(0.0, 0.25, 0.5, 0.75, 1.0), examples=6, eval_batch=6,
-             finetunes=(Finetune(multiple=4, factor=16, steps=100, batch_size=8),
-                        # Attempts (README row 3): at the target length; twice the steps.
-                        Finetune(multiple=16, factor=16, steps=100, batch_size=2,
+             finetunes=(Finetune(multiple=4, factor=16, steps=50, batch_size=4,
                                  methods=("yarn",)),
-                        Finetune(multiple=4, factor=16, steps=200, batch_size=8,
-                                 methods=("yarn",))))
+                        # Attempts (README row 3, one-seed probes): fine-tune at the target
+                        # length; a 3x learning rate.
+                        Finetune(multiple=16, factor=16, steps=50, batch_size=1,
+                                 methods=("yarn",), seeds=(0,)),
+                        Finetune(multiple=4, factor=16, steps=50, batch_size=4,
+                                 methods=("yarn",), seeds=(0,), lr=3e-3)))
 QUICK = Sizes(variant="rope,smoke", seq_len=128, steps=4, batch_size=4, multiples=(1, 2),
               depths=(0.5,), examples=2, eval_batch=2,
               finetunes=(Finetune(multiple=2, factor=2, steps=2, batch_size=2,
@@ -136,7 +143,7 @@ def seed_records(ctx: base.Context, sizes: Sizes, seed: int) -> list[dict]:
   for method in sizes.methods:
     add("inference", method, None, source, override=True)
   for ft in sizes.finetunes:
-    for method in ft.methods:
+    for method in ft.methods if ft.seeds is None or seed in ft.seeds else ():
       run_dir = base.train_run(finetune_config(sizes, ft, method, seed, source),
                                ctx.path(f"{ft.name}_{method}_s{seed}"))
       add(ft.name, method, ft.factor, run_dir, override=False)

@@ -46,8 +46,8 @@ class Sizes:
   patterns: tuple[str, ...] = PATTERNS
 
 
-FULL = Sizes(smoke=False, seq_len=256, d_model=64, num_layers=4, window=64, steps=600,
-             batch_size=16, multiples=(1, 2, 4), eval_tokens=32768)
+FULL = Sizes(smoke=False, seq_len=256, d_model=64, num_layers=4, window=64, steps=300,
+             batch_size=16, multiples=(1, 2, 4), eval_tokens=16384)
 QUICK = Sizes(smoke=True, seq_len=64, d_model=32, num_layers=3, window=16, steps=2,
               batch_size=4, multiples=(1, 2), eval_tokens=256, patterns=("global", "local"))
 
