@@ -72,11 +72,18 @@ FULL = Sizes(variant="rope", seq_len=128, steps=1000, batch_size=16, multiples=(
              finetunes=(Finetune(multiple=4, factor=16, steps=50, batch_size=4,
                                  methods=("yarn",)),
                         # Attempts (README row 3, one-seed probes): fine-tune at the target
-                        # length; a 3x learning rate.
+                        # length; a 3x learning rate; and 3x the steps.
                         Finetune(multiple=16, factor=16, steps=50, batch_size=1,
                                  methods=("yarn",), seeds=(0,)),
                         Finetune(multiple=4, factor=16, steps=50, batch_size=4,
-                                 methods=("yarn",), seeds=(0,), lr=3e-3)))
+                                 methods=("yarn",), seeds=(0,), lr=3e-3),
+                        Finetune(multiple=4, factor=16, steps=150, batch_size=4,
+                                 methods=("yarn",), seeds=(0,), lr=3e-3),
+                        # Diagnostics (seed 0): a milder YaRN s = 4; plain fine-tuning at 4x.
+                        Finetune(multiple=4, factor=4, steps=50, batch_size=4,
+                                 methods=("yarn",), seeds=(0,)),
+                        Finetune(multiple=4, factor=1, steps=50, batch_size=4,
+                                 methods=("none",), seeds=(0,))))
 QUICK = Sizes(variant="rope,smoke", seq_len=128, steps=4, batch_size=4, multiples=(1, 2),
               depths=(0.5,), examples=2, eval_batch=2,
               finetunes=(Finetune(multiple=2, factor=2, steps=2, batch_size=2,
