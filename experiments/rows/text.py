@@ -4,8 +4,8 @@ Decoders that differ only in `layer_pattern` (`text.py:global`, `:local`, `:alte
 same parameters, steps, data and seed) train on the Python standard library's sources with
 every 10th file (sorted order) held out. On held-out rows of 1x, 2x and 4x the training length
 L, each token's loss is bucketed by the context it had: its position in its file within the
-row, plus one (buckets [1, 2), [2, 4), ... doubling; a row starting mid-file truncates the
-context at the row start). Past L the models run as trained (`none`) and with YaRN at
+row, plus one (buckets [1, 2), [2, 4), ... doubling, the last one [length/2, length]; a row
+starting mid-file truncates the context at the row start). Past L the models run as trained (`none`) and with YaRN at
 s = length / L. Bits per byte = mean loss / ln 2 over a length's scored tokens.
 
 Expected (issue 17): loss falls with position for global and alternating, and stops falling past
@@ -84,12 +84,13 @@ def context_lengths(segment_ids: np.ndarray) -> np.ndarray:
 
 def loss_by_position(model, task: tasks.Text, length: int, rows: int) -> list[dict]:
   """Held-out loss at `length`, per doubling context bucket and (bucket [0, length]) overall."""
-  sums = np.zeros(int(math.log2(length)) + 1)
+  top = int(math.log2(length)) - 1  # the last bucket [length/2, length] holds context = length
+  sums = np.zeros(top + 1)
   counts = np.zeros_like(sums)
   for i in range(rows):
     batch = task.batch(i, 1, salt=1, seq_len=length)
     losses = np.asarray(jax.device_get(token_losses(model, trainer.to_device(batch))))
-    bucket = np.log2(context_lengths(batch["segment_ids"])).astype(int)
+    bucket = np.minimum(np.log2(context_lengths(batch["segment_ids"])).astype(int), top)
     mask = batch["loss_mask"] > 0
     np.add.at(sums, bucket[mask], losses[mask])
     np.add.at(counts, bucket[mask], 1)
@@ -114,7 +115,7 @@ def model_records(ctx: base.Context, sizes: Sizes, pattern: str, seed: int) -> l
         task = tasks.make_task(config.task, seed=config.seed)
         return loss_by_position(model, task, length, max(1, sizes.eval_tokens // length))
 
-      tag = f"row5_{rope}{factor:g}_{length}_{sizes.eval_tokens}.json"
+      tag = f"row5b_{rope}{factor:g}_{length}_{sizes.eval_tokens}.json"
       for r in base.cached(os.path.join(run_dir, tag), compute):
         records.append(dict(pattern=pattern, seed=seed, rope=rope, factor=factor,
                             length=length, multiple=multiple, **r,
