@@ -114,6 +114,14 @@ def train_run(config: ml_collections.ConfigDict, workdir: str) -> str:
   return workdir
 
 
+def at_end_only(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """One log line, held-out evaluation and checkpoint, at the last step (quick rows: each
+  checkpoint and evaluation costs more than a smoke step)."""
+  config.update(log_every=config.num_steps, eval_every=config.num_steps,
+                checkpoint_every=config.num_steps)
+  return config
+
+
 def check_records(row: Row, records: Sequence[dict[str, Any]]) -> None:
   """Every record has exactly the row's columns and every number in it is finite."""
   if not records:

@@ -84,10 +84,11 @@ FULL = Sizes(variant="rope", seq_len=128, steps=1000, batch_size=16, multiples=(
                                  methods=("yarn",), seeds=(0,)),
                         Finetune(multiple=4, factor=1, steps=50, batch_size=4,
                                  methods=("none",), seeds=(0,))))
-QUICK = Sizes(variant="rope,smoke", seq_len=128, steps=4, batch_size=4, multiples=(1, 2),
+# Seconds (the suite): compiles dominate, so few runs (one fine-tune) and shapes (one length).
+QUICK = Sizes(variant="rope,smoke", seq_len=128, steps=4, batch_size=4, multiples=(2,),
               depths=(0.5,), examples=2, eval_batch=2,
               finetunes=(Finetune(multiple=2, factor=2, steps=2, batch_size=2,
-                                  methods=("yarn",)),), methods=("none", "yarn"))
+                                  methods=("yarn",), seeds=(0,)),), methods=("none", "yarn"))
 
 
 def base_config(sizes: Sizes, seed: int):
@@ -97,7 +98,7 @@ def base_config(sizes: Sizes, seed: int):
   config.task.update(seq_len=sizes.seq_len, min_len=min(112, sizes.seq_len))
   config.update(num_steps=sizes.steps, batch_size=sizes.batch_size, eval_after_train=False,
                 progress=False)
-  return config
+  return base.at_end_only(config) if "smoke" in sizes.variant else config
 
 
 def finetune_config(sizes: Sizes, ft: Finetune, method: str, seed: int, source: str):

@@ -49,7 +49,7 @@ class Sizes:
 FULL = Sizes(smoke=False, seq_len=256, d_model=64, num_layers=4, window=64, steps=300,
              batch_size=16, multiples=(1, 2, 4), eval_tokens=16384)
 QUICK = Sizes(smoke=True, seq_len=64, d_model=32, num_layers=3, window=16, steps=2,
-              batch_size=4, multiples=(1, 2), eval_tokens=256, patterns=("global", "local"))
+              batch_size=4, multiples=(1, 2), eval_tokens=256, patterns=("alternating",))
 
 
 def config_for(sizes: Sizes, pattern: str, seed: int):
@@ -58,11 +58,12 @@ def config_for(sizes: Sizes, pattern: str, seed: int):
   config.seed = seed
   config.task.seq_len = sizes.seq_len
   config.model.kinds.local.window = sizes.window
-  if not sizes.smoke:
-    config.model.update(d_model=sizes.d_model, num_layers=sizes.num_layers, num_heads=4,
-                        mlp_dim=2 * sizes.d_model)
-    config.update(num_steps=sizes.steps, batch_size=sizes.batch_size, eval_every=sizes.steps,
-                  progress=False)
+  if sizes.smoke:
+    return base.at_end_only(config)
+  config.model.update(d_model=sizes.d_model, num_layers=sizes.num_layers, num_heads=4,
+                      mlp_dim=2 * sizes.d_model)
+  config.update(num_steps=sizes.steps, batch_size=sizes.batch_size, eval_every=sizes.steps,
+                progress=False)
   return config
 
 
