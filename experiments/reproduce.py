@@ -13,6 +13,7 @@ and `summary.md` (`summary_quick.md`): every row's table, seeds and wall minutes
 from __future__ import annotations
 
 import csv
+import json
 import os
 import time
 
@@ -64,15 +65,28 @@ def run_row(row: base.Row, workdir: str, out: str, quick: bool, seeds: tuple[int
   write_csv(result.records, os.path.join(out, f"{row.name}.csv"))
   if result.plot is not None:
     result.plot(os.path.join(out, f"{row.name}.png"))
-  minutes = (time.perf_counter() - start) / 60
+  minutes = add_wall_minutes(ctx.path("wall_minutes.json"), (time.perf_counter() - start) / 60)
   section = (f"## Row {row.number}: {row.title}\n\n`python -m experiments.reproduce "
              f"--rows={row.number}{' --quick' if quick else ''}`; seeds "
-             f"{','.join(map(str, seeds))}; {minutes:.1f} wall minutes this call (cached "
-             f"runs are not re-trained).\n\n{result.markdown}\n")
+             f"{','.join(map(str, seeds))}; {minutes:.1f} wall minutes over the calls that "
+             f"computed it (finished runs and results are cached, not recomputed)."
+             f"\n\n{result.markdown}\n")
   with open(os.path.join(out, f"{row.name}.md"), "w") as f:
     f.write(section)
   print(section, flush=True)
   return section
+
+
+def add_wall_minutes(path: str, minutes: float) -> float:
+  """Adds this call's wall minutes to the row's total in `path` (a resumed row's calls add
+  up; a re-run from caches adds about 0); returns the total."""
+  total = minutes
+  if os.path.exists(path):
+    with open(path) as f:
+      total += json.load(f)["wall_minutes"]
+  with open(path, "w") as f:
+    json.dump({"wall_minutes": total}, f)
+  return total
 
 
 def main(argv):
