@@ -19,13 +19,13 @@ import time
 from absl import app, flags
 
 from experiments import cli
-from experiments.rows import base, performance
+from experiments.rows import base, dsa, mqar, patterns, performance
 
 FLAGS = flags.FLAGS
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
 # Every row, by its number in README "Results" (issue 17).
-ROWS: dict[int, base.Row] = {m.ROW.number: m.ROW for m in (performance,)}
+ROWS: dict[int, base.Row] = {m.ROW.number: m.ROW for m in (patterns, mqar, dsa, performance)}
 
 
 def parse_rows(spec: str) -> list[base.Row]:
