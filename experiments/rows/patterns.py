@@ -69,7 +69,7 @@ def run(ctx: base.Context) -> base.Result:
           f"{grids.seeds_note(records)}; the mean row averages each seed's depths.")
   plot = lambda path: grids.plot_by(
       records, "depth", "accuracy", path, xlabel="needle depth", ylabel="passkey exact match",
-      title=f"Passkey at {length} tokens by layer pattern (mean, min-max over seeds)")
+      title=f"Passkey at {length} tokens (mean, min-max over seeds)")
   return base.Result(records, f"{table}\n\n{cost}\n\n{note}", plot)
 
 
