@@ -19,8 +19,6 @@ per token (`models.flops`; sparse: top_k keys per DSA layer plus the indexer's s
 
 from __future__ import annotations
 
-import os
-
 from experiments import evaluate, trainer
 from experiments.configs import dsa as dsa_config
 from experiments.configs import patterns
@@ -101,7 +99,8 @@ def run(ctx: base.Context) -> base.Result:
     summary.append([setting, mine[0]["steps"],
                     base.cell([r["recall_first_dsa_layer"] for r in per_seed]),
                     base.cell([r["recall_last_dsa_layer"] for r in per_seed]),
-                    f"{mine[0]['attn_flops_per_token']:,}", f"{mine[0]['attn_flops_vs_dense']:.2f}"])
+                    f"{mine[0]['attn_flops_per_token']:,}",
+                    f"{mine[0]['attn_flops_vs_dense']:.2f}"])
   costs = base.markdown_table(
       ["model", "total steps", "indexer recall, first DSA layer", "last DSA layer",
        f"attention FLOPs / token at {first['length']}", "vs dense"], summary)

@@ -71,7 +71,8 @@ def plot_bars(records: list[dict], path: str) -> None:
   stats = [base.spread([r["per_query_accuracy"] for r in records if r["setting"] == s])
            for s in SETTINGS]
   means = [s["mean"] for s in stats]
-  errors = [[m - s["lo"] for m, s in zip(means, stats)], [s["hi"] - m for m, s in zip(means, stats)]]
+  errors = [[m - s["lo"] for m, s in zip(means, stats)],
+            [s["hi"] - m for m, s in zip(means, stats)]]
   fig, ax = plt.subplots(figsize=(5, 3.5))
   ax.bar(SETTINGS, means, yerr=errors, capsize=6, color=["C0", "C1", "C2"])
   ax.axhline(0.9, color="gray", linestyle=":", label="target 0.9")
