@@ -8,9 +8,9 @@ local, local, global) so that the last global layer can use the local layers' pr
 features (an induction circuit). Other grid points: `--config.task.seq_len=256
 --config.task.num_kv_pairs=16`, ... Not tuned yet: a 3-layer run of 500 steps reached only
 8% per-query accuracy (Zoology trains for far longer); raise `num_steps`.
-Later single-seed attempts (README, row 2: 64 tokens, 4 pairs, vocabulary 64, 600 steps; lr
-1e-3 or 1e-2; global RoPE theta 1e4; a window-2 local layer) all stopped at 0.22-0.26 = 1 / pairs:
-a value from the context, not the bound one.
+Later single-seed attempts (README, row 2: 64 tokens, 4 pairs, vocabulary 64, 600 steps;
+lr 1e-3 or 1e-2; global RoPE theta 1e4; a window-2 local layer) all stopped at 0.22-0.26 =
+1 / pairs: a value from the context, not the bound one.
 
 Variants (results row 2, experiments/rows/mqar.py): `:alternating` (the default: global, local,
 local), `:global` (every layer global), `:local` (every layer local); `:smoke` is the tiny run
