@@ -20,13 +20,14 @@ import time
 from absl import app, flags
 
 from experiments import cli
-from experiments.rows import base, extension, performance, text
+from experiments.rows import base, dsa, extension, mqar, patterns, performance, text
 
 FLAGS = flags.FLAGS
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
 # Every row, by its number in README "Results" (issue 17).
-ROWS: dict[int, base.Row] = {m.ROW.number: m.ROW for m in (extension, text, performance)}
+ROWS: dict[int, base.Row] = {m.ROW.number: m.ROW for m in (patterns, mqar, extension, dsa, text,
+                                                          performance)}
 
 
 def parse_rows(spec: str) -> list[base.Row]:

@@ -167,7 +167,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, primary: bool = True)
   if meta is not None:
     logging.info("Resumed from step %d in %s.", start, ckpt.directory)
   elif config.init_from:
-    loaded = ckpt_lib.load_params(model, config.init_from)
+    loaded = ckpt_lib.load_params(model, config.init_from, config.init_step or None)
     logging.info("Initialised the weights from %s (step %d).", config.init_from, loaded)
   log = None
   if primary:

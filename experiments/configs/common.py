@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 100
   c.max_to_keep = 2
   c.init_from = ""           # a workdir (or checkpoint dir) whose weights initialise the model
+  c.init_step = 0            # with init_from: the checkpoint step to load (0 = the latest)
   c.allow_config_change = False  # resume although computation fields changed (recorded)
   c.progress = True          # tqdm progress bar
 
@@ -150,6 +151,7 @@ FIELD_HELP = {
     "checkpoint_every": "steps between checkpoints",
     "max_to_keep": "checkpoints kept (older ones are deleted)",
     "init_from": "a workdir whose latest weights initialise the model (context extension)",
+    "init_step": "with init_from: the checkpoint step whose weights are loaded (0 = latest)",
     "allow_config_change": "resume even if seed/model/task/optim/batch/num_steps changed "
                            "(recorded in config_history.jsonl)",
     "progress": "tqdm progress bar",

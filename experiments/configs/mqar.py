@@ -7,21 +7,31 @@ scored, and the logged `token_accuracy` is Zoology's per-query accuracy. Four la
 local, local, global) so that the last global layer can use the local layers' previous-token
 features (an induction circuit). Other grid points: `--config.task.seq_len=256
 --config.task.num_kv_pairs=16`, ... Not tuned yet: a 3-layer run of 500 steps reached only
-8% per-query accuracy (Zoology trains for far longer); raise `num_steps`. Tiny variant: `:smoke`.
+8% per-query accuracy (Zoology trains for far longer); raise `num_steps`.
+Later single-seed attempts (README, row 2: 64 tokens, 4 pairs, vocabulary 64, 600 steps;
+lr 1e-3 or 1e-2; global RoPE theta 1e4; a window-2 local layer) all stopped at 0.22-0.26 =
+1 / pairs: a value from the context, not the bound one.
+
+Variants (results row 2, experiments/rows/mqar.py): `:alternating` (the default: global, local,
+local), `:global` (every layer global), `:local` (every layer local); `:smoke` is the tiny run
+(alone or after a pattern: `:global,smoke`).
 """
 
 from experiments.configs import common
+from experiments.configs.patterns import PATTERNS
 
 
 def get_config(variant: str | None = None):
+  pattern, smoke = common.parse_variant(variant, name="mqar.py", choices=tuple(PATTERNS),
+                                        default="alternating")
   config = common.base_config()
   config.task = dict(name="mqar", seq_len=128, num_kv_pairs=8, vocab_size=256)
-  config.model.update(d_model=64, num_layers=4, num_heads=4, mlp_dim=128)
+  config.model.update(d_model=64, num_layers=4, num_heads=4, mlp_dim=128,
+                      layer_pattern=PATTERNS[pattern])
   config.model.kinds = {"global": dict(rope_theta=1e7), "local": dict(window=32, rope_theta=1e4)}
   config.batch_size = 32
   config.num_steps = 2000
   config.optim.update(lr=3e-3, warmup_steps=50)
-  _, smoke = common.parse_variant(variant, name="mqar.py")
   if smoke:
     common.smoke(config)
     config.task.update(seq_len=32, num_kv_pairs=4)

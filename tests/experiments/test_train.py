@@ -262,6 +262,24 @@ def test_init_from_loads_weights_for_context_extension(finished_run, tmp_path):
     checkpoints.load_params(extended, str(tmp_path / "missing"))
 
 
+
+def test_init_step_loads_that_checkpoint(finished_run, tmp_path):
+  """`init_from` + `init_step` start from that step's weights (DSA row 4: dense step N - n)."""
+  from experiments import trainer
+  from experiments import workdir as workdir_lib
+  from flax import nnx
+  config = smoke()
+  config.update(init_from=finished_run, init_step=2)
+  run = train.setup(config, workdir_lib.prepare(str(tmp_path / "run")))
+  run.ckpt.close()
+  step2, latest = trainer.make_model(config), trainer.make_model(config)
+  assert checkpoints.load_params(step2, finished_run, 2) == 2
+  assert checkpoints.load_params(latest, finished_run) == 4
+  got, want, last = (jax_leaves(nnx.state(m, nnx.Param)) for m in (run.model, step2, latest))
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in zip(got, last))
+
 def jax_leaves(tree):
   import jax
   return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
