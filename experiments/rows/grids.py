@@ -17,6 +17,17 @@ from experiments import tasks, trainer
 from experiments.rows import base
 
 
+def variant_config(get_config: Callable[[str], ml_collections.ConfigDict], setting: str,
+                   seed: int, quick: bool) -> ml_collections.ConfigDict:
+  """`get_config(setting[,smoke])` with `seed`; `quick`: 2 steps, one evaluation and checkpoint
+  (the suite runs every row's quick version)."""
+  config = get_config(setting + (",smoke" if quick else ""))
+  config.seed = seed
+  if quick:
+    config.num_steps = config.log_every = config.eval_every = config.checkpoint_every = 2
+  return config
+
+
 def run_settings(ctx: base.Context, settings: Sequence[str],
                  make_config: Callable[[str, int], ml_collections.ConfigDict],
                  measure: Callable[[str, str, int], list[dict[str, Any]]]

@@ -21,11 +21,7 @@ COLUMNS = ("setting", "layers", "seed", "seq_len", "num_kv_pairs", "vocab_size",
 
 
 def make_config(setting: str, seed: int, quick: bool):
-  config = mqar.get_config(setting + (",smoke" if quick else ""))
-  config.seed = seed
-  if quick:  # 2 steps, one evaluation and checkpoint: the suite runs this for every row
-    config.num_steps = config.log_every = config.eval_every = config.checkpoint_every = 2
-  return config
+  return grids.variant_config(mqar.get_config, setting, seed, quick)
 
 
 def measure(ctx: base.Context, workdir: str, setting: str, seed: int) -> list[dict]:

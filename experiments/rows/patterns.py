@@ -25,11 +25,7 @@ COLUMNS = ("setting", "layers", "seed", "length", "depth", "examples", "accuracy
 
 
 def make_config(setting: str, seed: int, quick: bool):
-  config = patterns.get_config(setting + (",smoke" if quick else ""))
-  config.seed = seed
-  if quick:  # 2 steps, one evaluation and checkpoint: the suite runs this for every row
-    config.num_steps = config.log_every = config.eval_every = config.checkpoint_every = 2
-  return config
+  return grids.variant_config(patterns.get_config, setting, seed, quick)
 
 
 def attention_flops(setting: str, quick: bool, context: int) -> int:
