@@ -28,7 +28,7 @@ from typing import Callable
 
 from absl import app, flags
 
-from experiments import cli
+from experiments import cli, plots
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -244,10 +244,7 @@ def ratios(rows: list[dict], timed: dict | None = None, window: int = 256,
 
 
 def plot(rows: list[dict], path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  fig, axes = plots.figure(1, 2, figsize=(12, 4.5))
   for method, mask in sorted({(r["method"], r["mask"]) for r in rows}):
     sel = sorted((r for r in rows if (r["method"], r["mask"]) == (method, mask)),
                  key=lambda r: r["length"])
@@ -257,16 +254,12 @@ def plot(rows: list[dict], path: str) -> None:
     timed = [(r["length"], r["fwd_ms"]) for r in sel if not np.isnan(r["fwd_ms"])]
     if timed:
       axes[1].loglog(*zip(*timed), "o-", label=f"{method} ({mask})")
-  axes[0].set(xlabel="tokens", ylabel="fwd+bwd temp memory (MiB)",
-              title="Compiled temp memory (exact)")
-  axes[1].set(xlabel="tokens", ylabel="forward time (ms, median)",
-              title=f"Forward wall time ({jax.default_backend()})")
-  for ax in axes:
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  plots.label(axes[0], xlabel="tokens", ylabel="fwd+bwd temp memory (MiB)",
+              title="Compiled temp memory (exact)", legend_size=8, grid_which="both")
+  plots.label(axes[1], xlabel="tokens", ylabel="forward time (ms, median)",
+              title=f"Forward wall time ({jax.default_backend()})", legend_size=8,
+              grid_which="both")
+  plots.save(fig, path, dpi=120)
 
 
 def run(methods: list[str], lengths: list[int], causal_values: list[bool], settings: Settings,

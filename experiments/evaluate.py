@@ -41,7 +41,7 @@ import numpy as np
 import models
 from models import dsa
 from experiments import checkpoints as ckpt_lib
-from experiments import cli, mlm_task, tasks, trainer
+from experiments import cli, mlm_task, plots, tasks, trainer
 from experiments import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
@@ -100,10 +100,7 @@ def format_distance_table(rows: list[dict[str, Any]]) -> str:
 def plot_distance(rows: list[dict[str, Any]], path: str, title: str, window: int) -> None:
   """Needle exact match against distance (bucket midpoints), one line per context length;
   the dotted line marks one local layer's reach (`window // 2` each side; 0 = none)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plots.figure(figsize=(6, 4))
   for length in sorted({r["length"] for r in rows}):
     points = [((r["distance_lo"] + r["distance_hi"]) / 2, r["accuracy"]) for r in rows
               if r["length"] == length]
@@ -111,15 +108,9 @@ def plot_distance(rows: list[dict[str, Any]], path: str, title: str, window: int
   if window:
     ax.axvline(window // 2, color="gray", linestyle=":", label=f"local reach {window // 2}")
   ax.set_xscale("log", base=2)
-  ax.set_ylim(-0.02, 1.02)
-  ax.set_xlabel("distance between the masked value and its key (tokens)")
-  ax.set_ylabel("exact match (all digits)")
-  ax.set_title(title)
-  ax.legend()
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  plots.label(ax, xlabel="distance between the masked value and its key (tokens)",
+              ylabel="exact match (all digits)", title=title, ylim=(-0.02, 1.02))
+  plots.save(fig, path)
 
 
 @nnx.jit
@@ -192,14 +183,11 @@ def write_csv(rows: list[dict[str, Any]], path: str) -> None:
 
 def plot_heatmap(rows: list[dict[str, Any]], path: str, title: str) -> None:
   """Accuracy over (context length x depth), the standard needle-in-a-haystack picture."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   lengths = sorted({r["length"] for r in rows})
   depths = sorted({r["depth"] for r in rows})
   cell = {(r["length"], r["depth"]): r["accuracy"] for r in rows}
   image = np.array([[cell[l, d] for l in lengths] for d in depths])
-  fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2, 0.5 * len(depths) + 2))
+  fig, ax = plots.figure(figsize=(1.2 * len(lengths) + 2, 0.5 * len(depths) + 2))
   im = ax.imshow(image, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
   for i in range(len(depths)):
     for j in range(len(lengths)):  # white on dark cells, black on light ones
@@ -213,9 +201,7 @@ def plot_heatmap(rows: list[dict[str, Any]], path: str, title: str) -> None:
   ax.set_ylabel("needle depth")
   ax.set_title(title)
   fig.colorbar(im, ax=ax, label="exact-match accuracy")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  plots.save(fig, path)
 
 
 def check_outputs(outdir: str, task_names: Sequence[str], tag: str, overwrite: bool) -> None:

@@ -39,7 +39,7 @@ from ml_collections import config_flags
 import tqdm
 
 from experiments import checkpoints as ckpt_lib
-from experiments import cli, sharding, tasks, trainer
+from experiments import cli, plots, sharding, tasks, trainer
 from experiments import workdir as workdir_lib
 from experiments.configs import common
 
@@ -77,22 +77,14 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 
 def plot_loss(metrics: list[dict[str, Any]], path: str) -> None:
   """Training loss (and eval loss where logged) against step, as a PNG."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plots.figure(figsize=(6, 4))
   for key in ("loss", "eval_loss"):
     points = [(m["step"], m[key]) for m in metrics if key in m]
     if points:
       ax.plot(*zip(*points), label=key, marker="." if key == "eval_loss" else None)
-  ax.set_xlabel("step")
-  ax.set_ylabel("cross-entropy (scored tokens)")
   ax.set_yscale("log")
-  ax.legend()
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  plots.label(ax, xlabel="step", ylabel="cross-entropy (scored tokens)")
+  plots.save(fig, path)
 
 
 @dataclasses.dataclass

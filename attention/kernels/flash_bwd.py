@@ -102,36 +102,26 @@ def dkdv_call(q, k, v, dout, lse2, delta, offsets, schedule, segments, slopes=No
   q, dout = (x.reshape(batch, t_pad, kv_heads, group, x.shape[-1]) for x in (q, dout))
   lse2, delta = (x.reshape(batch, kv_heads, group, t_pad) for x in (lse2, delta))
 
-  full = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
   group_spec = lambda d: pl.BlockSpec((None, t_pad, None, group, d),
                                       lambda j, b, h: (b, 0, h, 0, 0))
   kv_spec = lambda d: pl.BlockSpec((None, block_kv, None, d), lambda j, b, h: (b, j, h, 0))
   row_spec = pl.BlockSpec((None, None, group, t_pad), lambda j, b, h: (b, h, 0, 0))
-  in_specs = [full(offsets), full(schedule), group_spec(head_dim), kv_spec(head_dim),
-              kv_spec(value_dim), group_spec(value_dim), row_spec, row_spec]
-  inputs = [offsets, schedule, q, k, v, dout, lse2, delta]
-  if segments is not None:
-    in_specs += [pl.BlockSpec((None, t_pad), lambda j, b, h: (b, 0)),
-                 pl.BlockSpec((None, block_kv), lambda j, b, h: (b, j))]
-    inputs += list(segments)
-  if slopes is not None:
-    in_specs.append(full(slopes))
-    inputs.append(slopes)
+  segment_specs = (pl.BlockSpec((None, t_pad), lambda j, b, h: (b, 0)),
+                   pl.BlockSpec((None, block_kv), lambda j, b, h: (b, j)))
+  in_specs, inputs = tiles.with_optional(
+      [tiles.whole(offsets), tiles.whole(schedule), group_spec(head_dim), kv_spec(head_dim),
+       kv_spec(value_dim), group_spec(value_dim), row_spec, row_spec],
+      [offsets, schedule, q, k, v, dout, lse2, delta], segments, segment_specs, slopes)
 
   kernel = functools.partial(_dkdv_kernel, geom=geom, scale=scale, block_q=block_q,
                              block_kv=block_kv, group=group,
                              precision=tiles.dot_precision(q.dtype, allow_tf32))
-  return pl.pallas_call(
-      kernel,
-      grid=(nk, batch, kv_heads),
-      in_specs=in_specs,
+  return tiles.launch(
+      kernel, inputs, name="flash_dkdv", grid=(nk, batch, kv_heads), in_specs=in_specs,
       out_specs=[kv_spec(head_dim), kv_spec(value_dim)],
       out_shape=[varying_struct(k.shape, k.dtype, inputs),
                  varying_struct(v.shape, v.dtype, inputs)],
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret,
-      name="flash_dkdv",
-  )(*inputs)
+      num_warps=num_warps, num_stages=num_stages, interpret=interpret)
 
 
 # --- dQ -----------------------------------------------------------------------------------------
@@ -182,33 +172,15 @@ def dq_call(q, k, v, dout, lse2, delta, offsets, schedule, segments, slopes=None
   s_pad, kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[3]
   group = heads // kv_heads
   nq = t_pad // block_q
-  qi = lambda i: nq - 1 - i
-
-  full = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
-  q_spec = lambda d: pl.BlockSpec((None, block_q, None, d), lambda i, b, n: (b, qi(i), n, 0))
-  kv_spec = lambda d: pl.BlockSpec((None, s_pad, None, d), lambda i, b, n: (b, 0, n // group, 0))
-  row_spec = pl.BlockSpec((None, None, block_q), lambda i, b, n: (b, n, qi(i)))
-  in_specs = [full(offsets), full(schedule), q_spec(head_dim), kv_spec(head_dim),
-              kv_spec(value_dim), q_spec(value_dim), row_spec, row_spec]
-  inputs = [offsets, schedule, q, k, v, dout, lse2, delta]
-  if segments is not None:
-    in_specs += [pl.BlockSpec((None, block_q), lambda i, b, n: (b, qi(i))),
-                 pl.BlockSpec((None, s_pad), lambda i, b, n: (b, 0))]
-    inputs += list(segments)
-  if slopes is not None:
-    in_specs.append(full(slopes))
-    inputs.append(slopes)
-
+  specs = tiles.q_major_specs(block_q, s_pad, group, nq)
+  in_specs, inputs = tiles.with_optional(
+      [tiles.whole(offsets), tiles.whole(schedule), specs.q(head_dim), specs.kv(head_dim),
+       specs.kv(value_dim), specs.q(value_dim), specs.row, specs.row],
+      [offsets, schedule, q, k, v, dout, lse2, delta], segments, specs.segments, slopes)
   kernel = functools.partial(_dq_kernel, geom=geom, scale=scale, block_q=block_q,
                              block_kv=block_kv, num_q_blocks=nq,
                              precision=tiles.dot_precision(q.dtype, allow_tf32))
-  return pl.pallas_call(
-      kernel,
-      grid=(nq, batch, heads),
-      in_specs=in_specs,
-      out_specs=q_spec(head_dim),
-      out_shape=varying_struct(q.shape, q.dtype, inputs),
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret,
-      name="flash_dq",
-  )(*inputs)
+  return tiles.launch(
+      kernel, inputs, name="flash_dq", grid=(nq, batch, heads), in_specs=in_specs,
+      out_specs=specs.q(head_dim), out_shape=varying_struct(q.shape, q.dtype, inputs),
+      num_warps=num_warps, num_stages=num_stages, interpret=interpret)

@@ -100,33 +100,16 @@ def forward_call(q, k, v, offsets, schedule, segments, slopes=None, *, geom: til
   s_pad, kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[3]
   group = heads // kv_heads
   nq = t_pad // block_q
-  qi = lambda i: nq - 1 - i  # grid step -> q block (reversed, as in the kernel)
-
-  full = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
-  q_spec = pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, n: (b, qi(i), n, 0))
-  kv_spec = lambda d: pl.BlockSpec((None, s_pad, None, d), lambda i, b, n: (b, 0, n // group, 0))
-  out_spec = pl.BlockSpec((None, block_q, None, value_dim), lambda i, b, n: (b, qi(i), n, 0))
-  in_specs = [full(offsets), full(schedule), q_spec, kv_spec(head_dim), kv_spec(value_dim)]
-  inputs = [offsets, schedule, q, k, v]
-  if segments is not None:
-    in_specs += [pl.BlockSpec((None, block_q), lambda i, b, n: (b, qi(i))),
-                 pl.BlockSpec((None, s_pad), lambda i, b, n: (b, 0))]
-    inputs += list(segments)
-  if slopes is not None:
-    in_specs.append(full(slopes))
-    inputs.append(slopes)
-
+  specs = tiles.q_major_specs(block_q, s_pad, group, nq)
+  in_specs, inputs = tiles.with_optional(
+      [tiles.whole(offsets), tiles.whole(schedule), specs.q(head_dim), specs.kv(head_dim),
+       specs.kv(value_dim)], [offsets, schedule, q, k, v], segments, specs.segments, slopes)
   kernel = functools.partial(_forward_kernel, geom=geom, scale=scale, block_q=block_q,
                              block_kv=block_kv, num_q_blocks=nq,
                              precision=tiles.dot_precision(q.dtype, allow_tf32))
-  return pl.pallas_call(
-      kernel,
-      grid=(nq, batch, heads),
-      in_specs=in_specs,
-      out_specs=[out_spec, pl.BlockSpec((None, None, block_q), lambda i, b, n: (b, n, qi(i)))],
+  return tiles.launch(
+      kernel, inputs, name="flash_fwd", grid=(nq, batch, heads), in_specs=in_specs,
+      out_specs=[specs.q(value_dim), specs.row],
       out_shape=[varying_struct((batch, t_pad, heads, value_dim), q.dtype, inputs),
                  varying_struct((batch, heads, t_pad), jnp.float32, inputs)],
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret,
-      name="flash_fwd",
-  )(*inputs)
+      num_warps=num_warps, num_stages=num_stages, interpret=interpret)

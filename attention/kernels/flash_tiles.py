@@ -41,9 +41,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable, NamedTuple
 
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from attention import masks as masks_lib
 from attention.masks import UNBOUNDED, Mask
@@ -230,6 +233,50 @@ def slopes_operand(mods: ScoreMods):
     return None
   n = mods.alibi_slopes.shape[0]
   return jnp.pad(mods.alibi_slopes, (0, (1 << max(0, n - 1).bit_length()) - n))
+
+
+def whole(x) -> pl.BlockSpec:
+  """A BlockSpec that hands every program the whole of `x` (schedule tables, slopes)."""
+  return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+
+
+def with_optional(specs: list, inputs: list, segments, segment_specs, slopes):
+  """`(specs, inputs)` with the optional operands appended in `split_refs`' order: the segment
+  ids `(q_seg, kv_seg)` with their `segment_specs`, then the ALiBi `slopes` (whole)."""
+  if segments is not None:
+    specs, inputs = specs + list(segment_specs), inputs + list(segments)
+  if slopes is not None:
+    specs, inputs = specs + [whole(slopes)], inputs + [slopes]
+  return specs, inputs
+
+
+class QMajorSpecs(NamedTuple):
+  """BlockSpecs of the q-major kernels (forward, dQ): grid `(i, b, n)` = (q block, batch row,
+  q head), q blocks visited last-first (`nq - 1 - i`: the longest causal rows start first)."""
+  q: Callable[[int], pl.BlockSpec]   # head dim -> `[block_q, d]` tile of q head n (q, dout, out)
+  kv: Callable[[int], pl.BlockSpec]  # head dim -> all `Sp` keys of kv head n // group
+  row: pl.BlockSpec                  # `[block_q]` of a `[B, N, Tp]` row table (lse, delta)
+  segments: tuple[pl.BlockSpec, pl.BlockSpec]  # q ids `[block_q]`, kv ids `[Sp]`
+
+
+def q_major_specs(block_q: int, s_pad: int, group: int, num_q_blocks: int) -> QMajorSpecs:
+  qi = lambda i: num_q_blocks - 1 - i
+  return QMajorSpecs(
+      q=lambda d: pl.BlockSpec((None, block_q, None, d), lambda i, b, n: (b, qi(i), n, 0)),
+      kv=lambda d: pl.BlockSpec((None, s_pad, None, d), lambda i, b, n: (b, 0, n // group, 0)),
+      row=pl.BlockSpec((None, None, block_q), lambda i, b, n: (b, n, qi(i))),
+      segments=(pl.BlockSpec((None, block_q), lambda i, b, n: (b, qi(i))),
+                pl.BlockSpec((None, s_pad), lambda i, b, n: (b, 0))))
+
+
+def launch(kernel, inputs: list, *, name: str, grid, in_specs, out_specs, out_shape,
+           num_warps: int, num_stages: int, interpret: bool):
+  """`pl.pallas_call` on the Triton backend (explicit `CompilerParams`, so jax never picks
+  Mosaic GPU), applied to `inputs`."""
+  return pl.pallas_call(
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret, name=name)(*inputs)
 
 
 def read_slope(slopes_ref, head):

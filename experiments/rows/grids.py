@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
-from experiments import tasks, trainer
+from experiments import plots, tasks, trainer
 from experiments.rows import base
 
 
@@ -85,10 +85,7 @@ def held_out_scores(workdir: str, batches: int, batch_size: int) -> dict[str, fl
 def plot_by(records: Sequence[dict[str, Any]], x_key: str, value: str, path: str, *,
             xlabel: str, ylabel: str, title: str) -> None:
   """`value` against `x_key`, one line per setting: the mean over seeds with a min-max band."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plots.figure(figsize=(6, 4))
   for setting in dict.fromkeys(r["setting"] for r in records):
     xs = sorted({r[x_key] for r in records if r["setting"] == setting})
     cells = [[float(r[value]) for r in records if r["setting"] == setting and r[x_key] == x]
@@ -97,12 +94,5 @@ def plot_by(records: Sequence[dict[str, Any]], x_key: str, value: str, path: str
     line, = ax.plot(xs, [s["mean"] for s in stats], marker="o", label=setting)
     ax.fill_between(xs, [s["lo"] for s in stats], [s["hi"] for s in stats],
                     color=line.get_color(), alpha=0.2)
-  ax.set_ylim(-0.02, 1.02)
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(ylabel)
-  ax.set_title(title)
-  ax.legend()
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  plots.label(ax, xlabel=xlabel, ylabel=ylabel, title=title, ylim=(-0.02, 1.02))
+  plots.save(fig, path)

@@ -9,7 +9,7 @@ right). The target (issue 17): all-global >= 0.9 per-query accuracy.
 
 from __future__ import annotations
 
-from experiments import trainer
+from experiments import plots, trainer
 from experiments.configs import mqar
 from experiments.rows import base, grids
 from models import flops
@@ -61,24 +61,17 @@ def run(ctx: base.Context) -> base.Result:
 
 def plot_bars(records: list[dict], path: str) -> None:
   """Per-query accuracy by pattern: mean over seeds, with min-max error bars."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   stats = [base.spread([r["per_query_accuracy"] for r in records if r["setting"] == s])
            for s in SETTINGS]
   means = [s["mean"] for s in stats]
   errors = [[m - s["lo"] for m, s in zip(means, stats)],
             [s["hi"] - m for m, s in zip(means, stats)]]
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+  fig, ax = plots.figure(figsize=(5, 3.5))
   ax.bar(SETTINGS, means, yerr=errors, capsize=6, color=["C0", "C1", "C2"])
   ax.axhline(0.9, color="gray", linestyle=":", label="target 0.9")
-  ax.set_ylim(0, 1.02)
-  ax.set_ylabel("MQAR per-query accuracy")
-  ax.set_title(f"MQAR ({records[0]['num_kv_pairs']} pairs, length {records[0]['seq_len']})")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  plots.label(ax, ylabel="MQAR per-query accuracy", ylim=(0, 1.02),
+              title=f"MQAR ({records[0]['num_kv_pairs']} pairs, length {records[0]['seq_len']})")
+  plots.save(fig, path)
 
 
 ROW = base.Row(number=2, name="mqar", title="MQAR (Zoology) by layer pattern",

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import tasks, trainer
+from experiments import plots, tasks, trainer
 from experiments.configs import text
 from experiments.rows import base
 
@@ -142,10 +142,7 @@ def bpb_table(records: list[dict], sizes: Sizes) -> str:
 
 def plot(records: list[dict], sizes: Sizes, path: str) -> None:
   """Loss against context (log x), one panel per pattern, a line per (length, RoPE)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, len(sizes.patterns), figsize=(4.2 * len(sizes.patterns), 3.6),
+  fig, axes = plots.figure(1, len(sizes.patterns), figsize=(4.2 * len(sizes.patterns), 3.6),
                            sharey=True, squeeze=False)
   for ax, pattern in zip(axes[0], sizes.patterns):
     for multiple in sizes.multiples:
@@ -167,9 +164,7 @@ def plot(records: list[dict], sizes: Sizes, path: str) -> None:
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel("held-out loss (nats / byte), mean over seeds")
   axes[0][-1].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  plots.save(fig, path)
 
 
 def run(ctx: base.Context) -> base.Result:
