@@ -34,7 +34,6 @@ did not run is written as "skipped (budget)". Exits 2 at once without a GPU (unl
 from __future__ import annotations
 
 import functools
-import sys
 import time
 
 from absl import app, flags
@@ -114,13 +113,9 @@ def _check_one(n, kh, h, idx_heads, dtype) -> dict:
     f32 = jax.jit(functools.partial(run, "xla"))(*(x.astype(jnp.float32) for x in (q, k, v, dout)))
   err = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
   errs = [err(a, b) for a, b in zip(ours, f32)]
-  scale = [float(jnp.max(jnp.abs(b))) + 1.0 for b in f32]
-  tol = TOL[jnp.dtype(dtype)]
-  ok = all(e <= tol * (2 if i else 1) * s for i, (e, s) in enumerate(zip(errs, scale)))
-  ok = ok and all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in ours)
-  fmt = lambda es: " ".join(f"{e:.1e}" for e in es)
-  return dict(status="PASS" if ok else "FAIL", err_f32=fmt(errs),
-              err_same=fmt([err(a, b) for a, b in zip(ours, same)]))
+  ok = gpu_run.verdict(ours, errs, f32, TOL[jnp.dtype(dtype)])
+  return dict(status="PASS" if ok else "FAIL", err_f32=gpu_run.format_errors(errs),
+              err_same=gpu_run.format_errors([err(a, b) for a, b in zip(ours, same)]))
 
 
 def check_correctness(budget: gpu_run.Budget, out_dir: str) -> bool:
@@ -128,21 +123,10 @@ def check_correctness(budget: gpu_run.Budget, out_dir: str) -> bool:
                         ["case", "dtype", "status", "err_f32", "err_same", "s"],
                         [-30, -8, 6, -31, -31, 5],
                         "sparse pallas vs XLA path (max|err| of out dq dk dv)")
-  all_ok = True
   runs = [(c, d) for c in CASES for d in (jnp.bfloat16, jnp.float32)]
-  for (name, n, kh, h, idx_heads), dtype in runs[:FLAGS.check_cases]:
-    row = dict(case=name, dtype=jnp.dtype(dtype).name)
-    if not budget.allows(FLAGS.check_share):
-      table.add(**row, status="skipped (budget)")
-      continue
-    start = time.time()
-    try:
-      row.update(_check_one(n, kh, h, idx_heads, dtype))
-    except Exception as e:  # pylint: disable=broad-except
-      row.update(status="ERROR", err_f32=f"{type(e).__name__}: {e}"[:300])
-    all_ok &= row["status"] == "PASS"
-    table.add(**row, s=round(time.time() - start, 1))
-  return all_ok
+  cases = [(dict(case=name, dtype=jnp.dtype(dtype).name), (n, kh, h, idx_heads, dtype))
+           for (name, n, kh, h, idx_heads), dtype in runs[:FLAGS.check_cases]]
+  return gpu_run.run_checks(table, cases, _check_one, budget, FLAGS.check_share, "err_f32")
 
 
 # --- speed ---------------------------------------------------------------------------------------
@@ -260,13 +244,10 @@ def report(results: dict, out_dir: str) -> None:
 
 def main(argv):
   del argv
-  gpu_run.require_gpu(FLAGS.allow_cpu)
-  budget = gpu_run.Budget(_START, FLAGS.budget_s, FLAGS.margin_s)
+  budget = gpu_run.begin(_START, FLAGS)
   ok = check_correctness(budget, FLAGS.out)
   report(run_timing(budget, FLAGS.out), FLAGS.out)
-  print(f"\ncorrectness: {'ALL PASS' if ok else 'FAILURES (see above)'}; "
-        f"total {budget.elapsed():.0f}s of {FLAGS.budget_s:.0f}s", flush=True)
-  sys.exit(0 if ok else 1)
+  gpu_run.finish(ok, budget)
 
 
 if __name__ == "__main__":

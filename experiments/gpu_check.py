@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 import time
 
 from absl import app, flags
@@ -120,12 +119,9 @@ def _check_one(name, shape, mask, dtype) -> dict:
         reference_attention, mask=mask)))(*(x.astype(jnp.float32) for x in (q, k, v, dout)))
   err = lambda xs: [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b))) for a, b in zip(xs, ref)]
   errs, errs_xla = err(ours), err(xla)
-  scale = [float(jnp.max(jnp.abs(b))) + 1.0 for b in ref]
-  tol = TOL[jnp.dtype(dtype)]
-  ok = all(e <= tol * (2 if i else 1) * s for i, (e, s) in enumerate(zip(errs, scale)))
-  ok = ok and all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in ours)
-  fmt = lambda es: " ".join(f"{e:.1e}" for e in es)
-  return dict(status="PASS" if ok else "FAIL", pallas_err=fmt(errs), xla_err=fmt(errs_xla))
+  ok = gpu_run.verdict(ours, errs, ref, TOL[jnp.dtype(dtype)])
+  return dict(status="PASS" if ok else "FAIL", pallas_err=gpu_run.format_errors(errs),
+              xla_err=gpu_run.format_errors(errs_xla))
 
 
 def check_correctness(budget: gpu_run.Budget, out_dir: str) -> bool:
@@ -133,22 +129,9 @@ def check_correctness(budget: gpu_run.Budget, out_dir: str) -> bool:
                         ["case", "dtype", "status", "pallas_err", "xla_err", "s"],
                         [-26, -8, 6, -31, -31, 5],
                         "correctness vs the float32 reference (max|err| of out dq dk dv)")
-  all_ok = True
-  for i, (name, shape, mask, dtype) in enumerate(check_cases(FLAGS.check_len)):
-    if i >= FLAGS.check_cases:
-      break
-    row = dict(case=name, dtype=jnp.dtype(dtype).name)
-    if not budget.allows(FLAGS.check_share):
-      table.add(**row, status="skipped (budget)")
-      continue
-    start = time.time()
-    try:
-      row.update(_check_one(name, shape, mask, dtype))
-    except Exception as e:  # pylint: disable=broad-except
-      row.update(status="ERROR", pallas_err=f"{type(e).__name__}: {e}"[:300])
-    all_ok &= row["status"] == "PASS"
-    table.add(**row, s=round(time.time() - start, 1))
-  return all_ok
+  cases = [(dict(case=name, dtype=jnp.dtype(dtype).name), (name, shape, mask, dtype))
+           for name, shape, mask, dtype in check_cases(FLAGS.check_len)[:FLAGS.check_cases]]
+  return gpu_run.run_checks(table, cases, _check_one, budget, FLAGS.check_share, "pallas_err")
 
 
 # --- timing --------------------------------------------------------------------------------------
@@ -309,8 +292,7 @@ def run_sweep(budget: gpu_run.Budget, out_dir: str):
 
 def main(argv):
   del argv
-  gpu_run.require_gpu(FLAGS.allow_cpu)
-  budget = gpu_run.Budget(_START, FLAGS.budget_s, FLAGS.margin_s)
+  budget = gpu_run.begin(_START, FLAGS)
   ok = True
   if not FLAGS.skip_check:
     ok = check_correctness(budget, FLAGS.out)
@@ -319,9 +301,7 @@ def main(argv):
   report(results, FLAGS.out, FLAGS.window)
   if FLAGS.sweep:
     run_sweep(budget, FLAGS.out)
-  print(f"\ncorrectness: {'ALL PASS' if ok else 'FAILURES (see above)'}; "
-        f"total {budget.elapsed():.0f}s of {FLAGS.budget_s:.0f}s", flush=True)
-  sys.exit(0 if ok else 1)
+  gpu_run.finish(ok, budget)
 
 
 if __name__ == "__main__":

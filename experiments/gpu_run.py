@@ -10,6 +10,9 @@ A lent GPU comes for minutes, and each command is cut at 600 s, so the scripts
   killed mid-way keeps every finished row on disk. Rows never started are written as
   "skipped (budget)" when the run ends normally.
 * `define_common_flags`: the flags both scripts take (budget, output folder, CPU override).
+* `run_checks` / `verdict`: the correctness loop (one table row per case, budget-aware, an
+  exception is a row, not a crash) and the pass rule (max |err| of out and the gradients within
+  the dtype's tolerance of the float32 result, gradients 2x, all finite).
 * `require_gpu`: exits with status 2 at once when JAX's backend is not a GPU, unless the caller
   passes the explicit CPU override (the interpret-mode smoke test).
 
@@ -24,6 +27,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 from absl import flags
 
 
@@ -65,6 +69,51 @@ class Budget:
     """May a new measurement start, within the first `share` of the usable budget?"""
     usable = self.budget_s - self.margin_s
     return self.elapsed() < usable * share
+
+
+def verdict(ours, errs: list[float], ref, tol: float) -> bool:
+  """PASS rule: `errs[i] <= tol * (1 + max|ref[i]|)` (2x `tol` for the gradients, i >= 1) and
+  every array of `ours` finite."""
+  scale = [float(jnp.max(jnp.abs(r.astype(jnp.float32)))) + 1.0 for r in ref]
+  ok = all(e <= tol * (2 if i else 1) * s for i, (e, s) in enumerate(zip(errs, scale)))
+  return ok and all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in ours)
+
+
+def format_errors(errs: list[float]) -> str:
+  return " ".join(f"{e:.1e}" for e in errs)
+
+
+def run_checks(table: "Table", cases, check_one, budget: Budget, share: float,
+               error_column: str) -> bool:
+  """`check_one(*args) -> dict` (with "status") for each `(row, args)` of `cases`, one table row
+  each; cases the budget no longer allows are "skipped (budget)", an exception is an ERROR row
+  (its message in `error_column`). True when no case that ran failed."""
+  all_ok = True
+  for row, args in cases:
+    if not budget.allows(share):
+      table.add(**row, status="skipped (budget)")
+      continue
+    start = time.time()
+    try:
+      row = {**row, **check_one(*args)}
+    except Exception as e:  # pylint: disable=broad-except
+      row = {**row, "status": "ERROR", error_column: f"{type(e).__name__}: {e}"[:300]}
+    all_ok &= row["status"] == "PASS"
+    table.add(**row, s=round(time.time() - start, 1))
+  return all_ok
+
+
+def begin(start: float, flag_values) -> Budget:
+  """`require_gpu`, then the run's `Budget` from `start` and the common flags' values."""
+  require_gpu(flag_values.allow_cpu)
+  return Budget(start, flag_values.budget_s, flag_values.margin_s)
+
+
+def finish(ok: bool, budget: Budget) -> None:
+  """Prints the verdict line and exits: 0 when every correctness case passed, else 1."""
+  print(f"\ncorrectness: {'ALL PASS' if ok else 'FAILURES (see above)'}; "
+        f"total {budget.elapsed():.0f}s of {budget.budget_s:.0f}s", flush=True)
+  sys.exit(0 if ok else 1)
 
 
 class Table:

@@ -169,10 +169,8 @@ def dq_call(q, k, v, dout, lse2, delta, offsets, schedule, segments, slopes=None
             num_stages: int, allow_tf32: bool = False, interpret: bool = False):
   """dQ `[B, Tp, N, Hp]` (q.dtype); arguments as `dkdv_call` with a q-major schedule."""
   batch, t_pad, heads, head_dim = q.shape
-  s_pad, kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[3]
-  group = heads // kv_heads
-  nq = t_pad // block_q
-  specs = tiles.q_major_specs(block_q, s_pad, group, nq)
+  value_dim, nq = v.shape[3], t_pad // block_q
+  specs = tiles.q_major_specs(q, k, block_q)
   in_specs, inputs = tiles.with_optional(
       [tiles.whole(offsets), tiles.whole(schedule), specs.q(head_dim), specs.kv(head_dim),
        specs.kv(value_dim), specs.q(value_dim), specs.row, specs.row],

@@ -97,10 +97,8 @@ def forward_call(q, k, v, offsets, schedule, segments, slopes=None, *, geom: til
     out `[B, Tp, N, Hvp]` (q.dtype), lse `[B, N, Tp]` float32 (natural log; -inf: no key).
   """
   batch, t_pad, heads, head_dim = q.shape
-  s_pad, kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[3]
-  group = heads // kv_heads
-  nq = t_pad // block_q
-  specs = tiles.q_major_specs(block_q, s_pad, group, nq)
+  value_dim, nq = v.shape[3], t_pad // block_q
+  specs = tiles.q_major_specs(q, k, block_q)
   in_specs, inputs = tiles.with_optional(
       [tiles.whole(offsets), tiles.whole(schedule), specs.q(head_dim), specs.kv(head_dim),
        specs.kv(value_dim)], [offsets, schedule, q, k, v], segments, specs.segments, slopes)

@@ -259,8 +259,10 @@ class QMajorSpecs(NamedTuple):
   segments: tuple[pl.BlockSpec, pl.BlockSpec]  # q ids `[block_q]`, kv ids `[Sp]`
 
 
-def q_major_specs(block_q: int, s_pad: int, group: int, num_q_blocks: int) -> QMajorSpecs:
-  qi = lambda i: num_q_blocks - 1 - i
+def q_major_specs(q, k, block_q: int) -> QMajorSpecs:
+  """The specs for padded `q [B, Tp, N, Hp]` and `k [B, Sp, K, Hp]` (`Tp % block_q == 0`)."""
+  s_pad, group = k.shape[1], q.shape[2] // k.shape[2]
+  qi = lambda i: q.shape[1] // block_q - 1 - i
   return QMajorSpecs(
       q=lambda d: pl.BlockSpec((None, block_q, None, d), lambda i, b, n: (b, qi(i), n, 0)),
       kv=lambda d: pl.BlockSpec((None, s_pad, None, d), lambda i, b, n: (b, 0, n // group, 0)),

@@ -18,7 +18,7 @@ local), `:global` (every layer global), `:local` (every layer local); `:smoke` i
 """
 
 from experiments.configs import common
-from experiments.configs.patterns import PATTERNS
+from experiments.configs.patterns import PATTERNS, pattern_model
 
 
 def get_config(variant: str | None = None):
@@ -26,9 +26,7 @@ def get_config(variant: str | None = None):
                                         default="alternating")
   config = common.base_config()
   config.task = dict(name="mqar", seq_len=128, num_kv_pairs=8, vocab_size=256)
-  config.model.update(d_model=64, num_layers=4, num_heads=4, mlp_dim=128,
-                      layer_pattern=PATTERNS[pattern])
-  config.model.kinds = {"global": dict(rope_theta=1e7), "local": dict(window=32, rope_theta=1e4)}
+  pattern_model(config, pattern, window=32)
   config.batch_size = 32
   config.num_steps = 2000
   config.optim.update(lr=3e-3, warmup_steps=50)

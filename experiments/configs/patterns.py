@@ -25,14 +25,21 @@ PATTERNS = {"global": ("global",), "local": ("local",),
             "alternating": ("global", "local", "local")}
 
 
+def pattern_model(config, pattern: str, window: int) -> None:
+  """The rows' 4-layer decoder (d_model 64, 4 heads, MLP 128) with `pattern`'s layers: global
+  layers RoPE theta 1e7 (nearly position-free), local layers `window` wide with theta 1e4."""
+  config.model.update(d_model=64, num_layers=4, num_heads=4, mlp_dim=128,
+                      layer_pattern=PATTERNS[pattern])
+  config.model.kinds = {"global": dict(rope_theta=1e7),
+                        "local": dict(window=window, rope_theta=1e4)}
+
+
 def get_config(variant: str | None = None):
   pattern, smoke = common.parse_variant(variant, name="patterns.py", choices=tuple(PATTERNS),
                                         default="alternating")
   config = common.base_config()
   config.task = dict(name="passkey", seq_len=128, digits=5, instruction="")
-  config.model.update(d_model=64, num_layers=4, num_heads=4, mlp_dim=128,
-                      layer_pattern=PATTERNS[pattern])
-  config.model.kinds = {"global": dict(rope_theta=1e7), "local": dict(window=8, rope_theta=1e4)}
+  pattern_model(config, pattern, window=8)
   config.batch_size = 16
   config.num_steps = 800
   config.optim.update(lr=3e-3, warmup_steps=50)

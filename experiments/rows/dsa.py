@@ -106,9 +106,8 @@ def run(ctx: base.Context) -> base.Result:
        f"attention FLOPs / token at {first['length']}", "vs dense"], summary)
   note = (f"top_k = {first['top_k']} = L/8; {first['examples']} prompts per cell and seed; "
           f"mean (min-max) over {grids.seeds_note(records)}.")
-  plot = lambda path: grids.plot_by(
-      records, "depth", "accuracy", path, xlabel="needle depth", ylabel="passkey exact match",
-      title=f"DSA (top-{first['top_k']}) vs dense at {first['length']} tokens")
+  plot = grids.depth_plot(records, f"DSA (top-{first['top_k']}) vs dense at {first['length']} "
+                                    "tokens")
   return base.Result(records, f"{table}\n\n{costs}\n\n{note}", plot)
 
 

@@ -82,6 +82,12 @@ def held_out_scores(workdir: str, batches: int, batch_size: int) -> dict[str, fl
                                           for i in range(batches)))
 
 
+def depth_plot(records: Sequence[dict[str, Any]], title: str):
+  """`plot(path)` (for `base.Result`): passkey exact match against needle depth, per setting."""
+  return lambda path: plot_by(records, "depth", "accuracy", path, xlabel="needle depth",
+                              ylabel="passkey exact match", title=title)
+
+
 def plot_by(records: Sequence[dict[str, Any]], x_key: str, value: str, path: str, *,
             xlabel: str, ylabel: str, title: str) -> None:
   """`value` against `x_key`, one line per setting: the mean over seeds with a min-max band."""

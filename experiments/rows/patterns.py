@@ -63,9 +63,7 @@ def run(ctx: base.Context) -> base.Result:
        for s in SETTINGS])
   note = (f"{records[0]['examples']} prompts per cell and seed; cells: mean (min-max) over "
           f"{grids.seeds_note(records)}; the mean row averages each seed's depths.")
-  plot = lambda path: grids.plot_by(
-      records, "depth", "accuracy", path, xlabel="needle depth", ylabel="passkey exact match",
-      title=f"Passkey at {length} tokens (mean, min-max over seeds)")
+  plot = grids.depth_plot(records, f"Passkey at {length} tokens (mean, min-max over seeds)")
   return base.Result(records, f"{table}\n\n{cost}\n\n{note}", plot)
 
 

@@ -20,7 +20,6 @@ import os
 
 from flax import nnx
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
