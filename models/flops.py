@@ -7,6 +7,10 @@ and activations are not counted (they are O(D) or O(S) per token against O(D^2) 
   (tied or not), the embedding lookup and the DSA indexer excluded.
 * Attention FLOPs per token: per layer `4 * num_heads * head_dim * visible_keys`
   (`q k^T` and `p v`), where `visible_keys` is what the layer kind's mask lets one token see.
+  A DSA layer in its sparse stage attends to `min(top_k, visible_keys)` keys and its lightning
+  indexer scores every visible key: `+ 2 * index_heads * index_dim * visible_keys` (the ReLU,
+  head weights and top-k selection not counted). In the dense stage (warm-up) it is dense
+  attention: the indexer then only trains (its KL target), which inference does not need.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from flax import nnx
 
 import attention
 from models.config import ModelConfig
+from models.dsa import DsaAttention, DsaSettings
+from models.kinds import get_layer_kind
 from models.transformer import Transformer
 
 
@@ -68,17 +74,33 @@ def visible_keys(config: ModelConfig, kind: str, seq_len: int) -> np.ndarray:
   return attention.visible_keys(kind_mask(config, kind), seq_len, seq_len)
 
 
+def sparse_dsa(config: ModelConfig, kind: str) -> DsaSettings | None:
+  """The DSA settings of `kind` if its layers attend to indexer-selected keys (sparse stage)."""
+  if get_layer_kind(kind).module is not DsaAttention:
+    return None
+  settings = DsaSettings.from_options(config.kind_settings(kind).options)
+  return settings if settings.stage == "sparse" else None
+
+
+def _layer_flops(config: ModelConfig, kind: str, keys):
+  """Attention FLOPs of queries that see `keys` keys each (int or array) in a `kind` layer."""
+  per_key = 4 * config.num_heads * config.head_dim
+  dsa = sparse_dsa(config, kind)
+  if dsa is None:
+    return per_key * keys
+  return per_key * np.minimum(keys, dsa.top_k) + 2 * dsa.index_heads * dsa.index_dim * keys
+
+
 def attention_flops_per_token(config: ModelConfig, context: int) -> int:
   """Attention FLOPs of one token with `context` tokens in its sequence (itself included).
 
   Decoder: the newest token (a decode step at length `context`). Encoder: a token far from
-  both ends (window clipped to `context`).
+  both ends (window clipped to `context`). DSA layers as the module docstring says.
   """
-  per_key = 4 * config.num_heads * config.head_dim
   total = 0
   for kind in config.layer_kinds:
     left, right = kind_mask(config, kind).bounds
-    total += per_key * int(min(context, left + right + 1))
+    total += int(_layer_flops(config, kind, int(min(context, left + right + 1))))
   return total
 
 
@@ -91,7 +113,6 @@ def matmul_flops_per_token(config: ModelConfig) -> int:
 
 def forward_flops(config: ModelConfig, seq_len: int, batch: int = 1) -> int:
   """Exact forward FLOPs of `batch` sequences of `seq_len` tokens (no segments)."""
-  per_key = 4 * config.num_heads * config.head_dim
-  attn = sum(per_key * attention.visible_pairs(kind_mask(config, kind), seq_len, seq_len)
+  attn = sum(int(np.sum(_layer_flops(config, kind, visible_keys(config, kind, seq_len))))
              for kind in config.layer_kinds)
   return batch * (seq_len * matmul_flops_per_token(config) + attn)

@@ -56,17 +56,9 @@ def make_config(ctx: base.Context, setting: str, seed: int):
 
 
 def attention_flops(config, context: int) -> int:
-  """Attention FLOPs per token at `context`: a sparse DSA layer attends to `top_k` keys and
-  its indexer scores every visible key (`2 * index_heads * index_dim` each)."""
-  model_config = trainer.model_config(config)
-  total = flops.attention_flops_per_token(model_config, context)
-  per_key = 4 * model_config.num_heads * model_config.head_dim
-  for kind in model_config.layer_kinds:
-    options = dict(model_config.kind_settings(kind).options or {})
-    if options.get("stage") == "sparse":
-      saved = context - min(context, options["top_k"])
-      total += 2 * options["index_heads"] * options["index_dim"] * context - per_key * saved
-  return total
+  """Attention FLOPs per token at `context` (`models.flops`: a sparse DSA layer attends to
+  `top_k` keys and its indexer scores every visible key)."""
+  return flops.attention_flops_per_token(trainer.model_config(config), context)
 
 
 def measure(ctx: base.Context, workdir: str, setting: str, seed: int) -> list[dict]:

@@ -48,3 +48,18 @@ def test_forward_flops_sums_visible_keys_exactly():
   per_key, matmul = 4 * 4 * 8, flops.matmul_flops_per_token(config)
   assert matmul == 2 * (2 * (2 * 32 * 32 + 2 * 32 * 16) + 2 * 3 * 32 * 64 + 32 * 64)
   assert flops.forward_flops(config, 5, batch=2) == 2 * (5 * matmul + per_key * (12 + 15))
+
+
+def test_sparse_dsa_layers_count_top_k_keys_and_the_indexer():
+  dsa = dsa_kind(top_k=4, index_heads=2, index_dim=8, stage="sparse")
+  config = ModelConfig(**TINY, num_layers=2, layer_pattern=("dsa", "global"), kinds={"dsa": dsa})
+  per_key, index_per_key = 4 * 4 * 8, 2 * 2 * 8
+  assert flops.attention_flops_per_token(config, 100) == (
+      per_key * 4 + index_per_key * 100) + per_key * 100
+  matmul = flops.matmul_flops_per_token(config)
+  keys = np.arange(1, 7)  # causal: query i sees i + 1 keys
+  sparse = per_key * np.minimum(keys, 4).sum() + index_per_key * keys.sum()
+  assert flops.forward_flops(config, 6) == 6 * matmul + sparse + per_key * keys.sum()
+  warmup = ModelConfig(**{**TINY, "num_layers": 1, "layer_pattern": ("dsa",),
+                          "kinds": {"dsa": dsa_kind(top_k=4, stage="dense")}})
+  assert flops.attention_flops_per_token(warmup, 100) == per_key * 100  # dense attention
