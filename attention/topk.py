@@ -79,26 +79,35 @@ def _first_true_positions(flags: Bool[Array, "R W"], k: int) -> Int[Array, "R k"
   return chunk * _WORD + _bit_in_word(word, rank)
 
 
-def _sample_bracket(key, kk, done, lo, hi, c_lo, c_hi, stride: int = 32):
-  """A tighter starting bracket for the bisection, from every `stride`-th key of each row.
+_STRIDE = 32  # every _STRIDE-th key of a row forms its sample
 
-  The kk-th largest key of a row sits near rank `kk / stride` of the strided sample; the sample
-  keys `4 sqrt(rank) + 4` ranks on either side become the candidate `lo` / `hi`, which two
-  counting passes over the full row verify: a candidate replaces the global bound only if it
-  keeps the invariant (count(key >= lo) >= kk > count(key >= hi)), so the result stays exact
-  whatever the data. Saves ~1/4 of the passes on indexer scores (~15% of the select time).
+
+def _sample_ranks(key, kk, stride: int = _STRIDE):
+  """Per row, keys from a strided sample that probably bracket the kk-th largest key.
+
+  The kk-th largest key sits near rank `kk / stride` of the sorted sample; the sample keys
+  `4 sqrt(rank) + 4` ranks on either side are returned as `(lo, hi)`: probably
+  count(key >= lo) >= kk > count(key >= hi). Callers verify with a counting pass.
   """
-  r, w = key.shape
-  if w < 16 * stride:
-    return lo, hi, c_lo, c_hi
+  w = key.shape[1]
   sample = jnp.sort(key[:, ::stride], axis=-1)  # R m, ascending
   m = sample.shape[1]
   rank = kk.astype(jnp.float32) * (m / w)  # expected rank from the top, 0-based ~ rank - 1
   slack = 4.0 * jnp.sqrt(rank) + 4.0
   from_top = lambda i: jnp.take_along_axis(
       sample, (m - 1 - jnp.clip(i, 0, m - 1)).astype(jnp.int32)[:, None], axis=1)[:, 0]
-  lo2 = from_top(jnp.ceil(rank + slack))  # more than kk keys above it (probably)
-  hi2 = from_top(jnp.floor(rank - slack))  # fewer than kk keys above it (probably)
+  return from_top(jnp.ceil(rank + slack)), from_top(jnp.floor(rank - slack))
+
+
+def _sample_bracket(key, kk, done, lo, hi, c_lo, c_hi, stride: int = _STRIDE):
+  """A tighter starting bracket for the bisection, from `_sample_ranks`: two counting passes
+  over the full row verify the candidates, which replace the global bounds only if they keep
+  the invariant (count(key >= lo) >= kk > count(key >= hi)), so the result stays exact
+  whatever the data. Saves ~1/4 of the passes on indexer scores (~15% of the select time).
+  """
+  if key.shape[1] < 16 * stride:
+    return lo, hi, c_lo, c_hi
+  lo2, hi2 = _sample_ranks(key, kk, stride)
   c_lo2 = jnp.sum(key >= lo2[:, None], axis=-1, dtype=jnp.int32)
   c_hi2 = jnp.sum(key >= hi2[:, None], axis=-1, dtype=jnp.int32)
   use_lo = ~done & (c_lo2 >= kk) & (lo2 > lo)
@@ -147,13 +156,55 @@ def _kept(key, kk, lo, done) -> Bool[Array, "R W"]:
   return greater | (equal & (jnp.arange(w, dtype=jnp.int32)[None] <= cut[:, None]))
 
 
+def _topk_of_keys(key, k: int) -> Int[Array, "R k"]:
+  """`select_topk` on order keys `[R, W]` (0 = hidden, visible >= 1): steps 2 and 3."""
+  n_visible = jnp.sum(key > 0, axis=-1, dtype=jnp.int32)
+  kk = jnp.minimum(n_visible, k)
+  lo = jnp.min(jnp.where(key > 0, key, jnp.uint32(0xFFFFFFFF)), axis=-1)
+  hi = jnp.max(key, axis=-1) + 1  # key < 2^32 - 1 unless NaN payloads
+  # Rows with <= k visible keep everything visible: done at once (lo = min visible key).
+  done = (kk == n_visible) | (kk == 0)
+  # count(key >= lo) and count(key >= hi), used to interpolate the next guess.
+  c_lo, c_hi = n_visible, jnp.zeros_like(n_visible)
+  lo, hi, c_lo, c_hi = _sample_bracket(key, kk, done, lo, hi, c_lo, c_hi)
+  done |= c_lo == kk
+  lo, done = _bisect(key, kk, lo, hi, c_lo, c_hi, done)
+  pos = _first_true_positions(_kept(key, kk, lo, done), k)
+  return jnp.where(jnp.arange(k)[None] < kk[:, None], pos, -1).astype(jnp.int32)
+
+
+def candidate_cap(k: int, stride: int = _STRIDE) -> int:
+  """Candidates per row kept by `select_topk`'s long-row path: k plus twice the expected
+  overshoot of `_sample_ranks`' lower key ((4 sqrt(k / stride) + 4) * stride), words of 32."""
+  over = int(2 * (4 * (k / stride) ** 0.5 + 4) * stride)
+  return -(-(k + over) // _WORD) * _WORD
+
+
+def _via_candidates(key, k: int, cap: int):
+  """Long rows: cut each row to the <= `cap` keys at or above a sampled threshold, then select
+  among those. `(positions [R, k], ok [R])`; where `ok` is False the row held fewer than kk or
+  more than `cap` keys above the threshold (rare, ~3.5 sigma) and the result is junk."""
+  n_visible = jnp.sum(key > 0, axis=-1, dtype=jnp.int32)
+  kk = jnp.minimum(n_visible, k)
+  threshold, _ = _sample_ranks(key, kk)
+  threshold = jnp.where(kk == n_visible, 1, jnp.maximum(threshold, 1))  # few visible: all
+  above = key >= threshold[:, None]
+  count = jnp.sum(above, axis=-1, dtype=jnp.int32)
+  cand = _first_true_positions(above, cap)  # R cap, ascending positions; junk past count
+  live = jnp.arange(cap)[None] < count[:, None]
+  cand_key = jnp.where(live, jnp.take_along_axis(key, cand, 1, mode="promise_in_bounds"), 0)
+  slot = _topk_of_keys(cand_key, k)  # ascending slots, ties to lower slots = lower positions
+  pos = jnp.take_along_axis(cand, jnp.maximum(slot, 0), 1, mode="promise_in_bounds")
+  return jnp.where(slot >= 0, pos, -1), (count >= kk) & (count <= cap)
+
+
 def select_topk(scores: Float[Array, "R W"], visible, k: int) -> Int[Array, "R k"]:
   """Exact top-k positions of each row of `scores` among `visible` entries; -1 pads.
 
   Row r keeps `kk = min(k, #visible)` positions, listed in ascending position order; ties at the
   threshold are broken towards lower positions, so exactly `kk` are kept and none twice.
 
-  Algorithm (no sort, no `lax.top_k`; every step is a vectorised pass over the row):
+  Algorithm (no sort of the row, no `lax.top_k`; every step is a vectorised pass over the row):
     1. Map float32 scores to uint32 keys with the same order (flip bits of negatives).
     2. Bisection on the key value: keep `lo` with count(key >= lo) >= kk and `hi` with
        count(key >= hi) < kk; stop a row when count(key >= mid) == kk (a gap was hit, no ties
@@ -163,25 +214,20 @@ def select_topk(scores: Float[Array, "R W"], visible, k: int) -> Int[Array, "R k
     3. keep = key > lo, plus the first `kk - count(key > lo)` entries equal to lo (ties; the
        cut is found with `_nth_true`). The kept positions are compacted in order by
        `_first_true_positions` (bit-packed words, popcounts, a scatter-max of word starts).
-  Cost O(R * W * passes + R * k); memory O(R * W).
+  Rows of W >= 4 `candidate_cap(k)` (~2k + 36 sqrt(k)) first keep only the keys at or above a
+  threshold from the strided sample (one counting pass verifies that there are >= kk and <=
+  cap of them), compact those in position order and run 2-3 on them: the bisection's passes
+  then cost O(cap) instead of O(W). If any row fails the check, all rows take the direct path
+  (`lax.cond`), so the result is exact whatever the data.
+  Cost O(R * W * passes + R * k) (long rows: O(R * (W * 4 + cap * passes))); memory O(R * W).
   """
   r, w = scores.shape
   if not 1 <= k <= w:
     raise ValueError(f"select_topk needs 1 <= k <= row length {w}, got k={k}.")
   # Invisible -> 0, visible -> at least 1, so thresholds >= 1 never keep an invisible entry.
   key = jnp.where(visible, jnp.maximum(_order_key(scores), 1), 0).astype(jnp.uint32)
-  n_visible = jnp.sum(visible, axis=-1, dtype=jnp.int32)
-  kk = jnp.minimum(n_visible, k)
-  lo = jnp.min(jnp.where(visible, key, jnp.uint32(0xFFFFFFFF)), axis=-1)
-  hi = jnp.max(key, axis=-1) + 1  # key < 2^32 - 1 unless NaN payloads
-  # Rows with <= k visible keep everything visible: done at once (lo = min visible key).
-  done = (kk == n_visible) | (kk == 0)
-  # count(key >= lo) and count(key >= hi), used to interpolate the next guess.
-  c_lo, c_hi = n_visible, jnp.zeros_like(n_visible)
-  lo, hi, c_lo, c_hi = _sample_bracket(key, kk, done, lo, hi, c_lo, c_hi)
-  done |= c_lo == kk
-
-  lo, done = _bisect(key, kk, lo, hi, c_lo, c_hi, done)
-  kept = _kept(key, kk, lo, done)
-  pos = _first_true_positions(kept, k)
-  return jnp.where(jnp.arange(k)[None] < kk[:, None], pos, -1).astype(jnp.int32)
+  cap = candidate_cap(k)
+  if w < 4 * cap:
+    return _topk_of_keys(key, k)
+  pos, ok = _via_candidates(key, k, cap)
+  return lax.cond(jnp.all(ok), lambda: pos, lambda: _topk_of_keys(key, k))
