@@ -91,6 +91,19 @@ def test_rotation_leaves_float32_scores_unchanged():
   assert_close(np.asarray(rotated)[finite], np.asarray(plain)[finite])
 
 
+def test_to_float32_is_exact_on_every_byte():
+  """All 256 float8_e4m3fn bit patterns (subnormals, -0.0, NaN) equal XLA's own conversion,
+  and so do `dot_operand`'s float32 and bfloat16 forms."""
+  values = jax.lax.bitcast_convert_type(jnp.arange(256, dtype=jnp.uint8), jnp.float8_e4m3fn)
+  want = np.asarray(values.astype(jnp.float32))
+  for got in (fp8.to_float32(values), jax.jit(fp8.to_float32)(values),
+              fp8.dot_operand(values, jnp.float32), fp8.dot_operand(values)):
+    got = np.asarray(jnp.asarray(got, jnp.float32))
+    np.testing.assert_array_equal(got, want)  # NaN == NaN here
+    number = ~np.isnan(want)
+    np.testing.assert_array_equal(np.signbit(got[number]), np.signbit(want[number]))  # -0.0
+
+
 def test_bad_inputs_raise_naming_the_value():
   x = jnp.ones((2, 96))
   with pytest.raises(ValueError, match="block 64 must divide the last axis 96"):

@@ -67,8 +67,18 @@ def test_topk_matches_lax_top_k_random_rows():
   scores = jax.random.normal(jax.random.key(3), (r, w)) * jnp.exp(
       jax.random.normal(jax.random.key(4), (r, 1)) * 3)  # no ties, varied scales and signs
   visible = jnp.ones((r, w), bool)
-  got = topk.select_topk(scores, visible, k)
+  got = jax.jit(lambda s, v: topk.select_topk(s, v, k))(scores, visible)
   np.testing.assert_array_equal(got, np.sort(lax.top_k(scores, k)[1], axis=-1))
+
+
+def lexsort_topk(scores, visible, k):
+  """NumPy reference: visible positions by score descending, then position ascending."""
+  out = np.full((len(scores), k), -1, np.int32)
+  for i, (row, vis) in enumerate(zip(scores, visible)):
+    pos = np.flatnonzero(vis)
+    order = np.sort(pos[np.lexsort((pos, -row[pos]))][:k])
+    out[i, :len(order)] = order
+  return out
 
 
 @pytest.mark.parametrize("k", [1, 100, 700])
@@ -79,12 +89,36 @@ def test_select_long_rows_with_ties_and_hidden_keys(k):
   scores = np.round(rng.normal(size=(r, w)) * 4) / 4  # ~25 distinct values: heavy ties
   scores[1] *= 1e-30  # tiny magnitudes
   visible = rng.random((r, w)) < np.array([1.0, 0.9, 0.5, 0.3, 0.05, 0.0])[:, None]
-  got = np.asarray(topk.select_topk(jnp.asarray(scores, jnp.float32), jnp.asarray(visible), k))
-  for row, vis, sel in zip(scores.astype(np.float32), visible, got):
-    pos = np.flatnonzero(vis)
-    order = pos[np.lexsort((pos, -row[pos]))][:k]  # score desc, then position asc
-    np.testing.assert_array_equal(sel[:len(order)], np.sort(order))
-    assert np.all(sel[len(order):] == -1)
+  got = jax.jit(lambda s, v: topk.select_topk(s, v, k))(jnp.asarray(scores, jnp.float32), visible)
+  np.testing.assert_array_equal(got, lexsort_topk(scores.astype(np.float32), visible, k))
+
+
+def test_select_long_rows_through_candidates_and_fallback():
+  """Rows of W >= 4 candidate_cap(k) are first cut to the keys above a sampled threshold.
+  Row 3's strided sample (every 32nd position) holds only the smallest scores, so its threshold
+  keeps the whole row (> cap): all rows fall back to the direct path, with the same result."""
+  k = 8
+  w = 4 * topk.candidate_cap(k)
+  rng = np.random.default_rng(11)
+  scores = rng.normal(size=(5, w)).astype(np.float32)
+  scores[1] = np.round(scores[1] * 64) / 64  # ties
+  scores[2] = np.round(scores[2] * 4) / 4  # heavy ties: many equal to the threshold
+  visible = rng.random((5, w)) < np.array([1.0, 1.0, 0.6, 1.0, 0.002])[:, None]  # row 4: < k
+  select = jax.jit(lambda s, v: topk.select_topk(s, v, k))
+  np.testing.assert_array_equal(select(scores[:3], visible[:3]),
+                                lexsort_topk(scores[:3], visible[:3], k))
+  scores[3, ::32] = -1e3 - np.arange(w // 32)
+  np.testing.assert_array_equal(select(scores, visible), lexsort_topk(scores, visible, k))
+
+
+def test_select_decode_row_matches_lax_top_k():
+  """The decode shape: one long row (W = 20000 > 4 candidate_cap(2048)), k = 2048."""
+  scores = jax.random.normal(jax.random.key(12), (2, 20000))
+  visible = jnp.arange(20000)[None] < jnp.array([[20000], [15000]])  # row 1: a shorter cache
+  got = jax.jit(lambda s, v: topk.select_topk(s, v, 2048))(scores, visible)
+  for row, n in enumerate((20000, 15000)):
+    want = np.sort(np.asarray(lax.top_k(scores[row, :n], 2048)[1]))
+    np.testing.assert_array_equal(got[row], want)
 
 
 def test_select_ties_keep_exactly_k():
@@ -133,6 +167,28 @@ def test_fp8_close_to_float32():
   assert_close(indexer.indexer_scores(q, keys, w, mask=Mask(causal=True), fp8=True), approx)
   with pytest.raises(ValueError, match="FP8 with block 32"):
     indexer.indexer_scores(q, keys, w, fp8=fp8.Fp8Format(block=16))
+
+
+@pytest.mark.parametrize("fmt", [None, fp8.Fp8Format(64), fp8.Fp8Format(32)],
+                         ids=["f32", "fp8-1-block", "fp8-2-blocks"])
+def test_one_query_scores_and_topk_match_the_formula(fmt):
+  """T = 1 (a decode step) scores keys-major: equal to the NumPy formula on the dequantised
+  FP8 inputs (one or two scale blocks per vector) or on float32; top-k = lax.top_k's set."""
+  q, k, w = random_indexer(13, 2, 1, 300, heads=3, dim=64)
+  mask = Mask(causal=True, q_offset=jnp.array([299, 150]))
+  got = jax.jit(lambda q, k, w: indexer.indexer_scores(q, k, w, mask=mask, fp8=fmt or False))(
+      q, k, w)
+  qd, kd = (q, k) if fmt is None else (fp8.quantize(q, fmt).dequantize(),
+                                       fp8.quantize(k, fmt).dequantize())
+  want = np.einsum("btj,btjs->bts", np.asarray(w), np.maximum(
+      np.einsum("btjd,bsd->btjs", np.asarray(qd), np.asarray(kd)), 0))
+  visible = np.arange(300)[None, None] <= np.array([299, 150])[:, None, None]
+  np.testing.assert_array_equal(np.isfinite(np.asarray(got)), visible)
+  assert_close(np.where(visible, got, 0), np.where(visible, want, 0))
+  if fmt == fp8.Fp8Format(64):  # the selection does not depend on the format: check it once
+    top = jax.jit(lambda q, k, w: indexer.indexer_topk(q, k, w, top_k=20, mask=mask, fp8=fmt))(
+        q, k, w)
+    np.testing.assert_array_equal(top[:, 0], np.sort(lax.top_k(got[:, 0], 20)[1], axis=-1))
 
 
 def test_kl_zero_when_equal_and_never_nan():
