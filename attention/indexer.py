@@ -15,6 +15,9 @@ ReLU, the head weights and the scales are applied after. `index_k` may also arri
 (`fp8.Quantized`, as the DSA decode cache stores it). The Hadamard rotation DeepSeek applies
 before FP8 is the caller's (`fp8.hadamard` on q_I and k_I; the DSA layer does it).
 
+One query per batch row (a decode step) is scored keys-major (`_one_query_scores`: the cache is
+read in its own layout, FP8 keys enter as exact float32).
+
 `indexer_topk` never materialises `[T, S]`: it walks blocks of `block_q` queries (`lax.map`),
 scores each block against the key range its mask can reach (causal/window: one of a few static
 widths, so a causal prefix costs ~S/2 on average), and selects the top-k of every row exactly

@@ -192,7 +192,7 @@ def _via_candidates(key, k: int, cap: int):
   count = jnp.sum(above, axis=-1, dtype=jnp.int32)
   cand = _first_true_positions(above, cap)  # R cap, ascending positions; junk past count
   live = jnp.arange(cap)[None] < count[:, None]
-  cand_key = jnp.where(live, jnp.take_along_axis(key, cand, 1, mode="promise_in_bounds"), 0)
+  cand_key = jnp.where(live, jnp.take_along_axis(key, cand, 1, mode="clip"), 0)  # junk: clip
   slot = _topk_of_keys(cand_key, k)  # ascending slots, ties to lower slots = lower positions
   pos = jnp.take_along_axis(cand, jnp.maximum(slot, 0), 1, mode="promise_in_bounds")
   return jnp.where(slot >= 0, pos, -1), (count >= kk) & (count <= cap)
@@ -219,7 +219,7 @@ def select_topk(scores: Float[Array, "R W"], visible, k: int) -> Int[Array, "R k
   cap of them), compact those in position order and run 2-3 on them: the bisection's passes
   then cost O(cap) instead of O(W). If any row fails the check, all rows take the direct path
   (`lax.cond`), so the result is exact whatever the data.
-  Cost O(R * W * passes + R * k) (long rows: O(R * (W * 4 + cap * passes))); memory O(R * W).
+  Cost O(R * W * passes + R * k) (long rows: O(R * (4 W + cap * passes))); memory O(R * W).
   """
   r, w = scores.shape
   if not 1 <= k <= w:
