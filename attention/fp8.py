@@ -22,7 +22,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jaxtyping import Array, Float, Shaped
 
 FP8_DTYPE = jnp.float8_e4m3fn
@@ -117,32 +116,14 @@ def quantize(x: Shaped[Array, "... D"], fmt: Fp8Format) -> Quantized:
   return quantize_fp8(x, fmt.block_for(jnp.shape(x)[-1]), pow2=fmt.pow2)
 
 
-def to_float32(values: Shaped[Array, "..."]) -> Float[Array, "..."]:
-  """float8_e4m3fn values as float32, exactly (NaN stays NaN), by bit manipulation.
-
-  The 7 exponent/mantissa bits of e4m3 placed at bit 7 of a float16 give the same number times
-  2^-8 (float16 has the wider exponent, bias 15 vs 7, so e4m3's subnormals land on float16
-  subnormals and stay exact); float16 -> float32 is a hardware conversion. One fused integer
-  loop, where XLA's CPU `astype(float32)` of float8 is a slower per-element conversion.
-  """
-  bits = lax.bitcast_convert_type(values, jnp.uint8)
-  wide = bits.astype(jnp.uint16)
-  half = lax.bitcast_convert_type(((wide & 0x80) << 8) | ((wide & 0x7F) << 7), jnp.float16)
-  x = half.astype(jnp.float32) * np.float32(256.0)
-  return jnp.where((bits & 0x7F) == 0x7F, np.float32(np.nan), x)  # e4m3fn's only NaNs
-
-
-def dot_operand(values: Array, dtype=jnp.bfloat16) -> Array:
-  """float8 values as a matmul operand: on CPU, where XLA has no float8 matmul (it would
-  convert to float32 first: 2x slower than float32 inputs), `dtype` (bfloat16: a fast bfloat16
-  matmul with float32 accumulation; float32: `to_float32`); every float8_e4m3fn value is exact
-  in both, so the products and float32 sums are those of float8 inputs. Elsewhere the float8
-  values as they are."""
-  if jax.default_backend() != "cpu":
-    return values
-  if jnp.dtype(dtype) == jnp.float32:
-    return to_float32(values)
-  return values.astype(dtype)
+def dot_operand(values: Array) -> Array:
+  """float8 values as a matmul operand: bfloat16 on CPU, where XLA has no float8 matmul (it
+  would convert to float32 first: 2x slower than float32 inputs) but a fast bfloat16 one with
+  float32 accumulation; every float8_e4m3fn value is exact in bfloat16, so the products and
+  float32 sums are those of float8 inputs. Elsewhere the float8 values as they are."""
+  if jax.default_backend() == "cpu":
+    return values.astype(jnp.bfloat16)
+  return values
 
 
 def hadamard(x: Shaped[Array, "... D"]) -> Float[Array, "... D"]:
