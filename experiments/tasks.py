@@ -72,6 +72,11 @@ class Haystack:
   `[min_len, seq_len]` (segment ids tell them apart; the unused tail is padding, id -1):
   more answers per row and a spread of needle distances. Evaluation rows (`seq_len=` or
   `depth=` given) always hold one document of exactly the requested length.
+  `stretch=True` (the default) stretches a document that leaves less than `min_len` free to
+  fill the row, so lengths between `seq_len - min_len` and `seq_len` never occur;
+  `stretch=False` keeps every document's drawn length (uniform in `[min_len, free]`) and pads
+  the rest, so the filler length spans the whole range `[min_len - fixed text, seq_len - fixed
+  text]` (`min_length()` is the shortest document: the fixed text with no filler).
   """
 
   seq_len: int = 512
@@ -82,6 +87,13 @@ class Haystack:
   seed: int = 0
   key_letters: int = 4
   min_len: int = 0
+  stretch: bool = True
+
+  def min_length(self) -> int:
+    """Tokens of a document with no filler (instruction, needle, question, answer)."""
+    needle, question, answer = self.parts(np.random.default_rng(0))
+    head = len(encode(self.instruction + "\n")) if self.instruction else 0
+    return head + sum(len(encode(t)) for t in ("\n" + needle + "\n", "\n" + question, answer))
 
   def parts(self, rng: np.random.Generator) -> tuple[str, str, str]:
     """(needle line, final question, answer) of one example."""
@@ -128,11 +140,12 @@ class Haystack:
     return _stack(rows)
 
   def packed_row(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Documents of random lengths in [min_len, seq_len] filling one row."""
+    """Documents of random lengths in [min_len, seq_len] filling one row (`stretch`: the last
+    one is stretched to the row's end; otherwise the tail is padding)."""
     docs, free = [], self.seq_len
     while free >= self.min_len:
       length = int(rng.integers(self.min_len, free + 1))
-      if free - length < self.min_len:
+      if free - length < self.min_len and self.stretch:
         length = free  # no room for another document: this one fills the row
       doc = self.example(rng, rng.uniform(), length)[0]
       doc["segment_ids"][:] = len(docs)

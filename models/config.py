@@ -43,6 +43,8 @@ class ModelConfig:
     rope_scaling: "none", "linear" (PI), "ntk" or "yarn" (applies to every layer kind).
     rope_factor: scale s = L'/L (1 for "none").
     rope_original_length: trained context L (required by "yarn").
+    rope_yarn_alpha, rope_yarn_beta: YaRN's ramp bounds on `r = L / wavelength` (pairs with
+      r < alpha are interpolated, r > beta kept, ramped between; paper: 1 and 32).
     tie_embeddings: the output projection reuses the embedding matrix.
     mlm_head: ModernBERT-style head (dense, GELU, norm) before the vocabulary projection.
     dtype: compute dtype; param_dtype: parameter dtype (bf16 compute + f32 params works).
@@ -66,6 +68,8 @@ class ModelConfig:
   rope_scaling: str = "none"
   rope_factor: float = 1.0
   rope_original_length: int | None = None
+  rope_yarn_alpha: float = 1.0
+  rope_yarn_beta: float = 32.0
   tie_embeddings: bool = True
   mlm_head: bool = False
   dtype: Any = "float32"
@@ -146,7 +150,8 @@ class ModelConfig:
   def rope(self, kind: str) -> rope_lib.Rope:
     """The RoPE of layers of `kind` (its theta, the model's scaling)."""
     return rope_lib.Rope(self.head_dim, float(self.kind_settings(kind).rope_theta),
-                         self.rope_scaling, float(self.rope_factor), self.rope_original_length)
+                         self.rope_scaling, float(self.rope_factor), self.rope_original_length,
+                         float(self.rope_yarn_alpha), float(self.rope_yarn_beta))
 
   @classmethod
   def modernbert(cls, **overrides) -> "ModelConfig":

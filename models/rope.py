@@ -10,6 +10,8 @@ trained length L, scale `s = factor = L' / L`.
 * `yarn`   -> `r_d = L / lambda_d`, ramp `gamma = clip((r - alpha) / (beta - alpha), 0, 1)`,
               `theta'_d = (1 - gamma) theta_d / s + gamma theta_d` (alpha = 1, beta = 32), and
               q and k are both multiplied by `sqrt(1/t) = 0.1 ln(s) + 1` (attention temperature).
+              The ramp bounds are fields (`yarn_alpha`, `yarn_beta`): the paper's 1 / 32 were
+              chosen for Llama (L = 4096, D = 128); at a tiny L and D they leave no pair kept.
 
 Rotation pairs dimension `d` with `d + D/2` (the "rotate half" layout). Positions are arbitrary
 ints: packed documents restart at 0, decoding uses absolute positions. Because RoPE rotates q
@@ -101,6 +103,15 @@ class Rope:
                          f"got {self.original_length!r}.")
       if not self.yarn_alpha < self.yarn_beta:
         raise ValueError(f"yarn needs alpha < beta, got {self.yarn_alpha}, {self.yarn_beta}.")
+
+  def yarn_regimes(self) -> dict[str, int]:
+    """How many of the D/2 frequency pairs YaRN keeps (r > beta), ramps, and interpolates
+    (r < alpha) at this theta, L and ramp; `r = L / lambda_d`."""
+    if self.original_length is None:
+      raise ValueError("yarn_regimes needs original_length (the trained context L).")
+    ratio = self.original_length * base_inv_freq(self.head_dim, self.theta) / (2 * math.pi)
+    kept, interpolated = int((ratio > self.yarn_beta).sum()), int((ratio < self.yarn_alpha).sum())
+    return dict(kept=kept, ramped=len(ratio) - kept - interpolated, interpolated=interpolated)
 
   def inv_freq(self) -> np.ndarray:
     """`[D/2]` float64 (scaled) inverse frequencies."""

@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
       mlp_dim=config_dict.placeholder(int), mlp="geglu", norm="rms", causal=True,
       layer_pattern=("global", "local", "local"),
       rope_scaling="none", rope_factor=1.0, rope_original_length=config_dict.placeholder(int),
+      rope_yarn_alpha=1.0, rope_yarn_beta=32.0,
       tie_embeddings=True, mlm_head=False, dtype="float32", param_dtype="float32", remat=False))
   c.model.kinds = ml_collections.ConfigDict({
       "global": dict(rope_theta=160_000.0), "local": dict(window=64, rope_theta=10_000.0)})
@@ -125,6 +126,10 @@ FIELD_HELP = {
     "model.rope_scaling": "RoPE scaling: none, linear (PI), ntk, yarn",
     "model.rope_factor": "RoPE scale s = new length / original length",
     "model.rope_original_length": "training length L that yarn scales from",
+    "model.rope_yarn_alpha": "yarn ramp: pairs turning fewer than alpha times over L are "
+                             "interpolated (paper: 1)",
+    "model.rope_yarn_beta": "yarn ramp: pairs turning more than beta times over L are kept "
+                            "(paper: 32)",
     "model.tie_embeddings": "share the input embedding and the output projection",
     "model.mlm_head": "ModernBERT's dense-GELU-norm head before the vocabulary (encoders)",
     "model.dtype": "activation dtype",

@@ -48,6 +48,33 @@ def test_haystack_too_short_is_a_clear_error():
     tasks.Haystack(seq_len=64).example(np.random.default_rng(0), 0.5)
 
 
+def _doc_lengths(batch) -> list[int]:
+  """Lengths of the documents (segment ids >= 0) of every row of a packed batch."""
+  lengths = []
+  for ids in batch["segment_ids"]:
+    lengths += np.bincount(ids[ids >= 0]).tolist()
+  return lengths
+
+
+@pytest.mark.parametrize("stretch", [True, False])
+def test_packed_rows_document_lengths(stretch):
+  """Packed rows: every document is in [min_len, seq_len] and ends in its scored answer;
+  stretching leaves a gap of lengths (seq_len - min_len, seq_len), `stretch=False` fills it."""
+  task = tasks.Haystack(seq_len=256, instruction="", min_len=104, stretch=stretch)
+  assert task.min_length() == 104  # 5 digits, no instruction: the fixed text alone
+  batch = task.batch(0, 64)
+  assert batch["tokens"].shape == (64, 256)
+  lengths = np.array(_doc_lengths(batch))
+  assert lengths.min() >= 104 and lengths.max() <= 256
+  assert batch["loss_mask"].sum() == 6 * len(lengths)  # " K": 6 scored tokens per document
+  gap = (lengths > 256 - 104) & (lengths < 256)
+  if stretch:
+    assert not gap.any() and (batch["segment_ids"] >= 0).all()
+  else:  # lengths spread over the whole range, in every third of it; the tail is padding
+    assert all(((lengths >= lo) & (lengths < lo + 51)).any() for lo in (104, 155, 206))
+    assert (batch["segment_ids"] == -1).any()
+
+
 def test_mqar_labels_only_on_answers():
   task = tasks.MQAR(seq_len=128, num_kv_pairs=8, vocab_size=256, seed=2)
   batch = task.batch(0, 16)
