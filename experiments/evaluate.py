@@ -273,17 +273,19 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(data)
 
 
-def load_run(workdir: str, rope_scaling: str | None = None, rope_factor: float | None = None
+def load_run(workdir: str, rope_scaling: str | None = None, rope_factor: float | None = None,
+             model_overrides: dict[str, Any] | None = None
              ) -> tuple[ml_collections.ConfigDict, Any, int]:
   """(config, model with the latest checkpoint's weights, step) of a training run.
 
   `rope_scaling`/`rope_factor` override the trained RoPE (inference-time context extension);
   the original length L of `yarn` is the training length unless the run already had one.
+  `model_overrides` sets other parameter-free `ModelConfig` fields (e.g. `rope_yarn_beta`).
   """
   config = load_config(workdir)
-  overrides = {}
+  overrides = dict(model_overrides or {})
   if rope_scaling is not None or rope_factor is not None:
-    overrides = dict(rope_scaling=rope_scaling or config.model.rope_scaling,
+    overrides.update(rope_scaling=rope_scaling or config.model.rope_scaling,
                      rope_factor=float(rope_factor or config.model.rope_factor),
                      rope_original_length=(config.model.rope_original_length
                                            or config.task.seq_len))

@@ -18,7 +18,10 @@ fine-tuning with `extend.py` recovers part of it.
 
 Variants: `:rope` = ordinary RoPE on every layer (all layers global, theta 1e4, so positions
 past the training length are unseen rotations and RoPE scaling matters: README row 3,
-experiments/rows/extension.py); tiny: `:smoke`, `:rope,smoke`.
+experiments/rows/extension.py), 2 heads of head_dim 32 (16 frequency pairs, so YaRN's ramp
+has pairs to keep, ramp and interpolate), documents of every length from the bare fixed text
+(104 tokens, no filler) to the row (`stretch=False`: filler lengths 0 to L - 104);
+tiny: `:smoke`, `:rope,smoke`.
 """
 
 from experiments.configs import common
@@ -37,7 +40,8 @@ def get_config(variant: str | None = None):
   config.eval_after_train = True
   rope, smoke = common.parse_variant(variant, name="passkey.py", choices=("rope",))
   if rope:
-    config.model.layer_pattern = ("global",)
+    config.task.update(min_len=104, stretch=False)
+    config.model.update(num_heads=2, layer_pattern=("global",))
     config.model.kinds = {"global": dict(rope_theta=1e4), "local": dict(window=64, rope_theta=1e4)}
   if smoke:
     common.smoke(config, steps=4, every=2)

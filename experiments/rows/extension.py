@@ -26,6 +26,7 @@ from experiments.configs import extend, passkey
 from experiments.rows import base
 
 METHODS = extend.METHODS  # none, linear, ntk, yarn
+PAPER_RAMP = (1.0, 32.0)  # YaRN's (alpha, beta) for Llama (models/rope.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,18 +39,27 @@ class Finetune:
   methods: tuple[str, ...] = METHODS
   lr: float = 1e-3
   seeds: tuple[int, ...] | None = None  # only these of the row's seeds (None: all)
+  yarn_ramp: tuple[float, float] | None = None  # None: the row's
 
   @property
   def name(self) -> str:
+    """Its stage in the records (a ramp set here is part of it)."""
     lr = "" if self.lr == 1e-3 else f"_lr{self.lr:g}"
-    return f"ft{self.multiple}x_s{self.factor:g}_{self.steps}steps{lr}"
+    ramp = ramp_tag(self.yarn_ramp) if self.yarn_ramp else ""
+    return f"ft{self.multiple}x_s{self.factor:g}_{self.steps}x{self.batch_size}{lr}{ramp}"
+
+  def run_name(self, method: str, ramp: tuple[float, float], seed: int) -> str:
+    """Its run's directory for `method`, given the ramp in force (named if not the paper's)."""
+    tag = ramp_tag(ramp) if method == "yarn" and tuple(ramp) != PAPER_RAMP else ""
+    return f"{self.name.split('_ramp')[0]}_{method}{tag}_s{seed}"
 
   @property
   def label(self) -> str:
     seeds = f" (seed {','.join(map(str, self.seeds))} only)" if self.seeds else ""
     lr = "" if self.lr == 1e-3 else f", lr {self.lr:g}"
+    ramp = f", ramp {self.yarn_ramp[0]:g}-{self.yarn_ramp[1]:g}" if self.yarn_ramp else ""
     return (f"fine-tuned {self.steps} steps of {self.batch_size} at {self.multiple}x, "
-            f"s={self.factor:g}{lr}{seeds}")
+            f"s={self.factor:g}{lr}{ramp}{seeds}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,25 +75,22 @@ class Sizes:
   eval_batch: int
   finetunes: tuple[Finetune, ...]  # the first: every method; the rest: attempts (yarn)
   methods: tuple[str, ...] = METHODS  # inference-only rows
+  yarn_ramp: tuple[float, float] = PAPER_RAMP  # YaRN's (alpha, beta) in every yarn row
 
 
-FULL = Sizes(variant="rope", seq_len=128, steps=1000, batch_size=16, multiples=(1, 2, 4, 8, 16),
-             depths=(0.0, 0.25, 0.5, 0.75, 1.0), examples=6, eval_batch=6,
-             finetunes=(Finetune(multiple=4, factor=16, steps=50, batch_size=4,
+FULL = Sizes(variant="rope", seq_len=256, steps=1000, batch_size=16, multiples=(1, 2, 4, 8, 16),
+             depths=(0.0, 0.25, 0.5, 0.75, 1.0), examples=4, eval_batch=4, yarn_ramp=(1.0, 8.0),
+             finetunes=(Finetune(multiple=2, factor=16, steps=200, batch_size=4, lr=3e-3),
+                        Finetune(multiple=4, factor=16, steps=200, batch_size=4, lr=3e-3,
                                  methods=("yarn",)),
-                        # Attempts (README row 3, one-seed probes): fine-tune at the target
-                        # length; a 3x learning rate; and 3x the steps.
-                        Finetune(multiple=16, factor=16, steps=50, batch_size=1,
-                                 methods=("yarn",), seeds=(0,)),
-                        Finetune(multiple=4, factor=16, steps=50, batch_size=4,
-                                 methods=("yarn",), seeds=(0,), lr=3e-3),
-                        Finetune(multiple=4, factor=16, steps=150, batch_size=4,
-                                 methods=("yarn",), seeds=(0,), lr=3e-3),
-                        # Diagnostics (seed 0): a milder YaRN s = 4; plain fine-tuning at 4x.
-                        Finetune(multiple=4, factor=4, steps=50, batch_size=4,
-                                 methods=("yarn",), seeds=(0,)),
-                        Finetune(multiple=4, factor=1, steps=50, batch_size=4,
-                                 methods=("none",), seeds=(0,))))
+                        # Attempts (README row 3, one-seed probes, yarn): the first recipe
+                        # (4x, lr 1e-3, paper ramp); 8 rows at 2x with each ramp.
+                        Finetune(multiple=4, factor=16, steps=200, batch_size=4,
+                                 methods=("yarn",), seeds=(0,), yarn_ramp=PAPER_RAMP),
+                        Finetune(multiple=2, factor=16, steps=200, batch_size=8, lr=3e-3,
+                                 methods=("yarn",), seeds=(0,), yarn_ramp=PAPER_RAMP),
+                        Finetune(multiple=2, factor=16, steps=200, batch_size=8, lr=3e-3,
+                                 methods=("yarn",), seeds=(0,))))
 # Seconds (the suite): compiles dominate, so few runs (one fine-tune) and shapes (one length).
 QUICK = Sizes(variant="rope,smoke", seq_len=128, steps=4, batch_size=4, multiples=(2,),
               depths=(0.5,), examples=2, eval_batch=2,
@@ -95,17 +102,18 @@ def base_config(sizes: Sizes, seed: int):
   """The trained model's config (`passkey.py:<variant>` at length L, seed `seed`)."""
   config = passkey.get_config(sizes.variant)
   config.seed = seed
-  config.task.update(seq_len=sizes.seq_len, min_len=min(112, sizes.seq_len))
+  config.task.seq_len = sizes.seq_len
   config.update(num_steps=sizes.steps, batch_size=sizes.batch_size, eval_after_train=False,
                 progress=False)
   return base.at_end_only(config) if "smoke" in sizes.variant else config
 
 
 def finetune_config(sizes: Sizes, ft: Finetune, method: str, seed: int, source: str):
-  """`extend.py`'s recipe from run `source`: rows of one document of 1/2-1x the new length."""
+  """`extend.py`'s recipe from run `source`, at `ft.multiple` x L: packed documents of every
+  length up to the new one (the variant's `min_len`, `stretch=False`)."""
   config = extend.extend(base_config(sizes, seed), method, multiple=ft.multiple,
                          factor=ft.factor)
-  config.task.min_len = config.task.seq_len // 2
+  config.model.update(ramp_fields(ft.yarn_ramp or sizes.yarn_ramp) if method == "yarn" else {})
   config.init_from = source
   config.update(num_steps=ft.steps, batch_size=ft.batch_size, eval_every=0, eval_batches=1,
                 checkpoint_every=ft.steps, log_every=max(1, ft.steps // 10))
@@ -113,19 +121,32 @@ def finetune_config(sizes: Sizes, ft: Finetune, method: str, seed: int, source: 
   return config
 
 
+def ramp_tag(ramp: tuple[float, float]) -> str:
+  return f"_ramp{ramp[0]:g}-{ramp[1]:g}"
+
+
+def ramp_fields(ramp: tuple[float, float]) -> dict[str, float]:
+  """The model config fields of YaRN ramp bounds (alpha, beta)."""
+  return dict(rope_yarn_alpha=float(ramp[0]), rope_yarn_beta=float(ramp[1]))
+
+
 def accuracy(sizes: Sizes, run_dir: str, method: str | None, factor: float | None,
              length: int) -> list[float]:
-  """Exact match per depth of run `run_dir` at `length` (RoPE override `method` x `factor`,
-  None = as trained); cached in the run's directory."""
+  """Exact match per depth of run `run_dir` at `length` (RoPE override `method` x `factor`
+  with the row's YaRN ramp, None = as trained); cached in the run's directory."""
   from experiments import evaluate  # pylint: disable=g-import-not-at-top
+  ramp = sizes.yarn_ramp if method == "yarn" else None
 
   def compute():
-    config, model, _ = evaluate.load_run(run_dir, method, factor)
+    config, model, _ = evaluate.load_run(run_dir, method, factor,
+                                         ramp_fields(ramp) if ramp else None)
     rows = evaluate.grid(model, config, "passkey", [length], sizes.depths, sizes.examples,
                          sizes.eval_batch)
     return [r["accuracy"] for r in rows]
 
-  tag = f"{method or 'trained'}{factor or ''}_{length}_n{sizes.examples}x{len(sizes.depths)}"
+  ramp_part = ramp_tag(ramp) if ramp and tuple(ramp) != PAPER_RAMP else ""
+  tag = (f"{method or 'trained'}{factor or ''}{ramp_part}_{length}_n{sizes.examples}x"
+         f"{len(sizes.depths)}")
   return base.cached(os.path.join(run_dir, f"row3_{tag}.json"), compute)
 
 
@@ -153,7 +174,8 @@ def seed_records(ctx: base.Context, sizes: Sizes, seed: int) -> list[dict]:
   for ft in sizes.finetunes:
     for method in ft.methods if ft.seeds is None or seed in ft.seeds else ():
       run_dir = base.train_run(finetune_config(sizes, ft, method, seed, source),
-                               ctx.path(f"{ft.name}_{method}_s{seed}"))
+                               ctx.path(ft.run_name(method, ft.yarn_ramp or sizes.yarn_ramp,
+                                                    seed)))
       add(ft.name, method, ft.factor, run_dir, override=False)
   return records
 

@@ -27,6 +27,9 @@ def test_passkey_rope_variant_is_ordinary_rope_everywhere():
   config = passkey.get_config("rope,smoke")
   assert tuple(config.model.layer_pattern) == ("global",)
   assert config.model.kinds["global"].rope_theta == 1e4
+  full = passkey.get_config("rope")
+  assert full.model.d_model // full.model.num_heads == 32  # head_dim: 16 frequency pairs
+  assert (full.task.min_len, full.task.stretch) == (104, False)  # filler 0 to L - 104
 
 
 def test_extend_sets_length_and_rope():
@@ -44,6 +47,8 @@ def test_extension_finetune_config_starts_from_the_source():
   sizes = extension.FULL
   config = extension.finetune_config(sizes, sizes.finetunes[0], "ntk", 1, "/src")
   assert config.init_from == "/src" and config.seed == 1
-  assert config.task.seq_len == 4 * sizes.seq_len
-  assert config.task.min_len == 2 * sizes.seq_len
+  assert config.task.seq_len == sizes.finetunes[0].multiple * sizes.seq_len
+  assert (config.task.min_len, config.task.stretch) == (104, False)  # every document length
+  yarn = extension.finetune_config(sizes, sizes.finetunes[0], "yarn", 1, "/src")
+  assert (yarn.model.rope_yarn_alpha, yarn.model.rope_yarn_beta) == sizes.yarn_ramp
   assert config.num_steps <= 200  # issue 17: a short fine-tune
