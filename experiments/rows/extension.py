@@ -7,8 +7,13 @@ position past L is a rotation never seen in training) is evaluated on passkey pr
 * inference only: the trained weights, scale s = the column's multiple (s = 1 at 1x, where
   every method is the unscaled model, evaluated once);
 * fine-tuned: a short fine-tune (`Finetune`: steps, length, scale) from the trained weights with
-  the method's RoPE (`extend.py`'s recipe; `none` = plain fine-tuning at the longer length),
-  evaluated with that RoPE at every column.
+  the method's RoPE (`extend.py`'s recipe; `none` = plain fine-tuning at the longer length) on
+  packed documents of every length up to the fine-tune length, evaluated with that RoPE at
+  every column.
+
+Every yarn row uses the row's ramp bounds `Sizes.yarn_ramp` = (alpha, beta) unless a
+`Finetune` sets its own: the paper's (1, 32) keep 1 of the 16 frequency pairs at L = 256 and
+head_dim 32, FULL's (1, 8) keep 3 (`Rope.yarn_regimes`; README row 3).
 
 Exact match of the 5-digit key over `depths` x `examples` prompts per (seed, cell); each cell is
 reported as the mean over seeds (min-max) of the per-seed mean over depths. Everything is
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import numpy as np
 
@@ -84,12 +90,14 @@ FULL = Sizes(variant="rope", seq_len=256, steps=1000, batch_size=16, multiples=(
                         Finetune(multiple=4, factor=16, steps=200, batch_size=4, lr=3e-3,
                                  methods=("yarn",)),
                         # Attempts (README row 3, one-seed probes, yarn): the first recipe
-                        # (4x, lr 1e-3, paper ramp); 8 rows at 2x with each ramp.
+                        # (4x, lr 1e-3, paper ramp); 8 rows at 2x with each ramp; 8x.
                         Finetune(multiple=4, factor=16, steps=200, batch_size=4,
                                  methods=("yarn",), seeds=(0,), yarn_ramp=PAPER_RAMP),
                         Finetune(multiple=2, factor=16, steps=200, batch_size=8, lr=3e-3,
                                  methods=("yarn",), seeds=(0,), yarn_ramp=PAPER_RAMP),
                         Finetune(multiple=2, factor=16, steps=200, batch_size=8, lr=3e-3,
+                                 methods=("yarn",), seeds=(0,)),
+                        Finetune(multiple=8, factor=16, steps=200, batch_size=2, lr=3e-3,
                                  methods=("yarn",), seeds=(0,))))
 # Seconds (the suite): compiles dominate, so few runs (one fine-tune) and shapes (one length).
 QUICK = Sizes(variant="rope,smoke", seq_len=128, steps=4, batch_size=4, multiples=(2,),
@@ -192,7 +200,10 @@ def summarise(records: list[dict], sizes: Sizes) -> tuple[list[str], list[list[f
       mine = [r for r in records if r["stage"] == stage and r["method"] == method]
       if not mine:
         continue
-      names.append(f"{method}, {labels[stage]}")
+      label = labels[stage]
+      if method == "none":  # plain fine-tuning: no scale
+        label = re.sub(r", s=[0-9.]+", "", label)
+      names.append(f"{method}, {label}")
       row = []
       for multiple in sizes.multiples:
         per_seed = {}
@@ -234,7 +245,9 @@ def run(ctx: base.Context) -> base.Result:
                                        for n, row in zip(names, values)])
   note = (f"Passkey exact match, mean over {len(sizes.depths)} depths x {sizes.examples} "
           f"prompts per seed; mean (min-max) over seeds {', '.join(map(str, ctx.seeds))}. "
-          f"Trained at L = {sizes.seq_len} ({sizes.steps} steps of {sizes.batch_size} rows).")
+          f"Trained at L = {sizes.seq_len} ({sizes.steps} steps of {sizes.batch_size} rows). "
+          f"YaRN ramp (alpha, beta) = ({sizes.yarn_ramp[0]:g}, {sizes.yarn_ramp[1]:g}) unless "
+          f"a row names its own.")
   return base.Result(records, f"{note}\n\n{table}",
                      lambda path: plot(names, multiples, values, sizes.seq_len, path))
 
