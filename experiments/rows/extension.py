@@ -89,8 +89,10 @@ FULL = Sizes(variant="rope", seq_len=256, steps=1000, batch_size=16, multiples=(
              finetunes=(Finetune(multiple=2, factor=16, steps=200, batch_size=4, lr=3e-3),
                         Finetune(multiple=4, factor=16, steps=200, batch_size=4, lr=3e-3,
                                  methods=("yarn",)),
+                        Finetune(multiple=8, factor=16, steps=200, batch_size=4, lr=3e-3,
+                                 methods=("yarn",)),
                         # Attempts (README row 3, one-seed probes, yarn): the first recipe
-                        # (4x, lr 1e-3, paper ramp); 8 rows at 2x with each ramp; 8x (2, 4 rows).
+                        # (4x, lr 1e-3, paper ramp); 8 rows at 2x with each ramp; 2 rows at 8x.
                         Finetune(multiple=4, factor=16, steps=200, batch_size=4,
                                  methods=("yarn",), seeds=(0,), yarn_ramp=PAPER_RAMP),
                         Finetune(multiple=2, factor=16, steps=200, batch_size=8, lr=3e-3,
@@ -98,8 +100,6 @@ FULL = Sizes(variant="rope", seq_len=256, steps=1000, batch_size=16, multiples=(
                         Finetune(multiple=2, factor=16, steps=200, batch_size=8, lr=3e-3,
                                  methods=("yarn",), seeds=(0,)),
                         Finetune(multiple=8, factor=16, steps=200, batch_size=2, lr=3e-3,
-                                 methods=("yarn",), seeds=(0,)),
-                        Finetune(multiple=8, factor=16, steps=200, batch_size=4, lr=3e-3,
                                  methods=("yarn",), seeds=(0,))))
 # Seconds (the suite): compiles dominate, so few runs (one fine-tune) and shapes (one length).
 QUICK = Sizes(variant="rope,smoke", seq_len=128, steps=4, batch_size=4, multiples=(2,),
