@@ -289,10 +289,6 @@ def load_run(workdir: str, rope_scaling: str | None = None, rope_factor: float |
                                            or config.task.seq_len))
   model = trainer.make_model(config, **overrides)
   step = ckpt_lib.load_params(model, workdir)
-  # Orbax returns arrays committed to a device; placed like a fresh model's (uncommitted), they
-  # reuse what a training run in this process compiled (`trainer.eval_step`: the results rows).
-  params = nnx.state(model, nnx.Param)
-  nnx.update(model, jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), params))
   return config, model, step
 
 
