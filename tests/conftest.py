@@ -57,6 +57,14 @@ def pytest_unconfigure(config):
     shutil.rmtree(path, ignore_errors=True)
 
 
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `slow` run first (in collection order otherwise): under pytest-xdist
+  (`--dist=worksteal`, setup.cfg: an idle worker steals the end of the other's queue) the run
+  then ends on short tests, so neither worker idles while the other finishes a long one."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True)
 def _validation_tests_see_value_errors(request):
   fn = getattr(request, "function", None)
