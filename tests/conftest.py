@@ -30,7 +30,8 @@ _HOOK = install_import_hook(["attention"], "beartype.beartype")
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 _CACHE_KEY = pytest.StashKey[str]()  # the directory this process made (and removes)
 _CACHE_SETTINGS = {  # jax config name -> value; the environment variable is its upper case
-    "jax_persistent_cache_min_compile_time_secs": 0.0,  # every executable: most take < 1 s here
+    # Not the eager ops' executables (writing those cost more CPU than recompiling them).
+    "jax_persistent_cache_min_compile_time_secs": 0.5,
     "jax_persistent_cache_min_entry_size_bytes": -1,
     "jax_compilation_cache_max_size": 2**34,  # a size limit makes JAX lock the directory
 }                                             # (filelock), so two workers never race
