@@ -30,7 +30,6 @@ MASKS = {
                                      kv_segment_ids=random_segments(1, b, s)),
 }
 
-
 def test_scores_formula():
   q, k, w = random_indexer(0, 2, 5, 7)
   got = indexer.indexer_scores(q, k, w)
@@ -48,8 +47,8 @@ def test_topk_is_exact_set(mask_name, top_k):
   q, k, w = random_indexer(1, b, t, s)
   mask = MASKS[mask_name](b, t, s)
   scores = np.asarray(indexer.indexer_scores(q, k, w, mask=mask)).reshape(b * t, s)
-  got = np.asarray(indexer.indexer_topk(q, k, w, top_k=top_k, mask=mask, block_q=8,
-                                        num_widths=4))
+  topk_fn = jax.jit(indexer.indexer_topk, static_argnames=("top_k", "block_q", "num_widths"))
+  got = np.asarray(topk_fn(q, k, w, top_k=top_k, mask=mask, block_q=8, num_widths=4))
   assert got.shape == (b, t, top_k) and got.dtype == np.int32
   got = got.reshape(b * t, top_k)
   n_visible = np.isfinite(scores).sum(-1)
