@@ -30,6 +30,7 @@ MASKS = {
                                      kv_segment_ids=random_segments(1, b, s)),
 }
 
+
 def test_scores_formula():
   q, k, w = random_indexer(0, 2, 5, 7)
   got = indexer.indexer_scores(q, k, w)
