@@ -218,6 +218,13 @@ def _window_topk(mask: Mask, blk: _Block, keys, fmt, width: int, first, k_eff: i
 TOPK_BLOCK_Q = {"cpu": 16, "gpu": 256}
 
 
+# `indexer_topk`'s default number of key widths: one per this many keys, at most 4. Each width is
+# a `lax.switch` branch that compiles its own top-k (~1 s of CPU compile each); below ~128 keys a
+# step, the narrower windows save no measurable run time (CPU, S = 128: 1.8 ms a call with one
+# width or four), so short sequences compile one width.
+KEYS_PER_WIDTH, MAX_WIDTHS = 128, 4
+
+
 def default_topk_block_q(backend: str | None = None) -> int:
   """`indexer_topk`'s default `block_q` on `backend` (default: JAX's default backend)."""
   return TOPK_BLOCK_Q.get(backend or jax.default_backend(), TOPK_BLOCK_Q["cpu"])
@@ -232,7 +239,7 @@ def indexer_topk(
     mask: Mask | None = None,
     fp8: bool | fp8_lib.Fp8Format | None = False,
     block_q: int | None = None,
-    num_widths: int = 4,
+    num_widths: int | None = None,
 ) -> Int[Array, "B T top_k"]:
   """Per query, the positions of its `top_k` highest indexer scores among visible keys.
 
@@ -244,13 +251,15 @@ def indexer_topk(
   `[start, start + W)` its causal/window mask can reach, with `W` the smallest of `num_widths`
   static widths (multiples of S / num_widths) that covers it (a `lax.switch`), then runs
   `select_topk` on `[B * block_q, W]`. Compute O(T * S_reach * (J * D + passes)); memory
-  O(T * top_k + block_q * S). `block_q` rows of S float32 scores should fit in L2 on CPU.
-  `block_q=None` picks per backend (`default_topk_block_q`): 16 on CPU, 256 on GPU.
+  O(T * top_k + block_q * S). `block_q=None` picks per backend (`default_topk_block_q`: 16
+  on CPU, 256 on GPU); `num_widths=None` one width per `KEYS_PER_WIDTH` keys (1 to `MAX_WIDTHS`).
   """
   b, t, s, _, _ = check_indexer_inputs(index_q, index_k, index_w)
   mask = masks_lib.validate(mask, (b, t), (b, s))
   if block_q is None:
     block_q = default_topk_block_q()
+  if num_widths is None:
+    num_widths = min(MAX_WIDTHS, max(1, s // KEYS_PER_WIDTH))
   for name, value in (("top_k", top_k), ("block_q", block_q), ("num_widths", num_widths)):
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"{name} must be a positive int, got {value!r}.")

@@ -25,6 +25,9 @@ import os
 import traceback
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -118,8 +121,8 @@ class Checkpoints:
       except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types
         bad.append((step, e))
         continue
-      nnx.update(model, restored["model"])
-      nnx.update(optimizer, restored["opt"])
+      nnx.update(model, placed_like(restored["model"], nnx.state(model)))
+      nnx.update(optimizer, placed_like(restored["opt"], nnx.state(optimizer)))
       self._set_aside(bad, step, log_path)
       return meta
     if bad:
@@ -163,6 +166,17 @@ class Checkpoints:
     self.manager.close()
 
 
+def placed_like(restored: Any, target: Any) -> Any:
+  """`restored` (orbax's arrays, committed to a device) placed as `target`'s were: an array the
+  target held uncommitted (a fresh one-device model's) comes back uncommitted, so what was
+  jitted before the restore (`train_step`, `eval_step`) runs it without compiling again."""
+  def place(new, old):
+    if isinstance(old, jax.Array) and not old.committed and jnp.issubdtype(old.dtype, jnp.number):
+      return jnp.asarray(np.asarray(new))
+    return new
+  return jax.tree.map(place, restored, target)
+
+
 def find_checkpoints(path: str) -> str:
   """The checkpoint directory of `path`: a workdir (with `checkpoints/`) or the directory itself."""
   path = os.path.abspath(os.path.expanduser(path))
@@ -188,7 +202,7 @@ def load_params(model, path: str, step: int | None = None) -> int:
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
         model=ocp.args.StandardRestore(nnx.state(model))))
-    nnx.update(model, restored["model"])
+    nnx.update(model, placed_like(restored["model"], nnx.state(model)))
   except Exception as e:  # noqa: BLE001
     raise CheckpointError(f"cannot load the weights of checkpoint {step} in {directory} into "
                           f"this model (corrupt, or a different architecture): "

@@ -112,24 +112,36 @@ PARAMS = [(impl, case, dtype) for impl in IMPLEMENTATIONS for case, dtype in cas
           and (dtype == "f32" or impl.low_precision)]
 
 
-def _with_reference(fn, q, k, v, mask, options):
-  """`(out, grads, ref_out, ref_grads)` in one jit, against fixed random cotangents; `out` is
-  `(out, lse)` with `return_lse` (the lse gets a cotangent too)."""
+def _cotangent(q, v, options):
+  """Fixed random cotangents of the output (and of the lse with `return_lse`)."""
   key_out, key_lse = jax.random.split(jax.random.key(123))
-  out_shape = (*q.shape[:3], v.shape[3])
-  cotangent = jax.random.normal(key_out, out_shape, jnp.float32).astype(q.dtype)
+  cotangent = jax.random.normal(key_out, (*q.shape[:3], v.shape[3]), jnp.float32).astype(q.dtype)
   if options.get("return_lse"):
     b, t, n = q.shape[:3]
     cotangent = (cotangent, jax.random.normal(key_lse, (b, n, t), jnp.float32))
+  return cotangent
 
+
+def _output_and_grads(fn, q, k, v, mask, options):
+  """`(out, (dq, dk, dv))` of `fn` in one jit against `_cotangent`; `out` is `(out, lse)` with
+  `return_lse`. The mask is closed over: concrete offsets keep the band path."""
   @jax.jit
-  def both(q, k, v, cotangent):  # the mask is closed over: concrete offsets keep the band path
+  def run(q, k, v, cotangent):
     out, pull = jax.vjp(lambda q, k, v: fn(q, k, v, mask, **options), q, k, v)
-    ref, ref_pull = jax.vjp(
-        lambda q, k, v: attention.reference_attention(q, k, v, mask=mask, **options), q, k, v)
-    return out, pull(cotangent), ref, ref_pull(cotangent)
+    return out, pull(cotangent)
 
-  return both(q, k, v, cotangent)
+  return run(q, k, v, _cotangent(q, v, options))
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(case: Case, dtype):
+  """`reference_attention`'s output and gradients on `case` (the same for every implementation
+  of the grid: computed and compiled once per case and dtype)."""
+  q, k, v, mask = case.inputs(dtype)
+  return _output_and_grads(
+      lambda q, k, v, mask, **options: attention.reference_attention(q, k, v, mask=mask,
+                                                                     **options),
+      q, k, v, mask, case.options())
 
 
 def worst_error(got, want, dtype, grad: bool) -> float:
@@ -155,7 +167,8 @@ def lse_error(got, want, dtype) -> float:
 def errors(fn, case: Case, dtype) -> dict[str, float]:
   """Worst normalised errors of the output (and lse) and the gradients of `fn` on `case`."""
   q, k, v, mask = case.inputs(dtype)
-  out, grads, ref, ref_grads = _with_reference(fn, q, k, v, mask, case.options())
+  out, grads = _output_and_grads(fn, q, k, v, mask, case.options())
+  ref, ref_grads = _reference(case, dtype)
   result = {}
   if case.lse:
     (out, lse), (ref, ref_lse) = out, ref

@@ -48,8 +48,8 @@ def test_topk_is_exact_set(mask_name, top_k):
   q, k, w = random_indexer(1, b, t, s)
   mask = MASKS[mask_name](b, t, s)
   scores = np.asarray(indexer.indexer_scores(q, k, w, mask=mask)).reshape(b * t, s)
-  got = np.asarray(indexer.indexer_topk(q, k, w, top_k=top_k, mask=mask, block_q=8,
-                                        num_widths=4))
+  topk_fn = jax.jit(indexer.indexer_topk, static_argnames=("top_k", "block_q", "num_widths"))
+  got = np.asarray(topk_fn(q, k, w, top_k=top_k, mask=mask, block_q=8, num_widths=4))
   assert got.shape == (b, t, top_k) and got.dtype == np.int32
   got = got.reshape(b * t, top_k)
   n_visible = np.isfinite(scores).sum(-1)
@@ -211,13 +211,18 @@ def test_kl_dense_and_sparse_targets():
   assert_close(target, want)
   # Sparse form with every visible key selected equals the dense form.
   iq, ik, iw = random_indexer(9, 1, 12, 12)
-  indices = indexer.indexer_topk(iq, ik, iw, top_k=12, mask=mask)
-  dense = indexer.indexer_kl_loss(indexer.indexer_scores(iq, ik, iw, mask=mask), target)
-  sparse_target = attention.attention_target(q_main, k_main, mask=mask, indices=indices)
-  sparse = indexer.indexer_kl_loss(indexer.indexer_scores_at(iq, ik, iw, indices), sparse_target)
+
+  @jax.jit  # one compilation instead of op-by-op dispatch
+  def dense_sparse_grads(iq, ik, iw, target):
+    indices = indexer.indexer_topk(iq, ik, iw, top_k=12, mask=mask)
+    dense = indexer.indexer_kl_loss(indexer.indexer_scores(iq, ik, iw, mask=mask), target)
+    sparse_target = attention.attention_target(q_main, k_main, mask=mask, indices=indices)
+    sparse_loss = lambda a: indexer.indexer_kl_loss(
+        indexer.indexer_scores_at(a, ik, iw, indices), sparse_target)
+    return dense, sparse_loss(iq), jax.grad(sparse_loss)(iq)
+
+  dense, sparse, grads = dense_sparse_grads(iq, ik, iw, target)
   np.testing.assert_allclose(float(sparse), float(dense), rtol=1e-5)
-  grads = jax.grad(lambda a: indexer.indexer_kl_loss(
-      indexer.indexer_scores_at(a, ik, iw, indices), sparse_target))(iq)
   assert np.all(np.isfinite(np.asarray(grads))) and np.any(np.asarray(grads) != 0)
 
 
@@ -239,9 +244,15 @@ def test_selected_mass_is_recall():
   q, k, w = random_indexer(5, b, t, t)
   mq, mk, _ = random_qkv(6, b, t, t, n, n, h)
   mask = Mask(causal=True)
-  target = attention.attention_target(mq, mk, mask=mask)
-  everything = indexer.indexer_topk(q, k, w, top_k=t, mask=mask)
-  np.testing.assert_allclose(attention.selected_mass(target, everything), 1.0, atol=1e-5)
-  some = indexer.indexer_topk(q, k, w, top_k=4, mask=mask)
-  mass = np.asarray(attention.selected_mass(target, some))
+
+  @jax.jit  # one compilation instead of op-by-op dispatch
+  def masses(q, k, w, mq, mk):
+    target = attention.attention_target(mq, mk, mask=mask)
+    everything = indexer.indexer_topk(q, k, w, top_k=t, mask=mask)
+    some = indexer.indexer_topk(q, k, w, top_k=4, mask=mask)
+    return attention.selected_mass(target, everything), attention.selected_mass(target, some)
+
+  everything, mass = masses(q, k, w, mq, mk)
+  np.testing.assert_allclose(everything, 1.0, atol=1e-5)
+  mass = np.asarray(mass)
   assert np.all(mass[0, :4] > 1 - 1e-5) and np.all((mass > 0) & (mass <= 1 + 1e-5))

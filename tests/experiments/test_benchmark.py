@@ -6,6 +6,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 import attention
 from attention import Mask
@@ -30,6 +31,7 @@ def test_paired_ratio_measures_the_ratio():
   assert 5 < ratio < 12, ratio
 
 
+@pytest.mark.slow
 def test_benchmark_writes_table_csv_and_plot(tmp_path):
   cmd = [sys.executable, "-m", "experiments.benchmark", "--methods=jax,flash,local,dsa",
          "--lengths=128,1024", "--window=16", "--repeats=1", "--heads=2", "--head_dim=16",

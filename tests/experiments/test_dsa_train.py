@@ -11,6 +11,8 @@ from experiments import checkpoints, train, trainer
 from experiments.configs import dsa as dsa_config
 from models import dsa
 
+pytestmark = pytest.mark.slow  # the module's fixture trains the three stages (~1 min)
+
 
 def run(variant, workdir, **overrides):
   config = dsa_config.get_config(variant)

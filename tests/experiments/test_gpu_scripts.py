@@ -28,13 +28,16 @@ BUDGETS_S = (25, 45)  # the second only if the first was too loaded to check and
 def _smoke(script: str, out_dir, *flags: str):
   """Runs the script with the first budget of BUDGETS_S in which the correctness case ran and
   at least one row was timed; returns `(result, seconds, budget_s)` of that run."""
+  env = dict(os.environ, PYTHONPATH=REPO)
+  # No compilation cache (tests/conftest.py): writing it imports tensorflow, which bare_jax blocks.
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
   for budget_s in BUDGETS_S:
     cmd = [sys.executable, "-u", "-m", "tests.experiments.bare_jax", f"experiments.{script}",
            "--allow_cpu", "--interpret", f"--budget_s={budget_s}", "--margin_s=5",
            f"--out={out_dir}", *flags]
     start = time.time()
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False,
-                            cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+                            cwd=REPO, env=env)
     seconds = time.time() - start
     checked = [r["status"] for r in _rows(out_dir, f"{script}_correctness", missing_ok=True)]
     if result.returncode != 0 or (checked[:1] != ["skipped (budget)"]

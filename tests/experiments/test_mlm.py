@@ -107,6 +107,7 @@ def test_loss_ignores_unmasked_and_padding_positions(corpus):
   assert float(loss_fn(model, trainer.to_device(other))[0]) != pytest.approx(loss, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_smoke_config_trains_resumes_and_evaluates(tmp_path):
   config = mlm.get_config("smoke")
   common.check_config(config)

@@ -244,6 +244,7 @@ def test_checkpoint_from_data8_restores_on_other_meshes():
   assert result["data2_seq4"] == {"params_equal": True, "opt_equal": True, "devices": 8}, result
 
 
+@pytest.mark.slow
 def test_train_entry_point_mesh_multihost_and_resume_on_another_mesh():
   import math  # pylint: disable=g-import-not-at-top
   result = run_worker(__name__, "train_entry_point")

@@ -187,6 +187,7 @@ def cli(*args, **popen):
                           stderr=subprocess.PIPE, text=True, **popen)
 
 
+@pytest.mark.slow
 def test_second_run_into_a_busy_workdir_stops_at_once(tmp_path):
   workdir = str(tmp_path / "run")
   command = ("experiments.train", f"--config={SMOKE}", f"--workdir={workdir}",
