@@ -79,7 +79,7 @@ class Sizes:
   depths: tuple[float, ...]
   examples: int           # prompts per (length, depth) cell and seed
   eval_batch: int
-  finetunes: tuple[Finetune, ...]  # the first: every method; the rest: attempts (yarn)
+  finetunes: tuple[Finetune, ...]  # the first: every method; then yarn only (`seeds`: attempts)
   methods: tuple[str, ...] = METHODS  # inference-only rows
   yarn_ramp: tuple[float, float] = PAPER_RAMP  # YaRN's (alpha, beta) in every yarn row
 
@@ -90,6 +90,8 @@ FULL = Sizes(variant="rope", seq_len=256, steps=1000, batch_size=16, multiples=(
                         Finetune(multiple=4, factor=16, steps=200, batch_size=4, lr=3e-3,
                                  methods=("yarn",)),
                         Finetune(multiple=8, factor=16, steps=200, batch_size=4, lr=3e-3,
+                                 methods=("yarn",)),
+                        Finetune(multiple=16, factor=16, steps=200, batch_size=4, lr=3e-3,
                                  methods=("yarn",)),
                         # Attempts (README row 3, one-seed probes, yarn): the first recipe
                         # (4x, lr 1e-3, paper ramp); 8 rows at 2x with each ramp; 2 rows at 8x.
@@ -238,19 +240,33 @@ def plot(names, multiples, values, seq_len: int, path: str) -> None:
   plt.close(fig)
 
 
+def markdown(names, multiples, values, seq_len: int, num_seeds: int) -> str:
+  """The table of the rows run on all `num_seeds` seeds; the rows run on fewer (one-seed
+  attempts, whose cells past 1x are noise) as a list below it, one value per column."""
+  header = ["RoPE scaling"] + [f"{m}x ({m * seq_len})" for m in multiples]
+  every = [all(len(c) == num_seeds for c in row) for row in values]
+  table = base.markdown_table(header, [[n] + [base.cell(c) for c in row]
+                                       for n, row, e in zip(names, values, every) if e])
+  attempts = [f"- {n}: " + " / ".join(base.cell(c) for c in row)
+              for n, row, e in zip(names, values, every) if not e]
+  if not attempts:
+    return table
+  columns = f"{multiples[0]}x-{multiples[-1]}x" if len(multiples) > 1 else f"{multiples[0]}x"
+  return "\n".join([table, "", f"Attempts on fewer seeds (exact match at {columns}):", "",
+                    *attempts])
+
+
 def run(ctx: base.Context) -> base.Result:
   sizes = QUICK if ctx.quick else FULL
   records = [r for seed in ctx.seeds for r in seed_records(ctx, sizes, seed)]
   names, multiples, values = summarise(records, sizes)
-  header = ["RoPE scaling"] + [f"{m}x ({m * sizes.seq_len})" for m in multiples]
-  table = base.markdown_table(header, [[n] + [base.cell(c) for c in row]
-                                       for n, row in zip(names, values)])
   note = (f"Passkey exact match, mean over {len(sizes.depths)} depths x {sizes.examples} "
           f"prompts per seed; mean (min-max) over seeds {', '.join(map(str, ctx.seeds))}. "
           f"Trained at L = {sizes.seq_len} ({sizes.steps} steps of {sizes.batch_size} rows). "
           f"YaRN ramp (alpha, beta) = ({sizes.yarn_ramp[0]:g}, {sizes.yarn_ramp[1]:g}) unless "
           f"a row names its own.")
-  return base.Result(records, f"{note}\n\n{table}",
+  text = f"{note}\n\n{markdown(names, multiples, values, sizes.seq_len, len(ctx.seeds))}"
+  return base.Result(records, text,
                      lambda path: plot(names, multiples, values, sizes.seq_len, path))
 
 

@@ -52,3 +52,14 @@ def test_extension_finetune_config_starts_from_the_source():
   yarn = extension.finetune_config(sizes, sizes.finetunes[0], "yarn", 1, "/src")
   assert (yarn.model.rope_yarn_alpha, yarn.model.rope_yarn_beta) == sizes.yarn_ramp
   assert config.num_steps <= 200  # issue 17: a short fine-tune
+
+
+def test_extension_markdown_lists_rows_on_fewer_seeds_below_the_table():
+  names = ["yarn, all seeds", "yarn, attempt (seed 0 only)"]
+  values = [[[1.0, 0.5, 0.75], [0.2, 0.3, 0.1]], [[1.0], [0.5]]]
+  text = extension.markdown(names, [1, 2], values, 256, num_seeds=3)
+  table, attempts = text.split("Attempts on fewer seeds")
+  assert "| yarn, all seeds | 0.75 (0.50-1.00) | 0.20 (0.10-0.30) |" in table
+  assert "attempt" not in table
+  assert "- yarn, attempt (seed 0 only): 1.00 / 0.50" in attempts
+  assert "Attempts" not in extension.markdown(names[1:], [1, 2], values[1:], 256, num_seeds=1)
