@@ -81,6 +81,7 @@ def test_mqar_labels_only_on_answers():
   assert batch["tokens"].shape == batch["targets"].shape == (16, 128)
   for tokens, targets, mask in zip(batch["tokens"], batch["targets"], batch["loss_mask"]):
     pairs = dict(zip(tokens[0:16:2], tokens[1:16:2]))  # the key -> value context
+    assert len(pairs) == len(set(pairs.values())) == 8  # keys unique, values unique
     scored = np.flatnonzero(mask)
     assert len(scored) == 8 and scored.min() >= 16  # one query per key, all after the context
     for t in scored:
