@@ -21,6 +21,7 @@ cross-checks a few rows with `models.generate` (KV-cache decoding).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -34,7 +35,7 @@ from flax import nnx
 from experiments import sharding
 from models import KindSettings, ModelConfig, Transformer
 
-_KIND_FIELDS = ("attention", "window", "rope_theta", "options")
+_KIND_FIELDS = tuple(f.name for f in dataclasses.fields(KindSettings))  # alibi included
 
 
 # --- config -> model and optimizer ---------------------------------------------------------------

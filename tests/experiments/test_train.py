@@ -95,6 +95,21 @@ def test_unknown_config_field_is_a_clear_error(tmp_path):
   flags.FLAGS.unparse_flags()
 
 
+def test_kind_settings_from_the_config_take_every_field():
+  """`config.model.kinds.<kind>` accepts every `KindSettings` field (ALiBi on a kind included)
+  and names the known ones for an unknown field."""
+  from experiments import trainer  # pylint: disable=g-import-not-at-top
+  config = smoke()
+  name = trainer.model_config(config).layer_pattern[0]
+  config.model.kinds[name] = dict(alibi=True)
+  assert dict(trainer.model_config(config).kinds)[name].alibi is True
+  attn = trainer.make_model(config).blocks[0].attn  # ALiBi slopes, no RoPE on that kind
+  assert attn.alibi_slopes is not None and attn.rope is None
+  config.model.kinds[name] = dict(alibi=True, slopes=1)
+  with pytest.raises(ValueError, match=r"unknown fields \['slopes'\].*'alibi'"):
+    trainer.model_config(config)
+
+
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
