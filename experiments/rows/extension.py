@@ -219,8 +219,17 @@ def summarise(records: list[dict], sizes: Sizes) -> tuple[list[str], list[list[f
   return names, list(sizes.multiples), values
 
 
-def plot(names, multiples, values, seq_len: int, path: str) -> None:
-  """The whole grid as a heatmap: rows (method, stage), columns length, mean over seeds."""
+def on_every_seed(values, num_seeds: int) -> list[bool]:
+  """Per grid row: was it run on all `num_seeds` seeds (a result), or fewer (an attempt)?"""
+  return [all(len(c) == num_seeds for c in row) for row in values]
+
+
+def plot(names, multiples, values, seq_len: int, num_seeds: int, path: str) -> None:
+  """The grid's rows run on every seed as a heatmap: rows (method, stage), columns length,
+  mean over seeds (the one-seed attempts are listed in the markdown, not drawn)."""
+  every = on_every_seed(values, num_seeds)
+  names = [n for n, e in zip(names, every) if e]
+  values = [row for row, e in zip(values, every) if e]
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -244,7 +253,7 @@ def markdown(names, multiples, values, seq_len: int, num_seeds: int) -> str:
   """The table of the rows run on all `num_seeds` seeds; the rows run on fewer (one-seed
   attempts, whose cells past 1x are noise) as a list below it, one value per column."""
   header = ["RoPE scaling"] + [f"{m}x ({m * seq_len})" for m in multiples]
-  every = [all(len(c) == num_seeds for c in row) for row in values]
+  every = on_every_seed(values, num_seeds)
   table = base.markdown_table(header, [[n] + [base.cell(c) for c in row]
                                        for n, row, e in zip(names, values, every) if e])
   attempts = [f"- {n}: " + " / ".join(base.cell(c) for c in row)
@@ -267,7 +276,8 @@ def run(ctx: base.Context) -> base.Result:
           f"a row names its own.")
   text = f"{note}\n\n{markdown(names, multiples, values, sizes.seq_len, len(ctx.seeds))}"
   return base.Result(records, text,
-                     lambda path: plot(names, multiples, values, sizes.seq_len, path))
+                     lambda path: plot(names, multiples, values, sizes.seq_len,
+                                       len(ctx.seeds), path))
 
 
 ROW = base.Row(number=3, name="extension", title="Context extension 1x-16x (passkey, RoPE "

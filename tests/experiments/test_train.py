@@ -89,6 +89,7 @@ def test_unknown_config_field_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match=r"unknown config field.*optim\.learning_rat"):
     train.train(config, str(tmp_path))
   assert not os.listdir(tmp_path)
+  train.define_flags()  # once per process; this test must not rely on another one defining them
   flags.FLAGS.unparse_flags()
   with pytest.raises(flags.Error, match="config.nope"):
     flags.FLAGS(["train", f"--config={SMOKE}", f"--workdir={tmp_path}", "--config.nope=1"])
