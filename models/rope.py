@@ -47,9 +47,14 @@ def _ntk(rope: "Rope") -> tuple[np.ndarray, float]:
   return base_inv_freq(d, rope.theta * rope.factor ** (d / (d - 2))), 1.0
 
 
+def _turns(rope: "Rope", inv_freq: np.ndarray) -> np.ndarray:
+  """`[D/2]` YaRN's `r_d = L / lambda_d`: how many turns pair d makes over the trained L."""
+  return rope.original_length * inv_freq / (2 * math.pi)
+
+
 def _yarn(rope: "Rope") -> tuple[np.ndarray, float]:
   inv_freq = base_inv_freq(rope.head_dim, rope.theta)
-  ratio = rope.original_length * inv_freq / (2 * math.pi)  # r_d = L / lambda_d
+  ratio = _turns(rope, inv_freq)
   gamma = np.clip((ratio - rope.yarn_alpha) / (rope.yarn_beta - rope.yarn_alpha), 0.0, 1.0)
   inv_freq = (1 - gamma) * inv_freq / rope.factor + gamma * inv_freq
   return inv_freq, 0.1 * math.log(rope.factor) + 1.0
@@ -109,7 +114,7 @@ class Rope:
     (r < alpha) at this theta, L and ramp; `r = L / lambda_d`."""
     if self.original_length is None:
       raise ValueError("yarn_regimes needs original_length (the trained context L).")
-    ratio = self.original_length * base_inv_freq(self.head_dim, self.theta) / (2 * math.pi)
+    ratio = _turns(self, base_inv_freq(self.head_dim, self.theta))
     kept, interpolated = int((ratio > self.yarn_beta).sum()), int((ratio < self.yarn_alpha).sum())
     return dict(kept=kept, ramped=len(ratio) - kept - interpolated, interpolated=interpolated)
 
