@@ -29,7 +29,7 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from absl import app, flags, logging
 from flax import nnx
@@ -127,24 +127,31 @@ def indexer_recall(model, config: ml_collections.ConfigDict, name: str, length: 
   Averaged over the queries of `examples` prompts per depth of task `name` at `length`
   (`models.dsa` option `recall`); one row per DSA layer. Empty for models without DSA layers.
   """
+  task = haystack(config, name)
+  batches = (task.batch(i, min(batch_size, examples - i * batch_size), seq_len=length,
+                        depth=depth, salt=2)
+             for depth in depths for i in range(-(-examples // batch_size)))
+  return [dict(task=name, length=int(length), **r) for r in batch_recall(model, batches)]
+
+
+def batch_recall(model, batches: Iterable[dict[str, np.ndarray]]) -> list[dict[str, Any]]:
+  """`indexer_recall` over any task's `batches` (token rows `[B, T]`): per DSA layer, the
+  dense attention mass on the indexer's top-k keys, averaged over queries and rows (rows
+  weighted equally). Empty for models without DSA layers."""
   if not dsa.set_recall(model, True):
     return []
-  task = haystack(config, name)
   try:
     sums = {}
-    for depth in depths:
-      for i in range(-(-examples // batch_size)):
-        rows = min(batch_size, examples - i * batch_size)
-        batch = task.batch(i, rows, seq_len=length, depth=depth, salt=2)
-        values = jax.device_get(_layer_recalls(model, trainer.to_device(batch)))
-        for layer, value in enumerate(values):
-          if value is not None:
-            total, count = sums.get(layer, (0.0, 0))
-            sums[layer] = (total + float(value) * rows, count + rows)
+    for batch in batches:
+      rows = len(batch["tokens"])
+      values = jax.device_get(_layer_recalls(model, trainer.to_device(batch)))
+      for layer, value in enumerate(values):
+        if value is not None:
+          total, count = sums.get(layer, (0.0, 0))
+          sums[layer] = (total + float(value) * rows, count + rows)
   finally:
     dsa.set_recall(model, False)
-  return [dict(task=name, length=int(length), layer=layer, recall=total / count)
-          for layer, (total, count) in sorted(sums.items())]
+  return [dict(layer=layer, recall=total / count) for layer, (total, count) in sorted(sums.items())]
 
 
 def check_generate(model, config: ml_collections.ConfigDict, name: str, length: int,

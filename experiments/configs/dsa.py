@@ -31,6 +31,20 @@ from experiments.configs import common
 VARIANTS = ("dense", "warmup", "sparse")
 
 
+def dsa_kind(top_k: int, stage: str = "dense") -> dict:
+  """The "dsa" layer kind of these recipes: RoPE theta 1e7 (as the global layers it replaces),
+  indexer 4 heads x 32 dims, `top_k` keys per query in the sparse stage."""
+  return dict(rope_theta=1e7, options=dict(index_heads=4, index_dim=32, top_k=top_k,
+                                           stage=stage))
+
+
+def sparse_stage(config) -> None:
+  """DeepSeek stage 2 in place: the dsa layers attend to their top_k keys, lr 1e-3 after 10
+  warm-up steps (the rest of the run, steps included, stays the caller's)."""
+  config.model.kinds.dsa.options.stage = "sparse"
+  config.optim.update(lr=1e-3, warmup_steps=10)
+
+
 def get_config(variant: str | None = None):
   stage, smoke = common.parse_variant(variant, name="dsa.py", choices=VARIANTS,
                                       default="dense")
@@ -39,10 +53,7 @@ def get_config(variant: str | None = None):
   config.task = dict(name="passkey", seq_len=256, digits=5, instruction="", min_len=112)
   config.model.update(d_model=64, num_layers=4, num_heads=4, mlp_dim=128,
                       layer_pattern=("dsa", "local", "local"))
-  config.model.kinds = dict(
-      dsa=dict(rope_theta=1e7, options=dict(
-          index_heads=4, index_dim=32, top_k=32, stage="sparse" if stage == "sparse" else "dense")),
-      local=dict(window=64, rope_theta=1e4))
+  config.model.kinds = dict(dsa=dsa_kind(top_k=32), local=dict(window=64, rope_theta=1e4))
   config.aux_losses = dict(indexer_kl=1.0)
   config.batch_size = 16
   config.num_steps = 1000
@@ -55,8 +66,8 @@ def get_config(variant: str | None = None):
     config.num_steps = 150
     config.optim.update(lr=1e-3, warmup_steps=10)
   elif stage == "sparse":
+    sparse_stage(config)
     config.num_steps = 300
-    config.optim.update(lr=1e-3, warmup_steps=10)
 
   if smoke:
     common.smoke(config, steps=2, every=2, batch_size=2, num_layers=2)

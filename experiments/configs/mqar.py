@@ -19,29 +19,41 @@ Variants (results row 2, experiments/rows/mqar.py):
                         tokens back, while a query is on average 15 tokens after its value;
 * `:alternating`  L G   (the default) local then global: with 2 layers, the ModernBERT-style
                         mix must end with the global layer to retrieve (G L could not);
+* `:dsa`          L D   the alternating model with its global layer as a DSA layer
+                        (experiments/configs/dsa.py's kind: indexer 4 heads x 32 dims,
+                        top_k = L / 8 = 4), stage "dense" with the indexer's KL loss (DeepSeek's
+                        dense warm-up; `dsa.sparse_stage` turns it into stage 2, results row 2);
 `:smoke` is the tiny run (alone or after a pattern: `:global,smoke`).
 """
 
 from experiments.configs import common
+from experiments.configs import dsa
 from experiments.configs.patterns import PATTERNS, pattern_model
 
 
 def get_config(variant: str | None = None):
-  pattern, smoke = common.parse_variant(variant, name="mqar.py", choices=tuple(PATTERNS),
+  pattern, smoke = common.parse_variant(variant, name="mqar.py",
+                                        choices=tuple(PATTERNS) + ("dsa",),
                                         default="alternating")
   config = common.base_config()
   config.task = dict(name="mqar", seq_len=32, num_kv_pairs=8, vocab_size=64)
-  pattern_model(config, pattern, window=4)
+  pattern_model(config, "alternating" if pattern == "dsa" else pattern, window=4)
   config.model.num_layers = 2
   if pattern == "alternating":
     config.model.layer_pattern = ("local", "global")
+  elif pattern == "dsa":
+    config.model.layer_pattern = ("local", "dsa")
+    config.model.kinds.dsa = dsa.dsa_kind(top_k=config.task.seq_len // 8)
+    config.aux_losses = dict(indexer_kl=1.0)
   config.batch_size = 32
   config.num_steps = 10000
   config.optim.update(lr=3e-3, warmup_steps=50)
   config.eval_every = 250
   config.checkpoint_every = 1000
   if smoke:
-    common.smoke(config)
+    common.smoke(config, num_layers=2)  # the row's 2 layers (L D for :dsa)
     config.task.update(seq_len=32, num_kv_pairs=4)
     config.model.kinds.local.window = 8
+    if pattern == "dsa":
+      config.model.kinds.dsa.options.update(index_heads=2, index_dim=8)
   return config

@@ -19,6 +19,8 @@ per token (`models.flops`; sparse: top_k keys per DSA layer plus the indexer's s
 
 from __future__ import annotations
 
+import math
+
 from experiments import evaluate, trainer
 from experiments.configs import dsa as dsa_config
 from experiments.configs import patterns
@@ -37,28 +39,48 @@ COLUMNS = ("setting", "seed", "length", "top_k", "steps", "depth", "examples", "
 def make_config(ctx: base.Context, setting: str, seed: int):
   """`dsa.py` (stage of `setting`) at row 1's passkey sizes, top_k = L / 8."""
   smoke = ",smoke" if ctx.quick else ""
-  config = dsa_config.get_config(("sparse" if setting == "dsa" else "dense") + smoke)
+  config = dsa_config.get_config("dense" + smoke)
   sizes = patterns.get_config("alternating" + smoke)
   config.task = sizes.task
   config.model.kinds.local.window = sizes.model.kinds.local.window
   config.model.kinds.dsa.options.top_k = config.task.seq_len // 8
   config.batch_size, config.seed = sizes.batch_size, seed
   steps, sparse_steps = (2, 1) if ctx.quick else (STEPS, SPARSE_STEPS)
-  if setting == "dense":
-    config.update(num_steps=steps, checkpoint_every=steps - sparse_steps, max_to_keep=3)
-  else:
-    config.update(num_steps=sparse_steps, init_from=ctx.path(f"dense_s{seed}"),
-                  init_step=steps - sparse_steps, checkpoint_every=sparse_steps)
+  chain_stage(config, setting == "dsa", ctx.path(f"dense_s{seed}"), steps, sparse_steps)
   config.eval_every = config.num_steps if ctx.quick else sizes.eval_every
   config.log_every = min(config.log_every, config.eval_every)
-  config.eval_after_train = False
   return config
 
 
-def attention_flops(config, context: int) -> int:
-  """Attention FLOPs per token at `context` (`models.flops`: a sparse DSA layer attends to
-  `top_k` keys and its indexer scores every visible key)."""
-  return flops.attention_flops_per_token(trainer.model_config(config), context)
+def chain_stage(config, sparse: bool, dense_workdir: str, steps: int, sparse_steps: int):
+  """DeepSeek's two stages at the same total steps, in place on a dense-stage DSA `config`
+  (its "dsa" kind in stage "dense", the indexer's KL in `aux_losses`; rows 2 and 4).
+
+  Not `sparse`: the dense model, `steps` steps, with a checkpoint kept at step
+  `steps - sparse_steps` (the end of stage 1, the dense warm-up with the KL loss).
+  `sparse`: stage 2 (`dsa.sparse_stage`) for `sparse_steps` steps from that checkpoint of
+  the dense run in `dense_workdir`: `steps` steps in all, as the dense model.
+  """
+  warmup = steps - sparse_steps
+  if not 0 < sparse_steps < steps:
+    raise ValueError(f"sparse_steps={sparse_steps} must be in (0, steps={steps}).")
+  if sparse:
+    dsa_config.sparse_stage(config)
+    config.update(num_steps=sparse_steps, init_from=dense_workdir, init_step=warmup,
+                  checkpoint_every=sparse_steps)
+  else:  # checkpoints every gcd steps, the last two kept: `warmup` and `steps`
+    config.update(num_steps=steps, checkpoint_every=math.gcd(warmup, sparse_steps),
+                  max_to_keep=2)
+  config.eval_after_train = False
+
+
+def dsa_columns(config, step: int, recall: list[dict]) -> dict:
+  """The DSA columns of a chain run's record: top_k, total steps (a sparse run's own plus
+  its dense warm-up's), indexer recall of the first and last DSA layer (`batch_recall`)."""
+  return dict(top_k=config.model.kinds.dsa.options.top_k,
+              steps=step + (config.init_step if config.init_from else 0),
+              recall_first_dsa_layer=recall[0]["recall"],
+              recall_last_dsa_layer=recall[-1]["recall"])
 
 
 def measure(ctx: base.Context, workdir: str, setting: str, seed: int) -> list[dict]:
@@ -69,13 +91,12 @@ def measure(ctx: base.Context, workdir: str, setting: str, seed: int) -> list[di
   recall = evaluate.indexer_recall(model, config, "passkey", length, DEPTHS, examples, examples)
   cost = attention_flops(config, length)
   dense = attention_flops(make_config(ctx, "dense", seed), length)
-  total_steps = step + (config.init_step if config.init_from else 0)
-  return [dict(setting=setting, seed=seed, length=length,
-               top_k=config.model.kinds.dsa.options.top_k, steps=total_steps,
-               depth=c["depth"], examples=examples, accuracy=c["accuracy"],
-               recall_first_dsa_layer=recall[0]["recall"],
-               recall_last_dsa_layer=recall[-1]["recall"], attn_flops_per_token=cost,
-               attn_flops_vs_dense=cost / dense) for c in cells]
+  chain = dsa_columns(config, step, recall)
+  return [dict(setting=setting, seed=seed, length=length, top_k=chain["top_k"],
+               steps=chain["steps"], depth=c["depth"], examples=examples,
+               accuracy=c["accuracy"], recall_first_dsa_layer=chain["recall_first_dsa_layer"],
+               recall_last_dsa_layer=chain["recall_last_dsa_layer"],
+               attn_flops_per_token=cost, attn_flops_vs_dense=cost / dense) for c in cells]
 
 
 def run(ctx: base.Context) -> base.Result:
