@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 
-from experiments.configs import extend, passkey, text
-from experiments.rows import extension
+from experiments import tasks
+from experiments.configs import extend, mqar, passkey, text
+from experiments.rows import base, extension, mqar as mqar_row
+from experiments.rows import dsa as dsa_row
 from experiments.rows import text as text_row
 
 
@@ -63,3 +65,39 @@ def test_extension_markdown_lists_rows_on_fewer_seeds_below_the_table():
   assert "attempt" not in table
   assert "- yarn, attempt (seed 0 only): 1.00 / 0.50" in attempts
   assert "Attempts" not in extension.markdown(names[1:], [1, 2], values[1:], 256, num_seeds=1)
+
+
+def test_extension_whole_row_finetune_spreads_needles_over_the_row():
+  ft = extension.Finetune(multiple=4, factor=16, steps=2, batch_size=8, whole_rows=True)
+  config = extension.finetune_config(extension.FULL, ft, "yarn", 0, "/src")
+  assert "_whole" in ft.name and config.task.min_len == 0
+  batch = tasks.make_task(config.task, seed=0).batch(0, 8)
+  assert (batch["segment_ids"] == 0).all()  # one document filling each row
+  assert (batch["loss_mask"].sum(axis=1) == 6).all()  # one answer (" " + 5 digits) per row
+  needle = tasks.encode("The pass key is")
+  starts = [next(i for i in range(len(row)) if (row[i:i + len(needle)] == needle).all())
+            for row in batch["tokens"]]
+  assert max(starts) - min(starts) > 1024 / 4  # depths spread over the row
+
+
+def test_mqar_dsa_variant_is_alternating_with_a_dsa_layer():
+  config = mqar.get_config("dsa")
+  assert tuple(config.model.layer_pattern) == ("local", "dsa")
+  assert config.model.kinds.dsa.options.top_k == config.task.seq_len // 8
+  assert config.model.kinds.dsa.options.stage == "dense" and config.aux_losses.indexer_kl > 0
+  smoke = mqar.get_config("dsa,smoke")
+  assert smoke.model.num_layers == 2 and smoke.model.kinds.dsa.options.index_dim == 8
+
+
+def test_mqar_row_dsa_chain_has_the_dense_models_total_steps():
+  ctx = base.Context(workdir="/rows", quick=False, seeds=(0, 1, 2))
+  dense = mqar_row.make_config(ctx, "dsa_dense", 1)
+  sparse = mqar_row.make_config(ctx, "dsa", 1)
+  assert dense.num_steps == sparse.init_step + sparse.num_steps == mqar_row.STEPS
+  assert (dense.model.kinds.dsa.options.stage, sparse.model.kinds.dsa.options.stage) == (
+      "dense", "sparse")
+  assert sparse.init_from == "/rows/dsa_dense_s1" and sparse.optim.lr < dense.optim.lr
+  assert sparse.init_step % dense.checkpoint_every == 0  # the warm-up's end is checkpointed
+  assert mqar_row.make_config(ctx, "alternating", 1).num_steps == mqar_row.STEPS
+  with pytest.raises(ValueError, match="sparse_steps"):
+    dsa_row.chain_stage(mqar.get_config("dsa"), True, "/rows/d", 100, 100)
