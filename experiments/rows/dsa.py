@@ -12,6 +12,9 @@ pattern dsa, local, local, dsa; indexer 4 heads x 32 dims) and top_k = L / 8 = 1
   everything trains) for `SPARSE_STEPS` steps from the dense run's step `STEPS - SPARSE_STEPS`
   (`init_step`): `STEPS` steps in all, the same as the dense model.
 
+The chain (`chain_stage`, `dsa_columns`) is shared with row 2's DSA settings on MQAR
+(experiments/rows/mqar.py).
+
 Measured: passkey exact match per depth at L (`evaluate.grid`), indexer recall per DSA layer
 (`evaluate.indexer_recall`: the dense attention mass on the top-k keys), and attention FLOPs
 per token (`models.flops`; sparse: top_k keys per DSA layer plus the indexer's scores).

@@ -79,7 +79,7 @@ def run(ctx: base.Context) -> base.Result:
       [[s, by[s][0]["layers"], by[s][0]["steps"],
         base.cell([r["per_query_accuracy"] for r in by[s]]),
         base.cell([r["exact_match"] for r in by[s]]),
-        base.cell([r["indexer_recall"] for r in by[s]]) if by[s][0]["top_k"] else "-",
+        base.cell([r["indexer_recall"] for r in by[s]], "{:.3f}") if by[s][0]["top_k"] else "-",
         f"{by[s][0]['attn_flops_vs_global']:.2f}"] for s in settings])
   note = (f"MQAR: {first['num_kv_pairs']} key-value pairs, sequence length {first['seq_len']}, "
           f"vocabulary {first['vocab_size']}; {first['sequences']} held-out sequences per run; "
