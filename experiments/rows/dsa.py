@@ -86,6 +86,12 @@ def dsa_columns(config, step: int, recall: list[dict]) -> dict:
               recall_last_dsa_layer=recall[-1]["recall"])
 
 
+def attention_flops(config, context: int) -> int:
+  """Attention FLOPs per token at `context` (`models.flops`: a sparse DSA layer attends to
+  `top_k` keys and its indexer scores every visible key)."""
+  return flops.attention_flops_per_token(trainer.model_config(config), context)
+
+
 def measure(ctx: base.Context, workdir: str, setting: str, seed: int) -> list[dict]:
   config, model, step = evaluate.load_run(workdir)
   length = config.task.seq_len
