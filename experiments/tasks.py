@@ -77,6 +77,9 @@ class Haystack:
   `stretch=False` keeps every document's drawn length (uniform in `[min_len, free]`) and pads
   the rest, so the filler length spans the whole range `[min_len - fixed text, seq_len - fixed
   text]` (`min_length()` is the shortest document: the fixed text with no filler).
+  `whole_rows` (with `min_len`): the share of training rows that hold one document as long as
+  the row, its needle at a uniform depth, instead of packed ones (packed documents put few
+  needles far back: the mix adds needle distances uniform up to `seq_len`).
   """
 
   seq_len: int = 512
@@ -88,6 +91,7 @@ class Haystack:
   key_letters: int = 4
   min_len: int = 0
   stretch: bool = True
+  whole_rows: float = 0.0
 
   def min_length(self) -> int:
     """Tokens of a document with no filler (instruction, needle, question, answer)."""
@@ -134,7 +138,9 @@ class Haystack:
     """
     rng = _rng(self.seed, step, salt)
     if self.min_len and seq_len is None and depth is None:
-      return _stack([self.packed_row(rng) for _ in range(batch_size)])
+      return _stack([self.example(rng, rng.uniform())[0]
+                     if self.whole_rows and rng.uniform() < self.whole_rows
+                     else self.packed_row(rng) for _ in range(batch_size)])
     rows = [self.example(rng, rng.uniform() if depth is None else depth, seq_len)[0]
             for _ in range(batch_size)]
     return _stack(rows)

@@ -46,15 +46,16 @@ class Finetune:
   lr: float = 1e-3
   seeds: tuple[int, ...] | None = None  # only these of the row's seeds (None: all)
   yarn_ramp: tuple[float, float] | None = None  # None: the row's
-  # One document per row, as long as the row, needle at a uniform depth (needle distances
-  # uniform up to the fine-tune length), instead of packed documents of every length.
-  whole_rows: bool = False
+  # The share of rows that hold one document as long as the row, needle at a uniform depth
+  # (needle distances uniform up to the fine-tune length), instead of packed documents of
+  # every length (`tasks.Haystack.whole_rows`; 1: every row, unpacked).
+  whole_rows: float = 0.0
 
   @property
   def name(self) -> str:
     """Its stage in the records (a ramp set here is part of it)."""
     lr = "" if self.lr == 1e-3 else f"_lr{self.lr:g}"
-    whole = "_whole" if self.whole_rows else ""
+    whole = {0: "", 1: "_whole"}.get(self.whole_rows, f"_whole{self.whole_rows:g}")
     ramp = ramp_tag(self.yarn_ramp) if self.yarn_ramp else ""
     return f"ft{self.multiple}x_s{self.factor:g}_{self.steps}x{self.batch_size}{lr}{whole}{ramp}"
 
@@ -68,7 +69,8 @@ class Finetune:
     seeds = f" (seed {','.join(map(str, self.seeds))} only)" if self.seeds else ""
     lr = "" if self.lr == 1e-3 else f", lr {self.lr:g}"
     ramp = f", ramp {self.yarn_ramp[0]:g}-{self.yarn_ramp[1]:g}" if self.yarn_ramp else ""
-    whole = ", one whole-row document per row" if self.whole_rows else ""
+    whole = ({0: "", 1: ", one whole-row document per row"}.get(
+        self.whole_rows, f", {self.whole_rows:.0%} of rows one whole-row document"))
     return (f"fine-tuned {self.steps} steps of {self.batch_size} at {self.multiple}x, "
             f"s={self.factor:g}{lr}{whole}{ramp}{seeds}")
 
@@ -108,9 +110,12 @@ FULL = Sizes(variant="rope", seq_len=256, steps=1000, batch_size=16, multiples=(
                                  methods=("yarn",), seeds=(0,)),
                         Finetune(multiple=8, factor=16, steps=200, batch_size=2, lr=3e-3,
                                  methods=("yarn",), seeds=(0,)),
-                        # 16x with whole-row documents: needles up to 4096 tokens back.
+                        # 16x with whole-row documents (needles up to 4096 tokens back), in
+                        # every row, then in half the rows (the rest packed as before).
                         Finetune(multiple=16, factor=16, steps=200, batch_size=4, lr=3e-3,
-                                 methods=("yarn",), seeds=(0,), whole_rows=True)))
+                                 methods=("yarn",), seeds=(0,), whole_rows=1),
+                        Finetune(multiple=16, factor=16, steps=200, batch_size=4, lr=3e-3,
+                                 methods=("yarn",), seeds=(0,), whole_rows=0.5)))
 # Seconds (the suite): compiles dominate, so few runs (one fine-tune) and shapes (one length).
 QUICK = Sizes(variant="rope,smoke", seq_len=128, steps=4, batch_size=4, multiples=(2,),
               depths=(0.5,), examples=2, eval_batch=2,
@@ -136,8 +141,10 @@ def finetune_config(sizes: Sizes, ft: Finetune, method: str, seed: int, source: 
                          factor=ft.factor)
   config.model.update(ramp_fields(ft.yarn_ramp or sizes.yarn_ramp) if method == "yarn" else {})
   config.init_from = source
-  if ft.whole_rows:
+  if ft.whole_rows == 1:
     config.task.min_len = 0  # tasks.Haystack: unpacked rows, one document at a uniform depth
+  elif ft.whole_rows:
+    config.task.whole_rows = float(ft.whole_rows)
   config.update(num_steps=ft.steps, batch_size=ft.batch_size, eval_every=0, eval_batches=1,
                 checkpoint_every=ft.steps, log_every=max(1, ft.steps // 10))
   config.optim.update(lr=ft.lr, warmup_steps=max(1, ft.steps // 10))
