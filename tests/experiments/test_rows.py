@@ -68,9 +68,12 @@ def test_extension_markdown_lists_rows_on_fewer_seeds_below_the_table():
 
 
 def test_extension_whole_row_finetune_spreads_needles_over_the_row():
-  ft = extension.Finetune(multiple=4, factor=16, steps=2, batch_size=8, whole_rows=True)
+  half = extension.Finetune(multiple=4, factor=16, steps=2, batch_size=8, whole_rows=0.5)
+  assert extension.finetune_config(extension.FULL, half, "yarn", 0, "/src").task.whole_rows == 0.5
+  assert half.name.endswith("_whole0.5") and "50% of rows" in half.label
+  ft = extension.Finetune(multiple=4, factor=16, steps=2, batch_size=8, whole_rows=1)
   config = extension.finetune_config(extension.FULL, ft, "yarn", 0, "/src")
-  assert "_whole" in ft.name and config.task.min_len == 0
+  assert ft.name.endswith("_whole") and config.task.min_len == 0
   batch = tasks.make_task(config.task, seed=0).batch(0, 8)
   assert (batch["segment_ids"] == 0).all()  # one document filling each row
   assert (batch["loss_mask"].sum(axis=1) == 6).all()  # one answer (" " + 5 digits) per row

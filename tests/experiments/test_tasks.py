@@ -75,6 +75,20 @@ def test_packed_rows_document_lengths(stretch):
     assert (batch["segment_ids"] == -1).any()
 
 
+def test_whole_rows_mix_full_length_documents_into_packed_rows():
+  """`whole_rows=0.5`: about half the rows are one document filling the row (needle anywhere
+  in it), the others packed as without it; 0 leaves the packed stream unchanged."""
+  packed = tasks.Haystack(seq_len=512, instruction="", min_len=104, stretch=False)
+  np.testing.assert_array_equal(packed.batch(3, 8)["tokens"],
+                                tasks.Haystack(seq_len=512, instruction="", min_len=104,
+                                               stretch=False, whole_rows=0.0).batch(3, 8)["tokens"])
+  batch = tasks.Haystack(seq_len=512, instruction="", min_len=104, stretch=False,
+                         whole_rows=0.5).batch(0, 64)
+  whole = (batch["segment_ids"] == 0).all(axis=1)
+  assert 16 <= whole.sum() <= 48 and (batch["loss_mask"][whole].sum(axis=1) == 6).all()
+  assert (batch["segment_ids"][~whole] != 0).any(axis=1).all()  # packed: several or padding
+
+
 def test_mqar_labels_only_on_answers():
   task = tasks.MQAR(seq_len=128, num_kv_pairs=8, vocab_size=256, seed=2)
   batch = task.batch(0, 16)
