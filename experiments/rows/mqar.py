@@ -50,6 +50,7 @@ def measure(ctx: base.Context, workdir: str, setting: str, seed: int) -> list[di
   model_config = trainer.model_config(config)
   dense = trainer.model_config(make_config(ctx, "global", seed))
   seq_len = config.task.seq_len
+  # No DSA layer: top_k 0, recall NaN ("not measured"); L D has one (its first is its last).
   chain = dict(top_k=0, steps=config.num_steps, recall_first_dsa_layer=float("nan"))
   if setting.startswith("dsa"):
     _, model, step = evaluate.load_run(workdir)
