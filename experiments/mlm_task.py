@@ -22,15 +22,20 @@ Batches follow experiments/tasks.py's contract (`[B, T]` arrays, a pure function
   trainer's loss and accuracy (experiments/trainer.py) are then the MLM loss and the
   masked-token accuracy: unselected and padding positions weigh 0.
 
-Needles (`needle_rate`): a fraction of the training rows (never the held-out rows) gets a key-value line
-`\nneedle_KEY = VALUE\n` written over its text twice, inside one document, at a random
-distance; in one copy (random: before or after the other) every digit of VALUE is replaced by
+Needles (`needle_rate`): a fraction of the training rows (never the held-out rows) gets up to
+`needles_per_row` key-value pairs, each a line `\nneedle_KEY = VALUE\n` (distinct KEYs in a
+row) written over its longest document twice, at a random distance, on bytes no other needle
+line uses; in one copy (random: before or after the other) every digit of VALUE is replaced by
 `MASK_ID` and scored, so the model learns to retrieve a value from its key anywhere in the
 document, in either direction (their loss weight is `needle_weight`, default 1: a masked
-byte like any other). `needle_batch` makes the evaluation rows: one document of
-held-out text, the two copies at a distance (line start to line start; equally key to key and
-value to value) drawn from a given range, only the masked value scored; the trainer's exact
-match is then "all digits right".
+byte like any other). Several pairs per row make it match keys (one pair could be found as
+"the other needle line"). Needle lines are exempt from the random masking: their only
+corruption is the forced masked value, so the visible copy is always intact (were it masked
+at 30% like the text, all four digits would survive in only ~0.7^4 = 24% of the pairs, and
+most retrieval targets would be unanswerable), as in `needle_batch`'s evaluation rows.
+`needle_batch` makes the evaluation rows: one document of held-out text, one pair at a
+distance (line start to line start; equally key to key and value to value) drawn from a given
+range, only the masked value scored; the trainer's exact match is then "all digits right".
 """
 
 from __future__ import annotations
@@ -85,6 +90,7 @@ class MLM:
   digits: int = 4
   key_letters: int = 4
   needle_weight: float = 1.0
+  needles_per_row: int = 1
   seed: int = 0
 
   def __post_init__(self):
@@ -94,6 +100,8 @@ class MLM:
       raise ValueError(f"mlm: needle_rate must be in [0, 1], got {self.needle_rate}.")
     if not self.needle_weight > 0:
       raise ValueError(f"mlm: needle_weight must be > 0, got {self.needle_weight}.")
+    if self.needles_per_row < 1:
+      raise ValueError(f"mlm: needles_per_row must be >= 1, got {self.needles_per_row}.")
     if self.heldout_every < 2:
       raise ValueError(f"mlm: heldout_every must be >= 2, got {self.heldout_every}.")
     if self.seq_len < 3 * self.needle_len:
@@ -141,36 +149,70 @@ class MLM:
 
   def masked_row(self, rng: np.random.Generator, tokens: np.ndarray, segments: np.ndarray,
                  needles: bool = True) -> dict[str, np.ndarray]:
-    """A row: (training rows, with probability `needle_rate`) a needle pair in its longest
-    document, then MLM masking."""
-    forced = np.zeros(len(tokens), bool)
+    """A row: (training rows, with probability `needle_rate`) up to `needles_per_row` needle
+    pairs in its longest document, then MLM masking of everything but the needle lines. O(T)."""
+    forced = np.zeros(len(tokens), bool)  # the masked copies' value digits
+    lines = np.zeros(len(tokens), bool)  # every needle line: exempt from random corruption
     if needles and rng.random() < self.needle_rate:
       ids, counts = np.unique(segments[segments >= 0], return_counts=True)
       longest = ids[np.argmax(counts)]
-      start = int(np.flatnonzero(segments == longest)[0])
-      if counts.max() >= 3 * self.needle_len:
-        lo = self.needle_len  # any distance the document holds, both directions
-        distance = int(rng.integers(lo, counts.max() - self.needle_len + 1))
-        tokens, forced = self.place_needle(rng, tokens, start, counts.max(), distance)
-    corrupted, selected = mask_tokens(rng, tokens, segments >= 0, self.mask_rate)
+      start, length = int(np.flatnonzero(segments == longest)[0]), int(counts.max())
+      if length >= 3 * self.needle_len:
+        tokens, forced, lines = self.place_needles(rng, tokens, start, length)
+    corrupted, selected = mask_tokens(rng, tokens, (segments >= 0) & ~lines, self.mask_rate)
     corrupted = np.where(forced, MASK_ID, corrupted)
     return dict(tokens=corrupted, targets=tokens.astype(np.int32),
                 loss_mask=np.where(forced, self.needle_weight, selected).astype(np.float32),
                 segment_ids=segments.astype(np.int32))
 
+  def place_needles(self, rng: np.random.Generator, tokens: np.ndarray, start: int, length: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Up to `needles_per_row` pairs with distinct keys in `tokens[start:start + length]`, each
+    at a distance uniform in [needle_len, length - needle_len] and on free bytes (a pair that
+    finds no room in 8 draws is dropped). Returns (tokens, forced digits, needle lines)."""
+    n = self.needle_len
+    forced, lines = np.zeros(len(tokens), bool), np.zeros(len(tokens), bool)
+    keys = set()
+    for _ in range(self.needles_per_row):
+      for _ in range(8):
+        distance = int(rng.integers(n, length - n + 1))
+        first = start + int(rng.integers(0, length - n - distance + 1))
+        spans = (slice(first, first + n), slice(first + distance, first + distance + n))
+        if not any(lines[s].any() for s in spans):
+          break
+      else:
+        continue
+      key = self.random_key(rng, exclude=keys)
+      keys.add(key)
+      tokens, masked = self.place_needle(rng, tokens, start, length, distance, first=first,
+                                         key=key)
+      forced |= masked
+      for s in spans:
+        lines[s] = True
+    return tokens, forced, lines
+
+  def random_key(self, rng: np.random.Generator, exclude=frozenset()) -> str:
+    while True:
+      key = "".join(chr(c) for c in rng.integers(ord("a"), ord("z") + 1, self.key_letters))
+      if key not in exclude:
+        return key
+
   def place_needle(self, rng: np.random.Generator, tokens: np.ndarray, start: int, length: int,
-                   distance: int) -> tuple[np.ndarray, np.ndarray]:
+                   distance: int, first: int | None = None, key: str | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Writes two copies of a random needle line into `tokens[start:start + length]`, line
-    starts `distance` apart; returns (tokens, bool mask of the masked copy's value digits).
-    The masked copy is the earlier or the later one with equal probability."""
+    starts `distance` apart (the first at `first`, default random); returns (tokens, bool mask
+    of the masked copy's value digits). The masked copy is the earlier or the later one with
+    equal probability."""
     n = self.needle_len
     if not n <= distance <= length - n:
       raise ValueError(f"mlm: needle distance {distance} must be in [{n}, {length - n}] for a "
                        f"document of {length} tokens.")
-    key = "".join(chr(c) for c in rng.integers(ord("a"), ord("z") + 1, self.key_letters))
+    key = self.random_key(rng) if key is None else key
     value = str(rng.integers(10 ** (self.digits - 1), 10 ** self.digits))
     line = corpus.encode(self.needle_line(key, value))
-    first = start + int(rng.integers(0, length - n - distance + 1))
+    if first is None:
+      first = start + int(rng.integers(0, length - n - distance + 1))
     tokens = tokens.copy()
     for at in (first, first + distance):
       tokens[at:at + n] = line

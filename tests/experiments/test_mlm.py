@@ -69,6 +69,32 @@ def test_batch_scores_exactly_the_masked_positions(corpus):
   assert "needle_" not in tasks.decode(task.batch(0, 8, salt=1)["targets"].reshape(-1))
 
 
+def test_needle_lines_are_exempt_from_random_masking():
+  """Several pairs per row, distinct keys; in each pair one copy's digits are always masked
+  and scored, and no other byte of either line is ever corrupted or scored."""
+  task = mlm_task.MLM(seq_len=256, needles_per_row=3, needle_weight=2.0)
+  batch = task.batch(0, 16)
+  n, pairs = task.needle_len, []
+  for tokens, targets, mask in zip(batch["tokens"], batch["targets"], batch["loss_mask"]):
+    text = tasks.decode(targets)
+    starts = [i for i in range(len(text)) if text.startswith("\nneedle_", i)]
+    keys = [text[i + 8:i + 8 + task.key_letters] for i in starts]
+    assert all(keys.count(k) == 2 for k in keys)  # distinct keys, each pair complete
+    lines = np.zeros(len(tokens), bool)
+    for i in starts:
+      lines[i:i + n] = True
+    digits = lines & (mask > 0)
+    assert (tokens[digits] == mlm_task.MASK_ID).all() and (mask[digits] == 2.0).all()
+    rest = lines & ~digits
+    assert (tokens[rest] == targets[rest]).all() and not mask[rest].any()
+    assert digits.sum() == 4 * len(starts) // 2  # one copy of each pair, all 4 digits
+    for key in set(keys):
+      a, b = (i for i, k in zip(starts, keys) if k == key)
+      assert text[a:a + n] == text[b:b + n] and digits[a:a + n].any() != digits[b:b + n].any()
+    pairs.append(len(starts) // 2)
+  assert max(pairs) == 3, pairs  # (a row whose longest file is short holds fewer or none)
+
+
 def test_needle_batch_masks_one_value_at_the_asked_distance():
   task = mlm_task.MLM(seq_len=256, digits=4)
   batch = task.needle_batch(0, 8, seq_len=256, distance=(64, 128))
