@@ -91,6 +91,7 @@ class MLM:
   key_letters: int = 4
   needle_weight: float = 1.0
   needles_per_row: int = 1
+  masked_digits: int = 0  # how many of the masked copy's digits are masked (0: all)
   seed: int = 0
 
   def __post_init__(self):
@@ -100,6 +101,9 @@ class MLM:
       raise ValueError(f"mlm: needle_rate must be in [0, 1], got {self.needle_rate}.")
     if not self.needle_weight > 0:
       raise ValueError(f"mlm: needle_weight must be > 0, got {self.needle_weight}.")
+    if not 0 <= self.masked_digits <= self.digits:
+      raise ValueError(f"mlm: masked_digits must be in [0, digits={self.digits}], got "
+                       f"{self.masked_digits}.")
     if self.needles_per_row < 1:
       raise ValueError(f"mlm: needles_per_row must be >= 1, got {self.needles_per_row}.")
     if self.heldout_every < 2:
@@ -219,7 +223,8 @@ class MLM:
     masked_at = first if rng.random() < 0.5 else first + distance
     forced = np.zeros(len(tokens), bool)
     value_at = masked_at + n - 1 - self.digits  # the line ends with VALUE + "\n"
-    forced[value_at:value_at + self.digits] = True
+    hidden = rng.choice(self.digits, self.masked_digits or self.digits, replace=False)
+    forced[value_at + hidden] = True
     return tokens, forced
 
   def needle_batch(self, step: int, batch_size: int, *, seq_len: int,

@@ -34,7 +34,7 @@ def get_config(variant: str | None = None):
                                        default="alternating")
   config = common.base_config()
   config.task = dict(name="mlm", seq_len=256, mask_rate=0.3, needle_rate=1.0, needle_weight=1.0,
-                     digits=4, needles_per_row=1)
+                     digits=4, needles_per_row=1, masked_digits=0)
   config.model.update(vocab_size=257, d_model=48, num_layers=6, num_heads=4, mlp_dim=96,
                       causal=False, norm="layer", mlp="geglu",
                       mlm_head=True, layer_pattern=PATTERNS.get(choice, PATTERNS["alternating"]))

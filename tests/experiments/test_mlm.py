@@ -109,6 +109,15 @@ def test_needle_batch_masks_one_value_at_the_asked_distance():
     line = text[starts[0]:starts[0] + n]
     assert text[starts[1]:starts[1] + n] == line and line[-5:-1] == tasks.decode(targets[scored])
   assert mlm_task.distance_buckets(256, n) == [(20, 32), (32, 64), (64, 128), (128, 237)]
+  some = mlm_task.MLM(seq_len=256, masked_digits=2).needle_batch(0, 8, seq_len=256,
+                                                                   distance=(64, 128))
+  for tokens, targets, mask in zip(some["tokens"], some["targets"], some["loss_mask"]):
+    text = tasks.decode(targets)
+    values = [range(i + n - 5, i + n - 1) for i in range(len(text))
+              if text.startswith("\nneedle_", i)]
+    scored = np.flatnonzero(mask)  # 2 of one copy's 4 value digits; nothing else changed
+    assert len(scored) == 2 and any(set(scored) <= set(v) for v in values)
+    assert (tokens[scored] == mlm_task.MASK_ID).all() and (tokens != targets).sum() == 2
   with pytest.raises(ValueError, match="needle distances"):
     task.needle_batch(0, 1, seq_len=64, distance=(32, 128))
 
