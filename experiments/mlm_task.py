@@ -25,8 +25,8 @@ Batches follow experiments/tasks.py's contract (`[B, T]` arrays, a pure function
 Needles (`needle_rate`): a fraction of the training rows (never the held-out rows) gets up to
 `needles_per_row` key-value pairs, each a line `\nneedle_KEY = VALUE\n` (distinct KEYs in a
 row) written over its longest document twice, at a random distance, on bytes no other needle
-line uses; in one copy (random: before or after the other) every digit of VALUE is replaced by
-`MASK_ID` and scored, so the model learns to retrieve a value from its key anywhere in the
+line uses; in one copy (random: before or after the other) every digit of VALUE (or a random
+`masked_digits` of them) is replaced by `MASK_ID` and scored, so the model learns to retrieve a value from its key anywhere in the
 document, in either direction (their loss weight is `needle_weight`, default 1: a masked
 byte like any other). Several pairs per row make it match keys (one pair could be found as
 "the other needle line"). Needle lines are exempt from the random masking: their only
@@ -196,6 +196,7 @@ class MLM:
     return tokens, forced, lines
 
   def random_key(self, rng: np.random.Generator, exclude=frozenset()) -> str:
+    """`key_letters` random lowercase letters, not one of `exclude`."""
     while True:
       key = "".join(chr(c) for c in rng.integers(ord("a"), ord("z") + 1, self.key_letters))
       if key not in exclude:
@@ -206,7 +207,7 @@ class MLM:
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Writes two copies of a random needle line into `tokens[start:start + length]`, line
     starts `distance` apart (the first at `first`, default random); returns (tokens, bool mask
-    of the masked copy's value digits). The masked copy is the earlier or the later one with
+    of the masked copy's hidden value digits: all, or `masked_digits` at random). The masked copy is the earlier or the later one with
     equal probability."""
     n = self.needle_len
     if not n <= distance <= length - n:
