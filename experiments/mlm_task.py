@@ -26,9 +26,9 @@ Needles (`needle_rate`): a fraction of the training rows (never the held-out row
 `needles_per_row` key-value pairs, each a line `\nneedle_KEY = VALUE\n` (distinct KEYs in a
 row) written over its longest document twice, at a random distance, on bytes no other needle
 line uses; in one copy (random: before or after the other) every digit of VALUE (or a random
-`masked_digits` of them) is replaced by `MASK_ID` and scored, so the model learns to retrieve a value from its key anywhere in the
-document, in either direction (their loss weight is `needle_weight`, default 1: a masked
-byte like any other). Several pairs per row make it match keys (one pair could be found as
+`masked_digits` of them) is replaced by `MASK_ID` and scored, so the model learns to retrieve
+a value from its key anywhere in the document, in either direction (their loss weight is
+`needle_weight`, default 1: a masked byte like any other). Several pairs per row make it match keys (one pair could be found as
 "the other needle line"). Needle lines are exempt from the random masking: their only
 corruption is the forced masked value, so the visible copy is always intact (were it masked
 at 30% like the text, all four digits would survive in only ~0.7^4 = 24% of the pairs, and
@@ -207,8 +207,8 @@ class MLM:
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Writes two copies of a random needle line into `tokens[start:start + length]`, line
     starts `distance` apart (the first at `first`, default random); returns (tokens, bool mask
-    of the masked copy's hidden value digits: all, or `masked_digits` at random). The masked copy is the earlier or the later one with
-    equal probability."""
+    of the masked copy's hidden value digits: all, or `masked_digits` at random). The masked
+    copy is the earlier or the later one with equal probability."""
     n = self.needle_len
     if not n <= distance <= length - n:
       raise ValueError(f"mlm: needle distance {distance} must be in [{n}, {length - n}] for a "
