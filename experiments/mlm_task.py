@@ -26,16 +26,17 @@ Needles (`needle_rate`): a fraction of the training rows (never the held-out row
 `needles_per_row` key-value pairs, each a line `\nneedle_KEY = VALUE\n` (distinct KEYs in a
 row) written over its longest document twice, at a random distance, on bytes no other needle
 line uses; in one copy (random: before or after the other) every digit of VALUE (or a random
-`masked_digits` of them) is replaced by `MASK_ID` and scored, so the model learns to retrieve
-a value from its key anywhere in the document, in either direction (their loss weight is
-`needle_weight`, default 1: a masked byte like any other). Several pairs per row make it match keys (one pair could be found as
-"the other needle line"). Needle lines are exempt from the random masking: their only
-corruption is the forced masked value, so the visible copy is always intact (were it masked
-at 30% like the text, all four digits would survive in only ~0.7^4 = 24% of the pairs, and
-most retrieval targets would be unanswerable), as in `needle_batch`'s evaluation rows.
-`needle_batch` makes the evaluation rows: one document of held-out text, one pair at a
-distance (line start to line start; equally key to key and value to value) drawn from a given
-range, only the masked value scored; the trainer's exact match is then "all digits right".
+`masked_digits` of them) is replaced by `MASK_ID` and scored, so the model learns to retrieve a
+value from its key anywhere in the document, in either direction (their loss weight is
+`needle_weight`, default 1: a masked byte like any other). Several pairs per row make it match
+keys (one pair could be found as "the other needle line"). Needle lines are exempt from the
+random masking: their only corruption is the forced masked value, so the visible copy is always
+intact (were it masked at 30% like the text, all four digits would survive in only ~0.7^4 = 24%
+of the pairs, and most retrieval targets would be unanswerable), as in `needle_batch`'s
+evaluation rows. `needle_batch` makes the evaluation rows: one document of held-out text, one
+pair at a distance (line start to line start; equally key to key and value to value) drawn from
+a given range, only the masked value scored; the trainer's exact match is then "all digits
+right".
 """
 
 from __future__ import annotations
