@@ -41,7 +41,7 @@ def get_config(variant: str | None = None):
   config.task = dict(name="passkey", seq_len=128, digits=5, instruction="")
   pattern_model(config, pattern, window=8)
   config.batch_size = 16
-  config.num_steps = 800
+  config.num_steps = 1600
   config.optim.update(lr=3e-3, warmup_steps=50)
   config.eval_every = 100
   config.checkpoint_every = 200
