@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
-from experiments import plots, tasks, trainer
+from experiments import plots
 from experiments.rows import base
 
 
@@ -70,16 +70,6 @@ def seeds_note(records: Sequence[dict[str, Any]]) -> str:
   """`"seeds 0, 1, 2"` (`"seed 0"`): the seeds the records come from."""
   seeds = sorted({r["seed"] for r in records})
   return ("seeds " if len(seeds) > 1 else "seed ") + ", ".join(map(str, seeds))
-
-
-def held_out_scores(workdir: str, batches: int, batch_size: int) -> dict[str, float]:
-  """`trainer.evaluate_batches` of a finished run on `batches` held-out batches of its own
-  task (salt 1, the trainer's evaluation stream): accuracy, token_accuracy, eval_loss."""
-  from experiments import evaluate  # pylint: disable=g-import-not-at-top
-  config, model, _ = evaluate.load_run(workdir)
-  task = tasks.make_task(config.task, seed=config.seed)
-  return trainer.evaluate_batches(model, (task.batch(i, batch_size, salt=1)
-                                          for i in range(batches)))
 
 
 def depth_plot(records: Sequence[dict[str, Any]], title: str):

@@ -30,14 +30,17 @@ COLUMNS = ("setting", "layers", "seed", "seq_len", "num_kv_pairs", "vocab_size",
            "indexer_recall")
 
 
+def chain_steps(ctx: base.Context) -> tuple[int, int]:
+  """(total steps, sparse steps) of the DSA chain; `--quick`: 2 and 1."""
+  return (2, 1) if ctx.quick else (STEPS, SPARSE_STEPS)
+
+
 def make_config(ctx: base.Context, setting: str, seed: int):
   """`mqar.py:<setting>`; the DSA settings are `mqar.py:dsa` in row 4's two-stage chain."""
   if not setting.startswith("dsa"):
     return grids.variant_config(mqar.get_config, setting, seed, ctx.quick)
   config = grids.variant_config(mqar.get_config, "dsa", seed, ctx.quick)
-  steps, sparse_steps = (2, 1) if ctx.quick else (STEPS, SPARSE_STEPS)
-  dsa.chain_stage(config, setting == "dsa", ctx.path(f"dsa_dense_s{seed}"), steps,
-                  sparse_steps)
+  dsa.chain_stage(config, setting == "dsa", ctx.path(f"dsa_dense_s{seed}"), *chain_steps(ctx))
   if ctx.quick:
     config.log_every = config.eval_every = config.num_steps
   return config
@@ -46,18 +49,17 @@ def make_config(ctx: base.Context, setting: str, seed: int):
 def measure(ctx: base.Context, workdir: str, setting: str, seed: int) -> list[dict]:
   config = make_config(ctx, setting, seed)
   batches = 1 if ctx.quick else BATCHES
-  scores = grids.held_out_scores(workdir, batches, config.batch_size)
+  _, model, step = evaluate.load_run(workdir)
+  task = tasks.make_task(config.task, seed=config.seed)  # the trainer's evaluation stream
+  held_out = [task.batch(i, config.batch_size, salt=1) for i in range(batches)]
+  scores = trainer.evaluate_batches(model, held_out)
   model_config = trainer.model_config(config)
   dense = trainer.model_config(make_config(ctx, "global", seed))
   seq_len = config.task.seq_len
   # No DSA layer: top_k 0, recall NaN ("not measured"); L D has one (its first is its last).
   chain = dict(top_k=0, steps=config.num_steps, recall_first_dsa_layer=float("nan"))
   if setting.startswith("dsa"):
-    _, model, step = evaluate.load_run(workdir)
-    task = tasks.make_task(config.task, seed=config.seed)
-    recall = evaluate.batch_recall(model, (task.batch(i, config.batch_size, salt=1)
-                                           for i in range(batches)))
-    chain = dsa.dsa_columns(config, step, recall)
+    chain = dsa.dsa_columns(config, step, evaluate.batch_recall(model, held_out))
   return [dict(setting=setting, layers="".join(k[0].upper() for k in model_config.layer_kinds),
                seed=seed, seq_len=seq_len, num_kv_pairs=config.task.num_kv_pairs,
                vocab_size=config.task.vocab_size, steps=chain["steps"],
@@ -85,7 +87,7 @@ def run(ctx: base.Context) -> base.Result:
   note = (f"MQAR: {first['num_kv_pairs']} key-value pairs, sequence length {first['seq_len']}, "
           f"vocabulary {first['vocab_size']}; {first['sequences']} held-out sequences per run; "
           f"DSA (L D): top_k = {by['dsa'][0]['top_k']} = L/8, dsa_dense is the dense stage "
-          f"with the indexer's KL, dsa its last {SPARSE_STEPS if not ctx.quick else 1} steps "
+          f"with the indexer's KL, dsa its last {chain_steps(ctx)[1]} steps "
           f"sparse; mean (min-max) over {grids.seeds_note(records)}.")
   plot = lambda path: plot_bars(records, path)
   return base.Result(records, f"{table}\n\n{note}", plot)
