@@ -7,7 +7,10 @@ Each row (experiments/rows/*.py, listed in `ROWS`) trains its models under
 `<workdir>/<row name>/` (resumable: rerun the same command after a kill) and reports every
 cell over `--seeds`. Outputs go to `--out` (default `experiments/results/` for full runs, the
 committed figures; `<workdir>/results/` with `--quick`): `<row>.csv`, `<row>.png`, `<row>.md`
-and `summary.md` (`summary_quick.md`): every row's table, seeds and wall minutes.
+and `summary.md` (`summary_quick.md`): every row's table, seeds, CPU and wall minutes (CPU:
+each training run's own, recorded by `rows.base.train_run` wherever it ran, plus the
+measuring done by these calls; wall: these calls', which count runs trained by other processes
+as nothing and parallel ones twice).
 """
 
 from __future__ import annotations
@@ -56,9 +59,10 @@ def write_csv(records: list[dict], path: str) -> None:
 def run_row(row: base.Row, workdir: str, out: str, quick: bool, seeds: tuple[int, ...]
             ) -> str:
   """Runs one row; writes `<out>/<name>.csv`, `.md` (+ `.png`); returns its summary section."""
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   ctx = base.Context(workdir=os.path.join(workdir, row.name), quick=quick, seeds=seeds)
   os.makedirs(ctx.workdir, exist_ok=True)
+  trained_before = base.training_cpu(ctx.workdir)[0]
   print(f"\n=== row {row.number}: {row.title} ({'quick' if quick else 'full'}, seeds "
         f"{','.join(map(str, seeds))}) ===", flush=True)
   result = row.run(ctx)
@@ -66,27 +70,34 @@ def run_row(row: base.Row, workdir: str, out: str, quick: bool, seeds: tuple[int
   write_csv(result.records, os.path.join(out, f"{row.name}.csv"))
   if result.plot is not None:
     result.plot(os.path.join(out, f"{row.name}.png"))
-  minutes = add_wall_minutes(ctx.path("wall_minutes.json"), (time.perf_counter() - start) / 60)
+  trained, runs, unrecorded = base.training_cpu(ctx.workdir)
+  # This call's CPU time less the training it did (counted in the runs' own records).
+  evaluation = (time.process_time() - cpu_start) / 60 - (trained - trained_before)
+  wall = add_minutes(ctx.path("wall_minutes.json"), "wall_minutes",
+                     (time.perf_counter() - start) / 60)
+  evaluation = add_minutes(ctx.path("eval_cpu_minutes.json"), "cpu_minutes", evaluation)
+  unrecorded = f", {unrecorded} of them without a recorded CPU time" if unrecorded else ""
   section = (f"## Row {row.number}: {row.title}\n\n`python -m experiments.reproduce "
              f"--rows={row.number}{' --quick' if quick else ''}`; seeds "
-             f"{','.join(map(str, seeds))}; {minutes:.1f} wall minutes over the calls that "
-             f"computed it (finished runs and results are cached, not recomputed)."
-             f"\n\n{result.markdown}\n")
+             f"{','.join(map(str, seeds))}; {trained + evaluation:.1f} CPU minutes (training "
+             f"{trained:.1f} over {runs} runs{unrecorded}; measuring {evaluation:.1f}), "
+             f"{wall:.1f} wall minutes over the calls that computed it (finished runs and "
+             f"results are cached, not recomputed).\n\n{result.markdown}\n")
   with open(os.path.join(out, f"{row.name}.md"), "w") as f:
     f.write(section)
   print(section, flush=True)
   return section
 
 
-def add_wall_minutes(path: str, minutes: float) -> float:
-  """Adds this call's wall minutes to the row's total in `path` (a resumed row's calls add
+def add_minutes(path: str, key: str, minutes: float) -> float:
+  """Adds this call's `minutes` to the row's total `key` in `path` (a resumed row's calls add
   up; a re-run from caches adds about 0); returns the total."""
   total = minutes
   if os.path.exists(path):
     with open(path) as f:
-      total += json.load(f)["wall_minutes"]
+      total += json.load(f)[key]
   with open(path, "w") as f:
-    json.dump({"wall_minutes": total}, f)
+    json.dump({key: total}, f)
   return total
 
 

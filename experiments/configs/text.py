@@ -10,12 +10,16 @@ within a file). Every 10th file (sorted order) is held out: training reads the o
 periodic evaluation the held-out ones (`task.heldout_every`). Nothing is downloaded.
 
 Variants (layer patterns, README row 5, experiments/rows/text.py): `:alternating` (the
-default: global, local, local), `:global` (every layer global), `:local` (every layer local);
-tiny: `:smoke`, e.g. `:local,smoke`.
+default: global, local, local), `:global` (every layer global), `:local` (every layer local),
+`:dsa` (the alternating model with its global layers as DeepSeek sparse attention layers:
+experiments/configs/dsa.py's kind with the global layers' RoPE theta, top_k = seq_len / 8,
+stage "dense" with the indexer's KL loss, DeepSeek's dense warm-up; `dsa.sparse_stage` turns it
+into stage 2); tiny: `:smoke`, e.g. `:local,smoke`.
 """
 
 
 from experiments.configs import common
+from experiments.configs import dsa
 from experiments import tasks
 
 PATTERNS = {"alternating": ("global", "local", "local"), "global": ("global",),
@@ -32,11 +36,19 @@ def get_config(variant: str | None = None):
   config.num_steps = 1000
   config.optim.update(lr=2e-3, warmup_steps=100)
   config.eval_every = 250
-  pattern, smoke = common.parse_variant(variant, name="text.py", choices=tuple(PATTERNS),
-                                        default="alternating")
-  config.model.layer_pattern = PATTERNS[pattern]
+  pattern, smoke = common.parse_variant(variant, name="text.py",
+                                        choices=tuple(PATTERNS) + ("dsa",), default="alternating")
   if smoke:
     common.smoke(config)
     config.task.update(seq_len=64, max_bytes=1 << 16)
     config.model.kinds.local.window = 16
+  if pattern == "dsa":
+    config.model.layer_pattern = ("dsa", "local", "local")
+    config.model.kinds.dsa = dsa.dsa_kind(top_k=config.task.seq_len // 8)
+    config.model.kinds.dsa.rope_theta = config.model.kinds["global"].rope_theta
+    config.aux_losses = dict(indexer_kl=1.0)
+    if smoke:
+      config.model.kinds.dsa.options.update(index_heads=2, index_dim=8)
+  else:
+    config.model.layer_pattern = PATTERNS[pattern]
   return config

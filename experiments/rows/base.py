@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from typing import Any, Callable, Sequence
 
 import ml_collections
@@ -96,22 +97,46 @@ def cached(path: str, compute: Callable[[], Any]) -> Any:
   return value
 
 
+DONE = "row_done.json"  # in a finished run's workdir: its final metrics and CPU minutes
+
+
 def train_run(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Trains `config` into `workdir` (resuming; a finished run is not retrained); returns it.
 
   Evaluation after training is the row's job (`eval_after_train` is switched off), so the
-  row decides which grid to measure and caches it.
+  row decides which grid to measure and caches it. The run's `DONE` file records its final
+  metrics and `cpu_minutes`: this process's CPU time (all threads) over the call that finished
+  it (a killed run's earlier calls are not counted).
   """
   from experiments import train  # pylint: disable=g-import-not-at-top
-  done = os.path.join(workdir, "row_done.json")
+  done = os.path.join(workdir, DONE)
   if os.path.exists(done):
     return workdir
   config = ml_collections.ConfigDict(config.to_dict())
   config.eval_after_train = False
+  start = time.process_time()
   result = train.train_and_evaluate(config, workdir)
+  record = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
+  record["cpu_minutes"] = (time.process_time() - start) / 60
   with open(done, "w") as f:
-    json.dump({k: v for k, v in result.items() if isinstance(v, (int, float, str))}, f)
+    json.dump(record, f)
   return workdir
+
+
+def training_cpu(workdir: str) -> tuple[float, int, int]:
+  """(CPU minutes, runs, runs without a recorded CPU time) of the finished training runs under
+  `workdir` (their `DONE` files, wherever they were trained)."""
+  minutes, runs, unrecorded = 0.0, 0, 0
+  for root, _, files in os.walk(workdir):
+    if DONE in files:
+      with open(os.path.join(root, DONE)) as f:
+        value = json.load(f).get("cpu_minutes")
+      runs += 1
+      if value is None:
+        unrecorded += 1
+      else:
+        minutes += value
+  return minutes, runs, unrecorded
 
 
 def at_end_only(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

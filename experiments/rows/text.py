@@ -1,12 +1,26 @@
 """Row 5: real text. Does a byte-level decoder use its context, and past its training length?
 
-Decoders that differ only in `layer_pattern` (`text.py:global`, `:local`, `:alternating`; the
-same parameters, steps, data and seed) train on the Python standard library's sources with
-every 10th file (sorted order) held out. On held-out rows of 1x, 2x and 4x the training length
-L, each token's loss is bucketed by the context it had: its position in its file within the
-row, plus one (buckets [1, 2), [2, 4), ... doubling, the last one [length/2, length]; a row
-starting mid-file truncates the context at the row start). Past L the models run as trained (`none`) and with YaRN at
-s = length / L. Bits per byte = mean loss / ln 2 over a length's scored tokens.
+Decoders that differ only in their layers (the same parameters, steps, data and seed) train on
+the Python standard library's sources with every 10th file (sorted order) held out:
+
+* `global`: every layer global (`text.py:global`); `local`: every layer local (`text.py:local`);
+* `alternating`: ModernBERT's pattern, global, local, local, global, trained as `text.py:dsa`'s
+  dense stage: its global layers are DSA layers in stage "dense", which attend to every key
+  with flash attention (the function a global layer computes, with the global RoPE) while the
+  indexer learns its KL to that attention from a detached input (it cannot change the model).
+  So this is the alternating model, and its checkpoint at `steps - sparse_steps` is DeepSeek's
+  dense warm-up for:
+* `dsa`: DeepSeek's stage 2 from that checkpoint (`rows.dsa.chain_stage`, as rows 2 and 4):
+  each query of the two DSA layers attends to its indexer's top_k = L/8 keys, for the last
+  `sparse_steps` steps: the same total steps as every other model.
+
+On held-out rows of 1x, 2x and 4x the training length L, each token's loss is bucketed by the
+context it had: its position in its file within the row, plus one (buckets [1, 2), [2, 4), ...
+doubling, the last one [length/2, length]; a row starting mid-file truncates the context at the
+row start). Past L the models run as trained (`none`) and with YaRN at s = length / L. Bits per
+byte = mean loss / ln 2 over a length's scored tokens. Also per model: attention FLOPs per token
+against all-global (`models.flops`; DSA: top_k keys plus the indexer's scores) and, for the
+models with DSA layers, indexer recall (dense attention mass on the top-k keys) at each length.
 
 Expected (issue 17): loss falls with position for global and alternating, and stops falling past
 the window for local-only; without scaling the global models degrade past L.
@@ -25,9 +39,10 @@ import optax
 
 from experiments import plots, tasks, trainer
 from experiments.configs import text
-from experiments.rows import base
+from experiments.rows import base, dsa
+from models import flops
 
-PATTERNS = tuple(text.PATTERNS)  # alternating, global, local
+PATTERNS = ("global", "local", "alternating", "dsa")  # in training order: dsa needs alternating
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,27 +57,41 @@ class Sizes:
   batch_size: int
   multiples: tuple[int, ...]
   eval_tokens: int   # held-out tokens per (model, length, RoPE): rows = eval_tokens / length
+  sparse_steps: int  # dsa: the last steps of `steps` run sparse (DeepSeek's stage 2)
   patterns: tuple[str, ...] = PATTERNS
 
 
-FULL = Sizes(smoke=False, seq_len=256, d_model=64, num_layers=4, window=64, steps=300,
-             batch_size=16, multiples=(1, 2, 4), eval_tokens=16384)
+FULL = Sizes(smoke=False, seq_len=1024, d_model=64, num_layers=4, window=128, steps=500,
+             batch_size=8, multiples=(1, 2, 4), eval_tokens=65536, sparse_steps=125)
 QUICK = Sizes(smoke=True, seq_len=64, d_model=32, num_layers=3, window=16, steps=2,
-              batch_size=4, multiples=(1, 2), eval_tokens=256, patterns=("alternating",))
+              batch_size=4, multiples=(1, 2), eval_tokens=256, sparse_steps=1,
+              patterns=("alternating", "dsa"))
 
 
-def config_for(sizes: Sizes, pattern: str, seed: int):
-  """`text.py:<pattern>` at the row's size."""
-  config = text.get_config(f"{pattern},smoke" if sizes.smoke else pattern)
+def config_for(sizes: Sizes, pattern: str, seed: int, workdir: str):
+  """The run of `pattern` (`text.py:<pattern>`; alternating and dsa: `text.py:dsa`'s chain,
+  the sparse stage starting from `<workdir>/alternating_s<seed>`) at the row's size."""
+  chain = pattern in ("alternating", "dsa")
+  variant = "dsa" if chain else pattern
+  config = text.get_config(f"{variant},smoke" if sizes.smoke else variant)
   config.seed = seed
   config.task.seq_len = sizes.seq_len
   config.model.kinds.local.window = sizes.window
   if sizes.smoke:
-    return base.at_end_only(config)
-  config.model.update(d_model=sizes.d_model, num_layers=sizes.num_layers, num_heads=4,
-                      mlp_dim=2 * sizes.d_model)
-  config.update(num_steps=sizes.steps, batch_size=sizes.batch_size, eval_every=sizes.steps,
-                progress=False)
+    config.num_steps = sizes.steps
+    base.at_end_only(config)
+  else:
+    config.model.update(d_model=sizes.d_model, num_layers=sizes.num_layers, num_heads=4,
+                        mlp_dim=2 * sizes.d_model)
+    config.update(num_steps=sizes.steps, batch_size=sizes.batch_size, eval_every=sizes.steps,
+                  progress=False)
+  if chain:  # its own steps and checkpoints
+    config.model.kinds.dsa.options.top_k = sizes.seq_len // 8
+    dsa.chain_stage(config, pattern == "dsa", os.path.join(workdir, f"alternating_s{seed}"),
+                    sizes.steps, sizes.sparse_steps)
+    config.eval_every = config.num_steps
+    if sizes.smoke:
+      config.log_every = config.num_steps
   return config
 
 
@@ -82,13 +111,19 @@ def context_lengths(segment_ids: np.ndarray) -> np.ndarray:
   return index - first + 1
 
 
-def loss_by_position(model, task: tasks.Text, length: int, rows: int) -> list[dict]:
-  """Held-out loss at `length`, per doubling context bucket and (bucket [0, length]) overall."""
+def held_out_rows(task: tasks.Text, length: int, rows: int) -> list[dict[str, np.ndarray]]:
+  """`rows` held-out batches of one row of `length` bytes (the trainer's evaluation stream)."""
+  return [task.batch(i, 1, salt=1, seq_len=length) for i in range(rows)]
+
+
+def loss_by_position(model, batches: list[dict[str, np.ndarray]]) -> list[dict]:
+  """Held-out loss over `batches` (rows of one length), per doubling context bucket and
+  (bucket [0, length]) overall."""
+  length = batches[0]["tokens"].shape[1]
   top = int(math.log2(length)) - 1  # the last bucket [length/2, length] holds context = length
   sums = np.zeros(top + 1)
   counts = np.zeros_like(sums)
-  for i in range(rows):
-    batch = task.batch(i, 1, salt=1, seq_len=length)
+  for batch in batches:
     losses = np.asarray(jax.device_get(token_losses(model, trainer.to_device(batch))))
     bucket = np.minimum(np.log2(context_lengths(batch["segment_ids"])).astype(int), top)
     mask = batch["loss_mask"] > 0
@@ -103,23 +138,33 @@ def loss_by_position(model, task: tasks.Text, length: int, rows: int) -> list[di
 def model_records(ctx: base.Context, sizes: Sizes, pattern: str, seed: int) -> list[dict]:
   """Trains (resuming) one model and measures every (length, RoPE) of it; cached."""
   from experiments import evaluate  # pylint: disable=g-import-not-at-top
-  run_dir = base.train_run(config_for(sizes, pattern, seed), ctx.path(f"{pattern}_s{seed}"))
+  config = config_for(sizes, pattern, seed, ctx.workdir)
+  run_dir = base.train_run(config, ctx.path(f"{pattern}_s{seed}"))
+  model_config = trainer.model_config(config)
+  all_global = trainer.model_config(config_for(sizes, "global", seed, ctx.workdir))
   records = []
   for multiple in sizes.multiples:
     length = multiple * sizes.seq_len
+    cost = (flops.attention_flops_per_token(model_config, length)
+            / flops.attention_flops_per_token(all_global, length))
     for rope in ("none", "yarn") if multiple > 1 else ("none",):
       factor = float(multiple) if rope == "yarn" else 1.0
 
       def compute(rope=rope, factor=factor, length=length):
         config, model, _ = evaluate.load_run(run_dir, rope, factor)
         task = tasks.make_task(config.task, seed=config.seed)
-        return loss_by_position(model, task, length, max(1, sizes.eval_tokens // length))
+        batches = held_out_rows(task, length, max(1, sizes.eval_tokens // length))
+        recall = [r["recall"] for r in evaluate.batch_recall(model, batches)] or [math.nan]
+        return dict(buckets=loss_by_position(model, batches), recall=recall)
 
-      tag = f"row5b_{rope}{factor:g}_{length}_{sizes.eval_tokens}.json"
-      for r in base.cached(os.path.join(run_dir, tag), compute):
+      tag = f"row5c_{rope}{factor:g}_{length}_{sizes.eval_tokens}.json"
+      measured = base.cached(os.path.join(run_dir, tag), compute)
+      recall = measured["recall"]
+      for r in measured["buckets"]:
         records.append(dict(pattern=pattern, seed=seed, rope=rope, factor=factor,
                             length=length, multiple=multiple, **r,
-                            bits_per_byte=r["loss"] / math.log(2)))
+                            bits_per_byte=r["loss"] / math.log(2), attn_flops_vs_global=cost,
+                            recall_first_dsa_layer=recall[0], recall_last_dsa_layer=recall[-1]))
   return records
 
 
@@ -136,6 +181,24 @@ def bpb_table(records: list[dict], sizes: Sizes) -> str:
                   and r["rope"] == r_rope and r["multiple"] == multiple and r["bucket_lo"] == 0]
         cells.append(base.cell(values, "{:.3f}"))
       rows.append([pattern, rope if rope == "yarn" else "none"] + cells)
+  return base.markdown_table(header, rows)
+
+
+def cost_table(records: list[dict], sizes: Sizes) -> str:
+  """Per pattern: attention FLOPs per token against all-global and (DSA layers) indexer
+  recall, at each length (recall: mean (min-max) over seeds, the trained RoPE)."""
+  header = (["pattern"] + [f"attention FLOPs vs global, {m}x" for m in sizes.multiples]
+            + [f"indexer recall first / last DSA layer, {m}x" for m in sizes.multiples])
+  rows = []
+  for pattern in sizes.patterns:
+    mine = {m: [r for r in records if r["pattern"] == pattern and r["multiple"] == m
+                and r["rope"] == "none" and r["bucket_lo"] == 0] for m in sizes.multiples}
+    recalls = ["-" if math.isnan(mine[m][0]["recall_first_dsa_layer"]) else
+               " / ".join(base.cell([r[k] for r in mine[m]], "{:.2f}")
+                          for k in ("recall_first_dsa_layer", "recall_last_dsa_layer"))
+               for m in sizes.multiples]
+    rows.append([pattern] + [f"{mine[m][0]['attn_flops_vs_global']:.2f}"
+                             for m in sizes.multiples] + recalls)
   return base.markdown_table(header, rows)
 
 
@@ -168,17 +231,21 @@ def plot(records: list[dict], sizes: Sizes, path: str) -> None:
 
 def run(ctx: base.Context) -> base.Result:
   sizes = QUICK if ctx.quick else FULL
-  records = [r for seed in ctx.seeds for pattern in sizes.patterns
+  seeds = ctx.seeds[:1] if ctx.quick else ctx.seeds  # quick: the code path, once
+  records = [r for seed in seeds for pattern in sizes.patterns
              for r in model_records(ctx, sizes, pattern, seed)]
   note = (f"Held-out bits per byte ({sizes.eval_tokens} bytes per cell and seed; every 10th "
           f"stdlib file held out), trained at L = {sizes.seq_len} for {sizes.steps} steps of "
           f"{sizes.batch_size} rows; mean (min-max) over seeds "
-          f"{', '.join(map(str, ctx.seeds))}. YaRN: s = length / L.")
-  return base.Result(records, f"{note}\n\n{bpb_table(records, sizes)}",
+          f"{', '.join(map(str, seeds))}. YaRN: s = length / L.")
+  tables = f"{bpb_table(records, sizes)}\n\n{cost_table(records, sizes)}"
+  return base.Result(records, f"{note}\n\n{tables}",
                      lambda path: plot(records, sizes, path))
 
 
 ROW = base.Row(number=5, name="text", title="Real text: loss by position, 1x-4x, with and "
                "without YaRN", columns=("pattern", "seed", "rope", "factor", "length",
                                         "multiple", "bucket_lo", "bucket_hi", "tokens", "loss",
-                                        "bits_per_byte"), run=run)
+                                        "bits_per_byte", "attn_flops_vs_global",
+                                        "recall_first_dsa_layer", "recall_last_dsa_layer"),
+               run=run, unmeasured=("recall_first_dsa_layer", "recall_last_dsa_layer"))

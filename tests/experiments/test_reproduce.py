@@ -1,6 +1,7 @@
 """experiments/reproduce.py: every row's --quick version runs and writes sane outputs."""
 
 import csv
+import json
 import math
 import subprocess
 import sys
@@ -30,8 +31,19 @@ def test_quick_runs_every_row(tmp_path, number):
       except ValueError:
         continue  # a label column
       assert math.isfinite(number_) or key in row.unmeasured, (row.name, key, r)
-  assert f"## Row {row.number}:" in summary
+  assert f"## Row {row.number}:" in summary and "CPU minutes (training" in summary
   assert (out / f"{row.name}.md").exists()
+
+
+def test_training_cpu_sums_the_finished_runs_records(tmp_path):
+  for name, record in [("a_s0", {"cpu_minutes": 1.5}), ("b_s0", {"cpu_minutes": 2.0}),
+                       ("old_s0", {"step": 10})]:
+    (tmp_path / name).mkdir()
+    (tmp_path / name / base.DONE).write_text(json.dumps(record))
+  (tmp_path / "running_s0").mkdir()  # no DONE file: not finished, not counted
+  assert base.training_cpu(str(tmp_path)) == (3.5, 3, 1)
+  assert reproduce.add_minutes(str(tmp_path / "m.json"), "cpu_minutes", 1.0) == 1.0
+  assert reproduce.add_minutes(str(tmp_path / "m.json"), "cpu_minutes", 0.5) == 1.5
 
 
 def test_command_line_refuses_an_unknown_row(tmp_path):

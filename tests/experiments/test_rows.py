@@ -25,6 +25,31 @@ def test_text_pattern_variants(pattern):
     text.get_config("global,local")
 
 
+def test_text_dsa_variant_is_alternating_with_dsa_global_layers():
+  config = text.get_config("dsa")
+  assert tuple(config.model.layer_pattern) == ("dsa", "local", "local")
+  assert config.model.kinds.dsa.options.top_k == config.task.seq_len // 8
+  assert config.model.kinds.dsa.rope_theta == config.model.kinds["global"].rope_theta
+  assert config.model.kinds.dsa.options.stage == "dense" and config.aux_losses.indexer_kl > 0
+  assert text.get_config("dsa,smoke").model.kinds.dsa.options.index_dim == 8
+
+
+def test_text_row_dsa_chain_has_the_other_models_total_steps():
+  sizes = text_row.FULL
+  dense = text_row.config_for(sizes, "alternating", 1, "/rows")
+  sparse = text_row.config_for(sizes, "dsa", 1, "/rows")
+  others = [text_row.config_for(sizes, p, 1, "/rows") for p in ("global", "local")]
+  assert [c.num_steps for c in others] == [dense.num_steps, dense.num_steps] == [sizes.steps] * 2
+  assert sparse.init_step + sparse.num_steps == sizes.steps
+  assert sparse.init_from == "/rows/alternating_s1"
+  assert sparse.init_step % dense.checkpoint_every == 0  # the warm-up's end is checkpointed
+  assert (dense.model.kinds.dsa.options.stage, sparse.model.kinds.dsa.options.stage) == (
+      "dense", "sparse")
+  assert sparse.model.kinds.dsa.options.top_k == sizes.seq_len // 8 == 128
+  assert {c.task.seq_len for c in others + [dense, sparse]} == {sizes.seq_len}
+  assert {c.model.d_model for c in others + [dense, sparse]} == {sizes.d_model}
+
+
 def test_passkey_rope_variant_is_ordinary_rope_everywhere():
   config = passkey.get_config("rope,smoke")
   assert tuple(config.model.layer_pattern) == ("global",)
