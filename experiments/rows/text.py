@@ -18,7 +18,12 @@ On held-out rows of 1x, 2x and 4x the training length L, each token's loss is bu
 context it had: its position in its file within the row, plus one (buckets [1, 2), [2, 4), ...
 doubling, the last one [length/2, length]; a row starting mid-file truncates the context at the
 row start). Past L the models run as trained (`none`) and with YaRN at s = length / L. Bits per
-byte = mean loss / ln 2 over a length's scored tokens. Also per model: attention FLOPs per token
+byte = mean loss / ln 2 over a length's scored tokens. Different buckets hold different tokens
+(a file's first bytes are unlike its later ones), so the row also measures context use on the
+same tokens (Khandelwal et al. 2018's ablation): each 1x row that lies inside one file has its
+last `scored` bytes scored given only the row's last c bytes, c in `cuts` and the whole row;
+the loss those bytes lose when the context is cut to c is what the model gets from the bytes
+beyond c. Also per model: attention FLOPs per token
 against all-global (`models.flops`; DSA: top_k keys plus the indexer's scores) and, for the
 models with DSA layers, indexer recall (dense attention mass on the top-k keys) at each length.
 
@@ -31,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from typing import Sequence
 
 from flax import nnx
 import jax
@@ -58,13 +64,17 @@ class Sizes:
   multiples: tuple[int, ...]
   eval_tokens: int   # held-out tokens per (model, length, RoPE): rows = eval_tokens / length
   sparse_steps: int  # dsa: the last steps of `steps` run sparse (DeepSeek's stage 2)
+  scored: int  # context ablation: the bytes scored at the end of each row
+  cuts: tuple[int, ...]  # context ablation: the contexts (bytes) given besides the whole row
   patterns: tuple[str, ...] = PATTERNS
 
 
 FULL = Sizes(smoke=False, seq_len=1024, d_model=64, num_layers=4, window=128, steps=500,
-             batch_size=8, multiples=(1, 2, 4), eval_tokens=65536, sparse_steps=125)
+             batch_size=8, multiples=(1, 2, 4), eval_tokens=65536, sparse_steps=125,
+             scored=64, cuts=(128, 256, 512))
 QUICK = Sizes(smoke=True, seq_len=64, d_model=32, num_layers=3, window=16, steps=2,
-              batch_size=4, multiples=(1, 2), eval_tokens=256, sparse_steps=1,
+              batch_size=4, multiples=(1, 2), eval_tokens=256, sparse_steps=1, scored=16,
+              cuts=(32,),
               patterns=("alternating", "dsa"))
 
 
@@ -135,6 +145,25 @@ def loss_by_position(model, batches: list[dict[str, np.ndarray]]) -> list[dict]:
                      loss=float(sums.sum() / counts.sum()))]
 
 
+def context_ablation(model, batches: list[dict[str, np.ndarray]], cuts: Sequence[int],
+                     scored: int) -> list[dict]:
+  """Loss of each row's last `scored` bytes given only its last c bytes, for c in `cuts` and
+  the whole row, over the rows of `batches` (one row each) that lie inside one file (so a cut
+  removes context the bytes had). Rows are the same for every c: the differences are paired."""
+  length = batches[0]["tokens"].shape[1]
+  inside = [b for b in batches if (b["segment_ids"] == b["segment_ids"][0, 0]).all()
+            and b["loss_mask"][0, -scored:].all()]
+  out = []
+  for c in (*cuts, length):
+    total = 0.0
+    for batch in inside:
+      cut = trainer.to_device({k: v[:, -c:] for k, v in batch.items()})
+      total += float(np.sum(np.asarray(jax.device_get(token_losses(model, cut)))[:, -scored:]))
+    tokens = len(inside) * scored
+    out.append(dict(context=c, tokens=tokens, loss=total / max(tokens, 1)))
+  return out
+
+
 def model_records(ctx: base.Context, sizes: Sizes, pattern: str, seed: int) -> list[dict]:
   """Trains (resuming) one model and measures every (length, RoPE) of it; cached."""
   from experiments import evaluate  # pylint: disable=g-import-not-at-top
@@ -162,10 +191,46 @@ def model_records(ctx: base.Context, sizes: Sizes, pattern: str, seed: int) -> l
       recall = measured["recall"]
       for r in measured["buckets"]:
         records.append(dict(pattern=pattern, seed=seed, rope=rope, factor=factor,
-                            length=length, multiple=multiple, **r,
+                            length=length, multiple=multiple, context_cut=0, **r,
                             bits_per_byte=r["loss"] / math.log(2), attn_flops_vs_global=cost,
                             recall_first_dsa_layer=recall[0], recall_last_dsa_layer=recall[-1]))
+
+  def ablate():
+    config, model, _ = evaluate.load_run(run_dir)
+    task = tasks.make_task(config.task, seed=config.seed)
+    rows = held_out_rows(task, sizes.seq_len, max(1, sizes.eval_tokens // sizes.seq_len))
+    return context_ablation(model, rows, sizes.cuts, sizes.scored)
+
+  tag = f"row5_ablation_{'-'.join(map(str, sizes.cuts))}_{sizes.scored}_{sizes.eval_tokens}.json"
+  first = records[0]  # 1x, the trained RoPE: its cost and recall columns
+  for r in base.cached(os.path.join(run_dir, tag), ablate):
+    records.append(dict(first, context_cut=r["context"], bucket_lo=sizes.seq_len - sizes.scored,
+                        bucket_hi=sizes.seq_len, tokens=r["tokens"], loss=r["loss"],
+                        bits_per_byte=r["loss"] / math.log(2)))
   return records
+
+
+def whole_rows(records: list[dict]) -> list[dict]:
+  """The records measured on whole rows (not the context ablation's)."""
+  return [r for r in records if r["context_cut"] == 0]
+
+
+def ablation_table(records: list[dict], sizes: Sizes) -> str:
+  """Bits per byte of each 1x row's last `scored` bytes by the context given, and what the
+  bytes beyond the smallest cut are worth (per seed, then mean (min-max))."""
+  contexts = [*sizes.cuts, sizes.seq_len]
+  header = (["pattern"] + [f"given {c} bytes" + (" (whole row)" if c == sizes.seq_len else "")
+                           for c in contexts] + [f"gain from bytes {contexts[0]}-{contexts[-1]}"])
+  rows = []
+  for pattern in sizes.patterns:
+    mine = [r for r in records if r["pattern"] == pattern and r["context_cut"]]
+    by_seed = {}
+    for r in mine:
+      by_seed.setdefault(r["seed"], {})[r["context_cut"]] = r["bits_per_byte"]
+    gains = [v[contexts[0]] - v[contexts[-1]] for v in by_seed.values()]
+    rows.append([pattern] + [base.cell([v[c] for v in by_seed.values()], "{:.3f}")
+                             for c in contexts] + [base.cell(gains, "{:+.3f}")])
+  return base.markdown_table(header, rows)
 
 
 def bpb_table(records: list[dict], sizes: Sizes) -> str:
@@ -177,7 +242,7 @@ def bpb_table(records: list[dict], sizes: Sizes) -> str:
       cells = []
       for multiple in sizes.multiples:
         r_rope = rope if multiple > 1 else "none"
-        values = [r["bits_per_byte"] for r in records if r["pattern"] == pattern
+        values = [r["bits_per_byte"] for r in whole_rows(records) if r["pattern"] == pattern
                   and r["rope"] == r_rope and r["multiple"] == multiple and r["bucket_lo"] == 0]
         cells.append(base.cell(values, "{:.3f}"))
       rows.append([pattern, rope if rope == "yarn" else "none"] + cells)
@@ -191,7 +256,7 @@ def cost_table(records: list[dict], sizes: Sizes) -> str:
             + [f"indexer recall first / last DSA layer, {m}x" for m in sizes.multiples])
   rows = []
   for pattern in sizes.patterns:
-    mine = {m: [r for r in records if r["pattern"] == pattern and r["multiple"] == m
+    mine = {m: [r for r in whole_rows(records) if r["pattern"] == pattern and r["multiple"] == m
                 and r["rope"] == "none" and r["bucket_lo"] == 0] for m in sizes.multiples}
     recalls = ["-" if math.isnan(mine[m][0]["recall_first_dsa_layer"]) else
                " / ".join(base.cell([r[k] for r in mine[m]], "{:.2f}")
@@ -209,8 +274,8 @@ def plot(records: list[dict], sizes: Sizes, path: str) -> None:
   for ax, pattern in zip(axes[0], sizes.patterns):
     for multiple in sizes.multiples:
       for rope in ("none", "yarn") if multiple > 1 else ("none",):
-        mine = [r for r in records if r["pattern"] == pattern and r["multiple"] == multiple
-                and r["rope"] == rope and r["bucket_lo"] > 0]
+        mine = [r for r in whole_rows(records) if r["pattern"] == pattern
+                and r["multiple"] == multiple and r["rope"] == rope and r["bucket_lo"] > 0]
         los = sorted({r["bucket_lo"] for r in mine})
         means = [np.mean([r["loss"] for r in mine if r["bucket_lo"] == lo]) for lo in los]
         ax.plot([lo * 1.5 for lo in los], means, marker="o", markersize=3,
@@ -237,15 +302,18 @@ def run(ctx: base.Context) -> base.Result:
   note = (f"Held-out bits per byte ({sizes.eval_tokens} bytes per cell and seed; every 10th "
           f"stdlib file held out), trained at L = {sizes.seq_len} for {sizes.steps} steps of "
           f"{sizes.batch_size} rows; mean (min-max) over seeds "
-          f"{', '.join(map(str, seeds))}. YaRN: s = length / L.")
-  tables = f"{bpb_table(records, sizes)}\n\n{cost_table(records, sizes)}"
+          f"{', '.join(map(str, seeds))}. YaRN: s = length / L. Context ablation: bits per "
+          f"byte of the last {sizes.scored} bytes of each 1x row inside one file, given the row's "
+          f"last c bytes only.")
+  tables = "\n\n".join(t(records, sizes) for t in (bpb_table, ablation_table, cost_table))
   return base.Result(records, f"{note}\n\n{tables}",
                      lambda path: plot(records, sizes, path))
 
 
 ROW = base.Row(number=5, name="text", title="Real text: loss by position, 1x-4x, with and "
                "without YaRN", columns=("pattern", "seed", "rope", "factor", "length",
-                                        "multiple", "bucket_lo", "bucket_hi", "tokens", "loss",
+                                        "multiple", "context_cut", "bucket_lo", "bucket_hi",
+                                        "tokens", "loss",
                                         "bits_per_byte", "attn_flops_vs_global",
                                         "recall_first_dsa_layer", "recall_last_dsa_layer"),
                run=run, unmeasured=("recall_first_dsa_layer", "recall_last_dsa_layer"))

@@ -25,6 +25,34 @@ def test_text_pattern_variants(pattern):
     text.get_config("global,local")
 
 
+def _rows(segments):
+  rng = np.random.default_rng(0)
+  out = []
+  for seg in segments:
+    tokens = rng.integers(0, 256, (1, len(seg)), dtype=np.int32)
+    out.append(dict(tokens=tokens, targets=np.roll(tokens, -1, axis=1),
+                    loss_mask=np.ones((1, len(seg)), np.float32),
+                    segment_ids=np.asarray([seg], np.int32)))
+  return out
+
+
+@pytest.mark.parametrize("pattern", ["local", "global"])
+def test_context_ablation_pairs_the_same_bytes_and_skips_rows_of_two_files(pattern):
+  from experiments import trainer  # pylint: disable=g-import-not-at-top
+  config = text.get_config(f"{pattern},smoke")
+  config.model.num_layers = 1
+  config.model.kinds.local.window = 8  # one local layer sees the last 8 bytes, itself included
+  model = trainer.make_model(config)
+  rows = _rows([[0] * 32, [0] * 16 + [1] * 16, [3] * 32])  # the middle row holds two files
+  out = text_row.context_ablation(model, rows, cuts=(12,), scored=4)
+  assert [r["context"] for r in out] == [12, 32] and {r["tokens"] for r in out} == {2 * 4}
+  # The scored bytes' 8-byte windows lie inside the last 12: a local layer loses nothing.
+  if pattern == "local":
+    assert out[0]["loss"] == pytest.approx(out[1]["loss"], rel=1e-5)
+  else:
+    assert abs(out[0]["loss"] - out[1]["loss"]) > 1e-4
+
+
 def test_text_dsa_variant_is_alternating_with_dsa_global_layers():
   config = text.get_config("dsa")
   assert tuple(config.model.layer_pattern) == ("dsa", "local", "local")
