@@ -62,24 +62,26 @@ def run_row(row: base.Row, workdir: str, out: str, quick: bool, seeds: tuple[int
   start, cpu_start = time.perf_counter(), time.process_time()
   ctx = base.Context(workdir=os.path.join(workdir, row.name), quick=quick, seeds=seeds)
   os.makedirs(ctx.workdir, exist_ok=True)
-  trained_before = base.training_cpu(ctx.workdir)[0]
+  runs_before, trained_before = len(base.LEDGER.runs), base.LEDGER.trained_minutes
   print(f"\n=== row {row.number}: {row.title} ({'quick' if quick else 'full'}, seeds "
-        f"{','.join(map(str, seeds))}) ===", flush=True)
+        f"{','.join(map(str, ctx.run_seeds))}) ===", flush=True)
   result = row.run(ctx)
   base.check_records(row, result.records)
   write_csv(result.records, os.path.join(out, f"{row.name}.csv"))
   if result.plot is not None:
     result.plot(os.path.join(out, f"{row.name}.png"))
-  trained, runs, unrecorded = base.training_cpu(ctx.workdir)
-  # This call's CPU time less the training it did (counted in the runs' own records).
-  evaluation = (time.process_time() - cpu_start) / 60 - (trained - trained_before)
+  # The runs this row used (trained now or before, by any process) count their own CPU time;
+  # measuring is this call's CPU time less the training it did.
+  trained, runs, unrecorded = base.training_cpu(base.LEDGER.runs[runs_before:])
+  evaluation = ((time.process_time() - cpu_start) / 60
+                - (base.LEDGER.trained_minutes - trained_before))
   wall = add_minutes(ctx.path("wall_minutes.json"), "wall_minutes",
                      (time.perf_counter() - start) / 60)
   evaluation = add_minutes(ctx.path("eval_cpu_minutes.json"), "cpu_minutes", evaluation)
   unrecorded = f", {unrecorded} of them without a recorded CPU time" if unrecorded else ""
   section = (f"## Row {row.number}: {row.title}\n\n`python -m experiments.reproduce "
              f"--rows={row.number}{' --quick' if quick else ''}`; seeds "
-             f"{','.join(map(str, seeds))}; {trained + evaluation:.1f} CPU minutes (training "
+             f"{','.join(map(str, ctx.run_seeds))}; {trained + evaluation:.1f} CPU minutes (training "
              f"{trained:.1f} over {runs} runs{unrecorded}; measuring {evaluation:.1f}), "
              f"{wall:.1f} wall minutes over the calls that computed it (finished runs and "
              f"results are cached, not recomputed).\n\n{result.markdown}\n")

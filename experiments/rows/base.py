@@ -37,6 +37,11 @@ class Context:
   def path(self, *parts: str) -> str:
     return os.path.join(self.workdir, *parts)
 
+  @property
+  def run_seeds(self) -> tuple[int, ...]:
+    """The seeds a row trains: all of them, or with `quick` the first (the code path, once)."""
+    return self.seeds[:1] if self.quick else self.seeds
+
 
 @dataclasses.dataclass
 class Result:
@@ -100,42 +105,61 @@ def cached(path: str, compute: Callable[[], Any]) -> Any:
 DONE = "row_done.json"  # in a finished run's workdir: its final metrics and CPU minutes
 
 
+@dataclasses.dataclass
+class CpuLedger:
+  """What `train_run` did in this process: the runs it was asked for (finished before or
+  trained now, in call order) and the CPU minutes it spent training."""
+  runs: list[str] = dataclasses.field(default_factory=list)
+  trained_minutes: float = 0.0
+
+
+LEDGER = CpuLedger()  # this process's; `reproduce.run_row` reads it around a row
+
+
 def train_run(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Trains `config` into `workdir` (resuming; a finished run is not retrained); returns it.
 
   Evaluation after training is the row's job (`eval_after_train` is switched off), so the
   row decides which grid to measure and caches it. The run's `DONE` file records its final
   metrics and `cpu_minutes`: this process's CPU time (all threads) over the call that finished
-  it (a killed run's earlier calls are not counted).
+  it (a killed run's earlier calls are not counted). A finished run made with other
+  computation fields (`train.check_resume`: say, a row's sizes changed since) is refused,
+  not silently measured as the new config's.
   """
   from experiments import train  # pylint: disable=g-import-not-at-top
-  done = os.path.join(workdir, DONE)
-  if os.path.exists(done):
-    return workdir
+  LEDGER.runs.append(workdir)
   config = ml_collections.ConfigDict(config.to_dict())
   config.eval_after_train = False
+  done = os.path.join(workdir, DONE)
+  if os.path.exists(done):
+    with open(done) as f:
+      train.check_resume(config, workdir, json.load(f).get("step", 0))
+    return workdir
   start = time.process_time()
   result = train.train_and_evaluate(config, workdir)
   record = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
   record["cpu_minutes"] = (time.process_time() - start) / 60
+  LEDGER.trained_minutes += record["cpu_minutes"]
   with open(done, "w") as f:
     json.dump(record, f)
   return workdir
 
 
-def training_cpu(workdir: str) -> tuple[float, int, int]:
-  """(CPU minutes, runs, runs without a recorded CPU time) of the finished training runs under
-  `workdir` (their `DONE` files, wherever they were trained)."""
+def training_cpu(workdirs: Sequence[str]) -> tuple[float, int, int]:
+  """(CPU minutes, runs, runs without a recorded CPU time) of the finished training runs in
+  `workdirs` (each counted once; their `DONE` files, wherever they were trained)."""
   minutes, runs, unrecorded = 0.0, 0, 0
-  for root, _, files in os.walk(workdir):
-    if DONE in files:
-      with open(os.path.join(root, DONE)) as f:
-        value = json.load(f).get("cpu_minutes")
-      runs += 1
-      if value is None:
-        unrecorded += 1
-      else:
-        minutes += value
+  for workdir in dict.fromkeys(workdirs):
+    path = os.path.join(workdir, DONE)
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      value = json.load(f).get("cpu_minutes")
+    runs += 1
+    if value is None:
+      unrecorded += 1
+    else:
+      minutes += value
   return minutes, runs, unrecorded
 
 

@@ -40,7 +40,7 @@ def run_settings(ctx: base.Context, settings: Sequence[str],
   """
   records = []
   for setting in settings:
-    for seed in ctx.seeds[:1] if ctx.quick else ctx.seeds:
+    for seed in ctx.run_seeds:
       workdir = base.train_run(make_config(setting, seed), ctx.path(f"{setting}_s{seed}"))
       records += base.cached(os.path.join(workdir, "row_eval.json"),
                              lambda w=workdir, s=setting, d=seed: measure(w, s, d))

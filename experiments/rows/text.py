@@ -1,31 +1,36 @@
 """Row 5: real text. Does a byte-level decoder use its context, and past its training length?
 
-Decoders that differ only in their layers (the same parameters, steps, data and seed) train on
-the Python standard library's sources with every 10th file (sorted order) held out:
+Decoders that differ only in their layers (the same sizes, steps, data and seed) train on the
+Python standard library's sources with every 10th file (sorted order) held out:
 
 * `global`: every layer global (`text.py:global`); `local`: every layer local (`text.py:local`);
 * `alternating`: ModernBERT's pattern, global, local, local, global, trained as `text.py:dsa`'s
   dense stage: its global layers are DSA layers in stage "dense", which attend to every key
-  with flash attention (the function a global layer computes, with the global RoPE) while the
-  indexer learns its KL to that attention from a detached input (it cannot change the model).
-  So this is the alternating model, and its checkpoint at `steps - sparse_steps` is DeepSeek's
-  dense warm-up for:
+  with flash attention (the function a global layer computes, with the global RoPE), while a
+  lightning indexer (parameters of its own, unused by the forward pass) learns its KL to that
+  attention from a detached input. The two meet only in the optimizer's global-norm clip (its
+  gradient norm counts the indexer's too). So this is the alternating model (one run serves
+  both, as rows 2 and 4's dense models), and its checkpoint at `steps - sparse_steps` is
+  DeepSeek's dense warm-up for:
 * `dsa`: DeepSeek's stage 2 from that checkpoint (`rows.dsa.chain_stage`, as rows 2 and 4):
   each query of the two DSA layers attends to its indexer's top_k = L/8 keys, for the last
   `sparse_steps` steps: the same total steps as every other model.
 
 On held-out rows of 1x, 2x and 4x the training length L, each token's loss is bucketed by the
 context it had: its position in its file within the row, plus one (buckets [1, 2), [2, 4), ...
-doubling, the last one [length/2, length]; a row starting mid-file truncates the context at the
-row start). Past L the models run as trained (`none`) and with YaRN at s = length / L. Bits per
-byte = mean loss / ln 2 over a length's scored tokens. Different buckets hold different tokens
-(a file's first bytes are unlike its later ones), so the row also measures context use on the
-same tokens (Khandelwal et al. 2018's ablation): each 1x row that lies inside one file has its
-last `scored` bytes scored given only the row's last c bytes, c in `cuts` and the whole row;
-the loss those bytes lose when the context is cut to c is what the model gets from the bytes
-beyond c. Also per model: attention FLOPs per token
-against all-global (`models.flops`; DSA: top_k keys plus the indexer's scores) and, for the
-models with DSA layers, indexer recall (dense attention mass on the top-k keys) at each length.
+doubling, the last one [length/2, length]; a row starting mid-file truncates the context at
+the row start). Past L the models run as trained (`none`) and with YaRN at s = length / L.
+Bits per byte = mean loss / ln 2 over a length's scored tokens.
+
+Different buckets hold different tokens (a file's first bytes are unlike its later ones), so
+the row also measures context use on the same tokens (the ablation of Khandelwal et al. 2018,
+"Sharp nearby, fuzzy far away"): every 1x row that lies inside one file has its last `scored`
+bytes scored given only the row's last c bytes, c in `cuts`, and given the whole row; what
+those bytes lose when the context is cut to c is what the model gets from the bytes beyond.
+
+Also per model and length: attention FLOPs per token against all-global (`models.flops`; DSA:
+top_k keys plus the indexer's scores) and, with DSA layers, the indexer recall (the dense
+attention mass on its top-k keys; `evaluate.batch_recall`).
 
 Expected (issue 17): loss falls with position for global and alternating, and stops falling past
 the window for local-only; without scaling the global models degrade past L.
@@ -46,7 +51,6 @@ import optax
 from experiments import plots, tasks, trainer
 from experiments.configs import text
 from experiments.rows import base, dsa
-from models import flops
 
 PATTERNS = ("global", "local", "alternating", "dsa")  # in training order: dsa needs alternating
 
@@ -67,6 +71,12 @@ class Sizes:
   scored: int  # context ablation: the bytes scored at the end of each row
   cuts: tuple[int, ...]  # context ablation: the contexts (bytes) given besides the whole row
   patterns: tuple[str, ...] = PATTERNS
+
+  def __post_init__(self):
+    if self.multiples[0] != 1 or not 0 < self.scored <= min(self.cuts) or max(
+        self.cuts) >= self.seq_len:
+      raise ValueError(f"Sizes: need multiples starting at 1 (got {self.multiples}) and "
+                       f"0 < scored={self.scored} <= cuts {self.cuts} < seq_len={self.seq_len}.")
 
 
 FULL = Sizes(smoke=False, seq_len=1024, d_model=64, num_layers=4, window=128, steps=500,
@@ -147,66 +157,79 @@ def loss_by_position(model, batches: list[dict[str, np.ndarray]]) -> list[dict]:
 
 def context_ablation(model, batches: list[dict[str, np.ndarray]], cuts: Sequence[int],
                      scored: int) -> list[dict]:
-  """Loss of each row's last `scored` bytes given only its last c bytes, for c in `cuts` and
-  the whole row, over the rows of `batches` (one row each) that lie inside one file (so a cut
-  removes context the bytes had). Rows are the same for every c: the differences are paired."""
+  """Held-out loss (nats per byte) of each row's last `scored` bytes given only the row's last
+  c bytes, for c in `cuts` and the whole row (c = T).
+
+  `batches`: rows of one length T, one row each (`[1, T]` fields, as `held_out_rows`); only
+  the rows that lie inside one file (one segment, every scored target in it) count, so a cut
+  removes context the scored bytes had. The rows are the same for every c: the differences
+  are paired. Returns `[{context: c, tokens, loss}]`, the whole row last. Raises ValueError
+  if `scored` exceeds a cut or no row lies inside one file.
+  """
   length = batches[0]["tokens"].shape[1]
+  if not 0 < scored <= min(cuts, default=length) or max(cuts, default=0) >= length:
+    raise ValueError(f"context_ablation: need 0 < scored={scored} <= every cut and cuts "
+                     f"{tuple(cuts)} < the row length {length}.")
   inside = [b for b in batches if (b["segment_ids"] == b["segment_ids"][0, 0]).all()
             and b["loss_mask"][0, -scored:].all()]
+  if not inside:
+    raise ValueError(f"context_ablation: none of the {len(batches)} rows of {length} bytes "
+                     f"lies inside one file.")
   out = []
   for c in (*cuts, length):
     total = 0.0
     for batch in inside:
       cut = trainer.to_device({k: v[:, -c:] for k, v in batch.items()})
       total += float(np.sum(np.asarray(jax.device_get(token_losses(model, cut)))[:, -scored:]))
-    tokens = len(inside) * scored
-    out.append(dict(context=c, tokens=tokens, loss=total / max(tokens, 1)))
+    out.append(dict(context=c, tokens=len(inside) * scored, loss=total / (len(inside) * scored)))
   return out
 
 
 def model_records(ctx: base.Context, sizes: Sizes, pattern: str, seed: int) -> list[dict]:
-  """Trains (resuming) one model and measures every (length, RoPE) of it; cached."""
+  """Trains (resuming) one model and measures it, cached per (length, RoPE) in its workdir.
+
+  Records (`ROW.columns`): per (length, RoPE), one per context bucket and one for the whole
+  length (`bucket_lo` 0), with `context_cut` 0; at 1x with the trained RoPE also the context
+  ablation's, one per context c given (`context_cut` = c; `bucket_lo`/`bucket_hi`: the
+  contexts its scored bytes had, [c - scored + 1, c + 1)). Every record of a (length, RoPE)
+  carries its attention FLOPs against all-global and the indexer recall (NaN: no DSA layer).
+  """
   from experiments import evaluate  # pylint: disable=g-import-not-at-top
   config = config_for(sizes, pattern, seed, ctx.workdir)
   run_dir = base.train_run(config, ctx.path(f"{pattern}_s{seed}"))
-  model_config = trainer.model_config(config)
-  all_global = trainer.model_config(config_for(sizes, "global", seed, ctx.workdir))
+  all_global = config_for(sizes, "global", seed, ctx.workdir)
   records = []
   for multiple in sizes.multiples:
     length = multiple * sizes.seq_len
-    cost = (flops.attention_flops_per_token(model_config, length)
-            / flops.attention_flops_per_token(all_global, length))
+    cost = dsa.attention_flops(config, length) / dsa.attention_flops(all_global, length)
     for rope in ("none", "yarn") if multiple > 1 else ("none",):
       factor = float(multiple) if rope == "yarn" else 1.0
+      ablate = multiple == 1
 
-      def compute(rope=rope, factor=factor, length=length):
+      def compute(rope=rope, factor=factor, length=length, ablate=ablate):
         config, model, _ = evaluate.load_run(run_dir, rope, factor)
         task = tasks.make_task(config.task, seed=config.seed)
         batches = held_out_rows(task, length, max(1, sizes.eval_tokens // length))
         recall = [r["recall"] for r in evaluate.batch_recall(model, batches)] or [math.nan]
-        return dict(buckets=loss_by_position(model, batches), recall=recall)
+        return dict(buckets=loss_by_position(model, batches), recall=recall,
+                    ablation=context_ablation(model, batches, sizes.cuts, sizes.scored)
+                    if ablate else [])
 
-      tag = f"row5c_{rope}{factor:g}_{length}_{sizes.eval_tokens}.json"
+      cut = f"_cut{'-'.join(map(str, sizes.cuts))}x{sizes.scored}" if ablate else ""
+      tag = f"row5d_{rope}{factor:g}_{length}_{sizes.eval_tokens}{cut}.json"
       measured = base.cached(os.path.join(run_dir, tag), compute)
-      recall = measured["recall"]
+      head = dict(pattern=pattern, seed=seed, rope=rope, factor=factor, length=length,
+                  multiple=multiple)
+      tail = dict(attn_flops_vs_global=cost, recall_first_dsa_layer=measured["recall"][0],
+                  recall_last_dsa_layer=measured["recall"][-1])
       for r in measured["buckets"]:
-        records.append(dict(pattern=pattern, seed=seed, rope=rope, factor=factor,
-                            length=length, multiple=multiple, context_cut=0, **r,
-                            bits_per_byte=r["loss"] / math.log(2), attn_flops_vs_global=cost,
-                            recall_first_dsa_layer=recall[0], recall_last_dsa_layer=recall[-1]))
-
-  def ablate():
-    config, model, _ = evaluate.load_run(run_dir)
-    task = tasks.make_task(config.task, seed=config.seed)
-    rows = held_out_rows(task, sizes.seq_len, max(1, sizes.eval_tokens // sizes.seq_len))
-    return context_ablation(model, rows, sizes.cuts, sizes.scored)
-
-  tag = f"row5_ablation_{'-'.join(map(str, sizes.cuts))}_{sizes.scored}_{sizes.eval_tokens}.json"
-  first = records[0]  # 1x, the trained RoPE: its cost and recall columns
-  for r in base.cached(os.path.join(run_dir, tag), ablate):
-    records.append(dict(first, context_cut=r["context"], bucket_lo=sizes.seq_len - sizes.scored,
-                        bucket_hi=sizes.seq_len, tokens=r["tokens"], loss=r["loss"],
-                        bits_per_byte=r["loss"] / math.log(2)))
+        records.append(dict(head, context_cut=0, **r, bits_per_byte=r["loss"] / math.log(2),
+                            **tail))
+      for r in measured["ablation"]:
+        c = r["context"]
+        records.append(dict(head, context_cut=c, bucket_lo=c - sizes.scored + 1,
+                            bucket_hi=c + 1, tokens=r["tokens"], loss=r["loss"],
+                            bits_per_byte=r["loss"] / math.log(2), **tail))
   return records
 
 
@@ -216,20 +239,21 @@ def whole_rows(records: list[dict]) -> list[dict]:
 
 
 def ablation_table(records: list[dict], sizes: Sizes) -> str:
-  """Bits per byte of each 1x row's last `scored` bytes by the context given, and what the
-  bytes beyond the smallest cut are worth (per seed, then mean (min-max))."""
+  """Bits per byte of each 1x row's last `scored` bytes by the context they were given, and
+  what cutting it to the smallest cut costs (per seed, then mean (min-max) over seeds)."""
   contexts = [*sizes.cuts, sizes.seq_len]
-  header = (["pattern"] + [f"given {c} bytes" + (" (whole row)" if c == sizes.seq_len else "")
-                           for c in contexts] + [f"gain from bytes {contexts[0]}-{contexts[-1]}"])
+  header = (["pattern"] + [f"context cut to {c}" if c < sizes.seq_len else
+                           f"whole row ({c})" for c in contexts]
+            + [f"cost of the cut to {contexts[0]}"])
   rows = []
   for pattern in sizes.patterns:
-    mine = [r for r in records if r["pattern"] == pattern and r["context_cut"]]
     by_seed = {}
-    for r in mine:
-      by_seed.setdefault(r["seed"], {})[r["context_cut"]] = r["bits_per_byte"]
-    gains = [v[contexts[0]] - v[contexts[-1]] for v in by_seed.values()]
+    for r in records:
+      if r["pattern"] == pattern and r["context_cut"]:
+        by_seed.setdefault(r["seed"], {})[r["context_cut"]] = r["bits_per_byte"]
+    costs = [v[contexts[0]] - v[contexts[-1]] for v in by_seed.values()]
     rows.append([pattern] + [base.cell([v[c] for v in by_seed.values()], "{:.3f}")
-                             for c in contexts] + [base.cell(gains, "{:+.3f}")])
+                             for c in contexts] + [base.cell(costs, "{:+.3f}")])
   return base.markdown_table(header, rows)
 
 
@@ -296,24 +320,25 @@ def plot(records: list[dict], sizes: Sizes, path: str) -> None:
 
 def run(ctx: base.Context) -> base.Result:
   sizes = QUICK if ctx.quick else FULL
-  seeds = ctx.seeds[:1] if ctx.quick else ctx.seeds  # quick: the code path, once
+  seeds = ctx.run_seeds
   records = [r for seed in seeds for pattern in sizes.patterns
              for r in model_records(ctx, sizes, pattern, seed)]
   note = (f"Held-out bits per byte ({sizes.eval_tokens} bytes per cell and seed; every 10th "
           f"stdlib file held out), trained at L = {sizes.seq_len} for {sizes.steps} steps of "
-          f"{sizes.batch_size} rows; mean (min-max) over seeds "
-          f"{', '.join(map(str, seeds))}. YaRN: s = length / L. Context ablation: bits per "
-          f"byte of the last {sizes.scored} bytes of each 1x row inside one file, given the row's "
-          f"last c bytes only.")
+          f"{sizes.batch_size} rows (dsa: top_k = {sizes.seq_len // 8} = L/8, sparse for the "
+          f"last {sizes.sparse_steps}); mean (min-max) over seeds {', '.join(map(str, seeds))}. "
+          f"YaRN: s = length / L. Context ablation: bits per byte of the last {sizes.scored} "
+          f"bytes of each 1x row inside one file, given the row's last c bytes only.")
   tables = "\n\n".join(t(records, sizes) for t in (bpb_table, ablation_table, cost_table))
   return base.Result(records, f"{note}\n\n{tables}",
                      lambda path: plot(records, sizes, path))
 
 
-ROW = base.Row(number=5, name="text", title="Real text: loss by position, 1x-4x, with and "
-               "without YaRN", columns=("pattern", "seed", "rope", "factor", "length",
-                                        "multiple", "context_cut", "bucket_lo", "bucket_hi",
-                                        "tokens", "loss",
-                                        "bits_per_byte", "attn_flops_vs_global",
-                                        "recall_first_dsa_layer", "recall_last_dsa_layer"),
+# `context_cut`: 0 for the whole-row records (by-position buckets), c for the ablation's.
+ROW = base.Row(number=5, name="text",
+               title="Real text: loss by position and by context given, 1x-4x, with and "
+               "without YaRN, four layer patterns",
+               columns=("pattern", "seed", "rope", "factor", "length", "multiple", "context_cut",
+                        "bucket_lo", "bucket_hi", "tokens", "loss", "bits_per_byte",
+                        "attn_flops_vs_global", "recall_first_dsa_layer", "recall_last_dsa_layer"),
                run=run, unmeasured=("recall_first_dsa_layer", "recall_last_dsa_layer"))

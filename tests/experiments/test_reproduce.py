@@ -37,11 +37,12 @@ def test_quick_runs_every_row(tmp_path, number):
 
 def test_training_cpu_sums_the_finished_runs_records(tmp_path):
   for name, record in [("a_s0", {"cpu_minutes": 1.5}), ("b_s0", {"cpu_minutes": 2.0}),
-                       ("old_s0", {"step": 10})]:
+                       ("old_s0", {"step": 10}), ("other_s0", {"cpu_minutes": 9.0})]:
     (tmp_path / name).mkdir()
     (tmp_path / name / base.DONE).write_text(json.dumps(record))
   (tmp_path / "running_s0").mkdir()  # no DONE file: not finished, not counted
-  assert base.training_cpu(str(tmp_path)) == (3.5, 3, 1)
+  used = [str(tmp_path / n) for n in ("a_s0", "b_s0", "a_s0", "old_s0", "running_s0")]
+  assert base.training_cpu(used) == (3.5, 3, 1)  # a_s0 once; other_s0 was not used
   assert reproduce.add_minutes(str(tmp_path / "m.json"), "cpu_minutes", 1.0) == 1.0
   assert reproduce.add_minutes(str(tmp_path / "m.json"), "cpu_minutes", 0.5) == 1.5
 
@@ -88,3 +89,16 @@ def test_check_records_refuses_bad_records():
   base.check_records(unmeasured, [{"a": 1, "b": float("nan")}])
   with pytest.raises(ValueError, match="non-finite"):
     base.check_records(unmeasured, [{"a": 1, "b": float("inf")}])
+
+
+def test_train_run_refuses_a_finished_run_made_with_other_sizes(tmp_path):
+  from experiments.configs import text  # pylint: disable=g-import-not-at-top
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  config = text.get_config("smoke")
+  config.eval_after_train = False
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  (tmp_path / base.DONE).write_text(json.dumps({"step": 2}))
+  assert base.train_run(config, str(tmp_path)) == str(tmp_path)  # finished: not retrained
+  config.task.seq_len *= 2
+  with pytest.raises(train.ConfigChangeError, match="task.seq_len"):
+    base.train_run(config, str(tmp_path))

@@ -44,6 +44,10 @@ def test_context_ablation_pairs_the_same_bytes_and_skips_rows_of_two_files(patte
   config.model.kinds.local.window = 8  # one local layer sees the last 8 bytes, itself included
   model = trainer.make_model(config)
   rows = _rows([[0] * 32, [0] * 16 + [1] * 16, [3] * 32])  # the middle row holds two files
+  with pytest.raises(ValueError, match="inside one file"):
+    text_row.context_ablation(model, rows[1:2], cuts=(12,), scored=4)
+  with pytest.raises(ValueError, match="scored=16"):
+    text_row.context_ablation(model, rows, cuts=(12,), scored=16)
   out = text_row.context_ablation(model, rows, cuts=(12,), scored=4)
   assert [r["context"] for r in out] == [12, 32] and {r["tokens"] for r in out} == {2 * 4}
   # The scored bytes' 8-byte windows lie inside the last 12: a local layer loses nothing.
