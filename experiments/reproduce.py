@@ -81,8 +81,9 @@ def run_row(row: base.Row, workdir: str, out: str, quick: bool, seeds: tuple[int
   unrecorded = f", {unrecorded} of them without a recorded CPU time" if unrecorded else ""
   section = (f"## Row {row.number}: {row.title}\n\n`python -m experiments.reproduce "
              f"--rows={row.number}{' --quick' if quick else ''}`; seeds "
-             f"{','.join(map(str, ctx.run_seeds))}; {trained + evaluation:.1f} CPU minutes (training "
-             f"{trained:.1f} over {runs} runs{unrecorded}; measuring {evaluation:.1f}), "
+             f"{','.join(map(str, ctx.run_seeds))}; {trained + evaluation:.1f} CPU minutes "
+             f"(training {trained:.1f} over {runs} runs{unrecorded}; measuring "
+             f"{evaluation:.1f}), "
              f"{wall:.1f} wall minutes over the calls that computed it (finished runs and "
              f"results are cached, not recomputed).\n\n{result.markdown}\n")
   with open(os.path.join(out, f"{row.name}.md"), "w") as f:
