@@ -83,9 +83,8 @@ FULL = Sizes(smoke=False, seq_len=1024, d_model=64, num_layers=4, window=128, st
              batch_size=8, multiples=(1, 2, 4), eval_tokens=65536, sparse_steps=125,
              scored=64, cuts=(128, 256, 512))
 QUICK = Sizes(smoke=True, seq_len=64, d_model=32, num_layers=3, window=16, steps=2,
-              batch_size=4, multiples=(1, 2), eval_tokens=256, sparse_steps=1, scored=16,
-              cuts=(32,),
-              patterns=("alternating", "dsa"))
+              batch_size=4, multiples=(1,), eval_tokens=256, sparse_steps=1, scored=16,
+              cuts=(32,), patterns=("alternating", "dsa"))  # 1x only: 2x / YaRN as row 3's
 
 
 def config_for(sizes: Sizes, pattern: str, seed: int, workdir: str):
