@@ -237,6 +237,11 @@ def whole_rows(records: list[dict]) -> list[dict]:
   return [r for r in records if r["context_cut"] == 0]
 
 
+def totals(records: list[dict]) -> list[dict]:
+  """Each (model, seed, length, RoPE)'s record over the whole length (bucket [0, length])."""
+  return [r for r in whole_rows(records) if r["bucket_lo"] == 0]
+
+
 def ablation_table(records: list[dict], sizes: Sizes) -> str:
   """Bits per byte of each 1x row's last `scored` bytes by the context they were given, and
   what cutting it to the smallest cut costs (per seed, then mean (min-max) over seeds)."""
@@ -259,14 +264,14 @@ def ablation_table(records: list[dict], sizes: Sizes) -> str:
 def bpb_table(records: list[dict], sizes: Sizes) -> str:
   """Bits per byte per (pattern, RoPE) and length: mean (min-max) over seeds."""
   header = ["pattern", "RoPE past L"] + [f"{m}x ({m * sizes.seq_len})" for m in sizes.multiples]
-  rows = []
+  rows, whole = [], totals(records)
   for pattern in sizes.patterns:
     for rope in ("none", "yarn"):
       cells = []
       for multiple in sizes.multiples:
         r_rope = rope if multiple > 1 else "none"
-        values = [r["bits_per_byte"] for r in whole_rows(records) if r["pattern"] == pattern
-                  and r["rope"] == r_rope and r["multiple"] == multiple and r["bucket_lo"] == 0]
+        values = [r["bits_per_byte"] for r in whole if r["pattern"] == pattern
+                  and r["rope"] == r_rope and r["multiple"] == multiple]
         cells.append(base.cell(values, "{:.3f}"))
       rows.append([pattern, rope if rope == "yarn" else "none"] + cells)
   return base.markdown_table(header, rows)
@@ -277,10 +282,10 @@ def cost_table(records: list[dict], sizes: Sizes) -> str:
   recall, at each length (recall: mean (min-max) over seeds, the trained RoPE)."""
   header = (["pattern"] + [f"attention FLOPs vs global, {m}x" for m in sizes.multiples]
             + [f"indexer recall first / last DSA layer, {m}x" for m in sizes.multiples])
-  rows = []
+  rows, whole = [], totals(records)
   for pattern in sizes.patterns:
-    mine = {m: [r for r in whole_rows(records) if r["pattern"] == pattern and r["multiple"] == m
-                and r["rope"] == "none" and r["bucket_lo"] == 0] for m in sizes.multiples}
+    mine = {m: [r for r in whole if r["pattern"] == pattern and r["multiple"] == m
+                and r["rope"] == "none"] for m in sizes.multiples}
     recalls = ["-" if math.isnan(mine[m][0]["recall_first_dsa_layer"]) else
                " / ".join(base.cell([r[k] for r in mine[m]], "{:.2f}")
                           for k in ("recall_first_dsa_layer", "recall_last_dsa_layer"))
