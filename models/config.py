@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 import attention
-from models import layers
+from models import choices
 from models import rope as rope_lib
 from models.kinds import KindSettings, available_layer_kinds, get_layer_kind
 
@@ -34,8 +34,8 @@ class ModelConfig:
     num_kv_heads: K/V heads (GQA/MQA); `num_heads % num_kv_heads == 0`. None = num_heads.
     head_dim: per-head width, even (RoPE). None = d_model // num_heads.
     mlp_dim: hidden width of the gated MLP. None = 4 * d_model.
-    mlp: gated MLP variant, a key of `layers.MLP_ACTIVATIONS` ("geglu", "swiglu").
-    norm: a key of `layers.NORMS` ("rms", "layer"); pre-norm everywhere.
+    mlp: gated MLP variant, a key of `choices.MLP_ACTIVATIONS` ("geglu", "swiglu").
+    norm: a key of `choices.NORMS` ("rms", "layer"); pre-norm everywhere.
     causal: decoder (True) or bidirectional encoder (False).
     layer_pattern: tuple of layer kind names, repeated over depth.
     kinds: per-kind overrides `{kind: KindSettings or dict of its fields}` of the registered
@@ -98,8 +98,8 @@ class ModelConfig:
                        f"({self.num_kv_heads}) for GQA/MQA.")
     if self.head_dim % 2:
       raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}.")
-    _check_choice("mlp", self.mlp, layers.MLP_ACTIVATIONS)
-    _check_choice("norm", self.norm, layers.NORMS)
+    _check_choice("mlp", self.mlp, choices.MLP_ACTIVATIONS)
+    _check_choice("norm", self.norm, choices.NORMS)
     self._normalise_pattern_and_kinds()
     for name in ("dtype", "param_dtype"):
       fill(name, _check_dtype(name, getattr(self, name)))

@@ -11,30 +11,16 @@ F mlp hidden width.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
 import attention
 from models import cache as cache_lib
-
-if TYPE_CHECKING:
-  from models.config import ModelConfig
-
-# name -> builder `(features, *, epsilon, dtype, param_dtype, rngs)`. No biases (ModernBERT).
-NORMS = {
-    "rms": nnx.RMSNorm,
-    "layer": functools.partial(nnx.LayerNorm, use_bias=False),
-}
-
-# Gated MLP name -> activation of the gate branch.
-MLP_ACTIVATIONS = {
-    "geglu": functools.partial(jax.nn.gelu, approximate=True),
-    "swiglu": jax.nn.silu,
-}
+from models.choices import MLP_ACTIVATIONS, NORMS
+from models.config import ModelConfig
 
 
 def fan_in_init(in_axis, out_axis):
@@ -43,7 +29,7 @@ def fan_in_init(in_axis, out_axis):
                                            in_axis=in_axis, out_axis=out_axis)
 
 
-def make_norm(config: "ModelConfig", *, rngs: nnx.Rngs) -> nnx.Module:
+def make_norm(config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
   """The config's pre-norm over `d_model` (statistics in float32, output in `config.dtype`)."""
   return NORMS[config.norm](config.d_model, epsilon=config.norm_eps, dtype=config.dtype,
                             param_dtype=config.param_dtype, rngs=rngs)
@@ -52,7 +38,7 @@ def make_norm(config: "ModelConfig", *, rngs: nnx.Rngs) -> nnx.Module:
 class MLP(nnx.Module):
   """Gated MLP (GeGLU / SwiGLU): `out = (act(x W_gate) * (x W_up)) W_out`, no biases."""
 
-  def __init__(self, config: "ModelConfig", *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     dense = functools.partial(nnx.Linear, use_bias=False, dtype=config.dtype,
                               param_dtype=config.param_dtype, rngs=rngs)
     self.activation = config.mlp
@@ -74,7 +60,7 @@ class Attention(nnx.Module):
   every other visibility rule), so "local", "flash" and "dense" compute the same thing.
   """
 
-  def __init__(self, config: "ModelConfig", kind: str, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, kind: str, *, rngs: nnx.Rngs):
     settings = config.kind_settings(kind)
     self.kind = kind
     self.attention_name = settings.attention
