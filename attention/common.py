@@ -34,6 +34,10 @@ import jax.numpy as jnp
 from attention.masks import Mask, q_offsets
 from attention.scores import ScoreMods
 
+# Queries per call up to which the front doors run their decode entries (`Implementations`
+# `short_queries`): a decode step, a speculative-decoding draft, a small chunked-prefill step.
+DECODE_MAX_Q_LEN = 16
+
 # --- padding and tile sizes ----------------------------------------------------------------------
 
 

@@ -36,13 +36,9 @@ from attention import decode_xla, flash_xla
 from attention import masks as masks_lib
 from attention import scores as scores_lib
 from attention.block_sizes import BlockSizes
-from attention.common import Implementations
+from attention.common import DECODE_MAX_Q_LEN, Implementations
 from attention.masks import Mask
 from attention.reference import check_qkv, default_scale
-
-# Queries per call up to which the decode entries run (speculative decoding drafts, small
-# prefill chunks): their scores `[N * T, S]` stay a small multiple of the cache read.
-DECODE_MAX_Q_LEN = 16
 
 IMPLEMENTATIONS = Implementations(
     "flash_attention",
