@@ -73,7 +73,7 @@ def _relu_sum(dots, w):
   return sum(jax.nn.relu(dots[..., h]) * w[:, None, h] for h in range(dots.shape[-1]))
 
 
-def _chunk(length: int) -> int:
+def score_chunk(length: int) -> int:
   """Keys per step: the largest power of two <= SCORE_CHUNK dividing `length` (one step if
   that is below _MIN_SCORE_CHUNK)."""
   chunk = SCORE_CHUNK
@@ -83,7 +83,7 @@ def _chunk(length: int) -> int:
 
 
 def _by_chunks(fn, values, scale):
-  """`fn(values_chunk, scale_chunk) -> [B, c]` over the key axis in steps of `_chunk(S)` keys;
+  """`fn(values_chunk, scale_chunk) -> [B, c]` over the key axis in steps of `score_chunk(S)` keys;
   returns `[B, S]`. Each step reads its chunk in place and converts it while it is in cache.
 
   The loop carries the inputs through an `optimization_barrier` with the step index: without
@@ -91,7 +91,7 @@ def _by_chunks(fn, values, scale):
   dynamic slice of 8-bit floats is computed in float32), which is the copy this avoids.
   """
   b, s = values.shape[:2]
-  chunk = _chunk(s)
+  chunk = score_chunk(s)
   if chunk == s:
     return fn(values, scale)
 
