@@ -4,20 +4,22 @@ speculative decoding, small prefill chunks) against a long KV cache, at the memo
 A decode step is bound by reading the cache, and the tiled path (`flash_xla`) reads it badly for
 one query: its `[G*T, H] x [H, bk]` scores make XLA write a transposed copy of every key tile
 first, and its q tile pads T to 8 rows. Here the cache is read once, in its own layout, with the
-keys as the matmul's rows, and the key axis split into chunks (flash-decoding)::
+keys as the matmul's rows, the key axis cut into chunks of c keys::
 
-    k [B, S, K, H] -> [B, C, c, K*H]     C chunks of c keys (a reshape: no copy when c | S)
-    s = k_chunk @ q_bd                   [B, C, c, K*X]: X = G*T rows per kv head, all
+    k [B, S, K, H] -> [B, C, c, K*H]     C chunks (a reshape: no copy when c divides S)
+    s = k_chunks @ q_bd                  [B, C, c, K*X]: X = G*T rows per kv head, all
                                          q heads of a group together; q_bd [K*H, K*X] is
                                          block-diagonal over the kv heads (K = 1: plain q)
     s = mask(mods(s * scale))            soft-cap, ALiBi, causal/window/segments per row
-    per chunk:  m_c = max_c s;  p = exp(s - m_c);  l_c = sum_c p
-                o_c = p^T v_chunk        [B, C, K*X, K*Hv] (diagonal kv-head blocks kept)
-    merge:      exact over the chunks (`common.merge_partials`), lse = M + log L
+    m_c = max over chunk c;  M = max_c m_c          the chunks' maxima, merged exactly
+    p = exp(s - M);  L = sum p;  o = p^T v          [B, K*X, K*Hv] over every reached key
+    out = o / L;  lse = M + log L        (the diagonal kv-head blocks of o kept)
 
-Each step is one large operation over all chunks (no sequential loop), which XLA's CPU runtime
-splits across its threads, so every core works on one sequence; the scores never leave the
-cache hierarchy per chunk's worth, and the per-chunk partials are merged exactly.
+This is flash-decoding's split (per-chunk statistics merged exactly) with the merge taken before
+the value matmul: on a CPU the matmuls and fusions over all chunks are each one large operation
+(no sequential chunk loop, whose per-chunk copies would cost more than they save), which XLA's
+CPU runtime runs on its intra-op thread pool. The GPU kernel (`kernels/decode_pallas.py`) keeps
+per-split partials and merges them after (`common.merge_partials`).
 
 Reach: a mask with a bounded window (`Mask.window`, causal or not) reads only the chunks the
 window reaches from each batch row's offset (a per-row gather of `n_w` chunks, O(window));
@@ -27,7 +29,7 @@ masked work at the cache lengths that matter). A cache length that is not a mult
 chunk is zero-padded (one copy of the cache).
 
 GQA with K > 1 kv heads: the cache's heads are interleaved per key, so the scores use a
-block-diagonal q over the heads (reads the cache in place, K x the score FLOPs) while
+block-diagonal q over the heads (reads the cache in place, K x the FLOPs of both matmuls) while
 `K * X <= BLOCK_DIAGONAL_MAX`; wider groups use per-head matmuls (XLA transposes the cache).
 
 Gradients (`jax.grad` reaches this path through `flash_attention`): the forward is this one, the
@@ -57,6 +59,7 @@ DEFAULT_CHUNK = 1024  # keys per chunk (a power of two); `BlockSizes.block_kv` o
 MIN_CHUNK = 16
 BLOCK_DIAGONAL_MAX = 64  # K * X up to which the block-diagonal scores beat per-head matmuls
 SCOPE = "flash_decode_xla"  # the named scope of the forward (visible in lowered programs)
+PV_CHUNK = 2048  # keys per value matmul (their partial products are summed; see `_values`)
 _ROWS = 128  # the transposed probabilities are written in [.., c // 128, 128] tiles (below)
 
 
@@ -143,24 +146,29 @@ def _scores(k, q):
 
 def _values(p, v):
   """`o [B, K, X, Hv]` float32 = p^T v over all reached keys, for `p [B, C, c, K, X]` and
-  `v [B, C, c, K, Hv]`.
+  `v [B, C, c, K, Hv]`, as a sum of matmuls over `PV_CHUNK` keys each.
 
-  The probabilities are transposed to `[B, K*X, C*c]` through `[.., 128]` tiles: a plain
+  The probabilities are transposed to `[B, n, K*X, PV_CHUNK]` through `[.., 128]` tiles: a plain
   transpose lets XLA fold it into the matmul as a transposed operand, which its CPU runtime
-  then computes in float32 after converting all of v (16-bit caches).
+  then computes in float32 after converting all of v (16-bit caches). The contraction is cut
+  into chunks because XLA's CPU runtime computes 16-bit matmuls with contractions of 32K+ keys
+  several times slower (CPU time of a decode step at batch 8, 32768 bfloat16 keys: 41 ms whole,
+  17-23 ms in chunks of 1024-2048 keys; 2048 was best at 131072 keys too).
   """
   b, nc, c, kh, x = p.shape
   hv, keys = v.shape[-1], nc * c
-  rows = min(keys & -keys, _ROWS)  # a power of two dividing the keys
-  pt = p.reshape(b, keys // rows, rows, kh * x).transpose(0, 3, 1, 2)
-  pt = pt.reshape(b, kh * x, keys).astype(v.dtype)
+  cv = min(PV_CHUNK, keys & -keys)  # a power of two dividing the keys
+  n, rows = keys // cv, min(cv, _ROWS)
+  pt = p.reshape(b, n, cv // rows, rows, kh * x).transpose(0, 1, 4, 2, 3)
+  pt = pt.reshape(b, n, kh * x, cv).astype(v.dtype)
   f32 = jnp.float32
   if kh == 1 or kh * x <= BLOCK_DIAGONAL_MAX:
-    o = jnp.einsum("BYS,BSD->BYD", pt, v.reshape(b, keys, kh * hv), preferred_element_type=f32)
-    o = o.reshape(b, kh, x, kh, hv)
+    o = jnp.einsum("BnYc,BncD->BnYD", pt, v.reshape(b, n, cv, kh * hv), preferred_element_type=f32)
+    o = jnp.sum(o, axis=1).reshape(b, kh, x, kh, hv)
     return jnp.einsum("BKXJH,KJ->BKXH", o, jnp.eye(kh, dtype=f32))  # each head's own values
-  return jnp.einsum("BKXS,BSKH->BKXH", pt.reshape(b, kh, x, keys), v.reshape(b, keys, kh, hv),
-                    preferred_element_type=f32)
+  o = jnp.einsum("BnKXc,BncKH->BnKXH", pt.reshape(b, n, kh, x, cv), v.reshape(b, n, cv, kh, hv),
+                 preferred_element_type=f32)
+  return jnp.sum(o, axis=1)
 
 
 def decode_forward(q, k, v, mask: Mask, scale: float, chunk: int, *,

@@ -22,7 +22,7 @@ lse)` (`mods`: the soft-cap, `attention.scores`; ALiBi is refused):
 backward is "pallas"'s). The XLA path needs no decode variant: it gathers the selected rows
 from the cache in place for any T.
 
-Both save `lse [B, N, T]` (float32) for the backward. Cost O(T * k * N * H) compute.
+Every entry saves `lse [B, N, T]` (float32) for the backward. Cost O(T * k * N * H) compute.
 DeepSeek Sparse Attention (indexer selection + this) is `attention.dsa.dsa_attention`.
 """
 
