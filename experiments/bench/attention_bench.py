@@ -2,7 +2,6 @@ r"""Attention benchmark: exact compiled memory/FLOPs and median wall time per me
 
     python -m experiments.benchmark --workdir=/tmp/longctx_bench
     python -m experiments.benchmark --preset=acceptance --workdir=/tmp/longctx_bench
-    python -m experiments.benchmark --preset=dsa_decode   # or dsa_fp8 (experiments/dsa_bench.py)
 
 For every (method, mask, length) it compiles forward and forward+backward once, reads the
 temp memory (`memory_analysis().temp_size_in_bytes`) and XLA's FLOP count
@@ -15,7 +14,8 @@ two side by side, median ratio), which keeps a shared machine's speed drifts out
 Writes `benchmark.csv` and `benchmark.png` (log-log memory and time vs length) under
 `--workdir` and prints the table.
 
-The functions take their sizes as arguments (`Settings`); only `main` reads the flags.
+The functions take their sizes as arguments (`Settings`); `experiments/benchmark.py` reads the
+flags (`bench/presets.py`: the named presets).
 """
 
 from __future__ import annotations
@@ -26,26 +26,14 @@ import os
 import time
 from typing import Callable
 
-from absl import app, flags
-
-from experiments import cli, plots
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import attention
 from attention import Mask
-from experiments.timing import median_seconds, paired_ratio
-
-FLAGS = flags.FLAGS
-
-# The acceptance figures of the foundation issue, in one run.
-PRESETS = {
-    "acceptance": dict(methods=["jax", "flash", "local"], causal=["false", "true"],
-                       lengths=["4096", "8192", "32768", "131072"], window=256,
-                       time_max_len=32768, time_bwd_max_len=8192, quadratic_max_len=32768,
-                       quadratic_time_max_len=8192),
-}
+from experiments.bench.timing import median_seconds, paired_ratio
+from experiments.training import plots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,54 +281,3 @@ def run(methods: list[str], lengths: list[int], causal_values: list[bool], setti
   print("\n".join(ratios(rows, timed, settings.window, settings.repeats)), flush=True)
   print(f"wrote {workdir}/benchmark.csv and benchmark.png")
   return rows
-
-
-def main(argv):
-  del argv
-  if FLAGS.preset in ("dsa_decode", "dsa_fp8"):
-    from experiments import dsa_bench  # pylint: disable=g-import-not-at-top
-    table = (dsa_bench.decode_step_table(131072, rounds=max(3, FLAGS.repeats))
-             if FLAGS.preset == "dsa_decode" else dsa_bench.fp8_agreement_table(4096, 512))
-    print(table, flush=True)
-    return
-  for name, value in PRESETS.get(FLAGS.preset, {}).items():
-    if not FLAGS[name].present:
-      FLAGS[name].value = value
-  settings = Settings(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(Settings)})
-  try:
-    run(FLAGS.methods, [int(t) for t in FLAGS.lengths],
-        [c.lower() in ("1", "true", "yes") for c in FLAGS.causal], settings, FLAGS.workdir)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
-
-
-def define_flags() -> None:
-  """The command-line flags (defined only when run as a script, so tests and notebooks can
-  import this module next to experiments.train)."""
-  flags.DEFINE_string("workdir", "/tmp/longctx_benchmark",
-                      "Where benchmark.csv/.png are written.")
-  flags.DEFINE_enum("preset", "default", ["default", "acceptance", "dsa_decode", "dsa_fp8"],
-                    "acceptance: the lengths/methods behind the README's performance figures; "
-                    "dsa_decode: one DSA decode step vs dense at a 131072-token cache; dsa_fp8: "
-                    "FP8 indexer top-k agreement table (experiments/dsa_bench.py).")
-  flags.DEFINE_list("methods", ["jax", "dense", "flash", "local"],
-                    "Methods (keys of METHODS): jax (jax.nn.dot_product_attention), or "
-                    "registered names.")
-  flags.DEFINE_list("lengths", ["1024", "4096", "8192", "32768"], "Sequence lengths.")
-  flags.DEFINE_list("causal", ["true"],
-                    "Causal settings to sweep (true/false); local is always causal.")
-  flags.DEFINE_enum("dtype", Settings.dtype, ["float32", "bfloat16", "float16"], "Input dtype.")
-  for name, meaning in (
-      ("window", "Local attention window (the last `window` keys)."),
-      ("batch", "Batch size."), ("heads", "Query heads."),
-      ("kv_heads", "KV heads (GQA); default = heads."), ("head_dim", "Head dimension."),
-      ("repeats", "Timed repeats (median reported) after one warm-up."),
-      ("quadratic_max_len", "Dense methods are not compiled beyond this."),
-      ("time_max_len", "Forward is timed up to this length."),
-      ("time_bwd_max_len", "Forward+backward is timed up to this length."),
-      ("quadratic_time_max_len", "Dense methods are timed up to this length.")):
-    flags.DEFINE_integer(name, getattr(Settings, name), meaning)
-
-if __name__ == "__main__":
-  define_flags()
-  app.run(main, flags_parser=cli.parse_flags)

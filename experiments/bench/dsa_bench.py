@@ -26,7 +26,7 @@ import numpy as np
 import attention
 from attention import Mask, fp8
 from attention.indexer import topk_overlap
-from experiments.timing import median_seconds, paired_ratio
+from experiments.bench.timing import median_seconds, paired_ratio
 
 
 def _decode_inputs(cache_len, heads, kv_heads, head_dim, index_heads, index_dim, seed=0):

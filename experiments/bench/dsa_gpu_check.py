@@ -2,12 +2,12 @@ r"""GPU check of DeepSeek Sparse Attention: Pallas sparse kernels, then DSA vs c
 
 On a lent GPU (one command, ~4 minutes; rows land in $OUT as they are measured):
 
-    PYTHONPATH=. python3 -u -m experiments.dsa_gpu_check --budget_s=240 --out=$OUT 2>&1 \
+    PYTHONPATH=. python3 -u -m experiments.bench.dsa_gpu_check --budget_s=240 --out=$OUT 2>&1 \
         | tee $OUT/dsa_gpu_check.log
 
 CPU smoke test of this script (interpret mode, tiny shapes):
 
-    python -m experiments.dsa_gpu_check --allow_cpu --interpret --budget_s=120 --lengths=128 \
+    python -m experiments.bench.dsa_gpu_check --allow_cpu --interpret --budget_s=120 --lengths=128 \
         --top_k=16 --check_len=32 --heads=2
 
 1. Correctness (table `dsa_gpu_check_correctness`): `sparse_attention(implementation=
@@ -24,7 +24,7 @@ CPU smoke test of this script (interpret mode, tiny shapes):
    of flash and of sparse attention. Order: the forward rows at every length first, then
    forward+backward, then `lax.top_k` (what a cut run loses least).
 3. Ratios (table `dsa_gpu_check_ratios`): causal flash time / sparse (or DSA) time per length,
-   with the goals of the CPU issue (8x given indices, 1.5x whole DSA forward).
+   with the CPU goals (8x given indices, 1.5x whole DSA forward).
 
 Every measurement is guarded; nothing starts after `--budget_s - --margin_s` seconds, and what
 did not run is written as "skipped (budget)". Exits 2 at once without a GPU (unless
@@ -44,7 +44,7 @@ import attention
 from attention import Mask, flash_attention
 from attention import indexer as indexer_lib
 from attention import sparse as sparse_lib
-from experiments import gpu_run, timing
+from experiments.bench import gpu_run, timing
 
 _START = time.time()
 FLAGS = flags.FLAGS

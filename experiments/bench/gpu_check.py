@@ -2,12 +2,12 @@ r"""GPU check of the Pallas flash attention kernels: correctness, then TFLOP/s s
 
 On a lent GPU (one command, ~4 minutes; rows land in $OUT as they are measured):
 
-    PYTHONPATH=. python3 -u -m experiments.gpu_check --budget_s=240 --out=$OUT 2>&1 \
+    PYTHONPATH=. python3 -u -m experiments.bench.gpu_check --budget_s=240 --out=$OUT 2>&1 \
         | tee $OUT/gpu_check.log
 
 CPU smoke test of this script (interpret mode, tiny shapes):
 
-    python -m experiments.gpu_check --allow_cpu --interpret --budget_s=120 --check_len=64 \
+    python -m experiments.bench.gpu_check --allow_cpu --interpret --budget_s=120 --check_len=64 \
         --check_cases=2 --lengths=64 --head_dims=32 --window=32 --tokens=64 --width=64
 
 1. Correctness (table `gpu_check_correctness`): the Pallas kernels and the XLA path (same
@@ -44,7 +44,7 @@ import numpy as np
 
 from attention import BlockSizes, Mask, flash_attention, local_mask, visible_pairs
 from attention.reference import reference_attention
-from experiments import gpu_run, timing
+from experiments.bench import gpu_run, timing
 
 try:  # JAX's bundled Pallas GPU mha: causal/segments only, no window, no GQA.
   from jax.experimental.pallas.ops.gpu import attention as jax_mha  # pylint: disable=g-import-not-at-top,line-too-long

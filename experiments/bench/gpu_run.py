@@ -1,7 +1,7 @@
 """What the GPU check scripts share: a time budget, a GPU guard and tables written as they go.
 
 A lent GPU comes for minutes, and each command is cut at 600 s, so the scripts
-(`experiments/gpu_check.py`, `experiments/dsa_gpu_check.py`) never lose what they measured:
+(`experiments/bench/gpu_check.py`, `experiments/bench/dsa_gpu_check.py`) never lose what they measured:
 
 * `Budget`: one deadline for the whole run, correctness included, counted from process start
   (JAX start-up too); nothing new starts after `deadline - margin`.

@@ -1,6 +1,6 @@
 r"""Cost of the MLM encoder's layer patterns: compiled memory and training tokens per second.
 
-    python -m experiments.mlm_cost --lengths=256,1024,4096 --timed_lengths=256,1024
+    python -m experiments.bench.mlm_cost --lengths=256,1024,4096 --timed_lengths=256,1024
 
 For each pattern of experiments/configs/mlm.py (alternating, global, local) and length T
 (batch `--tokens // T` rows, so every length holds the same tokens):
@@ -29,7 +29,8 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from experiments import cli, timing, trainer
+from experiments.bench import timing
+from experiments.training import cli, trainer
 from experiments.configs import mlm
 
 FLAGS = flags.FLAGS

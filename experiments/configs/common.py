@@ -20,7 +20,7 @@ import ml_collections
 from ml_collections import config_dict
 
 # Sections whose fields are free-form (checked by their consumer): the task's fields depend on
-# its name (experiments/tasks.py), a layer kind's on models.KindSettings.
+# its name (experiments/data/tasks.py), a layer kind's on models.KindSettings.
 _FREE = ("task", "model.kinds", "aux_losses")
 
 
@@ -61,7 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.allow_config_change = False  # resume although computation fields changed (recorded)
   c.progress = True          # tqdm progress bar
 
-  # Devices (experiments/sharding.py): "" = one device; "data:2,seq:4" = 2-way data x 4-way
+  # Devices (experiments/training/sharding.py): "" = one device; "data:2,seq:4" = 2-way data x 4-way
   # sequence (ring attention) parallel; "data:-1" = data parallel over every device.
   c.mesh = ""
   c.fsdp = False             # shard parameters + optimizer state over the data axis
@@ -109,7 +109,7 @@ def parse_variant(variant: str | None, *, name: str, choices: Sequence[str] = ()
 # shows them; a test checks that every field has one.
 FIELD_HELP = {
     "seed": "parameter init and data order (batches are a pure function of (seed, step))",
-    "task": "the training task (experiments/tasks.py); its fields depend on task.name",
+    "task": "the training task (experiments/data/tasks.py); its fields depend on task.name",
     "model": "models.ModelConfig fields",
     "model.vocab_size": "token vocabulary (256 = bytes)",
     "model.d_model": "residual width",

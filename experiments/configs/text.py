@@ -9,7 +9,7 @@ The corpus is every file matching `task.glob` (sorted), concatenated as bytes; r
 within a file). Every 10th file (sorted order) is held out: training reads the others, the
 periodic evaluation the held-out ones (`task.heldout_every`). Nothing is downloaded.
 
-Variants (layer patterns, README row 5, experiments/rows/text.py): `:alternating` (the
+Variants (layer patterns, experiments/results/README.md row 5, experiments/rows/text.py): `:alternating` (the
 default: global, local, local), `:global` (every layer global), `:local` (every layer local),
 `:dsa` (the alternating model with its global layers as DeepSeek sparse attention layers:
 experiments/configs/dsa.py's kind with the global layers' RoPE theta, top_k = seq_len / 8,

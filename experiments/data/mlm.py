@@ -12,14 +12,14 @@ row packs the end of one file with the start of the next, told apart by `segment
 (unpadded packing with document masking, as ModernBERT trains); a short final row is padded
 (segment id -1, never attended or scored).
 
-Batches follow experiments/tasks.py's contract (`[B, T]` arrays, a pure function of
+Batches follow experiments/data/tasks.py's contract (`[B, T]` arrays, a pure function of
 (seed, step, salt)) with MLM meanings:
 
 * `tokens`: the corrupted input. Each non-padding position is selected with probability
   `mask_rate` (ModernBERT: 0.3); a selected position becomes `MASK_ID` with probability 0.8,
   a uniformly random byte with 0.1, and stays itself with 0.1.
 * `targets`: the original bytes; `loss_mask`: 1 exactly at the selected positions. The
-  trainer's loss and accuracy (experiments/trainer.py) are then the MLM loss and the
+  trainer's loss and accuracy (experiments/training/trainer.py) are then the MLM loss and the
   masked-token accuracy: unselected and padding positions weigh 0.
 
 Needles (`needle_rate`): a fraction of the training rows (never the held-out rows) gets up to
@@ -46,7 +46,7 @@ import functools
 
 import numpy as np
 
-from experiments import corpus
+from experiments.data import corpus
 
 MASK_ID = 256  # the [MASK] token: one past the bytes, so an MLM model has vocab_size >= 257
 PAD_SEGMENT = -1

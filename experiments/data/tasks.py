@@ -19,7 +19,7 @@ Formats:
   KEY is"; evaluated over a (context length x depth) grid.
 * mqar (Zoology, arXiv 2312.04927, `multiquery_ar`): key/value pairs, then a query region in
   which keys reappear at power-law-distributed gaps; only the value after each query is scored.
-* mlm: masked language modelling on the text files (experiments/mlm_task.py).
+* mlm: masked language modelling on the text files (experiments/data/mlm.py).
 * text: files from a glob (default: the Python standard library's own sources, via
   `sysconfig`), concatenated as bytes and cut into rows; short files are packed together and
   told apart by segment ids.
@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from experiments.corpus import DEFAULT_TEXT_GLOB, decode, encode, load_corpus  # decode: re-exported
-from experiments.mlm_task import MLM, split_corpus
+from experiments.data.corpus import DEFAULT_TEXT_GLOB, decode, encode, load_corpus  # decode: re-exported
+from experiments.data.mlm import MLM, split_corpus
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
                "memorize them. I will quiz you about the important information there.")

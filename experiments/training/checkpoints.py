@@ -8,7 +8,7 @@
 A checkpoint `checkpoints/<step>/` holds three items: `model` (`nnx.state(model)`), `opt`
 (`nnx.state(optimizer)`: AdamW moments and the update count that drives the schedule) and
 `meta` (JSON: the step, the seed, the next data step, and the model config). The data a run
-sees is a pure function of (seed, step) (experiments/tasks.py), so the step *is* the data
+sees is a pure function of (seed, step) (experiments/data/tasks.py), so the step *is* the data
 position and a restarted run continues with the same batches. The model is deterministic
 (no dropout), so there is no other RNG state to save.
 

@@ -1,24 +1,18 @@
-r"""Train a model on an offline task; resumes automatically from `--workdir`/checkpoints.
+"""The training loop: setup -> steps -> finish, resuming from `workdir`'s checkpoints.
 
-    python -m experiments.train --workdir=/tmp/longctx_passkey      # configs/passkey.py
-    python -m experiments.train --config=experiments/configs/passkey.py --workdir=/tmp/passkey
-    python -m experiments.train --config=experiments/configs/mqar.py:smoke --workdir=/tmp/m \
-        --config.num_steps=50 --config.model.d_model=128
-    python -m experiments.train --config=experiments/configs/mqar.py --print_config  # all fields
+    train(config, workdir)  =  setup -> train_loop -> finish
 
-Writes under `--workdir`: `config.json`, `metrics.jsonl` (one JSON line per logged step),
-`checkpoints/` (orbax), `loss.png`, `train.log`; with `config.eval_after_train`, also the
-evaluation grid (`eval_<task>.csv`, `eval_<task>.png`) and the printed accuracy table. A run
-that is killed and started again with the same command continues from its last checkpoint with
-the same data order (batches are a pure function of (seed, step)).
+`experiments/train.py` is the command around it; `experiments.evaluation.train_and_evaluate`
+adds the evaluation grid after the last step. Writes under `workdir`: `config.json`,
+`metrics.jsonl` (one JSON line per logged step), `checkpoints/` (orbax), `loss.png`. A run that
+is killed and started again continues from its last checkpoint with the same data order
+(batches are a pure function of (seed, step)).
 
-Safety (experiments/workdir.py): a run holds the workdir's lock, so a second run into it stops
+Safety (`training/workdir.py`): a run holds the workdir's lock, so a second run into it stops
 at once naming the first one's pid; an unreadable newest checkpoint is skipped for the newest
 one that loads; a resume whose seed, model, task, optimizer, batch or num_steps differ from
-`config.json` is refused unless `--config.allow_config_change=True` (then recorded in
-`config_history.jsonl`). Expected errors print one line; their traceback goes to `train.log`.
-
-    train_and_evaluate(config, workdir)  =  setup -> train_loop -> finish
+`config.json` is refused unless `config.allow_config_change` (then recorded in
+`config_history.jsonl`).
 """
 
 from __future__ import annotations
@@ -28,24 +22,23 @@ import dataclasses
 import functools
 import json
 import os
-import sys
 import time
 from typing import Any, Callable
 
-from absl import app, flags, logging
+from absl import logging
 import jax
 import ml_collections
-from ml_collections import config_flags
 import tqdm
 
-from experiments import checkpoints as ckpt_lib
-from experiments import cli, plots, sharding, tasks, trainer
-from experiments import workdir as workdir_lib
 from experiments.configs import common
+from experiments.data import tasks
+from experiments.training import checkpoints as ckpt_lib
+from experiments.training import plots, sharding, trainer
+from experiments.training import workdir as workdir_lib
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "passkey.py")
-FLAGS = flags.FLAGS
 WorkdirError = workdir_lib.WorkdirError
+# Run-time hook: `(model, config, workdir, overwrite=True) -> results` after the last step.
+Evaluate = Callable[..., dict[str, Any]]
 
 
 class ConfigChangeError(ValueError):
@@ -102,13 +95,15 @@ class Run:
   log: MetricsLog | None
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       stop_at_step: int | None = None) -> dict[str, Any]:
+def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None,
+          evaluate: Evaluate | None = None) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it has checkpoints); returns the final metrics.
 
   Holds the workdir's exclusive lock for the whole run (`workdir.lock`: a second run into it
   stops at once). `stop_at_step` stops early after checkpointing that step, as if the run
-  were killed there (tests of resume determinism).
+  were killed there (tests of resume determinism). `evaluate` (with
+  `config.eval_after_train`) runs once the run has reached `num_steps`, under the lock; its
+  results are `result["eval"]`.
   """
   common.check_config(config)
   if config.multihost:
@@ -122,10 +117,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       last = train_loop(run, config, end)
     finally:
       run.ckpt.close()
-    return finish(run, config, end, last)
-
-
-train = train_and_evaluate  # the short name used by tests and notebooks
+    return finish(run, config, end, last, evaluate)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str, primary: bool = True) -> Run:
@@ -239,67 +231,17 @@ def train_loop(run: Run, config: ml_collections.ConfigDict, end: int) -> dict[st
   return last
 
 
-def finish(run: Run, config: ml_collections.ConfigDict, end: int, last: dict[str, Any]
-           ) -> dict[str, Any]:
+def finish(run: Run, config: ml_collections.ConfigDict, end: int, last: dict[str, Any],
+           evaluate: Evaluate | None = None) -> dict[str, Any]:
   """Plots the loss and, when the run reached `num_steps`, evaluates (`eval_after_train`)."""
   if run.log is not None:
     plot_loss(read_metrics(run.log.path), os.path.join(run.workdir, "loss.png"))
   result = {"step": end, "workdir": run.workdir, **last}
-  if config.eval_after_train and end == config.num_steps:
-    from experiments import evaluate  # pylint: disable=g-import-not-at-top
-    result["eval"] = evaluate.evaluate_and_report(run.model, config, run.workdir, overwrite=True)
+  if evaluate is not None and config.eval_after_train and end == config.num_steps:
+    result["eval"] = evaluate(run.model, config, run.workdir, overwrite=True)
   return result
 
 
 def eval_batches(task, config: ml_collections.ConfigDict):
   """Held-out batches (a different RNG stream than training) for the periodic evaluation."""
   return [task.batch(i, config.batch_size, salt=1) for i in range(config.eval_batches)]
-
-
-class _QuietLibraries:
-  """Drops other libraries' INFO lines (orbax logs every checkpoint step); keeps warnings."""
-
-  def filter(self, record) -> bool:
-    return record.levelno >= 30 or "orbax" not in record.pathname
-
-
-# Errors of a bad command or workdir: one message on the console, the traceback in train.log.
-EXPECTED_ERRORS = (ValueError, workdir_lib.WorkdirError, ckpt_lib.CheckpointError,
-                   FileExistsError)
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}; set fields with --config.x=y.")
-  if FLAGS.print_config:
-    print(common.describe_fields(FLAGS.config))
-    return
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  workdir = None
-  try:
-    workdir = workdir_lib.prepare(FLAGS.workdir)
-    handler = workdir_lib.log_to_file(workdir)
-    try:
-      result = train_and_evaluate(FLAGS.config, workdir)
-    finally:
-      workdir_lib.stop_logging(handler)
-  except EXPECTED_ERRORS as e:
-    log = workdir_lib.log_exception(workdir, e)
-    sys.exit(f"error: {e}" + (f"\n(traceback in {log})" if log else ""))
-  logging.info("Done: %s", {k: v for k, v in result.items() if k != "eval"})
-
-
-def define_flags() -> None:
-  """The command-line flags (defined once: when run as a script, or by a test)."""
-  if "config" in FLAGS:
-    return
-  config_flags.DEFINE_config_file(
-      "config", DEFAULT_CONFIG, "Experiment config file[:variant] (default: configs/passkey.py;"
-      " variants: experiments/configs/common.py).", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Directory for everything the run writes.")
-  flags.DEFINE_bool("print_config", False, "Print every config field (value, meaning) and exit.")
-
-
-if __name__ == "__main__":
-  define_flags()
-  app.run(main, flags_parser=cli.parse_flags)

@@ -38,7 +38,7 @@ attention layers only.
 
 Checkpoints (orbax) are saved from sharded arrays and restored onto whatever shardings the
 target state has: restoring a data:8 run on one device or on data:2,seq:4 is just restoring
-into a model placed by `shard_state` on the new mesh (tests/experiments/test_sharding.py).
+into a model placed by `shard_state` on the new mesh (tests/experiments/training/test_sharding.py).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments import sharding
+from experiments.training import sharding
 from models import KindSettings, ModelConfig, Transformer
 
 _KIND_FIELDS = tuple(f.name for f in dataclasses.fields(KindSettings))  # alibi included

@@ -40,7 +40,7 @@ SPARSE_CASES = ("full", "causal", "window_3_0", "segments_causal", "gqa_8_2", "m
                 "soft_cap_segments", "value_dim_offsets")
 SPARSE_FEATURES = frozenset({"soft_cap", "value_dim", "lse"})  # ALiBi: refused
 # Ring: "causal" (GQA 4/2; the zig-zag default), windows + segments (contiguous, both sweeps),
-# an odd per-device length; attention/test_ring.py has the rest (layouts, halos, offsets, bf16).
+# an odd per-device length; tests/attention/test_ring.py has the rest (layouts, halos, offsets, bf16).
 RING_CASES = ("causal", "segments_window", "len_100")
 
 

@@ -1,6 +1,6 @@
 """Runs a module as `__main__` on a simulated bare JAX image: imports beyond JAX are blocked.
 
-    python -m tests.experiments.bare_jax experiments.gpu_check --allow_cpu --interpret ...
+    python -m tests.experiments.bench.bare_jax experiments.bench.gpu_check --allow_cpu --interpret ...
 
 The GPU image has python3, jax (CUDA), numpy, absl and jaxtyping, but e.g. no ml_collections,
 so the GPU scripts may import nothing else. Allowed top-level modules: the standard library,

@@ -1,6 +1,8 @@
-"""experiments/benchmark.py: the table, CSV and plot on tiny sizes; its pair counting and ratios."""
+"""experiments/bench: the attention table, CSV and plot on tiny sizes; pair counting, paired
+ratios, the preset registry and the benchmark command's flags."""
 
 import csv
+import dataclasses
 import subprocess
 import sys
 import time
@@ -11,6 +13,7 @@ import pytest
 import attention
 from attention import Mask
 from experiments import benchmark
+from experiments.bench import attention_bench, presets, timing
 
 
 def test_visible_pairs():
@@ -27,7 +30,7 @@ def test_paired_ratio_measures_the_ratio():
       time.sleep(seconds)
       return np.zeros(())
     return fn
-  ratio = benchmark.paired_ratio(sleeper(0.002), sleeper(0.02), (), (), rounds=3, calls=2)
+  ratio = timing.paired_ratio(sleeper(0.002), sleeper(0.02), (), (), rounds=3, calls=2)
   assert 5 < ratio < 12, ratio
 
 
@@ -46,3 +49,21 @@ def test_benchmark_writes_table_csv_and_plot(tmp_path):
   assert (tmp_path / "benchmark.png").stat().st_size > 0
   assert "| method | mask | length |" in result.stdout
   assert "fwd+bwd temp memory" in result.stdout
+
+
+def test_presets_registry_and_command_flags(monkeypatch):
+  with pytest.raises(ValueError, match="unknown benchmark preset 'nope'; presets: .*acceptance"):
+    presets.run("nope", {})
+  # Every Settings field is a flag of the command, so a preset can set it.
+  assert {f.name for f in dataclasses.fields(attention_bench.Settings)} <= set(
+      benchmark.FLAG_NAMES)
+  seen = {}
+  monkeypatch.setattr(attention_bench, "run", lambda *args: seen.update(args=args))
+  values = dict(methods=["flash"], lengths=["64"], causal=["true"], workdir="/tmp/x",
+                window=7, **{f.name: getattr(attention_bench.Settings, f.name)
+                             for f in dataclasses.fields(attention_bench.Settings)
+                             if f.name != "window"})
+  presets.run("acceptance", values, frozenset({"window"}))  # the user's --window stays
+  methods, lengths, causal, settings, _ = seen["args"]
+  assert methods == presets.ACCEPTANCE["methods"] and lengths[-1] == 131072
+  assert causal == [False, True] and settings.window == 7

@@ -1,7 +1,7 @@
 """The GPU check scripts: CPU smoke runs (interpret mode) on a simulated bare JAX image, rows
 written as they come, the budget, the GPU guard.
 
-Each smoke run is one subprocess under `tests.experiments.bare_jax` (imports beyond JAX, numpy,
+Each smoke run is one subprocess under `tests.experiments.bench.bare_jax` (imports beyond JAX, numpy,
 absl, jaxtyping fail the run) with a budget far too small for its plan, so the run is cut
 short (the plans hold minutes of rows, even on a quiet machine) and the tables must still
 hold the measured rows plus "skipped (budget)" rows. The budget (25 s) leaves a quiet machine
@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import csv
 import os
+import pathlib
 import subprocess
 import sys
 import time
 
 import pytest
 
-from experiments import gpu_run
+from experiments.bench import gpu_run
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = str(pathlib.Path(__file__).resolve().parents[3])  # the repository root
 BUDGETS_S = (25, 45)  # the second only if the first was too loaded to check and time a row
 
 
@@ -32,7 +33,8 @@ def _smoke(script: str, out_dir, *flags: str):
   # No compilation cache (tests/conftest.py): writing it imports tensorflow, which bare_jax blocks.
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
   for budget_s in BUDGETS_S:
-    cmd = [sys.executable, "-u", "-m", "tests.experiments.bare_jax", f"experiments.{script}",
+    cmd = [sys.executable, "-u", "-m", "tests.experiments.bench.bare_jax",
+           f"experiments.bench.{script}",
            "--allow_cpu", "--interpret", f"--budget_s={budget_s}", "--margin_s=5",
            f"--out={out_dir}", *flags]
     start = time.time()
@@ -123,9 +125,9 @@ def test_scripts_import_only_jax_numpy_absl_jaxtyping():
   """Both scripts, kernels included, import under the bare-JAX import blocker, in one process:
   importing them defines no flag (`define_flags()` runs only under `__main__`). The smoke runs
   above cover what the scripts import lazily while running."""
-  modules = ("experiments.gpu_check", "experiments.dsa_gpu_check",
+  modules = ("experiments.bench.gpu_check", "experiments.bench.dsa_gpu_check",
              "attention.kernels.flash_pallas", "attention.kernels.sparse_pallas")
-  code = ("import importlib, sys; from tests.experiments import bare_jax; b = bare_jax.install(); "
+  code = ("import importlib, sys; from tests.experiments.bench import bare_jax; b = bare_jax.install(); "
           f"[importlib.import_module(m) for m in {modules!r}]; print('blocked:', b.blocked); "
           "from absl import flags; print('flags defined:', 'budget_s' in flags.FLAGS)")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

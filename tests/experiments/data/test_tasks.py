@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import tasks
+from experiments.data import tasks
 
 
 @pytest.mark.parametrize("kind", ["passkey", "needle"])

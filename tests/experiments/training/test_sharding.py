@@ -30,7 +30,8 @@ def _step_on(mesh_spec: str | None):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from experiments import sharding, tasks, trainer  # pylint: disable=g-import-not-at-top
+  from experiments.data import tasks  # pylint: disable=g-import-not-at-top
+  from experiments.training import sharding, trainer  # pylint: disable=g-import-not-at-top
   from models import Transformer  # pylint: disable=g-import-not-at-top
   config = _config()
   batch = tasks.make_task(config.task, seed=0).batch(0, BATCH)
@@ -83,8 +84,9 @@ def checkpoint_resharding():
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from experiments import checkpoints  # pylint: disable=g-import-not-at-top
-  from experiments import sharding, tasks, trainer  # pylint: disable=g-import-not-at-top
+  from experiments.training import checkpoints  # pylint: disable=g-import-not-at-top
+  from experiments.data import tasks  # pylint: disable=g-import-not-at-top
+  from experiments.training import sharding, trainer  # pylint: disable=g-import-not-at-top
   from models import Transformer  # pylint: disable=g-import-not-at-top
   config = _config()
   meta = {"model": json.loads(json.dumps(config.model.to_dict()))}  # as train.py stores it
@@ -140,20 +142,21 @@ def train_entry_point():
   os.environ.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="1",
                     JAX_PROCESS_ID="0")
   import jax  # pylint: disable=g-import-not-at-top
-  from experiments import train  # pylint: disable=g-import-not-at-top
+  from experiments.evaluation import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  from experiments.training import loop  # pylint: disable=g-import-not-at-top
   config = _config()
   config.update(num_steps=2, log_every=1, checkpoint_every=2, eval_after_train=False,
                 progress=False, mesh="data:2,seq:4", multihost=True)
   out = {}
   with tempfile.TemporaryDirectory() as workdir:
-    first = train.train(config, workdir)
+    first = train_and_evaluate(config, workdir)
     out["processes"] = jax.process_count()
     config.update(num_steps=3, batch_size=8, mesh="data:8", fsdp=True, multihost=False,
                   allow_config_change=True)
-    second = train.train(config, workdir)
+    second = train_and_evaluate(config, workdir)
     out["first"] = {k: first[k] for k in ("step", "loss", "eval_loss")}
     out["second"] = {k: second[k] for k in ("step", "loss")}
-    out["steps_logged"] = [row["step"] for row in train.read_metrics(
+    out["steps_logged"] = [row["step"] for row in loop.read_metrics(
         os.path.join(workdir, "metrics.jsonl"))]
     with open(os.path.join(workdir, "config_history.jsonl")) as f:
       out["history"] = f.read()
@@ -164,7 +167,7 @@ def train_entry_point():
 
 
 def test_parse_and_make_mesh_errors():
-  from experiments import sharding  # pylint: disable=g-import-not-at-top
+  from experiments.training import sharding  # pylint: disable=g-import-not-at-top
   assert sharding.parse_mesh("data:2,seq:4") == {"data": 2, "seq": 4}
   assert sharding.parse_mesh("seq:-1") == {"seq": -1}
   for bad in ("", "data2", "model:2", "data:2,data:2", "data:x", "data:0", "data:-1,seq:-1"):
@@ -176,7 +179,7 @@ def test_parse_and_make_mesh_errors():
 
 def test_ring_config_switches_exact_kinds_only():
   import dataclasses  # pylint: disable=g-import-not-at-top
-  from experiments import sharding, trainer  # pylint: disable=g-import-not-at-top
+  from experiments.training import sharding, trainer  # pylint: disable=g-import-not-at-top
   from models import KindSettings  # pylint: disable=g-import-not-at-top
 
   @dataclasses.dataclass
@@ -202,7 +205,7 @@ def test_ring_config_switches_exact_kinds_only():
 def test_layout_batch_permutes_once_with_positions():
   import numpy as np  # pylint: disable=g-import-not-at-top
   from attention import ring_layout  # pylint: disable=g-import-not-at-top
-  from experiments import sharding  # pylint: disable=g-import-not-at-top
+  from experiments.training import sharding  # pylint: disable=g-import-not-at-top
   seg = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, -1, -1]])
   batch = {"tokens": np.arange(16)[None] + 100, "segment_ids": seg, "other": np.ones(3)}
   assert sharding.layout_batch(batch, "contiguous", 4) == batch
@@ -219,7 +222,7 @@ def test_layout_batch_permutes_once_with_positions():
 def test_param_spec_fsdp():
   import dataclasses  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from experiments import sharding  # pylint: disable=g-import-not-at-top
+  from experiments.training import sharding  # pylint: disable=g-import-not-at-top
 
   @dataclasses.dataclass
   class FakeMesh:
