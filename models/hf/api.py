@@ -63,7 +63,7 @@ def load(path: str | os.PathLike, *, dtype: Any = None, mesh: jax.sharding.Mesh 
     config = _with_attention(dataclasses.replace(config, dtype=dtype, param_dtype=dtype),
                              attention)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
-    abstract = _flatten(state.to_pure_dict())
+    abstract = _flatten(nnx.to_pure_dict(state))
     _check_paths(params, abstract)
     values = {p.path: _place(ckpt, p, abstract[p.path], mesh) for p in params}
   nnx.replace_by_pure_dict(state, _unflatten(values))
@@ -80,7 +80,7 @@ def save(model: Transformer, path: str | os.PathLike, *, architecture: str | Non
   config = model.config
   fam, hf_config = _family_for(config, architecture)
   values = {k: np.asarray(jax.device_get(v)) for k, v in
-            _flatten(nnx.state(model).to_pure_dict()).items()}
+            _flatten(nnx.to_pure_dict(nnx.state(model))).items()}
   params = fam.params(config)
   _check_paths(params, values)
   pieces: dict[str, list[tuple[weights_lib.Part, np.ndarray]]] = {}

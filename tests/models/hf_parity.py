@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import models
 
 TOLERANCE = 1e-4  # max |logit difference| <= TOLERANCE * max |logit|
 
 
+@nnx.jit
+def _forward(model, tokens, segment_ids):
+  return model(tokens, segment_ids=segment_ids)[0]
+
+
 def logits(model, golden) -> np.ndarray:
   tokens = jnp.asarray(golden["tokens"], jnp.int32)
   segment_ids = jnp.where(jnp.asarray(golden["mask"]) > 0, 0, -1).astype(jnp.int32)
-  out, _ = model(tokens, segment_ids=segment_ids)
-  return np.asarray(out)
+  return np.asarray(_forward(model, tokens, segment_ids))
 
 
 def compare(model, golden) -> dict:
