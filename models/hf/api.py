@@ -88,7 +88,8 @@ def save(model: Transformer, path: str | os.PathLike, *, architecture: str | Non
     for part, tensor in weights_lib.to_hf(param, values[param.path]):
       pieces.setdefault(part.name, []).append((part, tensor))
   tensors = {name: _assemble(name, parts) for name, parts in pieces.items()}
-  checkpoint_lib.write(path, hf_config, tensors, max_shard_size)
+  token_ids = dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"))  # not kept
+  checkpoint_lib.write(path, dict(token_ids, **hf_config), tensors, max_shard_size)
   return fam.architecture
 
 

@@ -91,7 +91,7 @@ def to_hf(config: ModelConfig) -> dict:
              **decoder.hf_ropes(config, types, nested=True))
   for key in ("rms_norm_eps", "num_key_value_heads", "head_dim"):
     out.pop(key)
-  return out
+  return dict(out, cls_token_id=None, sep_token_id=None)  # not kept: tokenizer business
 
 
 def _norm(config: ModelConfig, ours: str, hf: str) -> list[Param]:
