@@ -88,7 +88,8 @@ def register_layer_kind(name: str, kind: LayerKind, *, overwrite: bool = False) 
   if not isinstance(kind, LayerKind):
     raise ValueError(f"register_layer_kind({name!r}) needs a LayerKind, got {kind!r}.")
   missing = [f.name for f in dataclasses.fields(KindSettings)
-             if f.name not in ("options", "alibi", "rope") and getattr(kind.defaults, f.name) is None]
+             if f.name not in ("options", "alibi", "rope")
+             and getattr(kind.defaults, f.name) is None]
   if missing:
     raise ValueError(f"layer kind {name!r}: defaults must set {missing}.")
   if kind.defaults.options is None:

@@ -15,9 +15,11 @@ trained length L, scale `s = factor = L' / L`.
               chosen for Llama (L = 4096, D = 128); at a tiny L and D they leave no pair kept.
 * `llama3` -> Llama 3.1: pairs with `lambda_d < L / high_freq_factor` kept, `lambda_d > L /
               low_freq_factor` divided by s, between them `(1 - g) theta_d / s + g theta_d` with
-              `g = (L / lambda_d - low) / (high - low)` (transformers' `_compute_llama3_parameters`).
-* `yarn_hf` -> YaRN as its reference code and transformers compute it: the ramp is linear in the
-              pair index `d` (not in `r`) between `floor(d(beta))` and `ceil(d(alpha))` (`truncate`),
+              `g = (L / lambda_d - low) / (high - low)` (transformers'
+              `_compute_llama3_parameters`).
+* `yarn_hf` -> YaRN as its reference code and transformers compute it: the ramp is linear in
+              the pair index `d` (not in `r`) between `floor(d(beta))` and `ceil(d(alpha))`
+              (`truncate`),
               `d(n)` the (fractional) pair index where `r_d = n`; the attention factor is
               `mscale` or `0.1 ln(s) + 1`. (`yarn` above is the paper's formula.)
 * `dynamic` -> dynamic NTK (transformers' "dynamic"): base `b * (s n / L - (s - 1))^(D / (D - 2))`

@@ -17,8 +17,6 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping
 
-import numpy as np
-
 # Keys no family needs for the forward pass: ids, training-only settings, bookkeeping.
 COMMON_IGNORED = frozenset({
     "architectures", "model_type", "transformers_version", "_name_or_path", "torch_dtype",
@@ -157,7 +155,3 @@ def max_positions(rope_by_kind: Mapping[str, Any], default: int) -> int:
   """max_position_embeddings to write: dynamic's L if any layer uses it, else `default`."""
   lengths = [r.original_length for r in rope_by_kind.values() if r.scaling == "dynamic"]
   return int(lengths[0]) if lengths else int(default)
-
-
-def as_float(x) -> float:
-  return float(np.asarray(x))

@@ -47,7 +47,8 @@ HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu
 
 def from_hf(raw) -> ModelConfig:
   cfg = HfConfig(raw, DEFAULTS, ignored=IGNORED)
-  d, n, layers = cfg.get("hidden_size"), cfg.get("num_attention_heads"), cfg.get("num_hidden_layers")
+  d, n = cfg.get("hidden_size"), cfg.get("num_attention_heads")
+  layers = cfg.get("num_hidden_layers")
   every = cfg.get("global_attn_every_n_layers")
   types = cfg.get("layer_types") or [
       "sliding_attention" if i % every else "full_attention" for i in range(layers)]
@@ -67,7 +68,8 @@ def from_hf(raw) -> ModelConfig:
       qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=bool(cfg.get("mlp_bias")),
       embed_norm=True, first_attn_norm=False, mlm_head=True,
       mlm_head_bias=bool(cfg.get("classifier_bias")), mlm_activation=ACTIVATION[activation],
-      output_bias=bool(cfg.get("decoder_bias")), tie_embeddings=bool(cfg.get("tie_word_embeddings")),
+      output_bias=bool(cfg.get("decoder_bias")),
+      tie_embeddings=bool(cfg.get("tie_word_embeddings")),
       **family.attention_layout(types, cfg.get("local_attention"), ropes))
   cfg.finish()
   return config
@@ -83,7 +85,8 @@ def to_hf(config: ModelConfig) -> dict:
     raise ValueError(f"{arch} needs LayerNorms and no attention options.")
   types = family.layer_types(config)
   out = dict(decoder.hf_sizes(config, "hidden_activation"), architectures=[arch],
-             model_type="modernbert", layer_types=types, local_attention=family.window(config) or 128,
+             model_type="modernbert", layer_types=types,
+             local_attention=family.window(config) or 128,
              norm_eps=config.norm_eps, norm_bias=config.norm == "layer_bias",
              attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias,
              decoder_bias=config.output_bias, classifier_bias=config.mlm_head_bias,

@@ -9,7 +9,9 @@ KV cache (`models.generate`), with attention="dense" (the reference) and the fla
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -29,7 +31,7 @@ def test_every_family_has_a_fixture():
   architectures = set()
   for case in CASES:
     with open(os.path.join(ROOT, case, "config.json")) as f:
-      architectures.add(__import__("json").load(f)["architectures"][0])
+      architectures.add(json.load(f)["architectures"][0])
   assert architectures == set(hf.supported())
 
 
@@ -38,3 +40,20 @@ def test_every_family_has_a_fixture():
 def test_parity_with_transformers(case, attention):
   model = hf.load(os.path.join(ROOT, case), attention=attention)
   hf_parity.assert_parity(model, golden(case))
+
+
+@pytest.mark.parametrize("case", ["llama_dynamic", "llama_llama3", "llama_yarn"])
+def test_fixtures_see_the_rope_scaling(case, tmp_path):
+  """The goldens are sensitive to the scaling: the same weights with plain RoPE miss them."""
+  path = str(tmp_path / case)
+  shutil.copytree(os.path.join(ROOT, case), path)
+  with open(os.path.join(path, "config.json")) as f:
+    config = json.load(f)
+  config["rope_parameters"] = dict(rope_type="default", rope_theta=10_000.0)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config, f)
+  data = golden(case)
+  valid = data["mask"] > 0
+  wrong = hf_parity.logits(hf.load(path, attention="dense"), data)[valid]
+  assert np.max(np.abs(wrong - data["logits"][valid])) > 100 * hf_parity.TOLERANCE * np.max(
+      np.abs(data["logits"][valid]))

@@ -20,7 +20,7 @@ from models import hf  # pylint: disable=g-import-not-at-top,wrong-import-positi
 from models.hf import hf_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from models.rope import Rope  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tests.models import hf_parity  # pylint: disable=g-import-not-at-top,wrong-import-position
-from tests.models.hf_fixtures import make  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests.models.hf_fixtures import make  # pylint: disable=wrong-import-position
 from tests.models.test_hf_fixtures import ROOT, golden  # pylint: disable=g-import-not-at-top
 
 pytestmark = pytest.mark.hf_live
