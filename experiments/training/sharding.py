@@ -56,6 +56,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 from attention import ring_layout
 from models import KindSettings, ModelConfig, positions_from_segments
+from models.partition import param_spec  # the FSDP rule models.hf.load shares; re-exported
 
 DATA, SEQ = "data", "seq"
 AXES = (DATA, SEQ)
@@ -183,18 +184,6 @@ def check_divisible(mesh: Mesh, batch_size: int, seq_len: int) -> None:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """`[B, T, ...]` arrays: rows over `data`, tokens over `seq`."""
   return NamedSharding(mesh, P(DATA, SEQ))
-
-
-def param_spec(shape: tuple[int, ...], mesh: Mesh, fsdp: bool) -> P:
-  """Replicated, or (FSDP) split over `data` along the largest dimension it divides."""
-  data = mesh.shape.get(DATA, 1)
-  if not fsdp or data == 1 or not shape:
-    return P()
-  candidates = [d for d in range(len(shape)) if shape[d] % data == 0]
-  if not candidates:
-    return P()
-  dim = max(candidates, key=lambda d: (shape[d], -d))
-  return P(*([None] * dim + [DATA]))
 
 
 def state_shardings(state: Any, mesh: Mesh, fsdp: bool = False) -> Any:
