@@ -8,6 +8,8 @@ A query with no visible key returns zeros (not NaN, not a uniform average).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
@@ -53,7 +55,16 @@ def check_qkv(q, k, v, *, value_dim: bool = False) -> tuple[int, int, int, int, 
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:
-  return head_dim ** -0.5 if scale is None else float(scale)
+  """`scale`, or `head_dim ** -0.5` for None; a ValueError for anything but a finite real."""
+  if scale is None:
+    return head_dim ** -0.5
+  try:
+    value = float(scale)
+  except (TypeError, ValueError):
+    raise ValueError(f"scale must be a finite float or None, got {scale!r}.") from None
+  if not math.isfinite(value):
+    raise ValueError(f"scale must be a finite float or None, got {scale!r}.")
+  return value
 
 
 def reference_attention(
