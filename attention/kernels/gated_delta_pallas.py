@@ -99,8 +99,8 @@ def chunk_gated_delta(q, k, v, g, beta, initial_state, reset,
   counts = None if reset is None else chunk_reset_counts(pad_time(reset, t_pad), chunk)
   h0 = (jnp.zeros((b, heads, dk, dv), jnp.float32) if initial_state is None
         else pad_to_size(pad_to_size(initial_state, 2, dk), 3, dv))
-  o, final = _kernels(pad_to_size(pad_time(q, t_pad), 3, dk), pad_to_size(pad_time(k, t_pad), 3, dk),
-                      pad_to_size(pad_time(v.astype(jnp.float32), t_pad), 3, dv),
+  padded = lambda x, d: pad_to_size(pad_time(x.astype(jnp.float32), t_pad), 3, d)
+  o, final = _kernels(padded(q, dk), padded(k, dk), padded(v, dv),
                       chunk_cumsum(per_head(g), chunk), per_head(beta), h0, counts, sizes,
                       bool(interpret))
   return o[:, :t, :, :value_dim], final[:, :, :key_dim, :value_dim]
