@@ -17,15 +17,16 @@ chunk's product of Householder-like factors (Yang et al., "Gated Delta Networks"
     O = diag(e^G) Q S_0 + (Q K^T * D) R                 D_ij = e^{G_i - G_j}, j <= i
     S_C = e^{G_C} S_0 + (K * e^{G_C - G})^T R
 
-W, U and `Q K^T * D` come from all chunks at once (one batched triangular solve with W and U
-as right-hand sides, O(T C d)); only `R` and the state go chunk by chunk (`lax.scan`,
-O(T d^2)); the outputs are again one batched product. Segment resets (document starts) cut the
-chunk's token-to-token terms (`D`, `A`) across a reset and the `S_0` terms for tokens after
-one (`attention.gated_delta_reference.chunk_reset_counts`).
+W, U and `Q K^T * D` come from all chunks at once (batched matmuls and the triangular inverse
+by recursive blocking, `unit_lower_inverse`: O(T C d + T C^2)); only `R` and the state go chunk
+by chunk (`lax.scan`, O(T d^2)); the outputs are again one batched product. Segment resets
+(document starts) cut the chunk's token-to-token terms (`D`, `A`) across a reset and the `S_0`
+terms for tokens after one (`attention.gated_delta_reference.chunk_reset_counts`).
 
-Float32 throughout (inputs are cast); gradients by JAX autodiff of this code: the scan saves
-one state per chunk, so backward memory is O(T C + (T / C) dk dv) per head (the per-token
-reference stores T states). Cost: O(T C (dk + dv) + T dk dv) FLOPs.
+Float32 throughout (inputs are cast); gradients by JAX autodiff of this code (the inverse has a
+closed-form custom VJP): the scan saves one state per chunk, so backward memory is
+O(T C + (T / C) dk dv) per head (the per-token reference stores T states).
+Cost: O(T C (dk + dv) + T C^2 + T dk dv) FLOPs.
 """
 
 from __future__ import annotations
@@ -83,17 +84,58 @@ def _decays(x: _Chunks):
   return decay, e, e_end, f
 
 
+def _diagonal_blocks(a, size: int):
+  """`[..., C, C]` -> its `C / size` diagonal blocks `[..., C / size, size, size]`."""
+  c = a.shape[-1]
+  a = a.reshape(*a.shape[:-2], c // size, size, c // size, size)
+  return jnp.moveaxis(jnp.diagonal(a, axis1=-4, axis2=-2), -1, -3)
+
+
+@jax.custom_vjp
+def unit_lower_inverse(a):
+  """`(I + A)^{-1}` for strictly lower triangular `A [..., C, C]` (C a power of two).
+
+  Recursive blocking, bottom-up: the inverse of `[[I + A11, 0], [A21, I + A22]]` is
+  `[[T11, 0], [-T22 A21 T11, T22]]`, so log2(C) levels of batched matmuls build it from 1 x 1
+  blocks (as stable as substitution; ~2 C^3 / 3 FLOPs). XLA's triangular_solve expands to
+  slow loops on CPU (~100x slower here). Gradient: `dA = -T^T dT T^T` on the strictly lower part
+  (the only entries read).
+  """
+  c = a.shape[-1]
+  t = jnp.ones((*a.shape[:-2], c, 1, 1), a.dtype)  # C diagonal blocks of size 1
+  size = 1
+  while size < c:
+    pairs = t.reshape(*a.shape[:-2], c // (2 * size), 2, size, size)
+    t11, t22 = pairs[..., 0, :, :], pairs[..., 1, :, :]
+    a21 = _diagonal_blocks(a, 2 * size)[..., size:, :size]
+    t21 = -jnp.matmul(t22, jnp.matmul(a21, t11, precision=HIGHEST), precision=HIGHEST)
+    t = jnp.concatenate([jnp.concatenate([t11, jnp.zeros_like(t11)], -1),
+                         jnp.concatenate([t21, t22], -1)], -2)
+    size *= 2
+  return t[..., 0, :, :]
+
+
+def _inverse_fwd(a):
+  t = unit_lower_inverse(a)
+  return t, t
+
+
+def _inverse_bwd(t, dt):
+  tt = jnp.swapaxes(t, -1, -2)
+  return (jnp.tril(-jnp.matmul(tt, jnp.matmul(dt, tt, precision=HIGHEST), precision=HIGHEST),
+                   -1),)
+
+
+unit_lower_inverse.defvjp(_inverse_fwd, _inverse_bwd)
+
+
 def _wy(x: _Chunks, decay, e):
-  """`(W [B, K, G, N, C, dk], U [B, K, G, N, C, dv])`: one unit-lower-triangular solve per
-  chunk and head with both right-hand sides (the strictly lower `A` holds the system; the
-  solver takes the unit diagonal as given)."""
+  """`(W [B, K, G, N, C, dk], U [B, K, G, N, C, dv])`: `(I + A)^{-1}` applied to both."""
   kk = _einsum("BKNid,BKNjd->BKNij", x.k, x.k)[:, :, None]  # shared by the G v heads
-  a = x.beta[..., :, None] * decay * kk * (1.0 - jnp.eye(x.c, dtype=jnp.float32))
-  dk = x.k.shape[-1]
-  rhs = jnp.concatenate([(x.beta * e)[..., None] * x.k[:, :, None],
-                         x.beta[..., None] * x.v], axis=-1)
-  sol = lax.linalg.triangular_solve(a, rhs, left_side=True, lower=True, unit_diagonal=True)
-  return sol[..., :dk], sol[..., dk:]
+  strict = jnp.tril(jnp.ones((x.c, x.c), bool), -1)
+  t = unit_lower_inverse(jnp.where(strict, x.beta[..., :, None] * decay * kk, 0.0))
+  w = _einsum("BKGNij,BKGNjd->BKGNid", t, (x.beta * e)[..., None] * x.k[:, :, None])
+  return w, _einsum("BKGNij,BKGNjv->BKGNiv", t, x.beta[..., None] * x.v)
 
 
 def _states(w, u, k, e_end, f, initial):

@@ -16,7 +16,7 @@ v blocks are exact. Per chunk of C tokens (`attention.gated_delta_chunk` derives
 
 The triangular inverse is C - 1 steps of `row_j = e_j - sum_i A_ij row_i` on a register-held
 C x C tile (elementwise, not tensor cores): O(C^3) per chunk, next to the O(C^2 d + C d^2)
-of its ten dots. Inputs arrive padded by `gated_delta_pallas` (time to whole chunks, head dims to
+of its eight dots. Inputs arrive padded by `gated_delta_pallas` (time to whole chunks, head dims to
 powers of two >= 16), float32. Cost per program: O(T (C d + d bv)) FLOPs, O(T / C) states out.
 The pure-JAX twin is `attention.gated_delta_chunk`.
 """

@@ -56,23 +56,32 @@ def assert_matches_reference(fn, args, dtype, segment_ids=None):
     assert_close(a, b, dtype, grad=True, err_msg=name)
 
 
-# (name, dtype, length, chunk, qk_heads, heads, initial state + segments): lengths not multiples
-# of the chunk (the bf16 case's chunk is longer than the sequence), GQA (2 v heads per q/k head).
+def repeated_keys(args):
+  """A hard case for the chunk form: nearly the same key at every token, beta = 0.99, no decay
+  (so `A` has entries near 1 and `(I + A)^{-1}` large ones), zero initial state."""
+  q, k, v, g, beta, h0 = args
+  return (q, k[:, :1] + 0.01 * k, v, jnp.zeros_like(g), jnp.full_like(beta, 0.99),
+          jnp.zeros_like(h0))
+
+
+# (name, dtype, length, chunk, qk_heads, heads, kind): lengths not multiples of the chunk (the bf16
+# case's chunk is longer than the sequence), GQA (2 v heads per q/k head); "segments": random
+# initial state and segment ids; "repeated_keys": `repeated_keys`.
 CHUNK_CASES = [
-    ("f32_gqa_segments_c16", jnp.float32, 45, 16, 2, 4, True),
-    ("f32_c32", jnp.float32, 37, 32, 2, 2, False),
-    ("bf16_gqa_segments_c64", jnp.bfloat16, 45, 64, 2, 4, True),
+    ("f32_gqa_segments_c16", jnp.float32, 45, 16, 2, 4, "segments"),
+    ("f32_repeated_keys_c32", jnp.float32, 37, 32, 2, 2, "repeated_keys"),
+    ("bf16_gqa_segments_c64", jnp.bfloat16, 45, 64, 2, 4, "segments"),
 ]
 
 
-@pytest.mark.parametrize("name,dtype,length,chunk,qk_heads,heads,extras", CHUNK_CASES,
+@pytest.mark.parametrize("name,dtype,length,chunk,qk_heads,heads,kind", CHUNK_CASES,
                          ids=[c[0] for c in CHUNK_CASES])
-def test_chunk_form_matches_reference(name, dtype, length, chunk, qk_heads, heads, extras):
+def test_chunk_form_matches_reference(name, dtype, length, chunk, qk_heads, heads, kind):
   del name
   args = gdn_inputs(0, 2, length, qk_heads, heads, 16, 8, dtype)
-  segments = random_segments(1, 2, length, 3) if extras else None
-  if not extras:  # h0 = zeros (the default), still differentiated
-    args = args[:5] + (jnp.zeros_like(args[5]),)
+  segments = random_segments(1, 2, length, 3) if kind == "segments" else None
+  if kind == "repeated_keys":
+    args = repeated_keys(args)
   sizes = GatedDeltaBlockSizes(chunk_size=chunk)
   fn = lambda *a, **kw: gated_delta_rule(*a, implementation="xla", block_sizes=sizes, **kw)
   assert_matches_reference(fn, args, dtype, segments)
@@ -147,9 +156,9 @@ def _memory(fn, args) -> tuple[int, float]:
 
 
 def test_chunk_form_backward_memory_is_per_chunk():
-  """Forward + backward temp memory at T = 1024: the reference's scan stores T states
+  """Forward + backward temp memory at T = 512: the reference's scan stores T states
   `[dk, dv]`, the chunk form one per chunk (plus O(T C) tiles)."""
-  args = gdn_inputs(5, 1, 1024, 2, 2, 32, 32)[:5]
+  args = gdn_inputs(5, 1, 512, 1, 1, 32, 32)[:5]
   ref, _ = _memory(gated_delta_reference, args)
   chunk, _ = _memory(gated_delta_rule, args)
   assert chunk * 3 < ref, (chunk, ref)
