@@ -8,14 +8,20 @@ pieces, `geometric_alibi_slopes`, and the registry (`register`, `get`, `availabl
 top-k gather attention; needs index_q/index_k/index_w), "ring" (context parallel over a mesh
 axis; refuses logits_soft_cap / alibi_slopes / return_lse and Hv != H).
 
+The gated delta rule (`gated_delta_rule`, `gated_delta_step`, `gated_delta_reference`,
+`GatedDeltaBlockSizes`) is linear attention with a fixed-size state `[B, H, dk, dv]`, not a
+softmax `fn(q, k, v, mask)`, so it is exported but not registered.
+
 Each operation has one front door holding its implementation table (`flash.IMPLEMENTATIONS`,
-`sparse.IMPLEMENTATIONS`, `ring.IMPLEMENTATIONS`); backends (XLA paths, Pallas kernels) share
-`attention.common` and never import a front door.
+`sparse.IMPLEMENTATIONS`, `ring.IMPLEMENTATIONS`, `gated_delta.IMPLEMENTATIONS`); backends
+(XLA paths, Pallas kernels) share `attention.common` and never import a front door.
 """
 
-from attention.block_sizes import BlockSizes, SparseBlockSizes
+from attention.block_sizes import BlockSizes, GatedDeltaBlockSizes, SparseBlockSizes
 from attention.dsa import attention_target, dsa_attention, selected_mass
 from attention.flash import flash_attention, local_attention
+from attention.gated_delta import gated_delta_rule
+from attention.gated_delta_reference import gated_delta_reference, gated_delta_step
 from attention.indexer import indexer_kl_loss, indexer_scores, indexer_scores_at, indexer_topk
 from attention.masks import (UNBOUNDED, Mask, block_map, effective_indices, local_mask,
                              visible_keys, visible_pairs)
@@ -33,8 +39,9 @@ register("ring")(refusing(ring_attention_sharded, "logits_soft_cap", "alibi_slop
                           "return_lse"))
 
 __all__ = [
-    "BlockSizes", "Mask", "SparseBlockSizes", "UNBOUNDED", "available", "block_map",
-    "effective_indices", "flash_attention", "geometric_alibi_slopes", "get", "local_attention",
+    "BlockSizes", "GatedDeltaBlockSizes", "Mask", "SparseBlockSizes", "UNBOUNDED", "available",
+    "block_map", "effective_indices", "flash_attention", "gated_delta_reference",
+    "gated_delta_rule", "gated_delta_step", "geometric_alibi_slopes", "get", "local_attention",
     "local_mask", "refusing",
     "reference_attention", "register", "ring_attention", "ring_attention_sharded",
     "attention_target", "dsa_attention", "indexer_kl_loss", "indexer_scores",
