@@ -9,8 +9,9 @@ r"""Byte-level language modelling on plain text files (default: the Python stand
 The corpus is every file matching `task.glob` (sorted), concatenated as bytes (or, with
 `task.tokenizer`, a local tokenizer.json's tokens, each file framed by its BOS/EOS; for a
 corpus larger than memory use experiments/configs/tokens.py); rows of `seq_len` tokens pack
-short files together, told apart by segment ids (attention and loss stay within a file). Every 10th file (sorted order) is held out: training reads the others, the
-periodic evaluation the held-out ones (`task.heldout_every`). Nothing is downloaded.
+short files together, told apart by segment ids (attention and loss stay within a file).
+Every 10th file (sorted order) is held out: training reads the others, the periodic
+evaluation the held-out ones (`task.heldout_every`). Nothing is downloaded.
 
 Variants (layer patterns, experiments/results/README.md row 5, experiments/rows/text.py): `:alternating` (the
 default: global, local, local), `:global` (every layer global), `:local` (every layer local),

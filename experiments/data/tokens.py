@@ -1,6 +1,6 @@
 """The `tokens` task: language modelling on a token file larger than memory.
 
-    python -m experiments.tokenize --input='corpus/**/*.txt' --tokenizer=/ckpt/llama --output=/data/tok
+    python -m experiments.tokenize --input='corpus/*.txt' --tokenizer=/ckpt/llama --output=/data/tok
     task = Tokens(path="/data/tok", seq_len=8192, tokenizer="/ckpt/llama")
     batch = task.batch(step, 8)             # training documents; salt=1: held-out documents
 

@@ -28,7 +28,8 @@ def stdlib_texts() -> list[str]:
 def train_bpe(directory, vocab_size: int = 384, config: dict | None = None) -> str:
   """Writes `tokenizer.json` (and `tokenizer_config.json` from `config`, default: add BOS,
   EOS `</s>`, mask `<mask>`) into `directory`; returns the directory."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
