@@ -30,7 +30,9 @@ Tokenizers (`tokenizer=`, experiments/data/tokenizer.py): the text, passkey and 
 encode with "bytes" (the default: UTF-8 bytes, exactly the tasks' original rows) or a local
 `tokenizer.json`; a real tokenizer's documents start with its BOS when it adds one, the text
 task's files end with its EOS (the boundary between packed documents), and the passkey/needle
-answer is the tokenized value, scored by exact match of its tokens.
+answer is the tokenized value, scored by exact match of its tokens. Pieces inside a document
+(needle, question, answer, repeated filler) are encoded as continuations
+(`Tokenizer.encode(continuation=True)`: no SentencePiece dummy-prefix space of their own).
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ class Haystack:
   def min_length(self) -> int:
     """Tokens of a document with no filler (instruction, needle, question, answer)."""
     needle, question, answer = self.parts(np.random.default_rng(0))
-    return len(self.head()) + sum(len(self.tok.encode(t)) for t in
+    return len(self.head()) + sum(len(self.tok.encode(t, continuation=True)) for t in
                                   ("\n" + needle + "\n", "\n" + question, answer))
 
   def parts(self, rng: np.random.Generator) -> tuple[str, str, str]:
@@ -141,7 +143,7 @@ class Haystack:
     """One row exactly `seq_len` tokens long, and its info (answer, needle position, depth)."""
     seq_len = seq_len or self.seq_len
     needle, question, answer = self.parts(rng)
-    head, encode_text = self.head(), self.tok.encode
+    head, encode_text = self.head(), functools.partial(self.tok.encode, continuation=True)
     needle_t, question_t = encode_text("\n" + needle + "\n"), encode_text("\n" + question)
     answer_t = encode_text(answer)
     n_filler = seq_len - len(head) - len(needle_t) - len(question_t) - len(answer_t)
@@ -208,10 +210,10 @@ def repeated_filler(tokenizer: str, filler: str, n: int) -> np.ndarray:
   copies double until `n` tokens are there)."""
   tok = tokenizer_lib.load(tokenizer)
   repeats = n // max(len(tok.encode(filler)), 1) + 1
-  tokens = tok.encode(filler * repeats)
+  tokens = tok.encode(filler * repeats, continuation=True)
   while len(tokens) < n:
     repeats *= 2
-    tokens = tok.encode(filler * repeats)
+    tokens = tok.encode(filler * repeats, continuation=True)
   return tokens[:n]
 
 

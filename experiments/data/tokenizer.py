@@ -34,6 +34,7 @@ import numpy as np
 
 BYTES = "bytes"
 BYTE_MASK_ID = 256  # experiments/data/mlm.py's MASK_ID: one past the bytes
+SENTINELS = ("\n", "a", ".")  # what a continuation is encoded after (`Tokenizer.encode`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +53,24 @@ class Tokenizer:
   def is_bytes(self) -> bool:
     return self.backend is None
 
-  def encode(self, text: str) -> np.ndarray:
-    """Token ids `[N]` int32 of `text`, without special tokens."""
+  def encode(self, text: str, continuation: bool = False) -> np.ndarray:
+    """Token ids `[N]` int32 of `text`, without special tokens.
+
+    `continuation`: `text` follows other text inside a document, and gets the tokens it has
+    there. Tokenizers that prepend a space to every text they encode (SentencePiece's dummy
+    prefix: Llama 2, Mistral) would otherwise start each separately encoded piece with an
+    extra space: the piece is encoded after a sentinel (`SENTINELS`: the first whose own
+    tokens stay a prefix, i.e. that does not merge with the piece), whose tokens are then
+    dropped; the piece alone if every sentinel merges. Bytes: the same either way.
+    """
     if self.is_bytes:
       return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
-    return np.asarray(self.backend.encode(text, add_special_tokens=False).ids, np.int32)
+    ids = lambda t: self.backend.encode(t, add_special_tokens=False).ids
+    for sentinel in SENTINELS if continuation else ():
+      lead, both = ids(sentinel), ids(sentinel + text)
+      if both[:len(lead)] == lead:
+        return np.asarray(both[len(lead):], np.int32)
+    return np.asarray(ids(text), np.int32)
 
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
     """`encode` of each text; a real tokenizer encodes the batch in parallel (Rust threads)."""

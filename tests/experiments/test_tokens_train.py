@@ -104,7 +104,7 @@ def copier(model, rows, answer_len, tok):
   for row in rows:
     text = tok.decode(row[:-answer_len])
     value = re.search(r"The special magic number for \w+ is (\d+)\.", text).group(1)
-    out.append(tok.encode(" " + value))
+    out.append(tok.encode(" " + value, continuation=True))
   return np.stack(out)
 
 

@@ -25,14 +25,20 @@ def stdlib_texts() -> list[str]:
   return texts
 
 
-def train_bpe(directory, vocab_size: int = 384, config: dict | None = None) -> str:
+def train_bpe(directory, vocab_size: int = 384, config: dict | None = None,
+              dummy_prefix: bool = False) -> str:
   """Writes `tokenizer.json` (and `tokenizer_config.json` from `config`, default: add BOS,
-  EOS `</s>`, mask `<mask>`) into `directory`; returns the directory."""
+  EOS `</s>`, mask `<mask>`) into `directory`; returns the directory. `dummy_prefix`:
+  SentencePiece-style instead (spaces as "▁", one prepended to every encoded text, as Llama 2
+  and Mistral's tokenizers do)."""
   # pylint: disable-next=g-import-not-at-top
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
+  if dummy_prefix:
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(prepend_scheme="always")
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<mask>"],
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                 show_progress=False)

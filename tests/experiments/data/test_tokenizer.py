@@ -74,13 +74,28 @@ def test_haystack_answer_is_the_tokenized_value(bpe_dir, kind):
   tok = task.tok
   row, info = task.example(np.random.default_rng(3), 0.5)
   assert all(v.shape == (300,) for v in row.values()) and row["tokens"][0] == tok.bos_id
-  answer = tok.encode(info["answer"])
+  answer = tok.encode(info["answer"], continuation=True)
   np.testing.assert_array_equal(row["tokens"][-len(answer):], answer)
   scored = row["loss_mask"] > 0
   np.testing.assert_array_equal(row["targets"][scored], answer)  # exactly the answer's tokens
   text = tok.decode(row["tokens"][1:])
   assert info["needle"] in text and text.endswith(info["answer"])
   assert task.min_length() < 300 and len(row["tokens"]) == 300
+
+
+def test_pieces_inside_a_document_get_no_dummy_prefix(tmp_path):
+  """A SentencePiece-style tokenizer prepends a space to each text it encodes; the needle,
+  question, answer and filler are encoded as continuations: the row is the document's text."""
+  tok_dir = tiny_bpe.train_bpe(tmp_path, dummy_prefix=True)
+  tok = tokenizer_lib.load(tok_dir)
+  pieces = lambda ids: [tok.backend.id_to_token(int(i)) for i in ids]
+  assert pieces(tok.encode("\nThe"))[:2] == ["▁", "\n"]  # alone: the dummy prefix
+  assert pieces(tok.encode("\nThe", continuation=True))[0] == "\n"
+  task = tasks.Haystack(kind="needle", seq_len=300, tokenizer=tok_dir)
+  row, info = task.example(np.random.default_rng(0), 0.5)
+  text = tok.decode(row["tokens"][1:])
+  assert f"\n{info['needle']}\n" in text and " \n" not in text
+  assert text.endswith(f"number for {info['needle'].split()[-3]} is{info['answer']}")
 
 
 def test_haystack_filler_from_a_corpus(bpe_dir, tmp_path):
