@@ -12,6 +12,7 @@ events past the restored step, so the curves stay those of one run.
 from __future__ import annotations
 
 import numbers
+import os
 from typing import Any
 
 import tensorboardX
@@ -21,8 +22,11 @@ class Scalars:
   """A TensorBoard writer of metric rows (`{"step": N, name: number, ...}`)."""
 
   def __init__(self, logdir: str, start_step: int = 0):
+    # The file name holds the second it was made: the pid and start step keep a run resumed
+    # within the same second from truncating its predecessor's file.
     self.writer = tensorboardX.SummaryWriter(
-        logdir=logdir, purge_step=start_step + 1 if start_step else None, flush_secs=30)
+        logdir=logdir, purge_step=start_step + 1 if start_step else None, flush_secs=30,
+        filename_suffix=f".{os.getpid()}.{start_step}")
 
   def write(self, row: dict[str, Any]) -> None:
     """Each number of `row` (but `step`, its x value) as a scalar, then a flush."""
