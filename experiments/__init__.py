@@ -6,6 +6,7 @@ Commands (thin: flags, then one call into the library; nothing imports them):
     python -m experiments.evaluate   --workdir=DIR
     python -m experiments.reproduce  --rows=N --workdir=DIR
     python -m experiments.benchmark  --preset=NAME
+    python -m experiments.tokenize   --input=GLOB --tokenizer=DIR --output=DIR
 
 Library, layered (each may import those below it, checked by import-linter in setup.cfg):
 `rows/` (the results rows) > `evaluation/` | `bench/` > `training/` > `configs/` > `data/`.

@@ -28,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Defaults of every field a run reads."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.task = ml_collections.ConfigDict(dict(name="passkey", seq_len=256))
+  c.task = ml_collections.ConfigDict(dict(name="passkey", seq_len=256, tokenizer="bytes"))
 
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=256, d_model=64, num_layers=4, num_heads=4,
@@ -71,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_after_train = False
   c.eval = ml_collections.ConfigDict(dict(
       tasks=("passkey",), length_multiples=(1, 2, 3, 4), depths=(0.0, 0.25, 0.5, 0.75, 1.0),
-      examples=16, batch_size=16))
+      examples=16, batch_size=16, filler=""))
   return c
 
 
@@ -110,6 +110,8 @@ def parse_variant(variant: str | None, *, name: str, choices: Sequence[str] = ()
 FIELD_HELP = {
     "seed": "parameter init and data order (batches are a pure function of (seed, step))",
     "task": "the training task (experiments/data/tasks.py); its fields depend on task.name",
+    "task.tokenizer": "bytes, or a local tokenizer.json / its directory (text, passkey, needle, "
+                      "tokens tasks; model.vocab_size must hold its vocabulary)",
     "model": "models.ModelConfig fields",
     "model.vocab_size": "token vocabulary (256 = bytes)",
     "model.d_model": "residual width",
@@ -165,11 +167,14 @@ FIELD_HELP = {
     "multihost": "call jax.distributed.initialize() first (one process per host)",
     "eval_after_train": "run the haystack evaluation grid when training ends",
     "eval": "the evaluation grid after training (experiments/evaluate.py)",
-    "eval.tasks": "haystack tasks: passkey, needle",
+    "eval.tasks": "passkey, needle (teacher-forced), niah (real filler, generated answers), "
+                  "mlm_needle (encoders)",
     "eval.length_multiples": "context lengths as multiples of task.seq_len",
     "eval.depths": "needle depths in [0, 1]",
     "eval.examples": "prompts per (length, depth) cell",
     "eval.batch_size": "rows per evaluation batch",
+    "eval.filler": "niah haystack: a glob of text files or a token-file directory (\"\" = the "
+                   "training corpus, else the Python standard library)",
 }
 
 

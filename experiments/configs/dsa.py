@@ -51,7 +51,8 @@ def get_config(variant: str | None = None):
                                       default="dense")
 
   config = common.base_config()
-  config.task = dict(name="passkey", seq_len=256, digits=5, instruction="", min_len=112)
+  config.task = dict(name="passkey", seq_len=256, digits=5, instruction="", min_len=112,
+                     tokenizer="bytes")
   config.model.update(d_model=64, num_layers=4, num_heads=4, mlp_dim=128,
                       layer_pattern=("dsa", "local", "local"))
   config.model.kinds = dict(dsa=dsa_kind(top_k=32), local=dict(window=64, rope_theta=1e4))

@@ -29,7 +29,8 @@ from experiments.configs import common
 
 def get_config(variant: str | None = None):
   config = common.base_config()
-  config.task = dict(name="passkey", seq_len=256, digits=5, instruction="", min_len=112)
+  config.task = dict(name="passkey", seq_len=256, digits=5, instruction="", min_len=112,
+                     tokenizer="bytes")
   config.model.update(d_model=64, num_layers=4, num_heads=4, mlp_dim=128,
                       layer_pattern=("global", "local", "local"))
   config.model.kinds = {"global": dict(rope_theta=1e7), "local": dict(window=64, rope_theta=1e4)}

@@ -53,11 +53,12 @@ PAD_SEGMENT = -1
 
 
 @functools.lru_cache(maxsize=8)
-def split_corpus(pattern: str, max_bytes: int, heldout_every: int, heldout: bool
-                 ) -> tuple[np.ndarray, np.ndarray]:
-  """(bytes [N], file id [N]) of the training (`heldout=False`) or held-out files: file `i`
-  (sorted order) is held out iff `i % heldout_every == 0`."""
-  data, ids = corpus.load_corpus(pattern, max_bytes)
+def split_corpus(pattern: str, max_bytes: int, heldout_every: int, heldout: bool,
+                 tokenizer: str = "bytes") -> tuple[np.ndarray, np.ndarray]:
+  """(tokens [N], file id [N]) of the training (`heldout=False`) or held-out files: file `i`
+  (sorted order) is held out iff `i % heldout_every == 0` (`corpus.load_tokens`: bytes, or
+  `tokenizer`'s framed tokens)."""
+  data, ids = corpus.load_tokens(pattern, max_bytes, tokenizer)
   keep = (ids % heldout_every == 0) == heldout
   if not keep.any():
     raise ValueError(f"mlm: no {'held-out' if heldout else 'training'} files in {pattern!r} "
@@ -147,7 +148,7 @@ class MLM:
     rows = []
     for i in range(step * batch_size, (step + 1) * batch_size):
       epoch, offset = divmod(i, n)
-      order = epoch_order(self.seed + 7919 * salt, epoch, n)
+      order = corpus.epoch_order(self.seed + 7919 * salt, epoch, n)
       tokens, segments = self.row(heldout, int(order[offset]))
       rows.append(self.masked_row(rng, tokens, segments, needles=not heldout))
     return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
@@ -250,12 +251,6 @@ class MLM:
                        targets=tokens.astype(np.int32), loss_mask=forced.astype(np.float32),
                        segment_ids=np.zeros(seq_len, np.int32)))
     return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
-
-
-@functools.lru_cache(maxsize=4)
-def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-  """The order in which an epoch visits `n` rows."""
-  return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def distance_buckets(seq_len: int, needle_len: int) -> list[tuple[int, int]]:

@@ -23,6 +23,16 @@ Formats:
 * text: files from a glob (default: the Python standard library's own sources, via
   `sysconfig`), concatenated as bytes and cut into rows; short files are packed together and
   told apart by segment ids.
+* tokens: a token file larger than memory (experiments/data/tokens.py), read through
+  `np.memmap`, packed as the text task packs files.
+
+Tokenizers (`tokenizer=`, experiments/data/tokenizer.py): the text, passkey and needle tasks
+encode with "bytes" (the default: UTF-8 bytes, exactly the tasks' original rows) or a local
+`tokenizer.json`; a real tokenizer's documents start with its BOS when it adds one, the text
+task's files end with its EOS (the boundary between packed documents), and the passkey/needle
+answer is the tokenized value, scored by exact match of its tokens. Pieces inside a document
+(needle, question, answer, repeated filler) are encoded as continuations
+(`Tokenizer.encode(continuation=True)`: no SentencePiece dummy-prefix space of their own).
 """
 
 from __future__ import annotations
@@ -33,8 +43,11 @@ from typing import Any
 
 import numpy as np
 
-from experiments.data.corpus import DEFAULT_TEXT_GLOB, decode, encode, load_corpus  # decode: re-exported
+from experiments.data import corpus
+from experiments.data import tokenizer as tokenizer_lib
+from experiments.data.corpus import DEFAULT_TEXT_GLOB, decode, encode  # re-exported
 from experiments.data.mlm import MLM, split_corpus
+from experiments.data.tokens import Tokens, corpus_stream
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
                "memorize them. I will quiz you about the important information there.")
@@ -80,6 +93,10 @@ class Haystack:
   `whole_rows` (with `min_len`): the share of training rows that hold one document as long as
   the row, its needle at a uniform depth, instead of packed ones (packed documents put few
   needles far back: the mix adds needle distances uniform up to `seq_len`).
+  `tokenizer`: "bytes" or a local tokenizer.json (file or directory); a document starts with
+  its BOS when the tokenizer adds one. `filler_source`: "" fills with `filler` repeated; a glob
+  of text files or a token-file directory fills with a slice of that corpus's token stream at
+  a random offset (real text: the needle-in-a-haystack evaluation).
   """
 
   seq_len: int = 512
@@ -92,12 +109,23 @@ class Haystack:
   min_len: int = 0
   stretch: bool = True
   whole_rows: float = 0.0
+  tokenizer: str = tokenizer_lib.BYTES
+  filler_source: str = ""
+
+  @property
+  def tok(self) -> tokenizer_lib.Tokenizer:
+    return tokenizer_lib.load(self.tokenizer)
+
+  def head(self) -> np.ndarray:
+    """The document's opening tokens: BOS (if the tokenizer adds one), the instruction line."""
+    line = self.tok.encode(self.instruction + "\n") if self.instruction else np.zeros(0, np.int32)
+    return np.concatenate([self.tok.prefix, line])
 
   def min_length(self) -> int:
     """Tokens of a document with no filler (instruction, needle, question, answer)."""
     needle, question, answer = self.parts(np.random.default_rng(0))
-    head = len(encode(self.instruction + "\n")) if self.instruction else 0
-    return head + sum(len(encode(t)) for t in ("\n" + needle + "\n", "\n" + question, answer))
+    return len(self.head()) + sum(len(self.tok.encode(t, continuation=True)) for t in
+                                  ("\n" + needle + "\n", "\n" + question, answer))
 
   def parts(self, rng: np.random.Generator) -> tuple[str, str, str]:
     """(needle line, final question, answer) of one example."""
@@ -115,20 +143,31 @@ class Haystack:
     """One row exactly `seq_len` tokens long, and its info (answer, needle position, depth)."""
     seq_len = seq_len or self.seq_len
     needle, question, answer = self.parts(rng)
-    head = encode(self.instruction + "\n") if self.instruction else np.zeros(0, np.int32)
-    needle_t, question_t = encode("\n" + needle + "\n"), encode("\n" + question)
-    answer_t = encode(answer)
+    head, encode_text = self.head(), functools.partial(self.tok.encode, continuation=True)
+    needle_t, question_t = encode_text("\n" + needle + "\n"), encode_text("\n" + question)
+    answer_t = encode_text(answer)
     n_filler = seq_len - len(head) - len(needle_t) - len(question_t) - len(answer_t)
     if n_filler < 0:
       raise ValueError(f"{self.kind}: seq_len {seq_len} is too short for the fixed text "
                        f"({seq_len - n_filler} tokens); use a longer seq_len or instruction=''.")
-    repeats = n_filler // len(self.filler) + 1
-    filler = encode(self.filler * repeats)[:n_filler]
+    filler = self.filler_tokens(rng, n_filler)
     cut = int(round(float(depth) * n_filler))
     sequence = np.concatenate([head, filler[:cut], needle_t, filler[cut:], question_t, answer_t])
     info = dict(answer=answer, depth=float(depth), needle_start=len(head) + cut + 1,
                 filler_start=len(head), filler_len=n_filler, needle=needle)
     return _lm_example(sequence, len(answer_t)), info
+
+  def filler_tokens(self, rng: np.random.Generator, n: int) -> np.ndarray:
+    """`n` filler tokens: `filler` repeated (tokenized as one text), or (`filler_source`) a
+    slice of that corpus's token stream at a random offset."""
+    if self.filler_source:
+      stream = corpus_stream(self.filler_source, self.tokenizer)
+      if len(stream) < n:
+        raise ValueError(f"{self.kind}: filler_source {self.filler_source!r} holds "
+                         f"{len(stream)} tokens, fewer than the {n} filler tokens needed.")
+      start = int(rng.integers(0, len(stream) - n + 1))
+      return np.asarray(stream[start:start + n], np.int32)
+    return repeated_filler(self.tokenizer, self.filler, n)
 
   def batch(self, step: int, batch_size: int, *, salt: int = 0, seq_len: int | None = None,
             depth: float | None = None) -> dict[str, np.ndarray]:
@@ -162,6 +201,20 @@ class Haystack:
                        loss_mask=np.zeros(free, np.float32),
                        segment_ids=np.full(free, -1, np.int32)))
     return {key: np.concatenate([doc[key] for doc in docs]) for key in docs[0]}
+
+
+@functools.lru_cache(maxsize=16)
+def repeated_filler(tokenizer: str, filler: str, n: int) -> np.ndarray:
+  """The first `n` tokens of `filler` repeated, tokenized as one text (bytes: `n // len +
+  1` copies, the original rows exactly; a subword tokenizer merges across the copies, so
+  copies double until `n` tokens are there)."""
+  tok = tokenizer_lib.load(tokenizer)
+  repeats = n // max(len(tok.encode(filler)), 1) + 1
+  tokens = tok.encode(filler * repeats, continuation=True)
+  while len(tokens) < n:
+    repeats *= 2
+    tokens = tok.encode(filler * repeats, continuation=True)
+  return tokens[:n]
 
 
 # --- multi-query associative recall (Zoology) ----------------------------------------------------
@@ -213,12 +266,14 @@ class MQAR:
 
 @dataclasses.dataclass(frozen=True)
 class Text:
-  """Byte-level LM on files matching `glob`, packed into rows of `seq_len` with segment ids.
+  """LM on files matching `glob`, packed into rows of `seq_len` with segment ids.
 
-  The corpus (files in sorted order) is one stream cut into `seq_len + 1` windows; each epoch
-  visits the windows in a seed-dependent permutation. A row holds the ends and starts of
-  several files when they are short; `segment_ids` separates them, and a token is scored only
-  when its target lies in the same file.
+  The corpus (files in sorted order; bytes, or `tokenizer`'s tokens with each file framed by
+  its BOS/EOS) is one stream cut into `seq_len + 1` windows; each epoch visits the windows in
+  a seed-dependent permutation. A row holds the ends and starts of several files when they
+  are short; `segment_ids` separates them, and a token is scored only when its target lies in
+  the same file. The corpus is held in memory (`max_bytes` of text at most); for more, make a
+  token file (`python -m experiments.tokenize`) and train on the `tokens` task.
   """
 
   seq_len: int = 256
@@ -226,12 +281,17 @@ class Text:
   max_bytes: int = 64 << 20
   seed: int = 0
   heldout_every: int = 0  # > 0: file i (sorted) is held out iff i % heldout_every == 0
+  tokenizer: str = tokenizer_lib.BYTES
+
+  @property
+  def tok(self) -> tokenizer_lib.Tokenizer:
+    return tokenizer_lib.load(self.tokenizer)
 
   def corpus(self, heldout: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(bytes, file ids): all files, or (`heldout_every` > 0) the training / held-out ones."""
+    """(tokens, file ids): all files, or (`heldout_every` > 0) the training / held-out ones."""
     if not self.heldout_every:
-      return load_corpus(self.glob, self.max_bytes)
-    return split_corpus(self.glob, self.max_bytes, self.heldout_every, heldout)
+      return corpus.load_tokens(self.glob, self.max_bytes, self.tokenizer)
+    return split_corpus(self.glob, self.max_bytes, self.heldout_every, heldout, self.tokenizer)
 
   def num_windows(self, heldout: bool = False, seq_len: int | None = None) -> int:
     seq_len = seq_len or self.seq_len
@@ -246,11 +306,7 @@ class Text:
     seq_len = seq_len or self.seq_len
     data, ids = self.corpus(heldout)
     lo = index * seq_len
-    chunk, doc = data[lo:lo + seq_len + 1], ids[lo:lo + seq_len + 1]
-    _, segment_ids = np.unique(doc[:-1], return_inverse=True)
-    return dict(tokens=chunk[:-1].astype(np.int32), targets=chunk[1:].astype(np.int32),
-                loss_mask=(doc[1:] == doc[:-1]).astype(np.float32),
-                segment_ids=segment_ids.astype(np.int32).reshape(-1))
+    return corpus.lm_window(data[lo:lo + seq_len + 1], ids[lo:lo + seq_len + 1])
 
   def batch(self, step: int, batch_size: int, *, salt: int = 0, seq_len: int | None = None
             ) -> dict[str, np.ndarray]:
@@ -258,23 +314,15 @@ class Text:
     with `heldout_every`, salt 0 reads the training files and any other salt the held-out
     ones). `seq_len` overrides the row length (evaluation at other lengths)."""
     heldout = bool(self.heldout_every) and salt != 0
-    n = self.num_windows(heldout, seq_len)
-    rows = []
-    for i in range(step * batch_size, (step + 1) * batch_size):
-      epoch, offset = divmod(i, n)
-      order = _epoch_order(self.seed + 7919 * salt, epoch, n)
-      rows.append(self.window(int(order[offset]), heldout, seq_len))
-    return _stack(rows)
-
-
-@functools.lru_cache(maxsize=2)
-def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-  return np.random.default_rng([seed, epoch]).permutation(n)
+    return corpus.epoch_rows(lambda index: self.window(index, heldout, seq_len),
+                             self.num_windows(heldout, seq_len), self.seed + 7919 * salt, step,
+                             batch_size)
 
 
 # --- registry ------------------------------------------------------------------------------------
 
-TASKS = {"passkey": Haystack, "needle": Haystack, "mqar": MQAR, "text": Text, "mlm": MLM}
+TASKS = {"passkey": Haystack, "needle": Haystack, "mqar": MQAR, "text": Text, "mlm": MLM,
+         "tokens": Tokens}
 
 
 def make_task(config, seed: int = 0):

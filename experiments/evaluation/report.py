@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_collections
 import numpy as np
 
-from experiments.evaluation import scores
+from experiments.evaluation import needle, scores
 from experiments.training import loop, plots
 
 
@@ -100,13 +100,52 @@ def check_outputs(outdir: str, task_names: Sequence[str], tag: str, overwrite: b
                           f"--overwrite to replace them.")
 
 
+def haystack_evaluation(score: Callable[..., list[dict[str, Any]]]) -> Callable[..., list]:
+  """An evaluation whose `score(model, config, name, lengths, depths, examples, batch_size)`
+  gives one row per (length, depth): CSV, heatmap and the printed table."""
+  def evaluate(model, config, name, lengths, depths, examples, stem, rope):
+    rows = score(model, config, name, lengths, depths, examples, config.eval.batch_size)
+    write_csv(rows, stem + ".csv")
+    plot_heatmap(rows, stem + ".png", f"{name}: trained at {config.task.seq_len}, {rope}")
+    print(f"\n{name} exact-match accuracy (trained at length {config.task.seq_len}; {rope}):")
+    print(format_table(rows), flush=True)
+    return rows
+  return evaluate
+
+
+def mlm_needle_evaluation(model, config, name, lengths, depths, examples, stem, rope):
+  """MLM encoders: the masked needle's accuracy by distance (CSV, line plot, table)."""
+  del depths
+  rows = scores.needle_by_distance(model, config, lengths, examples, config.eval.batch_size)
+  write_csv(rows, stem + ".csv")
+  kinds = "/".join(model.config.layer_pattern)
+  train_len = config.task.seq_len
+  plot_distance(rows, stem + ".png", f"MLM needle ({kinds}), trained at {train_len}",
+                model.config.kind_settings("local").window if "local" in kinds else 0)
+  print(f"\nMLM needle retrieval by distance ({kinds}; trained at {train_len}; {rope}):")
+  print(format_distance_table(rows), flush=True)
+  return rows
+
+
+# Evaluation task name -> (model, config, name, lengths, depths, examples, file stem, rope
+# description) -> rows, having written `<stem>.csv` / `.png` and printed its table.
+EVALUATIONS = {
+    "passkey": haystack_evaluation(scores.grid),        # teacher-forced exact match
+    "needle": haystack_evaluation(scores.grid),
+    "niah": haystack_evaluation(needle.niah_grid),      # real filler, generated answers
+    "mlm_needle": mlm_needle_evaluation,
+}
+
+
 def evaluate_and_report(model, config: ml_collections.ConfigDict, outdir: str, *,
                         task_names=None, lengths=None, depths=None, examples=None,
                         tag: str = "", overwrite: bool = False) -> dict[str, list[dict[str, Any]]]:
-  """Runs the grid for each task, writes CSV + heatmap under `outdir`, prints the tables.
+  """Runs the grid for each task (`EVALUATIONS`), writes CSV + plot under `outdir`, prints the
+  tables.
 
   Files are `eval_<task>[_<tag>].csv/.png` (and `eval_dsa_recall[_<tag>].csv`); if one exists
-  and not `overwrite`, raises `FileExistsError` before evaluating anything.
+  and not `overwrite`, raises `FileExistsError` before evaluating anything (`ValueError` for
+  an unknown task name).
   """
   e = config.eval
   train_len = config.task.seq_len
@@ -114,28 +153,17 @@ def evaluate_and_report(model, config: ml_collections.ConfigDict, outdir: str, *
   depths = depths or list(e.depths)
   suffix = f"_{tag}" if tag else ""
   names = list(task_names or e.tasks)
+  unknown = sorted(set(names) - set(EVALUATIONS))
+  if unknown:
+    raise ValueError(f"unknown evaluation task(s) {unknown}; known: {sorted(EVALUATIONS)}.")
   check_outputs(outdir, names, tag, overwrite)
+  rope = f"rope={model.config.rope_scaling}" + (
+      f" x{model.config.rope_factor:g}" if model.config.rope_scaling != "none" else "")
   results = {}
   for name in names:
     stem = os.path.join(outdir, f"eval_{name}{suffix}")
-    rope = f"rope={model.config.rope_scaling}" + (
-        f" x{model.config.rope_factor:g}" if model.config.rope_scaling != "none" else "")
-    if name == "mlm_needle":
-      rows = scores.needle_by_distance(model, config, lengths, examples or e.examples, e.batch_size)
-      write_csv(rows, stem + ".csv")
-      kinds = "/".join(model.config.layer_pattern)
-      plot_distance(rows, stem + ".png", f"MLM needle ({kinds}), trained at {train_len}",
-                    model.config.kind_settings("local").window if "local" in kinds else 0)
-      print(f"\nMLM needle retrieval by distance ({kinds}; trained at {train_len}; {rope}):")
-      print(format_distance_table(rows), flush=True)
-      results[name] = rows
-      continue
-    rows = scores.grid(model, config, name, lengths, depths, examples or e.examples, e.batch_size)
-    write_csv(rows, stem + ".csv")
-    plot_heatmap(rows, stem + ".png", f"{name}: trained at {train_len}, {rope}")
-    print(f"\n{name} exact-match accuracy (trained at length {train_len}; {rope}):")
-    print(format_table(rows), flush=True)
-    results[name] = rows
+    results[name] = EVALUATIONS[name](model, config, name, lengths, depths,
+                                      examples or e.examples, stem, rope)
   recall = scores.indexer_recall(model, config, (task_names or e.tasks)[0], train_len, depths,
                           examples or e.examples, e.batch_size)
   if recall:

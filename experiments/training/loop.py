@@ -33,7 +33,7 @@ import tqdm
 from experiments.configs import common
 from experiments.data import tasks
 from experiments.training import checkpoints as ckpt_lib
-from experiments.training import plots, sharding, trainer
+from experiments.training import plots, sharding, summaries, trainer
 from experiments.training import workdir as workdir_lib
 
 WorkdirError = workdir_lib.WorkdirError
@@ -46,7 +46,8 @@ class ConfigChangeError(ValueError):
 
 
 class MetricsLog:
-  """Appends JSON lines to `metrics.jsonl`; on resume drops lines past the restored step."""
+  """Appends JSON lines to `metrics.jsonl` and the same scalars to TensorBoard event files
+  next to it (`summaries.Scalars`); on resume drops lines past the restored step."""
 
   def __init__(self, path: str, start_step: int):
     self.path = path
@@ -55,10 +56,15 @@ class MetricsLog:
       for row in rows:
         if row.get("step", 0) <= start_step:
           f.write(json.dumps(row) + "\n")
+    self.scalars = summaries.Scalars(os.path.dirname(path), start_step)
 
   def write(self, row: dict[str, Any]) -> None:
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
+    self.scalars.write(row)
+
+  def close(self) -> None:
+    self.scalars.close()
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
@@ -117,6 +123,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
       last = train_loop(run, config, end)
     finally:
       run.ckpt.close()
+      if run.log is not None:
+        run.log.close()
     return finish(run, config, end, last, evaluate)
 
 
@@ -125,6 +133,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str, primary: bool = True)
   checkpoint or `config.init_from`; writes `config.json` and opens `metrics.jsonl`."""
   task = tasks.make_task(config.task, seed=config.seed)
   task.batch(0, 1)  # fails fast on task settings that cannot make an example
+  tok = getattr(task, "tok", None)
+  if tok is not None and tok.vocab_size > config.model.vocab_size:
+    raise ValueError(f"task.tokenizer {tok.spec!r} has {tok.vocab_size} tokens: set "
+                     f"--config.model.vocab_size={tok.vocab_size} (or more); it is "
+                     f"{config.model.vocab_size}.")
   if config.batch_size % config.grad_accum:
     raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of grad_accum "
                      f"({config.grad_accum}).")

@@ -36,6 +36,8 @@ HISTORY_FILE = "config_history.jsonl"
 # config.model. Bookkeeping fields (log/eval/checkpoint intervals, mesh, progress) may change.
 COMPUTATION_FIELDS = ("seed", "task", "model", "optim", "batch_size", "grad_accum", "num_steps",
                       "lm_loss_weight", "aux_losses", "trainable")
+# Fields added after runs were saved: a config.json without one computed with this value.
+ADDED_FIELDS = {"task.tokenizer": "bytes"}
 
 
 class WorkdirError(RuntimeError):
@@ -134,6 +136,7 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]
                    ) -> list[tuple[str, Any, Any]]:
   """`(field, saved value, current value)` for each `COMPUTATION_FIELDS` leaf that differs."""
   old, new = _flatten(saved), _flatten(json.loads(json.dumps(current)))
+  old = {**{k: v for k, v in ADDED_FIELDS.items() if k in new}, **old}
   keep = lambda path: any(path == f or path.startswith(f + ".") for f in COMPUTATION_FIELDS)
   return [(path, old.get(path), new.get(path)) for path in sorted(set(old) | set(new))
           if keep(path) and _normal(old.get(path)) != _normal(new.get(path))]
