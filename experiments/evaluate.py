@@ -24,13 +24,22 @@ in at its masked tokens.
 
 An MLM run's task is `mlm_needle` (`eval_mlm_needle[_<tag>].csv/.png`): exact match of a
 masked key-value needle's value by the distance to its intact copy, in doubling buckets.
+
+A Hugging Face checkpoint directly (`--hf`: a local directory as `snapshot_download` leaves it;
+its model and tokenizer, the tasks and grid of `--config`, default experiments/configs/hf.py;
+outputs under `--outdir`):
+
+    python -m experiments.evaluate --hf=/data/Llama-3.2-1B --outdir=/tmp/llama_niah \
+        --lengths=2048,4096,8192
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags
+from ml_collections import config_flags
 
 from experiments.evaluation import runs
 from experiments.training import checkpoints as ckpt_lib
@@ -38,16 +47,26 @@ from experiments.training import cli
 from experiments.training import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
+HF_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "hf.py")
 
 
 def main(argv):
   del argv
+  grid = dict(task_names=FLAGS.tasks, length_multiples=FLAGS.length_multiples,
+              lengths=FLAGS.lengths, tag=FLAGS.tag)
+  shared = dict(depths=FLAGS.depths, examples=FLAGS.examples, overwrite=FLAGS.overwrite)
   try:
-    runs.run(FLAGS.workdir, outdir=FLAGS.outdir, task_names=FLAGS.tasks,
-             length_multiples=FLAGS.length_multiples, lengths=FLAGS.lengths,
-             depths=FLAGS.depths, examples=FLAGS.examples, rope_scaling=FLAGS.rope_scaling,
-             rope_factor=FLAGS.rope_factor, tag=FLAGS.tag, overwrite=FLAGS.overwrite,
-             check_rows=FLAGS.check_generate)
+    if bool(FLAGS.workdir) == bool(FLAGS.hf):
+      raise ValueError("pass exactly one of --workdir (a training run) and --hf (a Hugging "
+                       "Face checkpoint directory).")
+    if FLAGS.hf:
+      if not FLAGS.outdir:
+        raise ValueError("--hf needs --outdir (where the CSV/PNG go).")
+      runs.run_hf(FLAGS.hf, FLAGS.config, outdir=FLAGS.outdir, **grid, **shared)
+    else:
+      runs.run(FLAGS.workdir, outdir=FLAGS.outdir, rope_scaling=FLAGS.rope_scaling,
+               rope_factor=FLAGS.rope_factor, check_rows=FLAGS.check_generate, **grid,
+               **shared)
   except (FileExistsError, FileNotFoundError, workdir_lib.WorkdirError,
           ckpt_lib.CheckpointError, ValueError) as e:
     sys.exit(f"error: {e}")
@@ -56,6 +75,10 @@ def main(argv):
 def define_flags() -> None:
   """The command-line flags (defined when run as a script or by a test)."""
   flags.DEFINE_string("workdir", None, "A training run's workdir (config.json + checkpoints).")
+  flags.DEFINE_string("hf", None, "Or a Hugging Face checkpoint directory, evaluated directly "
+                      "(with --outdir and --config).")
+  config_flags.DEFINE_config_file("config", HF_CONFIG, "With --hf: the task and grid "
+                                  "(default experiments/configs/hf.py).", lock_config=False)
   flags.DEFINE_string("outdir", None, "Where CSV/PNG go (default: --workdir).")
   flags.DEFINE_list("tasks", None, "Haystack tasks: passkey, needle; niah (real filler, "
                     "generated answers); mlm_needle for MLM runs (default: config.eval).")
@@ -73,5 +96,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
   define_flags()
-  flags.mark_flags_as_required(["workdir"])
   app.run(main, flags_parser=cli.parse_flags)

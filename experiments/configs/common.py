@@ -36,8 +36,14 @@ def base_config() -> ml_collections.ConfigDict:
       mlp_dim=config_dict.placeholder(int), mlp="geglu", norm="rms", causal=True,
       layer_pattern=("global", "local", "local"),
       rope_scaling="none", rope_factor=1.0, rope_original_length=config_dict.placeholder(int),
-      rope_yarn_alpha=1.0, rope_yarn_beta=32.0,
-      tie_embeddings=True, mlm_head=False, dtype="float32", param_dtype="float32", remat=False))
+      rope_yarn_alpha=1.0, rope_yarn_beta=32.0, rope_low_freq_factor=1.0,
+      rope_high_freq_factor=4.0, rope_mscale=config_dict.placeholder(float), rope_truncate=True,
+      tie_embeddings=True, mlm_head=False, qkv_bias=False, o_bias=False, mlp_bias=False,
+      qk_norm=config_dict.placeholder(str), post_norms=False, first_attn_norm=True,
+      embed_norm=False, embed_scale=1.0, attention_scale=config_dict.placeholder(float),
+      final_logit_soft_cap=config_dict.placeholder(float), output_bias=False,
+      mlm_head_bias=False, mlm_activation="gelu_tanh", dtype="float32", param_dtype="float32",
+      remat=False, init_std=0.02, norm_eps=1e-6))
   c.model.kinds = ml_collections.ConfigDict({
       "global": dict(rope_theta=160_000.0), "local": dict(window=64, rope_theta=10_000.0)})
 
@@ -125,15 +131,36 @@ FIELD_HELP = {
     "model.causal": "decoder (True) or bidirectional encoder (False)",
     "model.layer_pattern": "layer kinds, repeated cyclically over num_layers (config.json "
                            "lists the resolved per-layer kinds)",
-    "model.rope_scaling": "RoPE scaling: none, linear (PI), ntk, yarn",
+    "model.rope_scaling": "RoPE scaling: none, linear (PI), ntk, yarn, yarn_hf (transformers'), "
+                          "llama3, dynamic",
     "model.rope_factor": "RoPE scale s = new length / original length",
     "model.rope_original_length": "training length L that yarn scales from",
     "model.rope_yarn_alpha": "yarn ramp: pairs turning fewer than alpha times over L are "
                              "interpolated (paper: 1)",
     "model.rope_yarn_beta": "yarn ramp: pairs turning more than beta times over L are kept "
                             "(paper: 32)",
+    "model.rope_low_freq_factor": "llama3 RoPE scaling: wavelengths above L / this are divided "
+                                  "by rope_factor",
+    "model.rope_high_freq_factor": "llama3 RoPE scaling: wavelengths below L / this are kept",
+    "model.rope_mscale": "yarn_hf: the attention factor's mscale (None = 0.1 ln(s) + 1)",
+    "model.rope_truncate": "yarn_hf: floor/ceil the ramp's bounds (transformers' default)",
     "model.tie_embeddings": "share the input embedding and the output projection",
     "model.mlm_head": "ModernBERT's dense-GELU-norm head before the vocabulary (encoders)",
+    "model.qkv_bias": "biases on the q/k/v projections (Qwen2, ModernBERT attention_bias)",
+    "model.o_bias": "bias on the attention output projection",
+    "model.mlp_bias": "biases in the MLP",
+    "model.qk_norm": "per-head norm of q and k before RoPE: None, or a norm name (Qwen3, Gemma 3)",
+    "model.post_norms": "norms after attention and MLP too (Gemma 2/3's sandwich norms)",
+    "model.first_attn_norm": "False: layer 0 has no attention pre-norm (ModernBERT)",
+    "model.embed_norm": "a norm after the embedding (ModernBERT)",
+    "model.embed_scale": "embeddings multiplied by this (Gemma: sqrt(d_model))",
+    "model.attention_scale": "logit scale; None = head_dim^-0.5 (Gemma: query_pre_attn_scalar)",
+    "model.final_logit_soft_cap": "cap * tanh(logits / cap) on the output logits (Gemma 2)",
+    "model.output_bias": "bias on the vocabulary projection (ModernBERT's decoder)",
+    "model.mlm_head_bias": "bias on the MLM head's dense layer",
+    "model.mlm_activation": "activation of the MLM head (gelu_tanh, gelu, ...)",
+    "model.init_std": "stddev of the embedding initialiser",
+    "model.norm_eps": "epsilon of the norms",
     "model.dtype": "activation dtype",
     "model.param_dtype": "parameter dtype",
     "model.remat": "recompute each layer in the backward pass (less memory)",

@@ -33,6 +33,7 @@ import tqdm
 from experiments.configs import common
 from experiments.data import tasks
 from experiments.training import checkpoints as ckpt_lib
+from experiments.training import hf_bridge
 from experiments.training import plots, sharding, summaries, trainer
 from experiments.training import workdir as workdir_lib
 
@@ -112,6 +113,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
   results are `result["eval"]`.
   """
   common.check_config(config)
+  config = hf_bridge.with_checkpoint_model(config)  # init_from a Hugging Face directory
   if config.multihost:
     sharding.initialize_distributed()  # before anything touches a device
   workdir = workdir_lib.prepare(workdir)
@@ -163,6 +165,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str, primary: bool = True)
   start = 0 if meta is None else int(meta["step"])
   if meta is not None:
     logging.info("Resumed from step %d in %s.", start, ckpt.directory)
+  elif hf_bridge.is_hf_dir(config.init_from):
+    hf_bridge.load_weights(model, config.init_from)
+    logging.info("Initialised the weights from the checkpoint %s.", config.init_from)
   elif config.init_from:
     loaded = ckpt_lib.load_params(model, config.init_from, config.init_step or None)
     logging.info("Initialised the weights from %s (step %d).", config.init_from, loaded)

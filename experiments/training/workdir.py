@@ -37,7 +37,15 @@ HISTORY_FILE = "config_history.jsonl"
 COMPUTATION_FIELDS = ("seed", "task", "model", "optim", "batch_size", "grad_accum", "num_steps",
                       "lm_loss_weight", "aux_losses", "trainable")
 # Fields added after runs were saved: a config.json without one computed with this value.
-ADDED_FIELDS = {"task.tokenizer": "bytes"}
+ADDED_FIELDS = {
+    "task.tokenizer": "bytes",
+    **{f"model.{name}": value for name, value in dict(
+        rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_mscale=None,
+        rope_truncate=True, qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=None,
+        post_norms=False, first_attn_norm=True, embed_norm=False, embed_scale=1.0,
+        attention_scale=None, final_logit_soft_cap=None, output_bias=False,
+        mlm_head_bias=False, mlm_activation="gelu_tanh", init_std=0.02, norm_eps=1e-6).items()},
+}
 
 
 class WorkdirError(RuntimeError):

@@ -11,7 +11,7 @@ Needs `safetensors` (the `hf` extra); nothing is downloaded.
 """
 
 from models.hf import gemma, llama, modernbert, qwen  # register the families
-from models.hf.api import load, save
+from models.hf.api import load, read_config, save
 from models.hf.family import Family, register, supported
 
-__all__ = ["Family", "load", "register", "save", "supported"]
+__all__ = ["Family", "load", "read_config", "register", "save", "supported"]

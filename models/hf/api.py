@@ -41,8 +41,18 @@ from models.transformer import Transformer
 MAX_SHARD_SIZE = 50 * 10**9  # bytes per safetensors file (transformers' save_pretrained)
 
 
+def read_config(path: str | os.PathLike) -> ModelConfig:
+  """The `ModelConfig` of the checkpoint at `path` (its config.json only; no tensor is read).
+
+  Parameter and compute dtype are the stored dtype of the checkpoint's first tensor."""
+  with checkpoint_lib.Checkpoint(path) as ckpt:
+    fam, config, params = _family_config(ckpt)
+    dtype = ckpt.dtype(params[0].parts[0].name)
+  return dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
+
+
 def load(path: str | os.PathLike, *, dtype: Any = None, mesh: jax.sharding.Mesh | None = None,
-         attention: str | None = None) -> Transformer:
+         attention: str | None = None, config: ModelConfig | None = None) -> Transformer:
   """The checkpoint at `path` as a `Transformer` (see the module docstring).
 
   Args:
@@ -51,17 +61,20 @@ def load(path: str | os.PathLike, *, dtype: Any = None, mesh: jax.sharding.Mesh 
     mesh: place each parameter FSDP-split over the mesh's `data` axis; None = default device.
     attention: None / "flash": flash attention (windowed layers: "local"); any other registered
       attention name (e.g. "dense") for every layer.
+    config: build this `ModelConfig` instead of the checkpoint's own (`read_config`): the same
+      parameters with other parameter-free settings (RoPE scaling, attention functions,
+      windows, remat, dtypes); a config whose parameters differ fails with a ValueError naming
+      them. `dtype` and `attention`, when given, apply on top of it.
   """
   with checkpoint_lib.Checkpoint(path) as ckpt:
-    architectures = ckpt.config.get("architectures") or [None]
-    fam = family_lib.get(architectures[0])
-    config = fam.from_hf(ckpt.config)
-    params = fam.params(config)
+    fam, stored, params = _family_config(ckpt)
     _check_names(ckpt, fam, params)
-    if dtype is None:
-      dtype = ckpt.dtype(params[0].parts[0].name)
-    config = _with_attention(dataclasses.replace(config, dtype=dtype, param_dtype=dtype),
-                             attention)
+    if config is None:
+      config = stored
+      dtype = dtype if dtype is not None else ckpt.dtype(params[0].parts[0].name)
+    if dtype is not None:
+      config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
+    config = _with_attention(config, attention)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
     abstract = _flatten(nnx.to_pure_dict(state))
     _check_paths(params, abstract)
@@ -94,6 +107,14 @@ def save(model: Transformer, path: str | os.PathLike, *, architecture: str | Non
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+def _family_config(ckpt):
+  """`(family, ModelConfig, parameter mapping)` from the checkpoint's config.json."""
+  architectures = ckpt.config.get("architectures") or [None]
+  fam = family_lib.get(architectures[0])
+  config = fam.from_hf(ckpt.config)
+  return fam, config, fam.params(config)
 
 
 def _with_attention(config: ModelConfig, attention: str | None) -> ModelConfig:
