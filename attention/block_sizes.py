@@ -219,3 +219,38 @@ class SparseBlockSizes:
         raise ValueError(f"SparseBlockSizes.{name} is not used by the {implementation!r} sparse "
                          f"path (it takes only {allowed}); got {getattr(self, name)!r}.")
     return self
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSparseBlockSizes:
+  """Tiles of block-sparse attention (`block_sparse_attention`); None = the default.
+
+  (The key block itself, `block_size`, is an argument of the attention, not a tile.)
+
+  Attributes:
+    block_q: queries per step of the XLA path (bounds its gathered `[B, bq, nb * bs, K, H]`
+      rows); default 16. The Pallas kernels run one program per query and refuse it.
+    block_rows: (query, head) rows per inner step of the Pallas dK/dV kernel (a power of two
+      >= 16, the tensor-core minimum); default 32. The XLA path refuses it.
+  """
+
+  block_q: int | None = None
+  block_rows: int | None = None
+
+  def __post_init__(self):
+    if self.block_q is not None and (not isinstance(self.block_q, int) or self.block_q < 1):
+      raise ValueError(f"BlockSparseBlockSizes.block_q must be a positive int or None, got "
+                       f"{self.block_q!r}.")
+    if self.block_rows is not None and (not _is_pow2(self.block_rows)
+                                        or self.block_rows < MIN_PALLAS_BLOCK):
+      raise ValueError(f"BlockSparseBlockSizes.block_rows must be a power of two >= "
+                       f"{MIN_PALLAS_BLOCK} or None, got {self.block_rows!r}.")
+
+  def only(self, implementation: str, allowed: str) -> "BlockSparseBlockSizes":
+    """Raises ValueError if a field other than `allowed` is set (nothing is silently ignored)."""
+    for name in ("block_q", "block_rows"):
+      if name != allowed and getattr(self, name) is not None:
+        raise ValueError(f"BlockSparseBlockSizes.{name} is not used by the {implementation!r} "
+                         f"block-sparse path (it takes only {allowed}); got "
+                         f"{getattr(self, name)!r}.")
+    return self
