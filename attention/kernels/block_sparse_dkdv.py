@@ -3,7 +3,7 @@
 A key block is selected by many queries, in different query programs, so a query-major
 backward would have to add dK/dV with atomics (non-deterministic, contended on popular
 blocks). Here the selection is inverted first (XLA, outside the kernel: the CSR of
-`sparse_dkdv.inverted_selection` with one "key" per block), and each program owns one key
+`selection.inverted_selection` with one "key" per block), and each program owns one key
 block of one kv head and sums over exactly the queries that selected it:
 
     CSR per (batch, index set x): entries e = queries t that selected block j, in query order;
@@ -34,8 +34,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from attention.common import pad_to_size, varying_struct
 from attention.kernels import flash_tiles as tiles
-from attention.kernels.sparse_dkdv import inverted_selection
 from attention.scores import modify
+from attention.selection import inverted_selection
 
 
 def _dkdv_kernel(ptr_ref, entry_t_ref, pos_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref,
@@ -78,16 +78,17 @@ def _dkdv_kernel(ptr_ref, entry_t_ref, pos_ref, q_ref, do_ref, lse_ref, delta_re
   dv_ref[...] = dv
 
 
-def block_sparse_dkdv_pallas(q, dout, lse, delta, k_tiles, v_tiles, idx, pos, segments, *, geom,
-                             bs: int, scale: float, block_rows: int, interpret: bool = False):
+def block_sparse_dkdv_pallas(q, dout, lse, delta, ops, *, geom, bs: int, scale: float,
+                             block_rows: int, interpret: bool = False):
   """`(dk [B, Sp, K, Hp], dv [B, Sp, K, Hvp])` float32 (padded: the caller slices), key-block-
   major and atomic-free.
 
   Args: q `[B, T, N, H]`, dout `[B, T, N, Hv]`; lse (+inf where nothing is visible) and delta
-  `[B, T, N]` float32; k_tiles `[B, K, Sp, Hp]`, v_tiles `[B, K, Sp, Hvp]` (whole blocks,
-  padded head dims); idx `[B, T, X, nbp]` effective block indices (X = 1 shared or K); pos
-  `[B, T]` q positions; segments `(q ids [B, T], kv ids [B, Sp])` or None.
+  `[B, T, N]` float32; `ops`: the kernels' `block_sparse_pallas.Operands` (padded k and v
+  tiles `[B, K, Sp, Hp | Hvp]`, effective block indices `[B, T, X, nbp]`, q positions `[B, T]`,
+  segment ids or None).
   """
+  k_tiles, v_tiles, idx, pos, segments = ops
   b, t, n, _ = q.shape
   kh, sp = k_tiles.shape[1], k_tiles.shape[2]
   g, nx = n // kh, idx.shape[2]

@@ -30,7 +30,9 @@ Cost per query and kv head: O(nb * bs * Gp * H) tensor-core FLOPs, nb contiguous
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -38,8 +40,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from attention import masks as masks_lib
 from attention.block_sizes import MIN_PALLAS_BLOCK, BlockSparseBlockSizes, padded_head_dim
-from attention.common import backward_lse, lse_vjp, next_pow2, pad_to_size, row_delta
-from attention.common import varying_struct
+from attention.common import (backward_lse, lse_vjp, next_pow2, pad_to_size, row_delta,
+                              varying_struct)
 from attention.kernels import flash_tiles as tiles
 from attention.kernels.block_sparse_dkdv import block_sparse_dkdv_pallas
 from attention.masks import Mask
@@ -56,8 +58,9 @@ def padded_group(group: int) -> int:
 
 def _block(q, slot, idx_ref, k_ref, v_ref, kv_seg_ref, q_pos, q_seg, *, geom, scale, bs,
            precision):
-  """The `slot`-th selected block of a query: `(s, dcap, visible, v)` with the (capped) scores
-  `s = q K_j^T * scale` `[Gp, bs]`, their cap derivative (or None), the mask `[1, bs]`."""
+  """The `slot`-th selected block of a query: `(s, dcap, visible, k, v)` with the (capped)
+  scores `s = q K_j^T * scale` `[Gp, bs]`, their cap derivative (or None), the mask `[1, bs]`
+  and the block's keys and values (`[bs, H]`, `[bs, Hv]`: one contiguous load each)."""
   start = pl.multiple_of(idx_ref[slot] * bs, bs)
   keys = pl.ds(start, bs)
   k, v = k_ref[keys, :], v_ref[keys, :]
@@ -81,13 +84,11 @@ def _fwd_kernel(idx_ref, pos_ref, q_ref, k_ref, v_ref, *refs, geom, scale, bs, p
   q_seg_ref, kv_seg_ref, _, (o_ref, lse_ref) = tiles.split_refs(geom, refs)
   count, q_pos, q_seg = _query(idx_ref, pos_ref, q_seg_ref)
   q = q_ref[...]
-  block = functools.partial(_block, q, idx_ref=idx_ref, k_ref=k_ref, v_ref=v_ref,
-                            kv_seg_ref=kv_seg_ref, q_pos=q_pos, q_seg=q_seg, geom=geom,
-                            scale=scale, bs=bs, precision=precision)
 
   def body(slot, carry):
     m, l, acc = carry
-    s, _, vis, _, v = block(slot)
+    s, _, vis, _, v = _block(q, slot, idx_ref, k_ref, v_ref, kv_seg_ref, q_pos, q_seg,
+                             geom=geom, scale=scale, bs=bs, precision=precision)
     s = jnp.where(vis, s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -106,7 +107,7 @@ def _fwd_kernel(idx_ref, pos_ref, q_ref, k_ref, v_ref, *refs, geom, scale, bs, p
   lse_ref[...] = jnp.where(has_key, m + jnp.log(l_safe), -jnp.inf)
 
 
-def _dq_kernel(idx_ref, pos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, geom,
+def _dq_kernel(idx_ref, pos_ref, q_ref, do_ref, k_ref, v_ref, lse_ref, delta_ref, *refs, geom,
                scale, bs, precision):
   """Refs as the forward's, plus dout `[Gp, Hv]`, lse (+inf: nothing visible) and delta
   `[Gp]`; output dq `[Gp, H]` float32."""
@@ -146,44 +147,51 @@ def _kv_tile(x, bs: int):
   return x.swapaxes(1, 2)
 
 
-class Operands:
-  """Kernel inputs shared by the three kernels: padded k/v, the index rows, the q positions and
-  the optional segment ids (kv ids padded with -1 to whole blocks)."""
+class Operands(NamedTuple):
+  """What the three kernels read besides q / dout: k `[B, K, Sp, Hp]`, v `[B, K, Sp, Hvp]`
+  (whole blocks, padded head dims), idx `[B, T, X, nbp]` (slots padded with -1 to a power of
+  two), pos `[B, T]` query positions, segments `(q ids [B, T], kv ids [B, Sp])` or None."""
 
-  def __init__(self, q, k, v, aux, bs: int):
-    idx, self.pos, segments = aux
-    self.kh, self.nx = k.shape[2], idx.shape[2]
-    self.k, self.v = _kv_tile(k, bs), _kv_tile(v, bs)
-    self.idx = pad_to_size(idx, 3, next_pow2(idx.shape[3]), -1)  # B T X nbp
-    self.segments = None
-    if segments is not None:
-      q_seg, kv_seg = segments
-      self.segments = (q_seg, pad_to_size(kv_seg, 1, self.k.shape[2], -1))
-
-  def q_major(self, q):
-    """`(grid, inputs, specs, q_spec(d), row_spec)` of the forward and dQ kernels."""
-    b, t, kh, gp, _ = q.shape
-    sp = self.k.shape[2]
-    nx = self.nx
-    q_spec = lambda d: pl.BlockSpec((None, None, None, gp, d), lambda i, j, x: (i, j, x, 0, 0))
-    kv_spec = lambda d: pl.BlockSpec((None, None, sp, d), lambda i, j, x: (i, x, 0, 0))
-    idx_spec = pl.BlockSpec((None, None, None, self.idx.shape[3]),
-                            lambda i, j, x: (i, j, x if nx > 1 else 0, 0))
-    pos_spec = pl.BlockSpec((None, t), lambda i, j, x: (i, 0))
-    seg_specs = (pos_spec, pl.BlockSpec((None, sp), lambda i, j, x: (i, 0)))
-    row_spec = pl.BlockSpec((None, None, None, gp), lambda i, j, x: (i, j, x, 0))
-    inputs = [self.idx, self.pos, q, self.k, self.v]
-    specs = [idx_spec, pos_spec, q_spec(q.shape[-1]), kv_spec(self.k.shape[-1]),
-             kv_spec(self.v.shape[-1])]
-    return (b, t, kh), inputs, specs, q_spec, row_spec, seg_specs
+  k: jax.Array
+  v: jax.Array
+  idx: jax.Array
+  pos: jax.Array
+  segments: tuple[jax.Array, jax.Array] | None
 
 
-def _launch(kernel, name, grid, specs, inputs, seg_specs, segments, out_specs, out_shape,
-            interpret):
-  specs, inputs = tiles.with_optional(specs, inputs, segments, seg_specs, None)
-  return tiles.launch(kernel, inputs, name=name, grid=grid, in_specs=specs, out_specs=out_specs,
-                      out_shape=out_shape, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-                      interpret=interpret)
+def operands(k, v, aux, bs: int) -> Operands:
+  """`Operands` from `aux = (effective block indices [B, T, X, nb], positions, segments)`."""
+  idx, pos, segments = aux
+  k, v = _kv_tile(k, bs), _kv_tile(v, bs)
+  if segments is not None:
+    segments = (segments[0], pad_to_size(segments[1], 1, k.shape[2], -1))
+  return Operands(k, v, pad_to_size(idx, 3, next_pow2(idx.shape[3]), -1), pos, segments)
+
+
+def _q_major(kernel, name: str, ops: Operands, q_tiles, rows, outs, interpret: bool):
+  """`kernel` on the grid (batch, query, kv head) with refs, in order: idx row, positions `[T]`,
+  `q_tiles` (each `[B, T, K, Gp, D]`: one `[Gp, D]` tile), k, v (all keys of the kv head),
+  `rows` (each `[B, T, K, Gp]`: lse, delta), segment ids (`[T]`, `[Sp]`), then the outputs
+  `outs`, `(shape, dtype)` of either kind."""
+  b, t, kh = q_tiles[0].shape[:3]
+  sp, nx = ops.k.shape[2], ops.idx.shape[2]
+  spec = lambda shape: pl.BlockSpec((None, None, None, *shape[3:]),
+                                    lambda i, j, x: (i, j, x, *(0,) * (len(shape) - 3)))
+  kv_spec = lambda x: pl.BlockSpec((None, None, sp, x.shape[-1]), lambda i, j, x_: (i, x_, 0, 0))
+  idx_spec = pl.BlockSpec((None, None, None, ops.idx.shape[3]),
+                          lambda i, j, x: (i, j, x if nx > 1 else 0, 0))
+  pos_spec = pl.BlockSpec((None, t), lambda i, j, x: (i, 0))
+  seg_specs = (pos_spec, pl.BlockSpec((None, sp), lambda i, j, x: (i, 0)))
+  inputs = [ops.idx, ops.pos, *q_tiles, ops.k, ops.v, *rows]
+  specs = ([idx_spec, pos_spec] + [spec(x.shape) for x in q_tiles] + [kv_spec(ops.k),
+           kv_spec(ops.v)] + [spec(x.shape) for x in rows])
+  specs, inputs = tiles.with_optional(specs, inputs, ops.segments, seg_specs, None)
+  return tiles.launch(
+      kernel, inputs, name=name, grid=(b, t, kh), in_specs=specs,
+      out_specs=[spec(shape) for shape, _ in outs],
+      out_shape=[varying_struct(shape, dtype, (*q_tiles, ops.k, ops.v, ops.idx))
+                 for shape, dtype in outs],
+      num_warps=NUM_WARPS, num_stages=NUM_STAGES, interpret=interpret)
 
 
 def block_sparse_forward_pallas(q, k, v, aux, geom, bs: int, scale: float, block_rows: int,
@@ -191,19 +199,16 @@ def block_sparse_forward_pallas(q, k, v, aux, geom, bs: int, scale: float, block
   """`out [B, T, N, Hv]`, `lse [B, N, T]` float32; `aux = (idx, q positions, segments)`."""
   del block_rows  # the dK/dV kernel's
   b, t, n, _ = q.shape
-  ops = Operands(q, k, v, aux, bs)
-  qp = _group_tile(q, ops.kh)
-  grid, inputs, specs, q_spec, row_spec, seg_specs = ops.q_major(qp)
-  hvp = ops.v.shape[-1]
-  like = (qp, ops.k, ops.v, ops.idx)
+  kh, hv = k.shape[2], v.shape[3]
+  ops = operands(k, v, aux, bs)
+  qp = _group_tile(q, kh)
   kernel = functools.partial(_fwd_kernel, geom=geom, scale=scale, bs=bs,
                              precision=tiles.dot_precision(q.dtype, False))
-  out, lse = _launch(kernel, "block_sparse_attention_fwd", grid, specs, inputs, seg_specs,
-                     ops.segments, [q_spec(hvp), row_spec],
-                     [varying_struct((*qp.shape[:-1], hvp), q.dtype, like),
-                      varying_struct(qp.shape[:-1], jnp.float32, like)], interpret)
-  g = n // ops.kh
-  out = out[..., :g, :v.shape[3]].reshape(b, t, n, v.shape[3])
+  out, lse = _q_major(kernel, "block_sparse_attention_fwd", ops, [qp], [],
+                      [((*qp.shape[:-1], ops.v.shape[-1]), q.dtype),
+                       (qp.shape[:-1], jnp.float32)], interpret)
+  g = n // kh
+  out = out[..., :g, :hv].reshape(b, t, n, hv)
   return out, jnp.swapaxes(lse[..., :g].reshape(b, t, n), 1, 2)
 
 
@@ -212,25 +217,19 @@ def block_sparse_backward_pallas(q, k, v, aux, out, lse, dout, geom, bs: int, sc
   """`(dq, dk, dv)` from the saved `lse [B, N, T]` (and its cotangent `dlse`): dQ query-major,
   dK/dV key-block-major (`block_sparse_dkdv`); no atomics."""
   b, t, n, h = q.shape
-  ops = Operands(q, k, v, aux, bs)
-  g = n // ops.kh
+  kh = k.shape[2]
+  g = n // kh
+  ops = operands(k, v, aux, bs)
   delta = row_delta(out, dout, dlse)  # B T N
   lse = backward_lse(jnp.swapaxes(lse, 1, 2))  # B T N; nothing visible -> +inf, p = 0
-  qp, dop = _group_tile(q, ops.kh), _group_tile(dout.astype(q.dtype), ops.kh)
-  grid, inputs, specs, q_spec, row_spec, seg_specs = ops.q_major(qp)
-  gp = qp.shape[3]
-  rows = lambda x: jnp.pad(x.reshape(b, t, ops.kh, g), ((0, 0),) * 3 + ((0, gp - g),))
+  qp, dop = _group_tile(q, kh), _group_tile(dout.astype(q.dtype), kh)
+  rows = lambda x: jnp.pad(x.reshape(b, t, kh, g), ((0, 0),) * 3 + ((0, qp.shape[3] - g),))
   kernel = functools.partial(_dq_kernel, geom=geom, scale=scale, bs=bs,
                              precision=tiles.dot_precision(q.dtype, False))
-  dq = _launch(kernel, "block_sparse_attention_dq", grid,
-               specs + [q_spec(dop.shape[-1]), row_spec, row_spec],
-               inputs + [dop, rows(lse), rows(delta)], seg_specs, ops.segments,
-               q_spec(qp.shape[-1]),
-               varying_struct(qp.shape, jnp.float32, (qp, ops.k, ops.v, ops.idx, dop)),
-               interpret)
+  (dq,) = _q_major(kernel, "block_sparse_attention_dq", ops, [qp, dop], [rows(lse), rows(delta)],
+                   [(qp.shape, jnp.float32)], interpret)
   dq = dq[..., :g, :h].reshape(b, t, n, h).astype(q.dtype)
-  dk, dv = block_sparse_dkdv_pallas(q, dout, lse, delta, ops.k, ops.v, ops.idx, ops.pos,
-                                    ops.segments, geom=geom, bs=bs, scale=scale,
+  dk, dv = block_sparse_dkdv_pallas(q, dout, lse, delta, ops, geom=geom, bs=bs, scale=scale,
                                     block_rows=block_rows, interpret=interpret)
   unpad = lambda x, like: x[:, :like.shape[1], :, :like.shape[3]].astype(like.dtype)
   return dq, unpad(dk, k), unpad(dv, v)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention import BlockSparseBlockSizes, Mask, block_sparse
+from attention import BlockSparseBlockSizes, Mask, block_sparse, selection
 from tests.attention.test_sparse import jit_vjp
 from tests.attention.triton_ir import triton_kernels
 from tests.helpers import assert_close, random_qkv, random_segments
@@ -113,6 +113,20 @@ def test_effective_block_indices_sorted_distinct_and_visible():
   assert got[0, :, 0].tolist() == [[3, -1, -1, -1], [-1, -1, -1, -1], [-1, -1, -1, -1]]
   got = block_sparse.effective_block_indices(idx, Mask(), 8, 1, 3, 48, 2)  # 7 >= 6 blocks
   assert got[0, :, 0].tolist() == [[1, 3, -1, -1], [0, 2, -1, -1], [2, -1, -1, -1]]
+
+
+def test_chunk_table_cuts_each_blocks_entries():
+  """The XLA backward's chunks: at most `be` entries, one key block each, every entry once."""
+  idx = jnp.array([[[[0, 2]], [[0, 2]], [[0, -1]], [[2, 1]], [[0, 2]]]], jnp.int32)  # B T X nb
+  entry_t, _, ptr = selection.inverted_selection(idx, 3, 1, 2)
+  assert ptr.tolist() == [[[0, 4, 5, 9]]]
+  chunks = selection.num_chunks(10, 3, 2)
+  block, start, end = (np.asarray(x)[0, 0] for x in selection.chunk_table(ptr, 2, chunks))
+  used = start < end
+  assert block[used].tolist() == [0, 0, 1, 2, 2]
+  assert [np.asarray(entry_t)[0, 0, a:b].tolist() for a, b in zip(start[used], end[used])] == [
+      [0, 1], [2, 4], [3], [0, 1], [3, 4]]
+  assert np.all(start[~used] == 9) and np.all(end[~used] == 9)
 
 
 def test_rows_with_nothing_visible_are_zero_not_nan():
