@@ -228,19 +228,21 @@ class BlockSparseBlockSizes:
   (The key block itself, `block_size`, is an argument of the attention, not a tile.)
 
   Attributes:
-    block_q: queries per step of the XLA path (bounds its gathered `[B, bq, nb * bs, K, H]`
-      rows); default 16. The Pallas kernels run one program per query and refuse it.
+    block_entries: queries per step of the XLA path (a chunk of the queries that selected one
+      key block: its matrix products have `block_entries * G` rows); default 64. The Pallas
+      kernels refuse it.
     block_rows: (query, head) rows per inner step of the Pallas dK/dV kernel (a power of two
       >= 16, the tensor-core minimum); default 32. The XLA path refuses it.
   """
 
-  block_q: int | None = None
+  block_entries: int | None = None
   block_rows: int | None = None
 
   def __post_init__(self):
-    if self.block_q is not None and (not isinstance(self.block_q, int) or self.block_q < 1):
-      raise ValueError(f"BlockSparseBlockSizes.block_q must be a positive int or None, got "
-                       f"{self.block_q!r}.")
+    if self.block_entries is not None and (not isinstance(self.block_entries, int)
+                                           or self.block_entries < 1):
+      raise ValueError(f"BlockSparseBlockSizes.block_entries must be a positive int or None, "
+                       f"got {self.block_entries!r}.")
     if self.block_rows is not None and (not _is_pow2(self.block_rows)
                                         or self.block_rows < MIN_PALLAS_BLOCK):
       raise ValueError(f"BlockSparseBlockSizes.block_rows must be a power of two >= "
@@ -248,7 +250,7 @@ class BlockSparseBlockSizes:
 
   def only(self, implementation: str, allowed: str) -> "BlockSparseBlockSizes":
     """Raises ValueError if a field other than `allowed` is set (nothing is silently ignored)."""
-    for name in ("block_q", "block_rows"):
+    for name in ("block_entries", "block_rows"):
       if name != allowed and getattr(self, name) is not None:
         raise ValueError(f"BlockSparseBlockSizes.{name} is not used by the {implementation!r} "
                          f"block-sparse path (it takes only {allowed}); got "

@@ -17,7 +17,8 @@ The front door of the operation: the backend comes from the table `IMPLEMENTATIO
 entry `attend(q, k, v, effective_block_indices, mask, block_size, scale, block_sizes,
 interpret, mods) -> (out, lse)` (`mods`: the soft-cap, `attention.scores`; ALiBi is refused):
 
-    "xla"     attention/block_sparse_xla.py             steps of queries, gathered whole blocks
+    "xla"     attention/block_sparse_xla.py             key-block-major: a scan over chunks of
+                                                        the queries that selected one block
     "pallas"  attention/kernels/block_sparse_pallas.py  Triton: one program per (query, kv
                                                         head), contiguous block loads; dK/dV
                                                         key-block-major, no atomics
@@ -158,7 +159,7 @@ def block_sparse_attention(
       visible); gradients flow through both outputs.
     implementation: a name in `IMPLEMENTATIONS`: "xla", "pallas" (Triton kernels; CPU needs
       `interpret=True`) or None (Pallas on GPU, XLA elsewhere).
-    block_sizes: `BlockSparseBlockSizes` (XLA: `block_q`; Pallas: `block_rows`); None =
+    block_sizes: `BlockSparseBlockSizes` (XLA: `block_entries`; Pallas: `block_rows`); None =
       defaults. A field the chosen implementation does not use raises a ValueError.
     interpret: run the Pallas kernels in interpret mode; only with "pallas".
 

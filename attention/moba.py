@@ -44,7 +44,6 @@ from attention.block_sparse import block_sparse_attention, check_block_size
 from attention.common import pad_to_multiple
 from attention.masks import UNBOUNDED, Mask
 from attention.reference import check_qkv
-from attention.slots import from_q_blocks, q_blocks
 
 GATE_BLOCK_Q = 256  # queries per step of the gate
 
@@ -65,16 +64,16 @@ def block_means(k: Float[Array, "B S K H"], block_size: int) -> Float[Array, "B 
 
 
 def _eligible(pos, seg, mask: Mask, seg_range, block_size: int, nbk: int):
-  """`[B, t, nbk]`: the blocks the gate may pick for queries at `pos [B, t]` (segment ids
-  `seg`): causally complete, reaching into the window, holding the query's segment."""
+  """`[B, nbk]`: the blocks the gate may pick for one query per batch row at `pos [B]`
+  (segment ids `seg [B]`): causally complete, reaching into the window, holding the segment."""
   j = jnp.arange(nbk, dtype=jnp.int32)
-  ok = j < (pos // block_size)[..., None]
+  ok = j < (pos // block_size)[:, None]
   left = mask.bounds[0]
   if left < UNBOUNDED:
-    ok &= (j + 1) * block_size - 1 >= (pos - left)[..., None]
+    ok &= (j + 1) * block_size - 1 >= (pos - left)[:, None]
   if seg_range is not None:
-    seg_min, seg_max = seg_range
-    ok &= (seg_min[:, None, :] <= seg[..., None]) & (seg[..., None] <= seg_max[:, None, :])
+    seg_min, seg_max = seg_range  # B nbk
+    ok &= (seg_min <= seg[:, None]) & (seg[:, None] <= seg_max)
   return ok
 
 
@@ -97,26 +96,25 @@ def moba_gate(
   pos = masks_lib.q_offsets(mask, b)[:, None] + jnp.arange(t, dtype=jnp.int32)[None]  # B T
   seg, seg_range = None, None
   if mask.has_segments:
-    seg = jnp.asarray(mask.q_segment_ids, jnp.int32)
+    seg = jnp.asarray(mask.q_segment_ids, jnp.int32).T  # T B
     kv_seg = pad_to_multiple(jnp.asarray(mask.kv_segment_ids, jnp.int32), 1, block_size, -1)
     seg_range = masks_lib.segment_ranges(kv_seg, block_size)
   top = min(top_k_blocks, nbk)
 
-  def step(args):
-    q_blk, pos_blk, seg_blk = args  # B bq K H, B bq, B bq
-    own = pos_blk // block_size
-    own = jnp.where((own >= 0) & (own < nbk), own, -1)[:, :, None, None]
-    own = jnp.broadcast_to(own, (b, pos_blk.shape[1], kh, 1))
+  def select(args):  # one query per batch row
+    q_t, pos_t, seg_t = args  # B K H, B, B
+    own = pos_t // block_size
+    own = jnp.where((own >= 0) & (own < nbk), own, -1)
+    own = jnp.broadcast_to(own[:, None, None], (b, kh, 1))
     if top == 0:
       return own
-    score = jnp.einsum("BtKH,BjKH->BtKj", q_blk, k_mean, precision=lax.Precision.HIGHEST)
-    ok = _eligible(pos_blk, seg_blk, mask, seg_range, block_size, nbk)[:, :, None, :]
+    score = jnp.einsum("BKH,BjKH->BKj", q_t, k_mean, precision=lax.Precision.HIGHEST)
+    ok = _eligible(pos_t, seg_t, mask, seg_range, block_size, nbk)[:, None, :]
     value, ids = lax.top_k(jnp.where(ok, score, -jnp.inf), top)
     return jnp.concatenate([jnp.where(value > -jnp.inf, ids, -1), own], axis=-1)
 
-  bq = min(GATE_BLOCK_Q, t)
-  steps = (q_blocks(q_sum, bq), q_blocks(pos, bq), None if seg is None else q_blocks(seg, bq))
-  return from_q_blocks(lax.map(step, steps), t)
+  ids = lax.map(select, (q_sum.swapaxes(0, 1), pos.T, seg), batch_size=min(GATE_BLOCK_Q, t))
+  return ids.swapaxes(0, 1)  # B T K m
 
 
 def moba_attention(

@@ -245,7 +245,7 @@ def attend(q, k, v, idx, mask: Mask, block_size: int, scale: float,
   `[B, T, X, nb]`; `(out [B, T, N, Hv], lse [B, N, T])`, differentiable in both.
 
   `block_size` must be a power of two >= 16 (a block is one tensor-core tile); one program per
-  query, so `BlockSparseBlockSizes.block_q` is refused; `block_rows` sets the dK/dV step.
+  query, so `BlockSparseBlockSizes.block_entries` is refused; `block_rows` sets the dK/dV step.
   """
   block_sizes = (block_sizes or BlockSparseBlockSizes()).only("pallas", "block_rows")
   if block_size < MIN_PALLAS_BLOCK or block_size & (block_size - 1):

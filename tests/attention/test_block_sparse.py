@@ -73,7 +73,7 @@ def test_matches_block_sparse_reference(case, implementation):
   options = CASES[case][-1]
   bs = 16 if implementation == "pallas" else 8
   indices = random_block_indices(len(case), shape, -(-s // bs))
-  sizes = BlockSparseBlockSizes(block_q=4) if implementation == "xla" else (
+  sizes = BlockSparseBlockSizes(block_entries=4) if implementation == "xla" else (
       BlockSparseBlockSizes(block_rows=16))
   fn = lambda q, k, v: block_sparse.block_sparse_attention(
       q, k, v, indices, block_size=bs, mask=mask, implementation=implementation,

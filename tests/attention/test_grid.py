@@ -41,7 +41,7 @@ SPARSE_CASES = ("full", "causal", "window_3_0", "segments_causal", "gqa_8_2", "m
                 "soft_cap_segments", "value_dim_offsets")
 SPARSE_FEATURES = frozenset({"soft_cap", "value_dim", "lse"})  # ALiBi: refused
 # Block-sparse, every block selected (tests/attention/test_block_sparse.py has sparse selections).
-BLOCK_SPARSE_CASES = ("segments_window", "value_dim_offsets", "lse_no_key_rows")
+BLOCK_SPARSE_CASES = ("segments_window", "value_dim_offsets")
 BLOCK_SPARSE_PALLAS_CASES = ("lse_no_key_rows", "soft_cap_segments")
 # Ring: "causal" (GQA 4/2; the zig-zag default), windows + segments (contiguous, both sweeps),
 # an odd per-device length; attention/test_ring.py has the rest (layouts, halos, offsets, bf16).
@@ -130,7 +130,8 @@ IMPLEMENTATIONS = [
          lambda c: c.name in ("causal", "segments_window", "chunk_offsets", "len_7",
                               "soft_cap_segments", "value_dim_offsets"),
          low_precision=False, features=SPARSE_FEATURES),
-    Impl("block_sparse_xla_all_blocks", _block_sparse("xla", 8, BlockSparseBlockSizes(block_q=16)),
+    Impl("block_sparse_xla_all_blocks",
+         _block_sparse("xla", 8, BlockSparseBlockSizes(block_entries=16)),
          lambda c: c.name in BLOCK_SPARSE_CASES, low_precision=False, features=SPARSE_FEATURES),
     Impl("block_sparse_pallas_all_blocks", _block_sparse("pallas", 16, None),
          lambda c: c.name in BLOCK_SPARSE_PALLAS_CASES, low_precision=False,
