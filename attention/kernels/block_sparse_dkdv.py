@@ -9,7 +9,7 @@ block of one kv head and sums over exactly the queries that selected it:
     CSR per (batch, index set x): entries e = queries t that selected block j, in query order;
     ptr[j] .. ptr[j + 1] are block j's entries. Padded with `block_rows` entries.
 
-    program (b, key block j, kv head):   K_j, V_j [bs, H] resident, dK, dV float32 [bs, H]
+    program (key block j, b, kv head):   K_j, V_j [bs, H] resident, dK, dV float32 [bs, H]
       for each step of `block_rows` rows r = (entry, q head g) of block j, G heads per entry:
         q_r, dout_r = rows t_e * G + g of q, dout (gathered), lse_r, delta_r     [br, H]
         s  = q_r K_j^T * scale, masked elementwise (positions, segments)          [br, bs]
@@ -44,7 +44,7 @@ def _dkdv_kernel(ptr_ref, entry_t_ref, pos_ref, q_ref, do_ref, lse_ref, delta_re
   `[T * G, Hv]` (row t * G + g), lse/delta `[T * G]`, k `[bs, H]`, v `[bs, Hv]` (segments:
   q ids `[T]`, kv ids `[bs]`); outputs dk `[bs, H]`, dv `[bs, Hv]` float32."""
   q_seg_ref, kv_seg_ref, _, (dk_ref, dv_ref) = tiles.split_refs(geom, refs)
-  j = pl.program_id(1)
+  j = pl.program_id(0)
   k, v = k_ref[...], v_ref[...]
   start, end = ptr_ref[j], ptr_ref[j + 1]
   num_rows = (end - start) * group
@@ -100,12 +100,12 @@ def block_sparse_dkdv_pallas(q, dout, lse, delta, ops, *, geom, bs: int, scale: 
   q_r, do_r = rows(pad_h(q, k_tiles)), rows(pad_h(dout.astype(q.dtype), v_tiles))
   lse_r, delta_r = rows(lse[..., None])[..., 0], rows(delta[..., None])[..., 0]
   whole_rows = lambda x: pl.BlockSpec((None, None, *x.shape[2:]),
-                                      lambda i, j, x_: (i, x_, *(0,) * (x.ndim - 2)))
+                                      lambda j, i, x_: (i, x_, *(0,) * (x.ndim - 2)))
   csr = lambda x: pl.BlockSpec((None, None, x.shape[-1]),
-                               lambda i, j, x_: (i, x_ if nx > 1 else 0, 0))
-  kv_spec = lambda x: pl.BlockSpec((None, None, bs, x.shape[-1]), lambda i, j, x_: (i, x_, j, 0))
-  q_row_spec = pl.BlockSpec((None, t), lambda i, j, x_: (i, 0))
-  seg_specs = (q_row_spec, pl.BlockSpec((None, bs), lambda i, j, x_: (i, j)))
+                               lambda j, i, x_: (i, x_ if nx > 1 else 0, 0))
+  kv_spec = lambda x: pl.BlockSpec((None, None, bs, x.shape[-1]), lambda j, i, x_: (i, x_, j, 0))
+  q_row_spec = pl.BlockSpec((None, t), lambda j, i, x_: (i, 0))
+  seg_specs = (q_row_spec, pl.BlockSpec((None, bs), lambda j, i, x_: (i, j)))
   specs, inputs = tiles.with_optional(
       [csr(ptr), csr(entry_t), q_row_spec, whole_rows(q_r), whole_rows(do_r), whole_rows(lse_r),
        whole_rows(delta_r), kv_spec(k_tiles), kv_spec(v_tiles)],
@@ -114,7 +114,7 @@ def block_sparse_dkdv_pallas(q, dout, lse, delta, ops, *, geom, bs: int, scale: 
                              block_rows=block_rows, precision=tiles.dot_precision(q.dtype, False))
   like = (q, k_tiles, v_tiles, idx, dout, lse, delta)
   dk, dv = tiles.launch(
-      kernel, inputs, name="block_sparse_attention_dkdv", grid=(b, sp // bs, kh),
+      kernel, inputs, name="block_sparse_attention_dkdv", grid=(sp // bs, b, kh),
       in_specs=specs, out_specs=[kv_spec(k_tiles), kv_spec(v_tiles)],
       out_shape=[varying_struct(x.shape, jnp.float32, like) for x in (k_tiles, v_tiles)],
       num_warps=4, num_stages=2, interpret=interpret)

@@ -73,7 +73,7 @@ def _block(q, slot, idx_ref, k_ref, v_ref, kv_seg_ref, q_pos, q_seg, *, geom, sc
 
 def _query(idx_ref, pos_ref, q_seg_ref):
   """`(number of selected blocks, q position, q segment id or None)` of this program's query."""
-  t = pl.program_id(1)
+  t = pl.program_id(0)
   count = jnp.sum((idx_ref[...] >= 0).astype(jnp.int32))
   return count, pos_ref[t], None if q_seg_ref is None else q_seg_ref[t]
 
@@ -169,25 +169,26 @@ def operands(k, v, aux, bs: int) -> Operands:
 
 
 def _q_major(kernel, name: str, ops: Operands, q_tiles, rows, outs, interpret: bool):
-  """`kernel` on the grid (batch, query, kv head) with refs, in order: idx row, positions `[T]`,
+  """`kernel` on the grid (query, batch, kv head) (the long axis first: CUDA caps the grid's
+  second and third axes at 65535) with refs, in order: idx row, positions `[T]`,
   `q_tiles` (each `[B, T, K, Gp, D]`: one `[Gp, D]` tile), k, v (all keys of the kv head),
   `rows` (each `[B, T, K, Gp]`: lse, delta), segment ids (`[T]`, `[Sp]`), then the outputs
   `outs`, `(shape, dtype)` of either kind."""
   b, t, kh = q_tiles[0].shape[:3]
   sp, nx = ops.k.shape[2], ops.idx.shape[2]
   spec = lambda shape: pl.BlockSpec((None, None, None, *shape[3:]),
-                                    lambda i, j, x: (i, j, x, *(0,) * (len(shape) - 3)))
-  kv_spec = lambda x: pl.BlockSpec((None, None, sp, x.shape[-1]), lambda i, j, x_: (i, x_, 0, 0))
+                                    lambda j, i, x: (i, j, x, *(0,) * (len(shape) - 3)))
+  kv_spec = lambda x: pl.BlockSpec((None, None, sp, x.shape[-1]), lambda j, i, x_: (i, x_, 0, 0))
   idx_spec = pl.BlockSpec((None, None, None, ops.idx.shape[3]),
-                          lambda i, j, x: (i, j, x if nx > 1 else 0, 0))
-  pos_spec = pl.BlockSpec((None, t), lambda i, j, x: (i, 0))
-  seg_specs = (pos_spec, pl.BlockSpec((None, sp), lambda i, j, x: (i, 0)))
+                          lambda j, i, x: (i, j, x if nx > 1 else 0, 0))
+  pos_spec = pl.BlockSpec((None, t), lambda j, i, x: (i, 0))
+  seg_specs = (pos_spec, pl.BlockSpec((None, sp), lambda j, i, x: (i, 0)))
   inputs = [ops.idx, ops.pos, *q_tiles, ops.k, ops.v, *rows]
   specs = ([idx_spec, pos_spec] + [spec(x.shape) for x in q_tiles] + [kv_spec(ops.k),
            kv_spec(ops.v)] + [spec(x.shape) for x in rows])
   specs, inputs = tiles.with_optional(specs, inputs, ops.segments, seg_specs, None)
   return tiles.launch(
-      kernel, inputs, name=name, grid=(b, t, kh), in_specs=specs,
+      kernel, inputs, name=name, grid=(t, b, kh), in_specs=specs,
       out_specs=[spec(shape) for shape, _ in outs],
       out_shape=[varying_struct(shape, dtype, (*q_tiles, ops.k, ops.v, ops.idx))
                  for shape, dtype in outs],

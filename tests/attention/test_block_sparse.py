@@ -2,8 +2,8 @@
 the effective block lists; what the Triton IR of the CUDA lowering holds.
 
 The oracle is `block_sparse_reference`: `reference_attention` under the mask AND the selected
-keys (`block_sparse_mask`). Every-block selections equal dense attention: tests/attention/
-test_grid.py runs those over the shared grid. Interpret mode is slow: tiny shapes, one jit each.
+keys (`block_sparse_mask`). Every-block selections equal dense attention: the shared grid
+(tests/attention/test_grid.py) runs those. Interpret mode is slow: tiny shapes, one jit each.
 """
 
 from __future__ import annotations
