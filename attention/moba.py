@@ -28,7 +28,7 @@ Conventions here (the paper / MoonshotAI's reference leaves them open or differs
   block (the last one may be short). Ties in the top-k go to the lower block id.
 * The mask must be causal (MoBA is a decoder attention); a non-causal mask is refused.
 
-Gate cost O(T * (S / bs) * K * H), memory O(block_q * S / bs) per step of `block_q` queries;
+Gate cost O(T * (S / bs) * K * H), memory O(GATE_BLOCK_Q * S / bs) per step of 256 queries;
 then O(T * (top_k_blocks + 1) * bs * N * H) for the attention.
 """
 
