@@ -277,3 +277,40 @@ class GatedDeltaBlockSizes:
                        f"[{MIN_PALLAS_BLOCK}, {min(128, dv)}] (padded dv = {dv}, at most 128).")
     return dataclasses.replace(self, block_v=block_v, num_warps=self.num_warps or 4,
                                num_stages=self.num_stages or 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSparseBlockSizes:
+  """Tiles of block-sparse attention (`block_sparse_attention`); None = the default.
+
+  (The key block itself, `block_size`, is an argument of the attention, not a tile.)
+
+  Attributes:
+    block_entries: queries per step of the XLA path (a chunk of the queries that selected one
+      key block: its matrix products have `block_entries * G` rows); default 64. The Pallas
+      kernels refuse it.
+    block_rows: (query, head) rows per inner step of the Pallas dK/dV kernel (a power of two
+      >= 16, the tensor-core minimum); default 32. The XLA path refuses it.
+  """
+
+  block_entries: int | None = None
+  block_rows: int | None = None
+
+  def __post_init__(self):
+    if self.block_entries is not None and (not isinstance(self.block_entries, int)
+                                           or self.block_entries < 1):
+      raise ValueError(f"BlockSparseBlockSizes.block_entries must be a positive int or None, "
+                       f"got {self.block_entries!r}.")
+    if self.block_rows is not None and (not _is_pow2(self.block_rows)
+                                        or self.block_rows < MIN_PALLAS_BLOCK):
+      raise ValueError(f"BlockSparseBlockSizes.block_rows must be a power of two >= "
+                       f"{MIN_PALLAS_BLOCK} or None, got {self.block_rows!r}.")
+
+  def only(self, implementation: str, allowed: str) -> "BlockSparseBlockSizes":
+    """Raises ValueError if a field other than `allowed` is set (nothing is silently ignored)."""
+    for name in ("block_entries", "block_rows"):
+      if name != allowed and getattr(self, name) is not None:
+        raise ValueError(f"BlockSparseBlockSizes.{name} is not used by the {implementation!r} "
+                         f"block-sparse path (it takes only {allowed}); got "
+                         f"{getattr(self, name)!r}.")
+    return self

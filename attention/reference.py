@@ -101,8 +101,13 @@ def reference_attention(
 
 def reference_attention_with_lse(q, k, v, *, mask: Mask | None = None,
                                  scale: float | None = None,
-                                 mods: scores_lib.ScoreMods = scores_lib.NONE):
-  """Dense attention that also returns the float32 log-sum-exp `[B, N, T]` (-inf if no key)."""
+                                 mods: scores_lib.ScoreMods = scores_lib.NONE, selected=None):
+  """Dense attention that also returns the float32 log-sum-exp `[B, N, T]` (-inf if no key).
+
+  `selected`: an optional boolean `[B, X, T, S]` (X = 1 or K kv heads) of the keys a query may
+  use at all (a sparse selection, e.g. `block_sparse.block_sparse_mask`), intersected with
+  `mask`: the oracle of the sparse operations.
+  """
   b, t, s, n, kh, h = check_qkv(q, k, v, value_dim=True)
   mask = masks_lib.validate(mask, q.shape, k.shape)
   g = n // kh
@@ -115,6 +120,8 @@ def reference_attention_with_lse(q, k, v, *, mask: Mask | None = None,
     logits, _ = mods.apply(logits, slopes, q_pos[:, None, None, :, None],
                            jnp.arange(s, dtype=jnp.int32))
   visible = masks_lib.dense_mask(mask, b, t, s)[:, None, None]  # B 1 1 T S
+  if selected is not None:
+    visible = visible & selected[:, :, None]  # B X 1 T S
   logits = jnp.where(visible, logits, -jnp.inf)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
   row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))

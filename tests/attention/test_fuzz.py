@@ -48,6 +48,7 @@ FUZZED = {
     "registered_dense": (lambda c: True, False),
     "registered_flash": (lambda c: True, False),
     "registered_local": (lambda c: c.window is not None, False),
+    "registered_moba": (lambda c: c.causal and not c.alibi, False),
 }
 IMPLS = {impl.name: impl for impl in IMPLEMENTATIONS if impl.name in FUZZED}
 
@@ -157,7 +158,18 @@ INVALID = {f.__name__.lstrip("_"): f for f in (
     _segment_shape, _float_segments, _offset_shape, _nan_scale, _mask_type)}
 # Every registered name (with the options it needs to get past its own argument checks) and
 # the front doors with their non-default implementations.
-CALLERS = {name: (lambda name: lambda q, k, v, **kw: attention.get(name)(q, k, v, **kw))(name)
+CAUSAL_ONLY = ("moba",)  # given a causal mask where the problem brings none
+
+
+def _registered(name):
+  def call(q, k, v, **kw):
+    if name in CAUSAL_ONLY:
+      kw.setdefault("mask", Mask(causal=True))
+    return attention.get(name)(q, k, v, **kw)
+  return call
+
+
+CALLERS = {name: _registered(name)
            for name in attention.available() if name not in ("dsa", "local", "ring")}
 CALLERS.update(
     local=lambda q, k, v, **kw: attention.local_attention(q, k, v, window=4, **kw),
