@@ -1,24 +1,37 @@
 """longctx attention: pure JAX functions with one contract (see attention/registry.py).
 
-Public names: `Mask`, `BlockSizes`, `SparseBlockSizes`, `reference_attention`,
-`flash_attention`, `local_attention`, `sparse_attention`, `ring_attention(_sharded)`, the DSA
-pieces, `geometric_alibi_slopes`, and the registry (`register`, `get`, `available`,
-`refusing`). Registered: "dense" (the O(L^2) reference), "flash" (blockwise, exact), "local"
-(flash with a sliding window), "dsa" (DeepSeek sparse attention: lightning-indexer top-k +
-top-k gather attention; needs index_q/index_k/index_w), "ring" (context parallel over a mesh
-axis; refuses logits_soft_cap / alibi_slopes / return_lse and Hv != H).
+Public names: `Mask`, `BlockSizes`, `SparseBlockSizes`, `BlockSparseBlockSizes`,
+`reference_attention`, `flash_attention`, `local_attention`, `sparse_attention`,
+`block_sparse_attention` (+ its oracle `block_sparse_reference`), `ring_attention(_sharded)`,
+the DSA pieces, MoBA (`moba_attention`, `moba_gate`), `geometric_alibi_slopes`, and the registry
+(`register`, `get`, `available`, `refusing`). Registered: "dense" (the O(L^2) reference),
+"flash" (blockwise, exact), "local" (flash with a sliding window), "dsa" (DeepSeek sparse
+attention: lightning-indexer top-k + top-k gather attention; needs index_q/index_k/index_w),
+"ring" (context parallel over a mesh axis; refuses logits_soft_cap / alibi_slopes /
+return_lse and Hv != H), "moba" (MoBA's parameter-free block gate + block-sparse attention;
+options block_size, top_k_blocks; causal masks only; refuses alibi_slopes).
+
+The gated delta rule (`gated_delta_rule`, `gated_delta_step`, `gated_delta_reference`,
+`GatedDeltaBlockSizes`) is linear attention with a fixed-size state `[B, H, dk, dv]`, not a
+softmax `fn(q, k, v, mask)`, so it is exported but not registered.
 
 Each operation has one front door holding its implementation table (`flash.IMPLEMENTATIONS`,
-`sparse.IMPLEMENTATIONS`, `ring.IMPLEMENTATIONS`); backends (XLA paths, Pallas kernels) share
-`attention.common` and never import a front door.
+`sparse.IMPLEMENTATIONS`, `block_sparse.IMPLEMENTATIONS`, `ring.IMPLEMENTATIONS`,
+`gated_delta.IMPLEMENTATIONS`); backends (XLA paths, Pallas kernels) share `attention.common`
+and never import a front door.
 """
 
-from attention.block_sizes import BlockSizes, SparseBlockSizes
+from attention.block_sizes import (BlockSizes, BlockSparseBlockSizes, GatedDeltaBlockSizes,
+                                   SparseBlockSizes)
+from attention.block_sparse import block_sparse_attention, block_sparse_reference
 from attention.dsa import attention_target, dsa_attention, selected_mass
 from attention.flash import flash_attention, local_attention
+from attention.gated_delta import gated_delta_rule
+from attention.gated_delta_reference import gated_delta_reference, gated_delta_step
 from attention.indexer import indexer_kl_loss, indexer_scores, indexer_scores_at, indexer_topk
 from attention.masks import (UNBOUNDED, Mask, block_map, effective_indices, local_mask,
                              visible_keys, visible_pairs)
+from attention.moba import moba_attention, moba_gate
 from attention.reference import reference_attention
 from attention.scores import geometric_alibi_slopes
 from attention.registry import available, get, refusing, register
@@ -29,15 +42,17 @@ register("dense")(reference_attention)
 register("flash")(flash_attention)
 register("local")(local_attention)
 register("dsa")(dsa_attention)
+register("moba")(moba_attention)
 register("ring")(refusing(ring_attention_sharded, "logits_soft_cap", "alibi_slopes",
                           "return_lse"))
 
 __all__ = [
-    "BlockSizes", "Mask", "SparseBlockSizes", "UNBOUNDED", "available", "block_map",
-    "effective_indices", "flash_attention", "geometric_alibi_slopes", "get", "local_attention",
-    "local_mask", "refusing",
-    "reference_attention", "register", "ring_attention", "ring_attention_sharded",
-    "attention_target", "dsa_attention", "indexer_kl_loss", "indexer_scores",
-    "indexer_scores_at", "indexer_topk", "selected_mass", "sparse_attention", "visible_keys",
-    "visible_pairs",
+    "BlockSizes", "BlockSparseBlockSizes", "GatedDeltaBlockSizes", "Mask", "SparseBlockSizes",
+    "UNBOUNDED", "attention_target", "available", "block_map", "block_sparse_attention",
+    "block_sparse_reference", "dsa_attention", "effective_indices", "flash_attention",
+    "gated_delta_reference", "gated_delta_rule", "gated_delta_step", "geometric_alibi_slopes",
+    "get", "indexer_kl_loss", "indexer_scores", "indexer_scores_at", "indexer_topk",
+    "local_attention", "local_mask", "moba_attention", "moba_gate", "reference_attention",
+    "refusing", "register", "ring_attention", "ring_attention_sharded", "selected_mass",
+    "sparse_attention", "visible_keys", "visible_pairs",
 ]

@@ -219,3 +219,98 @@ class SparseBlockSizes:
         raise ValueError(f"SparseBlockSizes.{name} is not used by the {implementation!r} sparse "
                          f"path (it takes only {allowed}); got {getattr(self, name)!r}.")
     return self
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedDeltaBlockSizes:
+  """Tiles of the chunkwise gated delta rule (`attention.gated_delta_rule`).
+
+  Attributes:
+    chunk_size: tokens per chunk C (a power of two; the Pallas kernels take 16..64): intra-chunk
+      work is O(T C d), the chunk-to-chunk state recurrence O(T d^2 / C) sequential steps.
+    block_v: Pallas only (the XLA path refuses it): value columns of the state per program (a
+      power of two, 16..128). The state's columns evolve independently, so the kernels run one
+      program per (v block, batch row, v head); None = `min(64, padded dv)`.
+    num_warps, num_stages: Triton launch parameters (Pallas only); None = 4 warps, 2 stages.
+  """
+
+  chunk_size: int = 64
+  block_v: int | None = None
+  num_warps: int | None = None
+  num_stages: int | None = None
+
+  def __post_init__(self):
+    if not _is_pow2(self.chunk_size):
+      raise ValueError(f"GatedDeltaBlockSizes.chunk_size must be a positive power of two, got "
+                       f"{self.chunk_size!r}.")
+    if self.block_v is not None and not _is_pow2(self.block_v):
+      raise ValueError(f"GatedDeltaBlockSizes.block_v must be a positive power of two or None, "
+                       f"got {self.block_v!r}.")
+    for name in ("num_warps", "num_stages"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"GatedDeltaBlockSizes.{name} must be a positive int or None, got "
+                         f"{value!r}.")
+
+  def validate_xla(self) -> "GatedDeltaBlockSizes":
+    """Raises ValueError if a Pallas-only field is set (nothing is silently ignored)."""
+    for name in ("block_v", "num_warps", "num_stages"):
+      if getattr(self, name) is not None:
+        raise ValueError(f"GatedDeltaBlockSizes.{name} is used only by the Pallas kernels; the "
+                         f"'xla' gated delta path takes only chunk_size (got {name}="
+                         f"{getattr(self, name)!r}).")
+    return self
+
+  def validate_pallas(self, key_dim: int, value_dim: int) -> "GatedDeltaBlockSizes":
+    """Resolves `block_v` for head dims `(dk, dv)` and checks every tile (ValueError)."""
+    dk, dv = padded_head_dim(key_dim), padded_head_dim(value_dim)
+    if not MIN_PALLAS_BLOCK <= self.chunk_size <= 64:
+      raise ValueError(f"GatedDeltaBlockSizes.chunk_size = {self.chunk_size}: the Pallas kernels "
+                       f"take 16, 32 or 64 (tl.dot needs >= 16; a C x C float32 tile per "
+                       f"matrix stays in registers).")
+    if dk > 256 or dv > 256:
+      raise ValueError(f"Pallas gated delta rule: head dims up to 256, got dk = {key_dim}, "
+                       f"dv = {value_dim} (the [dk, block_v] float32 state stays in registers).")
+    block_v = self.block_v if self.block_v is not None else min(64, dv)
+    if not MIN_PALLAS_BLOCK <= block_v <= min(128, dv):
+      raise ValueError(f"GatedDeltaBlockSizes.block_v = {block_v}: must be a power of two in "
+                       f"[{MIN_PALLAS_BLOCK}, {min(128, dv)}] (padded dv = {dv}, at most 128).")
+    return dataclasses.replace(self, block_v=block_v, num_warps=self.num_warps or 4,
+                               num_stages=self.num_stages or 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSparseBlockSizes:
+  """Tiles of block-sparse attention (`block_sparse_attention`); None = the default.
+
+  (The key block itself, `block_size`, is an argument of the attention, not a tile.)
+
+  Attributes:
+    block_entries: queries per step of the XLA path (a chunk of the queries that selected one
+      key block: its matrix products have `block_entries * G` rows); default 64. The Pallas
+      kernels refuse it.
+    block_rows: (query, head) rows per inner step of the Pallas dK/dV kernel (a power of two
+      >= 16, the tensor-core minimum); default 32. The XLA path refuses it.
+  """
+
+  block_entries: int | None = None
+  block_rows: int | None = None
+
+  def __post_init__(self):
+    if self.block_entries is not None and (not isinstance(self.block_entries, int)
+                                           or self.block_entries < 1):
+      raise ValueError(f"BlockSparseBlockSizes.block_entries must be a positive int or None, "
+                       f"got {self.block_entries!r}.")
+    if self.block_rows is not None and (not _is_pow2(self.block_rows)
+                                        or self.block_rows < MIN_PALLAS_BLOCK):
+      raise ValueError(f"BlockSparseBlockSizes.block_rows must be a power of two >= "
+                       f"{MIN_PALLAS_BLOCK} or None, got {self.block_rows!r}.")
+
+  def only(self, implementation: str, allowed: str) -> "BlockSparseBlockSizes":
+    """Raises ValueError if a field other than `allowed` is set (nothing is silently ignored)."""
+    for name in ("block_entries", "block_rows"):
+      if name != allowed and getattr(self, name) is not None:
+        raise ValueError(f"BlockSparseBlockSizes.{name} is not used by the {implementation!r} "
+                         f"block-sparse path (it takes only {allowed}); got "
+                         f"{getattr(self, name)!r}.")
+    return self

@@ -28,7 +28,7 @@ from attention.sparse import sparse_attention
 def dsa_attention(
     q: Float[Array, "B T N H"],
     k: Float[Array, "B S K H"],
-    v: Float[Array, "B S K H"],
+    v: Float[Array, "B S K Hv"],
     *,
     mask: Mask | None = None,
     scale: float | None = None,
@@ -40,7 +40,7 @@ def dsa_attention(
     block_q: int | None = None,
     indices: Int[Array, "B T k"] | None = None,
     **options,
-) -> Float[Array, "B T N H"]:
+) -> Float[Array, "B T N Hv"] | tuple[Float[Array, "B T N Hv"], Float[Array, "B N T"]]:
   """DeepSeek Sparse Attention: lightning-indexer top-k selection, then `sparse_attention`.
 
   The selection (`indexer_topk`, shared by all heads) carries no gradient: the indexer learns

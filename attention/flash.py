@@ -110,13 +110,13 @@ def flash_attention(
 def local_attention(
     q: Float[Array, "B T N H"],
     k: Float[Array, "B S K H"],
-    v: Float[Array, "B S K H"],
+    v: Float[Array, "B S K Hv"],
     *,
     mask: Mask | None = None,
     scale: float | None = None,
     window: int | tuple[int, int] | None = None,
     **options,
-) -> Float[Array, "B T N H"]:
+) -> Float[Array, "B T N Hv"] | tuple[Float[Array, "B T N Hv"], Float[Array, "B N T"]]:
   """Sliding-window attention: `flash_attention` with a window. O(T * w) compute and memory.
 
   `window` is an int `w` (causal masks: the last `w` keys including the query itself; otherwise

@@ -109,6 +109,10 @@ def validate(mask: Mask | None, q_shape: tuple[int, ...], kv_shape: tuple[int, .
     raise ValueError(f"mask must be an attention.Mask or None, got {type(mask).__name__}.")
   batch, q_len, kv_len = q_shape[0], q_shape[1], kv_shape[1]
   if mask.has_segments:
+    for name in ("q_segment_ids", "kv_segment_ids"):
+      dtype = jnp.asarray(getattr(mask, name)).dtype
+      if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"{name} must be integers (negative = padding), got dtype {dtype}.")
     qs, ks = jnp.shape(mask.q_segment_ids), jnp.shape(mask.kv_segment_ids)
     if qs != (batch, q_len):
       raise ValueError(f"q_segment_ids must have shape [B, T] = {(batch, q_len)}, got {qs}.")

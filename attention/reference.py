@@ -8,6 +8,8 @@ A query with no visible key returns zeros (not NaN, not a uniform average).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
@@ -53,7 +55,16 @@ def check_qkv(q, k, v, *, value_dim: bool = False) -> tuple[int, int, int, int, 
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:
-  return head_dim ** -0.5 if scale is None else float(scale)
+  """`scale`, or `head_dim ** -0.5` for None; a ValueError for anything but a finite real."""
+  if scale is None:
+    return head_dim ** -0.5
+  try:
+    value = float(scale)
+  except (TypeError, ValueError):
+    raise ValueError(f"scale must be a finite float or None, got {scale!r}.") from None
+  if not math.isfinite(value):
+    raise ValueError(f"scale must be a finite float or None, got {scale!r}.")
+  return value
 
 
 def reference_attention(
@@ -90,8 +101,13 @@ def reference_attention(
 
 def reference_attention_with_lse(q, k, v, *, mask: Mask | None = None,
                                  scale: float | None = None,
-                                 mods: scores_lib.ScoreMods = scores_lib.NONE):
-  """Dense attention that also returns the float32 log-sum-exp `[B, N, T]` (-inf if no key)."""
+                                 mods: scores_lib.ScoreMods = scores_lib.NONE, selected=None):
+  """Dense attention that also returns the float32 log-sum-exp `[B, N, T]` (-inf if no key).
+
+  `selected`: an optional boolean `[B, X, T, S]` (X = 1 or K kv heads) of the keys a query may
+  use at all (a sparse selection, e.g. `block_sparse.block_sparse_mask`), intersected with
+  `mask`: the oracle of the sparse operations.
+  """
   b, t, s, n, kh, h = check_qkv(q, k, v, value_dim=True)
   mask = masks_lib.validate(mask, q.shape, k.shape)
   g = n // kh
@@ -104,6 +120,8 @@ def reference_attention_with_lse(q, k, v, *, mask: Mask | None = None,
     logits, _ = mods.apply(logits, slopes, q_pos[:, None, None, :, None],
                            jnp.arange(s, dtype=jnp.int32))
   visible = masks_lib.dense_mask(mask, b, t, s)[:, None, None]  # B 1 1 T S
+  if selected is not None:
+    visible = visible & selected[:, :, None]  # B X 1 T S
   logits = jnp.where(visible, logits, -jnp.inf)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
   row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))

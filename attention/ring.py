@@ -66,7 +66,7 @@ as an option or the ambient one (`jax.sharding.set_mesh`); it defaults to the zi
 for causal self-attention that visits every block, moving natural-order shards into it and
 the output back (`ring_layout.relayout`: two half-block `ppermute`s per array), or, with
 `permuted=True`, takes data already permuted once (`ring_layout.to_layout`, as
-experiments/sharding.py does for training batches).
+experiments/training/sharding.py does for training batches).
 """
 
 from __future__ import annotations

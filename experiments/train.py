@@ -10,262 +10,38 @@ Writes under `--workdir`: `config.json`, `metrics.jsonl` (one JSON line per logg
 `checkpoints/` (orbax), `loss.png`, `train.log`; with `config.eval_after_train`, also the
 evaluation grid (`eval_<task>.csv`, `eval_<task>.png`) and the printed accuracy table. A run
 that is killed and started again with the same command continues from its last checkpoint with
-the same data order (batches are a pure function of (seed, step)).
-
-Safety (experiments/workdir.py): a run holds the workdir's lock, so a second run into it stops
-at once naming the first one's pid; an unreadable newest checkpoint is skipped for the newest
-one that loads; a resume whose seed, model, task, optimizer, batch or num_steps differ from
-`config.json` is refused unless `--config.allow_config_change=True` (then recorded in
-`config_history.jsonl`). Expected errors print one line; their traceback goes to `train.log`.
-
-    train_and_evaluate(config, workdir)  =  setup -> train_loop -> finish
+the same data order. The loop is `experiments.training.loop.train`; the safety rules of a
+workdir (lock, corrupt checkpoints, refused config changes) are in its docstring. Expected
+errors print one line; their traceback goes to `train.log`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import functools
-import json
 import os
 import sys
-import time
-from typing import Any, Callable
 
 from absl import app, flags, logging
-import jax
-import ml_collections
 from ml_collections import config_flags
-import tqdm
 
-from experiments import checkpoints as ckpt_lib
-from experiments import cli, plots, sharding, tasks, trainer
-from experiments import workdir as workdir_lib
+from experiments import evaluation
 from experiments.configs import common
+from experiments.training import checkpoints as ckpt_lib
+from experiments.training import cli
+from experiments.training import workdir as workdir_lib
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "passkey.py")
 FLAGS = flags.FLAGS
-WorkdirError = workdir_lib.WorkdirError
-
-
-class ConfigChangeError(ValueError):
-  """A resume would change fields that decide what the checkpoints compute."""
-
-
-class MetricsLog:
-  """Appends JSON lines to `metrics.jsonl`; on resume drops lines past the restored step."""
-
-  def __init__(self, path: str, start_step: int):
-    self.path = path
-    rows = read_metrics(path)
-    with open(path, "w") as f:
-      for row in rows:
-        if row.get("step", 0) <= start_step:
-          f.write(json.dumps(row) + "\n")
-
-  def write(self, row: dict[str, Any]) -> None:
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
-
-
-def read_metrics(path: str) -> list[dict[str, Any]]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def plot_loss(metrics: list[dict[str, Any]], path: str) -> None:
-  """Training loss (and eval loss where logged) against step, as a PNG."""
-  fig, ax = plots.figure(figsize=(6, 4))
-  for key in ("loss", "eval_loss"):
-    points = [(m["step"], m[key]) for m in metrics if key in m]
-    if points:
-      ax.plot(*zip(*points), label=key, marker="." if key == "eval_loss" else None)
-  ax.set_yscale("log")
-  plots.label(ax, xlabel="step", ylabel="cross-entropy (scored tokens)")
-  plots.save(fig, path)
-
-
-@dataclasses.dataclass
-class Run:
-  """What `setup` builds and the loop uses: model, optimizer, data and where things go."""
-  workdir: str
-  task: Any
-  model: Any
-  optimizer: Any
-  ckpt: ckpt_lib.Checkpoints
-  start: int
-  mesh: Any
-  put: Callable
-  model_meta: dict[str, Any]
-  log: MetricsLog | None
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       stop_at_step: int | None = None) -> dict[str, Any]:
-  """Trains (resuming from `workdir` if it has checkpoints); returns the final metrics.
-
-  Holds the workdir's exclusive lock for the whole run (`workdir.lock`: a second run into it
-  stops at once). `stop_at_step` stops early after checkpointing that step, as if the run
-  were killed there (tests of resume determinism).
-  """
-  common.check_config(config)
-  if config.multihost:
-    sharding.initialize_distributed()  # before anything touches a device
-  workdir = workdir_lib.prepare(workdir)
-  primary = jax.process_index() == 0  # several hosts: one writer (and locker) of the workdir
-  with workdir_lib.lock(workdir) if primary else contextlib.nullcontext():
-    run = setup(config, workdir, primary)
-    try:
-      end = config.num_steps if stop_at_step is None else min(stop_at_step, config.num_steps)
-      last = train_loop(run, config, end)
-    finally:
-      run.ckpt.close()
-    return finish(run, config, end, last)
-
-
-train = train_and_evaluate  # the short name used by tests and notebooks
-
-
-def setup(config: ml_collections.ConfigDict, workdir: str, primary: bool = True) -> Run:
-  """Task, model, optimizer (sharded over `config.mesh`), restored from the newest loadable
-  checkpoint or `config.init_from`; writes `config.json` and opens `metrics.jsonl`."""
-  task = tasks.make_task(config.task, seed=config.seed)
-  task.batch(0, 1)  # fails fast on task settings that cannot make an example
-  if config.batch_size % config.grad_accum:
-    raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of grad_accum "
-                     f"({config.grad_accum}).")
-  mesh = sharding.make_mesh(config.mesh) if config.mesh else None
-  if mesh is not None:
-    sharding.check_divisible(mesh, config.batch_size // config.grad_accum, config.task.seq_len)
-  model = trainer.make_model(config, mesh=mesh)
-  optimizer = trainer.make_optimizer(model, config)
-  put = trainer.to_device
-  if mesh is not None:  # before restoring: orbax restores onto these shardings
-    sharding.shard_state(model, optimizer, mesh, fsdp=config.fsdp)
-    put = functools.partial(sharding.shard_batch, mesh=mesh,
-                            layout=sharding.batch_layout(model.config))
-  model_meta = json.loads(json.dumps(config.model.to_dict()))  # as the checkpoint stores it
-  ckpt = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), config.max_to_keep)
-  try:  # both raise before anything is written
-    changes = check_resume(config, workdir, ckpt.latest_step())
-    meta = ckpt.restore(model, optimizer, model_meta,
-                        log_path=os.path.join(workdir, workdir_lib.LOG_FILE))
-  except BaseException:
-    ckpt.close()
-    raise
-  start = 0 if meta is None else int(meta["step"])
-  if meta is not None:
-    logging.info("Resumed from step %d in %s.", start, ckpt.directory)
-  elif config.init_from:
-    loaded = ckpt_lib.load_params(model, config.init_from, config.init_step or None)
-    logging.info("Initialised the weights from %s (step %d).", config.init_from, loaded)
-  log = None
-  if primary:
-    if changes:
-      workdir_lib.record_config_change(workdir, start, changes)
-    write_config(config, model, os.path.join(workdir, "config.json"))
-    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start)
-  logging.info("Model: %s %s", trainer.describe(config, model),
-               sharding.describe(mesh, config.fsdp))
-  return Run(workdir, task, model, optimizer, ckpt, start, mesh, put, model_meta, log)
-
-
-def check_resume(config: ml_collections.ConfigDict, workdir: str, step: int | None
-                 ) -> list[tuple[str, Any, Any]]:
-  """The computation fields (`workdir.COMPUTATION_FIELDS`) that differ from the saved
-  `config.json` when resuming; raises `ConfigChangeError` listing them unless
-  `config.allow_config_change`. Empty on a fresh run."""
-  path = os.path.join(workdir, "config.json")
-  if step is None or not os.path.exists(path):
-    return []
-  with open(path) as f:
-    saved = json.load(f)
-  changes = workdir_lib.config_changes(saved, config.to_dict())
-  if changes and not config.allow_config_change:
-    raise ConfigChangeError(
-        f"{workdir} holds checkpoints (step {step}) made with another config: "
-        f"{workdir_lib.format_changes(changes)}. Resume with the saved values, pass a new "
-        f"--workdir, or set --config.allow_config_change=True to continue with the new values "
-        f"(recorded in {workdir_lib.HISTORY_FILE}).")
-  return changes
-
-
-def write_config(config: ml_collections.ConfigDict, model, path: str) -> None:
-  """`config.json`: the config, plus `resolved.layer_kinds` (the pattern repeated per layer)."""
-  data = json.loads(config.to_json_best_effort())
-  data["resolved"] = dict(
-      layer_kinds=list(model.config.layer_kinds),
-      note="model.layer_pattern repeats cyclically over model.num_layers; layer_kinds is the "
-           "resulting kind of each layer (written for reading, ignored when loading).")
-  with open(path, "w") as f:
-    json.dump(data, f, indent=2, sort_keys=True)
-
-
-def train_loop(run: Run, config: ml_collections.ConfigDict, end: int) -> dict[str, Any]:
-  """Steps `run.start` .. `end`: update, log every `log_every`, evaluate every `eval_every`,
-  checkpoint every `checkpoint_every` (and at `end`). Returns the last logged metrics."""
-  schedule = trainer.learning_rate(config)
-  aux_losses = tuple(sorted((k, float(v)) for k, v in config.aux_losses.items()))
-  last: dict[str, Any] = {}
-  bar = tqdm.tqdm(range(run.start, end), initial=run.start, total=config.num_steps, unit="step",
-                  disable=not config.progress, dynamic_ncols=True)
-  timer, timed_tokens = time.perf_counter(), 0
-  mesh_context = (jax.sharding.set_mesh(run.mesh) if run.mesh is not None
-                  else contextlib.nullcontext())
-  with mesh_context:  # ring attention layers read the ambient mesh while tracing
-    for step in bar:
-      batch = run.put(run.task.batch(step, config.batch_size))
-      metrics = trainer.train_step(run.model, run.optimizer, batch, grad_accum=config.grad_accum,
-                                   lm_weight=float(config.lm_loss_weight),
-                                   aux_losses=aux_losses, trainable=config.trainable)
-      timed_tokens += trainer.tokens_per_step(config)
-      done = step + 1
-      if done % config.log_every == 0 or done == end:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        last = dict(step=done, lr=float(schedule(step)),
-                    tokens_per_s=timed_tokens / (time.perf_counter() - timer), **metrics)
-        if (config.eval_every and done % config.eval_every == 0) or done == config.num_steps:
-          last.update(trainer.evaluate_batches(run.model, eval_batches(run.task, config), run.put))
-        if run.log is not None:
-          run.log.write(last)
-        bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
-        timer, timed_tokens = time.perf_counter(), 0
-      if done % config.checkpoint_every == 0 or done == end:
-        run.ckpt.save(done, run.model, run.optimizer,
-                      dict(seed=config.seed, data_step=done, model=run.model_meta))
-  bar.close()
-  return last
-
-
-def finish(run: Run, config: ml_collections.ConfigDict, end: int, last: dict[str, Any]
-           ) -> dict[str, Any]:
-  """Plots the loss and, when the run reached `num_steps`, evaluates (`eval_after_train`)."""
-  if run.log is not None:
-    plot_loss(read_metrics(run.log.path), os.path.join(run.workdir, "loss.png"))
-  result = {"step": end, "workdir": run.workdir, **last}
-  if config.eval_after_train and end == config.num_steps:
-    from experiments import evaluate  # pylint: disable=g-import-not-at-top
-    result["eval"] = evaluate.evaluate_and_report(run.model, config, run.workdir, overwrite=True)
-  return result
-
-
-def eval_batches(task, config: ml_collections.ConfigDict):
-  """Held-out batches (a different RNG stream than training) for the periodic evaluation."""
-  return [task.batch(i, config.batch_size, salt=1) for i in range(config.eval_batches)]
-
-
-class _QuietLibraries:
-  """Drops other libraries' INFO lines (orbax logs every checkpoint step); keeps warnings."""
-
-  def filter(self, record) -> bool:
-    return record.levelno >= 30 or "orbax" not in record.pathname
-
 
 # Errors of a bad command or workdir: one message on the console, the traceback in train.log.
 EXPECTED_ERRORS = (ValueError, workdir_lib.WorkdirError, ckpt_lib.CheckpointError,
                    FileExistsError)
+
+
+class QuietLibraries:
+  """Drops other libraries' INFO lines (orbax logs every checkpoint step); keeps warnings."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "orbax" not in record.pathname
 
 
 def main(argv):
@@ -274,13 +50,13 @@ def main(argv):
   if FLAGS.print_config:
     print(common.describe_fields(FLAGS.config))
     return
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.get_absl_handler().addFilter(QuietLibraries())
   workdir = None
   try:
     workdir = workdir_lib.prepare(FLAGS.workdir)
     handler = workdir_lib.log_to_file(workdir)
     try:
-      result = train_and_evaluate(FLAGS.config, workdir)
+      result = evaluation.train_and_evaluate(FLAGS.config, workdir)
     finally:
       workdir_lib.stop_logging(handler)
   except EXPECTED_ERRORS as e:

@@ -1,4 +1,4 @@
-"""The named building blocks a `ModelConfig` chooses between: norms and MLP activations.
+"""The named building blocks a `ModelConfig` chooses between: norms and activations.
 
 A neutral module below both `models/config.py` (which validates names against these tables)
 and `models/layers.py` (which builds from them), so neither imports the other's internals and
@@ -12,14 +12,26 @@ import functools
 import jax
 from flax import nnx
 
-# name -> builder `(features, *, epsilon, dtype, param_dtype, rngs)`. No biases (ModernBERT).
+from models.norms import OffsetRMSNorm
+
+# name -> builder `(features, *, epsilon, dtype, param_dtype, rngs)`.
 NORMS = {
-    "rms": nnx.RMSNorm,
-    "layer": functools.partial(nnx.LayerNorm, use_bias=False),
+    "rms": nnx.RMSNorm,                                          # x / rms(x) * w
+    "layer": functools.partial(nnx.LayerNorm, use_bias=False),   # ModernBERT: no bias
+    "layer_bias": nnx.LayerNorm,                                 # with a bias
+    "rms_offset": OffsetRMSNorm,                                 # Gemma: x / rms(x) * (1 + w)
+}
+
+# name -> elementwise activation.
+ACTIVATIONS = {
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # erf: transformers' "gelu"
+    "silu": jax.nn.silu,
 }
 
 # Gated MLP name -> activation of the gate branch.
 MLP_ACTIVATIONS = {
-    "geglu": functools.partial(jax.nn.gelu, approximate=True),
+    "geglu": ACTIVATIONS["gelu_tanh"],
+    "geglu_exact": ACTIVATIONS["gelu"],
     "swiglu": jax.nn.silu,
 }

@@ -22,6 +22,9 @@ from models import choices
 from models import rope as rope_lib
 from models.kinds import KindSettings, available_layer_kinds, get_layer_kind
 
+# `Rope` fields a layer kind may override (`KindSettings.rope`).
+_ROPE_OVERRIDES = ("scaling", "factor", "original_length", "yarn_alpha", "yarn_beta",
+                   "low_freq_factor", "high_freq_factor", "mscale", "truncate")
 _FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
 
 
@@ -45,8 +48,25 @@ class ModelConfig:
     rope_original_length: trained context L (required by "yarn").
     rope_yarn_alpha, rope_yarn_beta: YaRN's ramp bounds on `r = L / wavelength` (pairs with
       r < alpha are interpolated, r > beta kept, ramped between; paper: 1 and 32).
+    rope_low_freq_factor, rope_high_freq_factor: llama3's band edges (Llama 3.1: 1 and 4).
+    rope_mscale: yarn / yarn_hf factor on q and k; None = `0.1 ln(s) + 1`.
+    rope_truncate: yarn_hf rounds its ramp's ends to whole pairs (transformers: True).
     tie_embeddings: the output projection reuses the embedding matrix.
     mlm_head: ModernBERT-style head (dense, GELU, norm) before the vocabulary projection.
+    qkv_bias, o_bias, mlp_bias: biases on the q/k/v projections, the output projection, the
+      MLP's two linear maps (Qwen 2: q/k/v; ModernBERT `attention_bias`: q/k/v and o).
+    qk_norm: a `choices.NORMS` key: q and k normalised over head_dim before RoPE (Qwen 3,
+      Gemma 3); None = none.
+    post_norms: sandwich norms (Gemma 2 / 3): the attention and MLP outputs are normalised
+      before their residual add.
+    first_attn_norm: False makes layer 0's attention pre-norm the identity (ModernBERT).
+    embed_norm: a norm right after the embedding (ModernBERT).
+    embed_scale: multiplies the embeddings (Gemma: sqrt(d_model), in the compute dtype).
+    attention_scale: logit scale of attention; None = head_dim ** -0.5.
+    final_logit_soft_cap: `cap * tanh(logits / cap)` on the output logits (Gemma 2).
+    output_bias: a bias on the vocabulary projection (ModernBERT's decoder).
+    mlm_head_bias, mlm_activation: the MLM head's dense bias and activation (a
+      `choices.ACTIVATIONS` key; "gelu_tanh" by default, ModernBERT "gelu").
     dtype: compute dtype; param_dtype: parameter dtype (bf16 compute + f32 params works).
     remat: rematerialise each block in the backward pass (`nnx.remat`).
     init_std: stddev of the embedding initialiser.
@@ -70,8 +90,25 @@ class ModelConfig:
   rope_original_length: int | None = None
   rope_yarn_alpha: float = 1.0
   rope_yarn_beta: float = 32.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_mscale: float | None = None
+  rope_truncate: bool = True
   tie_embeddings: bool = True
   mlm_head: bool = False
+  qkv_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
+  qk_norm: str | None = None
+  post_norms: bool = False
+  first_attn_norm: bool = True
+  embed_norm: bool = False
+  embed_scale: float = 1.0
+  attention_scale: float | None = None
+  final_logit_soft_cap: float | None = None
+  output_bias: bool = False
+  mlm_head_bias: bool = False
+  mlm_activation: str = "gelu_tanh"
   dtype: Any = "float32"
   param_dtype: Any = "float32"
   remat: bool = False
@@ -100,6 +137,14 @@ class ModelConfig:
       raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}.")
     _check_choice("mlp", self.mlp, choices.MLP_ACTIVATIONS)
     _check_choice("norm", self.norm, choices.NORMS)
+    if self.qk_norm is not None:
+      _check_choice("qk_norm", self.qk_norm, choices.NORMS)
+    _check_choice("mlm_activation", self.mlm_activation, choices.ACTIVATIONS)
+    for name in ("embed_scale", "attention_scale", "final_logit_soft_cap"):
+      value = getattr(self, name)
+      if value is not None and not (isinstance(value, (int, float)) and value > 0):
+        raise ValueError(f"{name} must be a number > 0{'' if name == 'embed_scale' else ' or None'}"
+                         f", got {value!r}.")
     self._normalise_pattern_and_kinds()
     for name in ("dtype", "param_dtype"):
       fill(name, _check_dtype(name, getattr(self, name)))
@@ -148,10 +193,22 @@ class ModelConfig:
     return override.merged_into(settings) if override is not None else settings
 
   def rope(self, kind: str) -> rope_lib.Rope:
-    """The RoPE of layers of `kind` (its theta, the model's scaling)."""
-    return rope_lib.Rope(self.head_dim, float(self.kind_settings(kind).rope_theta),
-                         self.rope_scaling, float(self.rope_factor), self.rope_original_length,
-                         float(self.rope_yarn_alpha), float(self.rope_yarn_beta))
+    """The RoPE of layers of `kind`: its theta, the model's scaling with the kind's `rope`
+    overrides (e.g. `{"scaling": "none"}`) applied."""
+    settings = self.kind_settings(kind)
+    overrides = dict(settings.rope or ())
+    unknown = sorted(set(overrides) - set(_ROPE_OVERRIDES))
+    if unknown:
+      raise ValueError(f"layer kind {kind!r}: unknown rope overrides {unknown}; known: "
+                       f"{list(_ROPE_OVERRIDES)}.")
+    fields = dict(scaling=self.rope_scaling, factor=float(self.rope_factor),
+                  original_length=self.rope_original_length,
+                  yarn_alpha=float(self.rope_yarn_alpha), yarn_beta=float(self.rope_yarn_beta),
+                  low_freq_factor=float(self.rope_low_freq_factor),
+                  high_freq_factor=float(self.rope_high_freq_factor),
+                  mscale=self.rope_mscale, truncate=bool(self.rope_truncate))
+    fields.update(overrides)
+    return rope_lib.Rope(self.head_dim, float(settings.rope_theta), **fields)
 
   @classmethod
   def modernbert(cls, **overrides) -> "ModelConfig":

@@ -225,14 +225,15 @@ class DsaAttention(layers.Attention):
     if self.alibi_slopes is not None:
       raise ValueError(f"layer kind {kind!r} (DSA) does not support alibi=True (sparse "
                        f"attention refuses ALiBi); it uses RoPE.")
+    if self.scale is not None:
+      raise ValueError(f"layer kind {kind!r} (DSA) does not support attention_scale (its "
+                       f"attention and indexer target use head_dim ** -0.5).")
     self.indexer = Indexer(config, self.dsa, self.rope, rngs=rngs)
 
   def __call__(self, x: Float[Array, "B T D"], *, positions: Int[Array, "B T"],
                segment_ids: Int[Array, "B T"] | None = None, cache=None,
                cache_index=None) -> tuple[Float[Array, "B T D"], Any, dict]:
-    q = self.rope(self.q_proj(x), positions)  # B T N H
-    k = self.rope(self.k_proj(x), positions)  # B T K H
-    v = self.v_proj(x)
+    q, k, v = self.project(x, positions)  # B T N H, B T K H, B T K H
     iq, ik, iw = self.indexer(lax.stop_gradient(x), positions)  # detached from the main model
     if cache is None:
       mask = self.mask(segment_ids, segment_ids)

@@ -9,6 +9,8 @@ repeated). Each kind carries default `KindSettings`:
   (`attention.local_mask`), so ModernBERT's "128" is `(64, 64)`,
 * `rope_theta`: the RoPE base of this kind (ModernBERT: 160k global, 10k local),
 * `options`: extra keyword arguments for the attention function (e.g. `implementation`),
+* `rope`: overrides of the model's RoPE fields for this kind (`models.rope.Rope` field names,
+  e.g. `{"scaling": "none", "factor": 1.0}`: Gemma 3's sliding layers skip the scaling),
 * `alibi`: ALiBi instead of RoPE (Press et al.): no rotary embedding on this kind's q/k, and the
   attention function gets `alibi_slopes` = the geometric `2^(-8 n / N)` (`rope_theta` unused),
 
@@ -43,6 +45,7 @@ class KindSettings:
     rope_theta: RoPE base, `> 0`.
     options: extra keyword arguments for the attention function, a mapping or pairs.
     alibi: True: ALiBi position biases and no RoPE; None (not set) is False.
+    rope: overrides of the model's `Rope` fields (not head_dim / theta), a mapping or pairs.
   """
 
   attention: str | None = None
@@ -50,12 +53,15 @@ class KindSettings:
   rope_theta: float | None = None
   options: Mapping[str, Any] | tuple[tuple[str, Any], ...] | None = None  # stored as pairs
   alibi: bool | None = None
+  rope: Mapping[str, Any] | tuple[tuple[str, Any], ...] | None = None  # stored as pairs
 
   def __post_init__(self):
-    if isinstance(self.options, Mapping):
-      object.__setattr__(self, "options", tuple(sorted(self.options.items())))
-    elif self.options is not None:
-      object.__setattr__(self, "options", tuple(tuple(pair) for pair in self.options))
+    for name in ("options", "rope"):
+      value = getattr(self, name)
+      if isinstance(value, Mapping):
+        object.__setattr__(self, name, tuple(sorted(value.items())))
+      elif value is not None:
+        object.__setattr__(self, name, tuple(tuple(pair) for pair in value))
 
   def merged_into(self, defaults: "KindSettings") -> "KindSettings":
     """`defaults` with every non-None field of `self` replacing it."""
@@ -82,7 +88,8 @@ def register_layer_kind(name: str, kind: LayerKind, *, overwrite: bool = False) 
   if not isinstance(kind, LayerKind):
     raise ValueError(f"register_layer_kind({name!r}) needs a LayerKind, got {kind!r}.")
   missing = [f.name for f in dataclasses.fields(KindSettings)
-             if f.name not in ("options", "alibi") and getattr(kind.defaults, f.name) is None]
+             if f.name not in ("options", "alibi", "rope")
+             and getattr(kind.defaults, f.name) is None]
   if missing:
     raise ValueError(f"layer kind {name!r}: defaults must set {missing}.")
   if kind.defaults.options is None:

@@ -29,17 +29,21 @@ def fan_in_init(in_axis, out_axis):
                                            in_axis=in_axis, out_axis=out_axis)
 
 
-def make_norm(config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
-  """The config's pre-norm over `d_model` (statistics in float32, output in `config.dtype`)."""
-  return NORMS[config.norm](config.d_model, epsilon=config.norm_eps, dtype=config.dtype,
-                            param_dtype=config.param_dtype, rngs=rngs)
+def make_norm(config: ModelConfig, *, rngs: nnx.Rngs, features: int | None = None,
+              norm: str | None = None) -> nnx.Module:
+  """A `norm` (default: the config's) over `features` (default `d_model`), output in
+  `config.dtype`."""
+  return NORMS[norm or config.norm](features or config.d_model, epsilon=config.norm_eps,
+                                    dtype=config.dtype, param_dtype=config.param_dtype,
+                                    rngs=rngs)
 
 
 class MLP(nnx.Module):
-  """Gated MLP (GeGLU / SwiGLU): `out = (act(x W_gate) * (x W_up)) W_out`, no biases."""
+  """Gated MLP (GeGLU / SwiGLU): `out = (act(x W_gate) * (x W_up)) W_out` (+ biases if
+  `config.mlp_bias`)."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-    dense = functools.partial(nnx.Linear, use_bias=False, dtype=config.dtype,
+    dense = functools.partial(nnx.Linear, use_bias=config.mlp_bias, dtype=config.dtype,
                               param_dtype=config.param_dtype, rngs=rngs)
     self.activation = config.mlp
     self.wi = dense(config.d_model, 2 * config.mlp_dim)  # gate and up, fused
@@ -58,6 +62,8 @@ class Attention(nnx.Module):
   per-head slopes `2^(-8 n / N)`, distances from the mask's positions, so a KV cache works
   unchanged). The window travels in the `Mask` (as
   every other visibility rule), so "local", "flash" and "dense" compute the same thing.
+  Optional (config): q/k/v and output biases, a norm of q and k over head_dim before RoPE
+  (`qk_norm`), and the logit scale (`attention_scale`, default head_dim ** -0.5).
   """
 
   def __init__(self, config: ModelConfig, kind: str, *, rngs: nnx.Rngs):
@@ -74,12 +80,21 @@ class Attention(nnx.Module):
     self.dtype = config.dtype
     d, n, kh, h = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
     self.num_kv_heads, self.head_dim = kh, h
+    self.scale = config.attention_scale
     proj = functools.partial(nnx.Einsum, dtype=config.dtype, param_dtype=config.param_dtype,
                              rngs=rngs)
-    self.q_proj = proj("BTD,DNH->BTNH", (d, n, h), kernel_init=fan_in_init(0, (1, 2)))
-    self.k_proj = proj("BTD,DKH->BTKH", (d, kh, h), kernel_init=fan_in_init(0, (1, 2)))
-    self.v_proj = proj("BTD,DKH->BTKH", (d, kh, h), kernel_init=fan_in_init(0, (1, 2)))
-    self.o_proj = proj("BTNH,NHD->BTD", (n, h, d), kernel_init=fan_in_init((0, 1), 2))
+    qkv_bias = lambda *shape: dict(bias_shape=shape) if config.qkv_bias else {}
+    self.q_proj = proj("BTD,DNH->BTNH", (d, n, h), kernel_init=fan_in_init(0, (1, 2)),
+                       **qkv_bias(n, h))
+    self.k_proj = proj("BTD,DKH->BTKH", (d, kh, h), kernel_init=fan_in_init(0, (1, 2)),
+                       **qkv_bias(kh, h))
+    self.v_proj = proj("BTD,DKH->BTKH", (d, kh, h), kernel_init=fan_in_init(0, (1, 2)),
+                       **qkv_bias(kh, h))
+    self.o_proj = proj("BTNH,NHD->BTD", (n, h, d), kernel_init=fan_in_init((0, 1), 2),
+                       **(dict(bias_shape=(d,)) if config.o_bias else {}))
+    head_norm = lambda: (None if config.qk_norm is None else
+                         make_norm(config, rngs=rngs, features=h, norm=config.qk_norm))
+    self.q_norm, self.k_norm = head_norm(), head_norm()
 
   # --- masks and the attention function ----------------------------------------------------
 
@@ -93,6 +108,8 @@ class Attention(nnx.Module):
              v: Float[Array, "B S K H"], mask: attention.Mask) -> Float[Array, "B T N H"]:
     """Calls the registered attention function of this kind (with its ALiBi slopes, if any)."""
     options = dict(self.options)
+    if self.scale is not None:
+      options["scale"] = self.scale
     if self.alibi_slopes is not None:
       options["alibi_slopes"] = jnp.asarray(self.alibi_slopes, jnp.float32)
     return attention.get(self.attention_name)(q, k, v, mask=mask, **options)
@@ -107,10 +124,7 @@ class Attention(nnx.Module):
     Without a cache, queries and keys are `x` itself (segment ids: packed documents). With a
     cache (from `init_cache`), `x` is the chunk at stream positions `cache_index + t`.
     """
-    q, k = self.q_proj(x), self.k_proj(x)  # B T N H, B T K H
-    if self.rope is not None:
-      q, k = self.rope(q, positions), self.rope(k, positions)
-    v = self.v_proj(x)
+    q, k, v = self.project(x, positions)
     if cache is None:
       out = self.attend(q, k, v, self.mask(segment_ids, segment_ids))
     else:
@@ -119,6 +133,16 @@ class Attention(nnx.Module):
       (k, v, kv_segment_ids, q_offset), cache = cache.update(cache_index, k, v, segment_ids)
       out = self.attend(q, k, v, self.mask(segment_ids, kv_segment_ids, q_offset))
     return self.o_proj(out), cache, {}
+
+  def project(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"]
+              ) -> tuple[Float[Array, "B T N H"], Float[Array, "B T K H"], Float[Array, "B T K H"]]:
+    """`q, k, v` of `x`: projections, then the q/k norm (if any), then RoPE (if any)."""
+    q, k = self.q_proj(x), self.k_proj(x)  # B T N H, B T K H
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if self.rope is not None:
+      q, k = self.rope(q, positions), self.rope(k, positions)
+    return q, k, self.v_proj(x)
 
   def init_cache(self, batch: int, max_len: int):
     """Empty cache: a ring of `min(window, max_len)` slots if windowed, else `max_len` slots."""

@@ -8,9 +8,11 @@
     logits, cache = decode_step(model, next_tokens, cache)           # one token
     tokens = generate(model, prompt, max_new_tokens=32)
 
-Layout: embed -> blocks (pre-norm attention + pre-norm gated MLP, residual) -> final norm ->
-[MLM head: dense, GELU, norm] -> vocabulary projection (tied to the embedding or not).
-Layer `i`'s attention is built by its kind (`config.layer_kinds[i]`, models/kinds.py).
+Layout: embed [x embed_scale, embed norm] -> blocks (pre-norm attention + pre-norm gated MLP,
+residual; with `post_norms` each output is normalised before its residual add) -> final norm ->
+[MLM head: dense, activation, norm] -> vocabulary projection (tied to the embedding or not;
+[+ bias]) -> [final logit soft-cap]. Layer `i`'s attention is built by its kind
+(`config.layer_kinds[i]`, models/kinds.py).
 
 `aux` holds `"cache"` (the updated `Cache`, or None without one) and `"layers"` (each layer's
 attention aux dict: where kinds such as DSA report their losses and statistics).
@@ -28,25 +30,35 @@ from jaxtyping import Array, Float, Int
 
 from models import cache as cache_lib
 from models import layers
+from models.choices import ACTIVATIONS
 from models.config import ModelConfig
 from models.kinds import get_layer_kind
 
 
-class Block(nnx.Module):
-  """Pre-norm residual block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+def _maybe(norm, x):
+  return x if norm is None else norm(x)
 
-  def __init__(self, config: ModelConfig, kind: str, *, rngs: nnx.Rngs):
+
+class Block(nnx.Module):
+  """Pre-norm residual block: `x + attn(norm(x))`, then `x + mlp(norm(x))`; with
+  `config.post_norms` (Gemma) `x + post_norm(attn(norm(x)))` and the same for the MLP.
+  `attn_norm=False` makes the attention pre-norm the identity (ModernBERT's layer 0)."""
+
+  def __init__(self, config: ModelConfig, kind: str, *, rngs: nnx.Rngs, attn_norm: bool = True):
     attention_module = get_layer_kind(kind).module or layers.Attention
-    self.attn_norm = layers.make_norm(config, rngs=rngs)
+    norm = lambda on: layers.make_norm(config, rngs=rngs) if on else None
+    self.attn_norm = norm(attn_norm)
     self.attn = attention_module(config, kind, rngs=rngs)
-    self.mlp_norm = layers.make_norm(config, rngs=rngs)
+    self.attn_post_norm = norm(config.post_norms)
+    self.mlp_norm = norm(True)
     self.mlp = layers.MLP(config, rngs=rngs)
+    self.mlp_post_norm = norm(config.post_norms)
 
   def __call__(self, x: Float[Array, "B T D"], positions, segment_ids, cache, cache_index):
-    h, cache, aux = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids,
-                              cache=cache, cache_index=cache_index)
-    x = x + h
-    return x + self.mlp(self.mlp_norm(x)), cache, aux
+    h, cache, aux = self.attn(_maybe(self.attn_norm, x), positions=positions,
+                              segment_ids=segment_ids, cache=cache, cache_index=cache_index)
+    x = x + _maybe(self.attn_post_norm, h)
+    return x + _maybe(self.mlp_post_norm, self.mlp(self.mlp_norm(x))), cache, aux
 
 
 def _apply_block(block: Block, x, positions, segment_ids, cache, cache_index):
@@ -54,15 +66,17 @@ def _apply_block(block: Block, x, positions, segment_ids, cache, cache_index):
 
 
 class MLMHead(nnx.Module):
-  """ModernBERT's prediction head before the vocabulary projection: dense, GELU, norm."""
+  """ModernBERT's prediction head before the vocabulary projection: dense (+ bias if
+  `config.mlm_head_bias`), activation (`config.mlm_activation`), norm."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-    self.dense = nnx.Linear(config.d_model, config.d_model, use_bias=False, dtype=config.dtype,
-                            param_dtype=config.param_dtype, rngs=rngs)
+    self.dense = nnx.Linear(config.d_model, config.d_model, use_bias=config.mlm_head_bias,
+                            dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+    self.activation = config.mlm_activation
     self.norm = layers.make_norm(config, rngs=rngs)
 
   def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-    return self.norm(jax.nn.gelu(self.dense(x)))
+    return self.norm(ACTIVATIONS[self.activation](self.dense(x)))
 
 
 class Transformer(nnx.Module):
@@ -75,12 +89,17 @@ class Transformer(nnx.Module):
     self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=config.dtype,
                            param_dtype=config.param_dtype,
                            embedding_init=nnx.initializers.normal(config.init_std), rngs=rngs)
-    self.blocks = nnx.List([Block(config, kind, rngs=rngs) for kind in config.layer_kinds])
+    self.embed_norm = layers.make_norm(config, rngs=rngs) if config.embed_norm else None
+    self.blocks = nnx.List([Block(config, kind, rngs=rngs,
+                                  attn_norm=i > 0 or config.first_attn_norm)
+                            for i, kind in enumerate(config.layer_kinds)])
     self.final_norm = layers.make_norm(config, rngs=rngs)
     self.mlm_head = MLMHead(config, rngs=rngs) if config.mlm_head else None
     self.lm_head = None if config.tie_embeddings else nnx.Linear(
         config.d_model, config.vocab_size, use_bias=False, dtype=config.dtype,
         param_dtype=config.param_dtype, rngs=rngs)
+    self.output_bias = nnx.Param(jnp.zeros((config.vocab_size,), config.param_dtype)
+                                 ) if config.output_bias else None
 
   def __call__(
       self,
@@ -108,20 +127,34 @@ class Transformer(nnx.Module):
     positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, t))
     apply = nnx.remat(_apply_block) if self.config.remat else _apply_block
 
-    x = self.embed(tokens)  # B T D
+    x = self._embed(tokens)  # B T D
     new_caches, layer_aux = [], []
     for i, block in enumerate(self.blocks):
       layer_cache = None if cache is None else cache.layers[i]
       x, layer_cache, aux = apply(block, x, positions, segment_ids, layer_cache, index)
       new_caches.append(layer_cache)
       layer_aux.append(aux)
+    new_cache = None if cache is None else cache_lib.Cache(index + t, tuple(new_caches),
+                                                           cache.max_len)
+    return self._logits(x), {"cache": new_cache, "layers": tuple(layer_aux)}
+
+  def _embed(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
+    x = self.embed(tokens)
+    if self.config.embed_scale != 1.0:  # Gemma: sqrt(d_model) rounded to the compute dtype
+      x = x * jnp.asarray(self.config.embed_scale, x.dtype)
+    return _maybe(self.embed_norm, x)
+
+  def _logits(self, x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+    """Final norm, [MLM head], vocabulary projection [+ bias], float32 [soft-capped] logits."""
     x = self.final_norm(x)
     if self.mlm_head is not None:
       x = self.mlm_head(x)
     logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)  # B T V
-    new_cache = None if cache is None else cache_lib.Cache(index + t, tuple(new_caches),
-                                                           cache.max_len)
-    return logits.astype(jnp.float32), {"cache": new_cache, "layers": tuple(layer_aux)}
+    if self.output_bias is not None:
+      logits = logits + self.output_bias[...].astype(logits.dtype)
+    logits = logits.astype(jnp.float32)
+    cap = self.config.final_logit_soft_cap
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
 
   def init_cache(self, batch: int, max_len: int) -> cache_lib.Cache:
     """An empty cache for `batch` streams of up to `max_len` tokens (decoders only).

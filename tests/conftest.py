@@ -19,7 +19,7 @@ not running: it compiles with JAX's `jax_disable_most_optimizations` (XLA's LLVM
 no expensive LLVM passes; the HLO passes, fusion and buffer assignment, are unchanged, so the
 compiled memory figures the tests check are the same). Numerics follow the same HLO, and every
 comparison is within the tolerances of its dtype either way, except the sharded-vs-one-device
-train step (tests/experiments/test_sharding.py), whose 1e-5 bound is about float32 summation
+train step (tests/experiments/training/test_sharding.py), whose 1e-5 bound is about float32 summation
 order: its worker compiles with the optimised build. The environment variable
 `JAX_DISABLE_MOST_OPTIMIZATIONS` carries it into the workers, subprocesses and notebook
 kernels; set it to 0 to test the optimised build. Benchmarks and experiments never set it.

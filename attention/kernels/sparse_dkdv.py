@@ -2,8 +2,8 @@
 
 A key row is selected by many queries, in different query programs, so a query-major backward
 must add dK/dV with atomics (non-deterministic, contended on early keys). Here the selection
-is inverted first (XLA, outside the kernel), and each program owns one block of `block_keys`
-keys and sums over exactly the (query, slot) entries that selected them:
+is inverted first (XLA, outside the kernel: `attention.selection`), and each program owns one
+block of `block_keys` keys and sums over exactly the (query, slot) entries that selected them:
 
     CSR per (batch, index set x):  entries e = (t, slot) with idx[b, t, x, slot] >= 0, sorted by
     key (a stable `lax.sort`, so the order is fixed); `ptr[j]` = first entry whose key is in
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -38,29 +37,10 @@ from attention.block_sizes import padded_head_dim
 from attention.common import varying_struct
 from attention.kernels import flash_tiles as tiles
 from attention.scores import modify
+from attention.selection import inverted_selection
 
 BLOCK_KEYS = 16  # keys per program (tensor-core minimum)
 BLOCK_ENTRIES = 32  # (query, slot) entries per inner step
-
-
-def inverted_selection(idx, num_key_blocks: int, block_keys: int, block_entries: int):
-  """CSR of the selection, key-major, for `idx [B, T, X, k]` (-1 = unused slot).
-
-  Returns `(entry_t, entry_key [B, X, E + block_entries], ptr [B, X, nk + 1])` int32: the query
-  and key of each valid entry, sorted by key (stable); entries past `ptr[nk]` are padding
-  (key = nk * bk, never inside a block). O(T * k log(T * k)) for the sort.
-  """
-  b, t, nx, k = idx.shape
-  sentinel = num_key_blocks * block_keys
-  keys = jnp.where(idx >= 0, idx, sentinel).transpose(0, 2, 1, 3).reshape(b, nx, t * k)
-  queries = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k)).reshape(t * k)
-  queries = jnp.broadcast_to(queries, keys.shape)
-  keys, queries = lax.sort((keys, queries), dimension=-1, is_stable=True, num_keys=1)
-  bounds = jnp.arange(num_key_blocks + 1, dtype=jnp.int32) * block_keys
-  ptr = jax.vmap(jax.vmap(lambda row: jnp.searchsorted(row, bounds, side="left")))(keys)
-  pad = ((0, 0), (0, 0), (0, block_entries))
-  return (jnp.pad(queries, pad), jnp.pad(keys, pad, constant_values=sentinel),
-          ptr.astype(jnp.int32))
 
 
 def _dkdv_kernel(ptr_ref, entry_t_ref, entry_key_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref,

@@ -20,7 +20,7 @@ import ml_collections
 from ml_collections import config_dict
 
 # Sections whose fields are free-form (checked by their consumer): the task's fields depend on
-# its name (experiments/tasks.py), a layer kind's on models.KindSettings.
+# its name (experiments/data/tasks.py), a layer kind's on models.KindSettings.
 _FREE = ("task", "model.kinds", "aux_losses")
 
 
@@ -28,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Defaults of every field a run reads."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.task = ml_collections.ConfigDict(dict(name="passkey", seq_len=256))
+  c.task = ml_collections.ConfigDict(dict(name="passkey", seq_len=256, tokenizer="bytes"))
 
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=256, d_model=64, num_layers=4, num_heads=4,
@@ -36,8 +36,14 @@ def base_config() -> ml_collections.ConfigDict:
       mlp_dim=config_dict.placeholder(int), mlp="geglu", norm="rms", causal=True,
       layer_pattern=("global", "local", "local"),
       rope_scaling="none", rope_factor=1.0, rope_original_length=config_dict.placeholder(int),
-      rope_yarn_alpha=1.0, rope_yarn_beta=32.0,
-      tie_embeddings=True, mlm_head=False, dtype="float32", param_dtype="float32", remat=False))
+      rope_yarn_alpha=1.0, rope_yarn_beta=32.0, rope_low_freq_factor=1.0,
+      rope_high_freq_factor=4.0, rope_mscale=config_dict.placeholder(float), rope_truncate=True,
+      tie_embeddings=True, mlm_head=False, qkv_bias=False, o_bias=False, mlp_bias=False,
+      qk_norm=config_dict.placeholder(str), post_norms=False, first_attn_norm=True,
+      embed_norm=False, embed_scale=1.0, attention_scale=config_dict.placeholder(float),
+      final_logit_soft_cap=config_dict.placeholder(float), output_bias=False,
+      mlm_head_bias=False, mlm_activation="gelu_tanh", dtype="float32", param_dtype="float32",
+      remat=False, init_std=0.02, norm_eps=1e-6))
   c.model.kinds = ml_collections.ConfigDict({
       "global": dict(rope_theta=160_000.0), "local": dict(window=64, rope_theta=10_000.0)})
 
@@ -61,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.allow_config_change = False  # resume although computation fields changed (recorded)
   c.progress = True          # tqdm progress bar
 
-  # Devices (experiments/sharding.py): "" = one device; "data:2,seq:4" = 2-way data x 4-way
+  # Devices (experiments/training/sharding.py): "" = one device; "data:2,seq:4" = 2-way data x 4-way
   # sequence (ring attention) parallel; "data:-1" = data parallel over every device.
   c.mesh = ""
   c.fsdp = False             # shard parameters + optimizer state over the data axis
@@ -71,7 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_after_train = False
   c.eval = ml_collections.ConfigDict(dict(
       tasks=("passkey",), length_multiples=(1, 2, 3, 4), depths=(0.0, 0.25, 0.5, 0.75, 1.0),
-      examples=16, batch_size=16))
+      examples=16, batch_size=16, filler=""))
   return c
 
 
@@ -109,7 +115,9 @@ def parse_variant(variant: str | None, *, name: str, choices: Sequence[str] = ()
 # shows them; a test checks that every field has one.
 FIELD_HELP = {
     "seed": "parameter init and data order (batches are a pure function of (seed, step))",
-    "task": "the training task (experiments/tasks.py); its fields depend on task.name",
+    "task": "the training task (experiments/data/tasks.py); its fields depend on task.name",
+    "task.tokenizer": "bytes, or a local tokenizer.json / its directory (text, passkey, needle, "
+                      "tokens tasks; model.vocab_size must hold its vocabulary)",
     "model": "models.ModelConfig fields",
     "model.vocab_size": "token vocabulary (256 = bytes)",
     "model.d_model": "residual width",
@@ -123,15 +131,36 @@ FIELD_HELP = {
     "model.causal": "decoder (True) or bidirectional encoder (False)",
     "model.layer_pattern": "layer kinds, repeated cyclically over num_layers (config.json "
                            "lists the resolved per-layer kinds)",
-    "model.rope_scaling": "RoPE scaling: none, linear (PI), ntk, yarn",
+    "model.rope_scaling": "RoPE scaling: none, linear (PI), ntk, yarn, yarn_hf (transformers'), "
+                          "llama3, dynamic",
     "model.rope_factor": "RoPE scale s = new length / original length",
     "model.rope_original_length": "training length L that yarn scales from",
     "model.rope_yarn_alpha": "yarn ramp: pairs turning fewer than alpha times over L are "
                              "interpolated (paper: 1)",
     "model.rope_yarn_beta": "yarn ramp: pairs turning more than beta times over L are kept "
                             "(paper: 32)",
+    "model.rope_low_freq_factor": "llama3 RoPE scaling: wavelengths above L / this are divided "
+                                  "by rope_factor",
+    "model.rope_high_freq_factor": "llama3 RoPE scaling: wavelengths below L / this are kept",
+    "model.rope_mscale": "yarn_hf: the attention factor's mscale (None = 0.1 ln(s) + 1)",
+    "model.rope_truncate": "yarn_hf: floor/ceil the ramp's bounds (transformers' default)",
     "model.tie_embeddings": "share the input embedding and the output projection",
     "model.mlm_head": "ModernBERT's dense-GELU-norm head before the vocabulary (encoders)",
+    "model.qkv_bias": "biases on the q/k/v projections (Qwen2, ModernBERT attention_bias)",
+    "model.o_bias": "bias on the attention output projection",
+    "model.mlp_bias": "biases in the MLP",
+    "model.qk_norm": "per-head norm of q and k before RoPE: None, or a norm name (Qwen3, Gemma 3)",
+    "model.post_norms": "norms after attention and MLP too (Gemma 2/3's sandwich norms)",
+    "model.first_attn_norm": "False: layer 0 has no attention pre-norm (ModernBERT)",
+    "model.embed_norm": "a norm after the embedding (ModernBERT)",
+    "model.embed_scale": "embeddings multiplied by this (Gemma: sqrt(d_model))",
+    "model.attention_scale": "logit scale; None = head_dim^-0.5 (Gemma: query_pre_attn_scalar)",
+    "model.final_logit_soft_cap": "cap * tanh(logits / cap) on the output logits (Gemma 2)",
+    "model.output_bias": "bias on the vocabulary projection (ModernBERT's decoder)",
+    "model.mlm_head_bias": "bias on the MLM head's dense layer",
+    "model.mlm_activation": "activation of the MLM head (gelu_tanh, gelu, ...)",
+    "model.init_std": "stddev of the embedding initialiser",
+    "model.norm_eps": "epsilon of the norms",
     "model.dtype": "activation dtype",
     "model.param_dtype": "parameter dtype",
     "model.remat": "recompute each layer in the backward pass (less memory)",
@@ -165,11 +194,14 @@ FIELD_HELP = {
     "multihost": "call jax.distributed.initialize() first (one process per host)",
     "eval_after_train": "run the haystack evaluation grid when training ends",
     "eval": "the evaluation grid after training (experiments/evaluate.py)",
-    "eval.tasks": "haystack tasks: passkey, needle",
+    "eval.tasks": "passkey, needle (teacher-forced), niah (real filler, generated answers), "
+                  "mlm_needle (encoders)",
     "eval.length_multiples": "context lengths as multiples of task.seq_len",
     "eval.depths": "needle depths in [0, 1]",
     "eval.examples": "prompts per (length, depth) cell",
     "eval.batch_size": "rows per evaluation batch",
+    "eval.filler": "niah haystack: a glob of text files or a token-file directory (\"\" = the "
+                   "training corpus, else the Python standard library)",
 }
 
 

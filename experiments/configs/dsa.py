@@ -20,9 +20,10 @@ packing documents of 112-256 tokens, 1000 steps) with its global layers replaced
   everything trains: the model on the answer loss, the indexer on the KL restricted to the
   selected set (detached, so neither loss reaches the other's parameters).
 
-Result (seed 0, README; indexer head weights with DeepSeek's d_I^-0.5): passkey exact match
+Result (seed 0, experiments/results/README.md; indexer head weights with DeepSeek's d_I^-0.5): passkey exact match
 at 256 tokens 0.99 dense, 0.99 after warm-up, 1.00 after 300 sparse steps (top-32 attention);
-indexer recall 0.73 / 0.83 in layers 0 / 3. Where this differs from DeepSeek's recipe: README.
+indexer recall 0.73 / 0.83 in layers 0 / 3. Where this differs from DeepSeek's recipe:
+experiments/results/README.md.
 `:smoke` (alone, or after a stage: `:warmup,smoke`, `:sparse,smoke`) is a tiny, fast run.
 """
 
@@ -50,7 +51,8 @@ def get_config(variant: str | None = None):
                                       default="dense")
 
   config = common.base_config()
-  config.task = dict(name="passkey", seq_len=256, digits=5, instruction="", min_len=112)
+  config.task = dict(name="passkey", seq_len=256, digits=5, instruction="", min_len=112,
+                     tokenizer="bytes")
   config.model.update(d_model=64, num_layers=4, num_heads=4, mlp_dim=128,
                       layer_pattern=("dsa", "local", "local"))
   config.model.kinds = dict(dsa=dsa_kind(top_k=32), local=dict(window=64, rope_theta=1e4))

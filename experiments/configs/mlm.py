@@ -14,7 +14,7 @@ length with the global RoPE theta raised 4x, `--config.init_from=` that run), an
 Model: bidirectional (`causal=False`), pre-LayerNorm, GeGLU, MLM head, 6 layers of d_model 48
 (global, local, local, global, local, local), local window 64 tokens in total (32 each side;
 ModernBERT: 128 = 64 each side), RoPE theta 160,000 global / 10,000 local. Vocabulary 257:
-the bytes and `[MASK]` (experiments/mlm_task.py). Task: 30% masking (80/10/10) of packed rows
+the bytes and `[MASK]` (experiments/data/mlm.py). Task: 30% masking (80/10/10) of packed rows
 of 256 bytes of the Python standard library (every 10th file held out for evaluation); every
 training row carries up to 4 key-value needle pairs (distinct keys; `needles_per_row`), the
 whole 4-digit value masked in one copy of each pair (`masked_digits=0`); needle lines are
@@ -23,7 +23,7 @@ exempt from the random masking, so the visible copy is always intact. 500 steps 
 After training: masked-token accuracy (`token_accuracy` in metrics.jsonl) and needle accuracy
 by distance, `eval_mlm_needle.csv/.png`.
 
-Retrieval is NOT learned at this budget, nor single-seed at 2500 steps (README, ModernBERT
+Retrieval is NOT learned at this budget, nor single-seed at 2500 steps (experiments/results/README.md, ModernBERT
 section: every attempt, all at chance), so the needle columns measure nothing yet.
 """
 

@@ -2,7 +2,7 @@ r"""Multi-query associative recall (Zoology) with three layer patterns at the sa
 
     python -m experiments.train --config=experiments/configs/mqar.py:global --workdir=/tmp/mqar
 
-Zoology's task (experiments/tasks.py `MQAR`: unique keys in [1, V/2), values in [V/2, V),
+Zoology's task (experiments/data/tasks.py `MQAR`: unique keys in [1, V/2), values in [V/2, V),
 key-value pairs then the keys again as queries at power-law gaps, random tokens elsewhere;
 only the value after each query is scored, and the logged `token_accuracy` is Zoology's
 per-query accuracy) at a CPU-sized point: 32 tokens, 8 key-value pairs (the 16-token context,
@@ -10,7 +10,7 @@ then 8 queries in the 16-token query region: every query slot used), vocabulary 
 decoder (d_model 64, 4 heads, MLP 128; Zoology's attention baseline has 2 layers) for 10000
 steps of 32 sequences, lr 3e-3: all-global attention stays at 1 / pairs (a value from the
 context, not the bound one) for 2500-6500 steps depending on the seed, then learns the binding
-(an induction circuit) within about 1000 steps (at 6000 steps one seed of three had not). README, row 2, lists the attempts that did not get there (longer
+(an induction circuit) within about 1000 steps (at 6000 steps one seed of three had not). experiments/results/README.md, row 2, lists the attempts that did not get there (longer
 sequences with fewer queries per sequence, 4 layers, 600 steps, ...).
 
 Variants (results row 2, experiments/rows/mqar.py):

@@ -11,13 +11,13 @@ sees more answers and a spread of needle distances; only the answer is scored. 1
 16 rows (~5 CPU-minutes), then the accuracy over 256, 512, 768 and 1024 tokens (1x-4x) and 5
 depths is printed and written to `eval_passkey.csv`/`.png`.
 
-Result (seeds 0-2, README): 0.83 exact match at the training length (0.75-0.97 by seed);
+Result (seeds 0-2, experiments/results/README.md): 0.83 exact match at the training length (0.75-0.97 by seed);
 beyond it accuracy drops (0.32 at 2x, 0.12 at 4x; RoPE models do not extrapolate reliably);
 `python -m experiments.evaluate --workdir=... --rope_scaling=yarn --rope_factor=4` or
 fine-tuning with `extend.py` recovers part of it.
 
 Variants: `:rope` = ordinary RoPE on every layer (all layers global, theta 1e4, so positions
-past the training length are unseen rotations and RoPE scaling matters: README row 3,
+past the training length are unseen rotations and RoPE scaling matters: experiments/results/README.md, row 3,
 experiments/rows/extension.py), 2 heads of head_dim 32 (16 frequency pairs, so YaRN's ramp
 has pairs to keep, ramp and interpolate), documents of every length from the bare fixed text
 (104 tokens, no filler) to the row (`stretch=False`: filler lengths 0 to L - 104);
@@ -29,7 +29,8 @@ from experiments.configs import common
 
 def get_config(variant: str | None = None):
   config = common.base_config()
-  config.task = dict(name="passkey", seq_len=256, digits=5, instruction="", min_len=112)
+  config.task = dict(name="passkey", seq_len=256, digits=5, instruction="", min_len=112,
+                     tokenizer="bytes")
   config.model.update(d_model=64, num_layers=4, num_heads=4, mlp_dim=128,
                       layer_pattern=("global", "local", "local"))
   config.model.kinds = {"global": dict(rope_theta=1e7), "local": dict(window=64, rope_theta=1e4)}

@@ -38,7 +38,7 @@ def get_config(variant: str | None = None):
   pattern, smoke = common.parse_variant(variant, name="patterns.py", choices=tuple(PATTERNS),
                                         default="alternating")
   config = common.base_config()
-  config.task = dict(name="passkey", seq_len=128, digits=5, instruction="")
+  config.task = dict(name="passkey", seq_len=128, digits=5, instruction="", tokenizer="bytes")
   pattern_model(config, pattern, window=8)
   config.batch_size = 16
   config.num_steps = 1600

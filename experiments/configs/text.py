@@ -3,13 +3,17 @@ r"""Byte-level language modelling on plain text files (default: the Python stand
     python -m experiments.train --config=experiments/configs/text.py --workdir=/tmp/longctx_text
     python -m experiments.train --config=experiments/configs/text.py --workdir=/tmp/t \
         --config.task.glob='/path/to/corpus/**/*.txt'
+    python -m experiments.train --config=experiments/configs/text.py --workdir=/tmp/t \
+        --config.task.tokenizer=/ckpt/llama --config.model.vocab_size=128256
 
-The corpus is every file matching `task.glob` (sorted), concatenated as bytes; rows of
-`seq_len` bytes pack short files together, told apart by segment ids (attention and loss stay
-within a file). Every 10th file (sorted order) is held out: training reads the others, the
-periodic evaluation the held-out ones (`task.heldout_every`). Nothing is downloaded.
+The corpus is every file matching `task.glob` (sorted), concatenated as bytes (or, with
+`task.tokenizer`, a local tokenizer.json's tokens, each file framed by its BOS/EOS; for a
+corpus larger than memory use experiments/configs/tokens.py); rows of `seq_len` tokens pack
+short files together, told apart by segment ids (attention and loss stay within a file).
+Every 10th file (sorted order) is held out: training reads the others, the periodic
+evaluation the held-out ones (`task.heldout_every`). Nothing is downloaded.
 
-Variants (layer patterns, README row 5, experiments/rows/text.py): `:alternating` (the
+Variants (layer patterns, experiments/results/README.md row 5, experiments/rows/text.py): `:alternating` (the
 default: global, local, local), `:global` (every layer global), `:local` (every layer local),
 `:dsa` (the alternating model with its global layers as DeepSeek sparse attention layers:
 experiments/configs/dsa.py's kind with the global layers' RoPE theta, top_k = seq_len / 8,
@@ -20,7 +24,7 @@ into stage 2); tiny: `:smoke`, e.g. `:local,smoke`.
 
 from experiments.configs import common
 from experiments.configs import dsa
-from experiments import tasks
+from experiments.data import tasks
 
 PATTERNS = {"alternating": ("global", "local", "local"), "global": ("global",),
             "local": ("local",)}
@@ -29,7 +33,7 @@ PATTERNS = {"alternating": ("global", "local", "local"), "global": ("global",),
 def get_config(variant: str | None = None):
   config = common.base_config()
   config.task = dict(name="text", seq_len=512, glob=tasks.DEFAULT_TEXT_GLOB, max_bytes=64 << 20,
-                     heldout_every=10)
+                     heldout_every=10, tokenizer="bytes")
   config.model.update(d_model=128, num_layers=6, num_heads=4, mlp_dim=256)
   config.model.kinds.local.window = 128
   config.batch_size = 16

@@ -1,10 +1,11 @@
 """What every results row shares: the `Row` record, its run context, seed spreads, caching.
 
-A row is one research question answered by real runs (README "Results", issue 17). Its module
+A row is one research question answered by real runs (experiments/results/README.md). Its
+module
 defines `ROW = Row(...)`; `experiments/reproduce.py` runs it and writes
 `<out>/<row.name>.csv`, `<out>/<row.name>.png` and the row's markdown table into the summary.
 
-Rows train through `experiments.train.train_and_evaluate`, one workdir per (setting, seed)
+Rows train through `experiments.training.loop.train`, one workdir per (setting, seed)
 under `Context.workdir`, so a killed `reproduce.py` resumes from the runs' checkpoints; results
 computed from finished runs are cached as JSON next to them (`cached`), so re-running a finished
 row only re-writes its outputs.
@@ -20,6 +21,8 @@ import time
 from typing import Any, Callable, Sequence
 
 import ml_collections
+
+from experiments.training import loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +56,8 @@ class Result:
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-  """One results row: `number` as in README/issue 17, `name` for its files, what it runs."""
+  """One results row: `number` as in experiments/results/README.md, `name` for its files,
+  what it runs."""
   number: int
   name: str
   title: str
@@ -123,20 +127,19 @@ def train_run(config: ml_collections.ConfigDict, workdir: str) -> str:
   row decides which grid to measure and caches it. The run's `DONE` file records its final
   metrics and `cpu_minutes`: this process's CPU time (all threads) over the call that finished
   it (a killed run's earlier calls are not counted). A finished run made with other
-  computation fields (`train.check_resume`: say, a row's sizes changed since) is refused,
+  computation fields (`loop.check_resume`: say, a row's sizes changed since) is refused,
   not silently measured as the new config's.
   """
-  from experiments import train  # pylint: disable=g-import-not-at-top
   LEDGER.runs.append(workdir)
   config = ml_collections.ConfigDict(config.to_dict())
   config.eval_after_train = False
   done = os.path.join(workdir, DONE)
   if os.path.exists(done):
     with open(done) as f:
-      train.check_resume(config, workdir, json.load(f).get("step", 0))
+      loop.check_resume(config, workdir, json.load(f).get("step", 0))
     return workdir
   start = time.process_time()
-  result = train.train_and_evaluate(config, workdir)
+  result = loop.train(config, workdir)
   record = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
   record["cpu_minutes"] = (time.process_time() - start) / 60
   LEDGER.trained_minutes += record["cpu_minutes"]

@@ -15,8 +15,8 @@ pattern dsa, local, local, dsa; indexer 4 heads x 32 dims) and top_k = L / 8 = 1
 The chain (`chain_stage`, `dsa_columns`) is shared with row 2's DSA settings on MQAR
 (experiments/rows/mqar.py).
 
-Measured: passkey exact match per depth at L (`evaluate.grid`), indexer recall per DSA layer
-(`evaluate.indexer_recall`: the dense attention mass on the top-k keys), and attention FLOPs
+Measured: passkey exact match per depth at L (`scores.grid`), indexer recall per DSA layer
+(`scores.indexer_recall`: the dense attention mass on the top-k keys), and attention FLOPs
 per token (`models.flops`; sparse: top_k keys per DSA layer plus the indexer's scores).
 """
 
@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 
-from experiments import evaluate, trainer
+from experiments.evaluation import runs, scores
+from experiments.training import trainer
 from experiments.configs import dsa as dsa_config
 from experiments.configs import patterns
 from experiments.rows import base, grids
@@ -93,11 +94,11 @@ def attention_flops(config, context: int) -> int:
 
 
 def measure(ctx: base.Context, workdir: str, setting: str, seed: int) -> list[dict]:
-  config, model, step = evaluate.load_run(workdir)
+  config, model, step = runs.load_run(workdir)
   length = config.task.seq_len
   examples = 4 if ctx.quick else EXAMPLES
-  cells = evaluate.grid(model, config, "passkey", [length], DEPTHS, examples, examples)
-  recall = evaluate.indexer_recall(model, config, "passkey", length, DEPTHS, examples, examples)
+  cells = scores.grid(model, config, "passkey", [length], DEPTHS, examples, examples)
+  recall = scores.indexer_recall(model, config, "passkey", length, DEPTHS, examples, examples)
   cost = attention_flops(config, length)
   dense = attention_flops(make_config(ctx, "dense", seed), length)
   chain = dsa_columns(config, step, recall)

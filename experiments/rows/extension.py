@@ -13,7 +13,7 @@ position past L is a rotation never seen in training) is evaluated on passkey pr
 
 Every yarn row uses the row's ramp bounds `Sizes.yarn_ramp` = (alpha, beta) unless a
 `Finetune` sets its own: the paper's (1, 32) keep 1 of the 16 frequency pairs at L = 256 and
-head_dim 32, FULL's (1, 8) keep 3 (`Rope.yarn_regimes`; README row 3).
+head_dim 32, FULL's (1, 8) keep 3 (`Rope.yarn_regimes`; experiments/results/README.md, row 3).
 
 Exact match of the 5-digit key over `depths` x `examples` prompts per (seed, cell); each cell is
 reported as the mean over seeds (min-max) of the per-seed mean over depths. Everything is
@@ -29,6 +29,7 @@ import re
 import numpy as np
 
 from experiments.configs import extend, passkey
+from experiments.evaluation import runs, scores
 from experiments.rows import base
 
 METHODS = extend.METHODS  # none, linear, ntk, yarn
@@ -100,7 +101,7 @@ FULL = Sizes(variant="rope", seq_len=256, steps=1000, batch_size=16, multiples=(
                                  methods=("yarn",)),
                         Finetune(multiple=16, factor=16, steps=200, batch_size=4, lr=3e-3,
                                  methods=("yarn",)),
-                        # Attempts (README row 3, one-seed probes, yarn): the first recipe
+                        # Attempts (experiments/results/README.md, row 3, one-seed probes, yarn): the first recipe
                         # (4x, lr 1e-3, paper ramp); 8 rows at 2x with each ramp; 2 rows at 8x.
                         Finetune(multiple=4, factor=16, steps=200, batch_size=4,
                                  methods=("yarn",), seeds=(0,), yarn_ramp=PAPER_RAMP),
@@ -164,13 +165,12 @@ def accuracy(sizes: Sizes, run_dir: str, method: str | None, factor: float | Non
              length: int) -> list[float]:
   """Exact match per depth of run `run_dir` at `length` (RoPE override `method` x `factor`
   with the row's YaRN ramp, None = as trained); cached in the run's directory."""
-  from experiments import evaluate  # pylint: disable=g-import-not-at-top
   ramp = sizes.yarn_ramp if method == "yarn" else None
 
   def compute():
-    config, model, _ = evaluate.load_run(run_dir, method, factor,
+    config, model, _ = runs.load_run(run_dir, method, factor,
                                          ramp_fields(ramp) if ramp else None)
-    rows = evaluate.grid(model, config, "passkey", [length], sizes.depths, sizes.examples,
+    rows = scores.grid(model, config, "passkey", [length], sizes.depths, sizes.examples,
                          sizes.eval_batch)
     return [r["accuracy"] for r in rows]
 
@@ -190,11 +190,11 @@ def seed_records(ctx: base.Context, sizes: Sizes, seed: int) -> list[dict]:
       length = multiple * sizes.seq_len
       f = factor if factor is not None else float(multiple)
       if override and (method == "none" or f == 1.0):  # s = 1: the unscaled model
-        scores = accuracy(sizes, run_dir, "none", 1.0, length)
+        cells = accuracy(sizes, run_dir, "none", 1.0, length)
       else:
-        scores = accuracy(sizes, run_dir, method if override else None,
+        cells = accuracy(sizes, run_dir, method if override else None,
                           f if override else None, length)
-      for depth, acc in zip(sizes.depths, scores):
+      for depth, acc in zip(sizes.depths, cells):
         records.append(dict(stage=stage, method=method, factor=1.0 if method == "none" else f,
                             seed=seed, length=length, multiple=multiple, depth=depth,
                             examples=sizes.examples, accuracy=acc))

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
-from experiments import plots
+from experiments.training import plots
 from experiments.rows import base
 
 

@@ -4,9 +4,9 @@ experiments/configs/mqar.py's three patterns (`:global`, `:local`, `:alternating
 parameters, steps, data and seeds), each trained per seed, then scored on `BATCHES` held-out
 batches of the task (the trainer's evaluation stream): per-query accuracy (Zoology's metric:
 the share of queried values predicted exactly) and exact match (every query of a sequence
-right). The target (issue 17): all-global >= 0.9 per-query accuracy.
+right). The target: all-global >= 0.9 per-query accuracy.
 
-DSA (issue 17's row 4 on MQAR; row 4's chain, `dsa.chain_stage`): `mqar.py:dsa` is the
+DSA (row 4's comparison on MQAR; row 4's chain, `dsa.chain_stage`): `mqar.py:dsa` is the
 alternating model with its global layer as a DSA layer (L D, top_k = L / 8 = 4 keys). Per seed:
 `dsa_dense`, the dense stage for `STEPS` steps with the indexer's KL (the dense model, and at
 step `STEPS - SPARSE_STEPS` DeepSeek's dense warm-up); `dsa`, DeepSeek's sparse stage for
@@ -16,7 +16,9 @@ DSA layer on the same held-out batches (NaN for the patterns without one).
 
 from __future__ import annotations
 
-from experiments import evaluate, plots, tasks, trainer
+from experiments.data import tasks
+from experiments.evaluation import runs, scores
+from experiments.training import plots, trainer
 from experiments.configs import mqar
 from experiments.rows import base, dsa, grids
 from models import flops
@@ -49,22 +51,23 @@ def make_config(ctx: base.Context, setting: str, seed: int):
 def measure(ctx: base.Context, workdir: str, setting: str, seed: int) -> list[dict]:
   config = make_config(ctx, setting, seed)
   batches = 1 if ctx.quick else BATCHES
-  _, model, step = evaluate.load_run(workdir)
+  _, model, step = runs.load_run(workdir)
   task = tasks.make_task(config.task, seed=config.seed)  # the trainer's evaluation stream
   held_out = [task.batch(i, config.batch_size, salt=1) for i in range(batches)]
-  scores = trainer.evaluate_batches(model, held_out)
+  held_out_scores = trainer.evaluate_batches(model, held_out)
   model_config = trainer.model_config(config)
   dense = trainer.model_config(make_config(ctx, "global", seed))
   seq_len = config.task.seq_len
   # No DSA layer: top_k 0, recall NaN ("not measured"); L D has one (its first is its last).
   chain = dict(top_k=0, steps=config.num_steps, recall_first_dsa_layer=float("nan"))
   if setting.startswith("dsa"):
-    chain = dsa.dsa_columns(config, step, evaluate.batch_recall(model, held_out))
+    chain = dsa.dsa_columns(config, step, scores.batch_recall(model, held_out))
   return [dict(setting=setting, layers="".join(k[0].upper() for k in model_config.layer_kinds),
                seed=seed, seq_len=seq_len, num_kv_pairs=config.task.num_kv_pairs,
                vocab_size=config.task.vocab_size, steps=chain["steps"],
                sequences=batches * config.batch_size,
-               per_query_accuracy=scores["token_accuracy"], exact_match=scores["accuracy"],
+               per_query_accuracy=held_out_scores["token_accuracy"],
+               exact_match=held_out_scores["accuracy"],
                attn_flops_vs_global=flops.attention_flops_per_token(model_config, seq_len)
                / flops.attention_flops_per_token(dense, seq_len),
                top_k=chain["top_k"], indexer_recall=chain["recall_first_dsa_layer"])]

@@ -3,7 +3,7 @@
 Three decoders that differ only in `layer_pattern` (experiments/configs/patterns.py: all global,
 all local with a window far below the needle distance, ModernBERT's global-every-3rd-layer),
 trained with the same parameters, steps, data and seeds. Measured: passkey exact match per
-needle depth at the training length (`evaluate.grid`, `EXAMPLES` prompts per cell) and each
+needle depth at the training length (`scores.grid`, `EXAMPLES` prompts per cell) and each
 model's attention FLOPs per token (`models.flops`) at the training length and at 8K tokens.
 Claims tested (ModernBERT): local-only near 0; alternating within 5 points of all-global at a
 fraction of its attention FLOPs.
@@ -11,7 +11,8 @@ fraction of its attention FLOPs.
 
 from __future__ import annotations
 
-from experiments import evaluate, trainer
+from experiments.evaluation import runs, scores
+from experiments.training import trainer
 from experiments.configs import patterns
 from experiments.rows import base, grids
 from models import flops
@@ -34,10 +35,10 @@ def attention_flops(setting: str, quick: bool, context: int) -> int:
 
 
 def measure(ctx: base.Context, workdir: str, setting: str, seed: int) -> list[dict]:
-  config, model, _ = evaluate.load_run(workdir)
+  config, model, _ = runs.load_run(workdir)
   length = config.task.seq_len
   examples = 4 if ctx.quick else EXAMPLES  # quick: the smoke eval batch [4, T]
-  cells = evaluate.grid(model, config, "passkey", [length], DEPTHS, examples, examples)
+  cells = scores.grid(model, config, "passkey", [length], DEPTHS, examples, examples)
   own = {c: attention_flops(setting, ctx.quick, c) for c in (length, LONG_CONTEXT)}
   dense = {c: attention_flops("global", ctx.quick, c) for c in (length, LONG_CONTEXT)}
   return [dict(setting=setting, layers="".join(k[0].upper() for k in model.config.layer_kinds),

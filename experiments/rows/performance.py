@@ -8,13 +8,13 @@ median of 3 after a warm-up, comparable only within one run. Not seeded: one run
 
 from __future__ import annotations
 
-from experiments import benchmark
+from experiments.bench import attention_bench
 from experiments.rows import base
 
-FULL = dict(lengths=[4096, 32768], settings=benchmark.Settings(
+FULL = dict(lengths=[4096, 32768], settings=attention_bench.Settings(
     time_max_len=8192, time_bwd_max_len=4096, quadratic_max_len=32768,
     quadratic_time_max_len=8192))
-QUICK = dict(lengths=[64, 512], settings=benchmark.Settings(
+QUICK = dict(lengths=[64, 512], settings=attention_bench.Settings(
     heads=1, head_dim=8, window=16, repeats=1, time_max_len=64, time_bwd_max_len=0))
 # (methods, masks): dense and flash with and without the causal mask; local and DSA causal.
 GROUPS = ((["jax", "flash"], [False, True]), (["local", "dsa"], [True]))
@@ -23,21 +23,21 @@ GROUPS = ((["jax", "flash"], [False, True]), (["local", "dsa"], [True]))
 def measure(sizes: dict, quick: bool, workdir: str) -> list[dict]:
   rows = []
   for i, (methods, causal) in enumerate(GROUPS):
-    rows += benchmark.run(methods, sizes["lengths"], [True] if quick else causal,
+    rows += attention_bench.run(methods, sizes["lengths"], [True] if quick else causal,
                           sizes["settings"], f"{workdir}/group{i}")
   return rows
 
 
 def run(ctx: base.Context) -> base.Result:
   sizes = QUICK if ctx.quick else FULL
-  rows = base.cached(ctx.path("benchmark.json"),
+  rows = base.cached(ctx.path("attention_bench.json"),
                      lambda: measure(sizes, ctx.quick, ctx.path("benchmark")))
-  records = [{c: r[c] for c in benchmark.COLUMNS} for r in rows]
-  lines = benchmark.ratios(rows, window=sizes["settings"].window)
-  markdown = benchmark.format_table(rows) + "\n\n" + "\n".join(f"- {x}" for x in lines)
-  return base.Result(records, markdown, lambda path: benchmark.plot(rows, path))
+  records = [{c: r[c] for c in attention_bench.COLUMNS} for r in rows]
+  lines = attention_bench.ratios(rows, window=sizes["settings"].window)
+  markdown = attention_bench.format_table(rows) + "\n\n" + "\n".join(f"- {x}" for x in lines)
+  return base.Result(records, markdown, lambda path: attention_bench.plot(rows, path))
 
 
 ROW = base.Row(number=6, name="performance", title="Memory and speed (experiments.benchmark)",
-               columns=tuple(benchmark.COLUMNS), run=run,
+               columns=tuple(attention_bench.COLUMNS), run=run,
                unmeasured=("fwd_ms", "fwdbwd_ms"))

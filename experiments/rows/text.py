@@ -30,9 +30,9 @@ those bytes lose when the context is cut to c is what the model gets from the by
 
 Also per model and length: attention FLOPs per token against all-global (`models.flops`; DSA:
 top_k keys plus the indexer's scores) and, with DSA layers, the indexer recall (the dense
-attention mass on its top-k keys; `evaluate.batch_recall`).
+attention mass on its top-k keys; `scores.batch_recall`).
 
-Expected (issue 17): loss falls with position for global and alternating, and stops falling past
+Expected (the question this row asks): loss falls with position for global and alternating, and stops falling past
 the window for local-only; without scaling the global models degrade past L.
 """
 
@@ -48,7 +48,9 @@ import jax
 import numpy as np
 import optax
 
-from experiments import plots, tasks, trainer
+from experiments.data import tasks
+from experiments.evaluation import runs, scores
+from experiments.training import plots, trainer
 from experiments.configs import text
 from experiments.rows import base, dsa
 
@@ -193,7 +195,6 @@ def model_records(ctx: base.Context, sizes: Sizes, pattern: str, seed: int) -> l
   contexts its scored bytes had, [c - scored + 1, c + 1)). Every record of a (length, RoPE)
   carries its attention FLOPs against all-global and the indexer recall (NaN: no DSA layer).
   """
-  from experiments import evaluate  # pylint: disable=g-import-not-at-top
   config = config_for(sizes, pattern, seed, ctx.workdir)
   run_dir = base.train_run(config, ctx.path(f"{pattern}_s{seed}"))
   all_global = config_for(sizes, "global", seed, ctx.workdir)
@@ -206,10 +207,10 @@ def model_records(ctx: base.Context, sizes: Sizes, pattern: str, seed: int) -> l
       ablate = multiple == 1
 
       def compute(rope=rope, factor=factor, length=length, ablate=ablate):
-        config, model, _ = evaluate.load_run(run_dir, rope, factor)
+        config, model, _ = runs.load_run(run_dir, rope, factor)
         task = tasks.make_task(config.task, seed=config.seed)
         batches = held_out_rows(task, length, max(1, sizes.eval_tokens // length))
-        recall = [r["recall"] for r in evaluate.batch_recall(model, batches)] or [math.nan]
+        recall = [r["recall"] for r in scores.batch_recall(model, batches)] or [math.nan]
         return dict(buckets=loss_by_position(model, batches), recall=recall,
                     ablation=context_ablation(model, batches, sizes.cuts, sizes.scored)
                     if ablate else [])

@@ -38,6 +38,7 @@ class Case:
   value_dim: int | None = None
   alibi: bool = False
   lse: bool = False
+  seed: int = 0  # of the random inputs (the fuzzed cases draw it)
 
   @property
   def features(self) -> frozenset[str]:
@@ -66,8 +67,9 @@ class Case:
     """Queries are the keys' positions (T == S, offset 0): what ring attention shards."""
     return self.q_len == self.kv_len and self.q_offset == 0
 
-  def inputs(self, dtype=jnp.float32, seed: int = 0):
-    """Fresh random `(q, k, v, mask)` of this case."""
+  def inputs(self, dtype=jnp.float32, seed: int | None = None):
+    """Fresh random `(q, k, v, mask)` of this case (`seed`: default the case's own)."""
+    seed = self.seed if seed is None else seed
     q, k, v = random_qkv(seed, self.batch, self.q_len, self.kv_len, self.heads, self.kv_heads,
                          self.head_dim, dtype)
     if self.value_dim is not None:

@@ -9,6 +9,7 @@ tolerances (`tests.helpers.tolerance`). Entries:
 * flash, Pallas kernels in interpret mode (the short cases);
 * sparse attention (XLA and Pallas-interpret) with every key selected (top_k >= L): it must
   equal dense attention under the same mask;
+* block-sparse attention (XLA and Pallas-interpret) with every key block selected: the same;
 * ring attention on 8 host devices (one subprocess for all its cases, tests/multidevice.py);
 * every name in the registry (`attention.available()`), with the options it needs.
 """
@@ -25,7 +26,7 @@ import numpy as np
 import pytest
 
 import attention
-from attention import BlockSizes, SparseBlockSizes
+from attention import BlockSizes, BlockSparseBlockSizes, SparseBlockSizes
 from tests.attention.grid import BY_NAME, CASES, DTYPES, FEATURES, Case, case_dtypes
 from tests.helpers import tolerance
 from tests.multidevice import run_worker
@@ -39,8 +40,11 @@ SPARSE_CASES = ("full", "causal", "window_3_0", "segments_causal", "gqa_8_2", "m
                 "chunk_offsets", "no_key_rows", "cross_attn", "lse_no_key_rows",
                 "soft_cap_segments", "value_dim_offsets")
 SPARSE_FEATURES = frozenset({"soft_cap", "value_dim", "lse"})  # ALiBi: refused
+# Block-sparse, every block selected (tests/attention/test_block_sparse.py has sparse selections).
+BLOCK_SPARSE_CASES = ("segments_window", "value_dim_offsets")
+BLOCK_SPARSE_PALLAS_CASES = ("lse_no_key_rows", "soft_cap_segments")
 # Ring: "causal" (GQA 4/2; the zig-zag default), windows + segments (contiguous, both sweeps),
-# an odd per-device length; attention/test_ring.py has the rest (layouts, halos, offsets, bf16).
+# an odd per-device length; tests/attention/test_ring.py has the rest (layouts, halos, offsets, bf16).
 RING_CASES = ("causal", "segments_window", "len_100")
 
 
@@ -67,7 +71,15 @@ def _dsa_options(q, k):
               index_w=jax.random.normal(kw, (b, t, 2)), top_k=s)
 
 
-REGISTRY_OPTIONS = {"dsa": _dsa_options}
+def _moba_options(q, k):
+  """Blocks of 8 keys, top_k_blocks covering every block: MoBA == dense causal attention."""
+  del q
+  return dict(block_size=8, top_k_blocks=-(-k.shape[1] // 8))
+
+
+REGISTRY_OPTIONS = {"dsa": _dsa_options, "moba": _moba_options}
+# Names that run other grid cases than REGISTRY_CASES (dsa: indexer + top-k; moba: causal only).
+REGISTERED_CASES = {"dsa": REGISTRY_CASES[-1:], "moba": ("segments_causal", "chunk_offsets")}
 
 
 def _registered(name: str) -> Impl:
@@ -75,7 +87,7 @@ def _registered(name: str) -> Impl:
     options = REGISTRY_OPTIONS.get(name, lambda q, k: {})(q, k)
     return attention.get(name)(q, k, v, mask=mask, **options, **case_options)
 
-  cases = REGISTRY_CASES[-1:] if name == "dsa" else REGISTRY_CASES  # dsa: indexer + top-k
+  cases = REGISTERED_CASES.get(name, REGISTRY_CASES)
   needs_window = name == "local"
   return Impl(f"registered_{name}", fn, lambda c: c.name in cases and (
       c.window is not None or not needs_window), low_precision=False)
@@ -85,6 +97,19 @@ def _flash(implementation, block_sizes, interpret=False):
   return lambda q, k, v, mask, **options: attention.flash_attention(
       q, k, v, mask=mask, implementation=implementation, block_sizes=block_sizes,
       interpret=interpret, **options)
+
+
+def all_blocks(q, k, block_size: int):
+  """Block ids `[B, T, nbk]` selecting every key block: block-sparse attention == dense."""
+  nbk = -(-k.shape[1] // block_size)
+  return jnp.broadcast_to(jnp.arange(nbk, dtype=jnp.int32), (*q.shape[:2], nbk))
+
+
+def _block_sparse(implementation, block_size, block_sizes):
+  return lambda q, k, v, mask, **options: attention.block_sparse_attention(
+      q, k, v, all_blocks(q, k, block_size), block_size=block_size, mask=mask,
+      implementation=implementation, block_sizes=block_sizes,
+      interpret=implementation == "pallas", **options)
 
 
 def _sparse(implementation, block_sizes):
@@ -105,6 +130,12 @@ IMPLEMENTATIONS = [
          lambda c: c.name in ("causal", "segments_window", "chunk_offsets", "len_7",
                               "soft_cap_segments", "value_dim_offsets"),
          low_precision=False, features=SPARSE_FEATURES),
+    Impl("block_sparse_xla_all_blocks",
+         _block_sparse("xla", 8, BlockSparseBlockSizes(block_entries=16)),
+         lambda c: c.name in BLOCK_SPARSE_CASES, low_precision=False, features=SPARSE_FEATURES),
+    Impl("block_sparse_pallas_all_blocks", _block_sparse("pallas", 16, None),
+         lambda c: c.name in BLOCK_SPARSE_PALLAS_CASES, low_precision=False,
+         features=SPARSE_FEATURES),
 ] + [_registered(name) for name in attention.available()]
 
 PARAMS = [(impl, case, dtype) for impl in IMPLEMENTATIONS for case, dtype in case_dtypes(CASES)
@@ -224,7 +255,7 @@ OPTIONS_CASE = Case("options_tiny", batch=1, q_len=16, kv_len=16, heads=2, kv_he
 FEATURE_SETTINGS = {"soft_cap": dict(soft_cap=1.5), "value_dim": dict(value_dim=8),
                     "alibi": dict(alibi=True), "lse": dict(lse=True)}
 # What each registered name refuses; every other (name, option) must equal the reference.
-REFUSED = {"ring": FEATURES, "dsa": frozenset({"alibi"})}
+REFUSED = {"ring": FEATURES, "dsa": frozenset({"alibi"}), "moba": frozenset({"alibi"})}
 # The word a refusal must contain.
 OPTION_WORDS = {"soft_cap": "logits_soft_cap", "value_dim": "value head dim",
                 "alibi": "alibi_slopes", "lse": "return_lse"}

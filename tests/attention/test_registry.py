@@ -8,7 +8,7 @@ import attention
 
 
 def test_builtin_names():
-  assert {"dense", "dsa", "flash", "local", "ring"} <= set(attention.available())
+  assert {"dense", "dsa", "flash", "local", "moba", "ring"} <= set(attention.available())
 
 
 def test_register_and_overwrite():

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import checkpoints, train, trainer
+from experiments.evaluation import train_and_evaluate
+from experiments.training import checkpoints, loop, trainer
 from experiments.configs import dsa as dsa_config
 from models import dsa
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.slow  # the module's fixture trains the three stages (~
 def run(variant, workdir, **overrides):
   config = dsa_config.get_config(variant)
   config.update(overrides)
-  return train.train(config, str(workdir))
+  return train_and_evaluate(config, str(workdir))
 
 
 def params(model, which):
@@ -84,11 +85,11 @@ def test_variants_and_stages():
 
 def test_evaluate_reports_indexer_recall(tmp_path, capsys):
   """evaluate_and_report adds the per-layer DSA recall (a CSV and a printed line)."""
-  from experiments import evaluate  # pylint: disable=g-import-not-at-top
+  from experiments.evaluation import report, runs, scores  # pylint: disable=g-import-not-at-top
   config = dsa_config.get_config("sparse,smoke")
   config.eval.update(length_multiples=(1,), depths=(0.5,), examples=2, batch_size=2)
   model = trainer.make_model(config)
-  results = evaluate.evaluate_and_report(model, config, str(tmp_path))
+  results = report.evaluate_and_report(model, config, str(tmp_path))
   recall = results["dsa_recall"]
   assert [r["layer"] for r in recall] == [0]  # smoke: layers (dsa, local)
   assert 0.0 < recall[0]["recall"] <= 1.0

@@ -1,4 +1,4 @@
-"""The MLM task (experiments/mlm_task.py) and `configs/mlm.py:smoke` end to end: masking
+"""The MLM task (experiments/data/mlm.py) and `configs/mlm.py:smoke` end to end: masking
 statistics, what the loss sees, needles, held-out files, train -> resume -> evaluate."""
 
 import os
@@ -7,7 +7,10 @@ from flax import nnx
 import numpy as np
 import pytest
 
-from experiments import evaluate, mlm_task, tasks, train, trainer
+from experiments.data import mlm as mlm_task
+from experiments.data import tasks
+from experiments.evaluation import runs, train_and_evaluate
+from experiments.training import loop, trainer
 from experiments.configs import common, mlm
 
 
@@ -152,16 +155,16 @@ def test_smoke_config_trains_resumes_and_evaluates(tmp_path):
   assert extend.model.kinds["global"]["rope_theta"] == 4 * config.model.kinds["global"]["rope_theta"]
   assert extend.model.kinds["local"] == config.model.kinds["local"]
   workdir = str(tmp_path / "run")
-  first = train.train(config, workdir, stop_at_step=2)  # as if killed after step 2
+  first = train_and_evaluate(config, workdir, stop_at_step=2)  # as if killed after step 2
   assert first["step"] == 2 and "eval" not in first
-  result = train.train(config, workdir)  # the same command again: resumes
-  assert [r["step"] for r in train.read_metrics(os.path.join(workdir, "metrics.jsonl"))] == [2, 4]
+  result = train_and_evaluate(config, workdir)  # the same command again: resumes
+  assert [r["step"] for r in loop.read_metrics(os.path.join(workdir, "metrics.jsonl"))] == [2, 4]
   assert 0.0 <= result["token_accuracy"] <= 1.0 and np.isfinite(result["eval_loss"])
   rows = result["eval"]["mlm_needle"]
   assert [(r["distance_lo"], r["distance_hi"]) for r in rows] == [(20, 32), (32, 45)]
   assert os.path.exists(os.path.join(workdir, "eval_mlm_needle.png"))
-  again = evaluate.run(workdir, examples=2)  # named by what it evaluated; never overwrites
+  again = runs.run(workdir, examples=2)  # named by what it evaluated; never overwrites
   assert os.path.exists(os.path.join(workdir, "eval_mlm_needle_trained_64_n2.csv"))
   assert again["mlm_needle"][0]["length"] == 64
   with pytest.raises(FileExistsError, match="--overwrite"):
-    evaluate.run(workdir, examples=2)
+    runs.run(workdir, examples=2)

@@ -8,17 +8,17 @@ import sys
 
 import pytest
 
-from experiments import reproduce
+from experiments.rows import runner
 from experiments.rows import base
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("number", sorted(reproduce.ROWS))
+@pytest.mark.parametrize("number", sorted(runner.ROWS))
 def test_quick_runs_every_row(tmp_path, number):
   """Each row's --quick version (one test per row, so pytest-xdist spreads them)."""
-  row = reproduce.ROWS[number]
+  row = runner.ROWS[number]
   out = tmp_path / "results"
-  reproduce.run_rows([row], str(tmp_path), str(out), quick=True, seeds=(0,))
+  runner.run_rows([row], str(tmp_path), str(out), quick=True, seeds=(0,))
   summary = (out / "summary_quick.md").read_text()
   with open(out / f"{row.name}.csv") as f:
     records = list(csv.DictReader(f))
@@ -43,8 +43,8 @@ def test_training_cpu_sums_the_finished_runs_records(tmp_path):
   (tmp_path / "running_s0").mkdir()  # no DONE file: not finished, not counted
   used = [str(tmp_path / n) for n in ("a_s0", "b_s0", "a_s0", "old_s0", "running_s0")]
   assert base.training_cpu(used) == (3.5, 3, 1)  # a_s0 once; other_s0 was not used
-  assert reproduce.add_minutes(str(tmp_path / "m.json"), "cpu_minutes", 1.0) == 1.0
-  assert reproduce.add_minutes(str(tmp_path / "m.json"), "cpu_minutes", 0.5) == 1.5
+  assert runner.add_minutes(str(tmp_path / "m.json"), "cpu_minutes", 1.0) == 1.0
+  assert runner.add_minutes(str(tmp_path / "m.json"), "cpu_minutes", 0.5) == 1.5
 
 
 def test_command_line_refuses_an_unknown_row(tmp_path):
@@ -55,10 +55,10 @@ def test_command_line_refuses_an_unknown_row(tmp_path):
 
 
 def test_parse_rows():
-  assert [r.number for r in reproduce.parse_rows("all")] == sorted(reproduce.ROWS)
-  assert reproduce.parse_rows("performance") == [reproduce.ROWS[6]]
+  assert [r.number for r in runner.parse_rows("all")] == sorted(runner.ROWS)
+  assert runner.parse_rows("performance") == [runner.ROWS[6]]
   with pytest.raises(ValueError, match="unknown row '99'"):
-    reproduce.parse_rows("6,99")
+    runner.parse_rows("6,99")
 
 
 def test_cell_and_spread():
@@ -93,12 +93,13 @@ def test_check_records_refuses_bad_records():
 
 def test_train_run_refuses_a_finished_run_made_with_other_sizes(tmp_path):
   from experiments.configs import text  # pylint: disable=g-import-not-at-top
-  from experiments import train  # pylint: disable=g-import-not-at-top
+  from experiments.evaluation import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  from experiments.training import loop  # pylint: disable=g-import-not-at-top
   config = text.get_config("smoke")
   config.eval_after_train = False
   (tmp_path / "config.json").write_text(config.to_json_best_effort())
   (tmp_path / base.DONE).write_text(json.dumps({"step": 2}))
   assert base.train_run(config, str(tmp_path)) == str(tmp_path)  # finished: not retrained
   config.task.seq_len *= 2
-  with pytest.raises(train.ConfigChangeError, match="task.seq_len"):
+  with pytest.raises(loop.ConfigChangeError, match="task.seq_len"):
     base.train_run(config, str(tmp_path))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from experiments import tasks
+from experiments.data import tasks
 from experiments.configs import extend, mqar, passkey, text
 from experiments.rows import base, extension, mqar as mqar_row
 from experiments.rows import dsa as dsa_row
@@ -38,7 +38,7 @@ def _rows(segments):
 
 @pytest.mark.parametrize("pattern", ["local", "global"])
 def test_context_ablation_pairs_the_same_bytes_and_skips_rows_of_two_files(pattern):
-  from experiments import trainer  # pylint: disable=g-import-not-at-top
+  from experiments.training import trainer  # pylint: disable=g-import-not-at-top
   config = text.get_config(f"{pattern},smoke")
   config.model.num_layers = 1
   config.model.kinds.local.window = 8  # one local layer sees the last 8 bytes, itself included
@@ -110,7 +110,7 @@ def test_extension_finetune_config_starts_from_the_source():
   assert (config.task.min_len, config.task.stretch) == (104, False)  # every document length
   yarn = extension.finetune_config(sizes, sizes.finetunes[0], "yarn", 1, "/src")
   assert (yarn.model.rope_yarn_alpha, yarn.model.rope_yarn_beta) == sizes.yarn_ramp
-  assert config.num_steps <= 200  # issue 17: a short fine-tune
+  assert config.num_steps <= 200  # a short fine-tune, as the row states
 
 
 def test_extension_markdown_lists_rows_on_fewer_seeds_below_the_table():

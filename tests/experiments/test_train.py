@@ -13,7 +13,9 @@ from absl import flags
 import numpy as np
 import pytest
 
-from experiments import checkpoints, train
+from experiments import train
+from experiments.evaluation import train_and_evaluate
+from experiments.training import checkpoints, loop
 from experiments.configs import common, passkey
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,7 +30,7 @@ def smoke(**overrides):
 
 
 def metrics(workdir):
-  return train.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  return loop.read_metrics(os.path.join(workdir, "metrics.jsonl"))
 
 
 def tree_digest(directory):
@@ -71,10 +73,10 @@ def test_smoke_run_writes_everything(finished_run):
 
 def test_kill_and_resume_equals_a_straight_run(tmp_path):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  train.train(smoke(num_steps=4, log_every=1), straight)
-  first = train.train(smoke(num_steps=4, log_every=1), resumed, stop_at_step=2)  # "killed"
+  train_and_evaluate(smoke(num_steps=4, log_every=1), straight)
+  first = train_and_evaluate(smoke(num_steps=4, log_every=1), resumed, stop_at_step=2)  # "killed"
   assert first["step"] == 2 and sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["2"]
-  second = train.train(smoke(num_steps=4, log_every=1), resumed)  # same command again
+  second = train_and_evaluate(smoke(num_steps=4, log_every=1), resumed)  # same command again
   assert second["step"] == 4
   steps = [r["step"] for r in metrics(resumed)]
   assert steps == [1, 2, 3, 4]  # continued from step 2, no re-initialisation
@@ -87,7 +89,7 @@ def test_unknown_config_field_is_a_clear_error(tmp_path):
   config.unlock()
   config.optim.learning_rat = 0.1
   with pytest.raises(ValueError, match=r"unknown config field.*optim\.learning_rat"):
-    train.train(config, str(tmp_path))
+    train_and_evaluate(config, str(tmp_path))
   assert not os.listdir(tmp_path)
   train.define_flags()  # once per process; this test must not rely on another one defining them
   flags.FLAGS.unparse_flags()
@@ -99,7 +101,7 @@ def test_unknown_config_field_is_a_clear_error(tmp_path):
 def test_kind_settings_from_the_config_take_every_field():
   """`config.model.kinds.<kind>` accepts every `KindSettings` field (ALiBi on a kind included)
   and names the known ones for an unknown field."""
-  from experiments import trainer  # pylint: disable=g-import-not-at-top
+  from experiments.training import trainer  # pylint: disable=g-import-not-at-top
   config = smoke()
   name = trainer.model_config(config).layer_pattern[0]
   config.model.kinds[name] = dict(alibi=True)
@@ -114,22 +116,22 @@ def test_kind_settings_from_the_config_take_every_field():
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
-  with pytest.raises(train.WorkdirError, match="not writable"):
-    train.train(smoke(), str(blocker / "run"))
+  with pytest.raises(loop.WorkdirError, match="not writable"):
+    train_and_evaluate(smoke(), str(blocker / "run"))
   if os.geteuid() != 0:  # root ignores permission bits
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    with pytest.raises(train.WorkdirError, match="not writable"):
-      train.train(smoke(), str(locked / "run"))
+    with pytest.raises(loop.WorkdirError, match="not writable"):
+      train_and_evaluate(smoke(), str(locked / "run"))
 
 
 def test_incompatible_checkpoint_is_refused_untouched(finished_run):
   before = tree_digest(finished_run)
   wider = dict(passkey.get_config("smoke").model, d_model=48)
-  with pytest.raises(train.ConfigChangeError, match=r"model\.d_model: 32 -> 48"):
-    train.train(smoke(model=wider), finished_run)
+  with pytest.raises(loop.ConfigChangeError, match=r"model\.d_model: 32 -> 48"):
+    train_and_evaluate(smoke(model=wider), finished_run)
   with pytest.raises(checkpoints.CheckpointError, match=r"(?s)different model.*d_model.*new --workdir"):
-    train.train(smoke(model=wider, allow_config_change=True), finished_run)
+    train_and_evaluate(smoke(model=wider, allow_config_change=True), finished_run)
   assert tree_digest(finished_run) == before
 
 
@@ -156,7 +158,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(finished_run, tm
   workdir = copy_run(finished_run, tmp_path)
   damage(workdir, 4, "truncate")
   with caplog.at_level("WARNING"):
-    result = train.train(smoke(), workdir)
+    result = train_and_evaluate(smoke(), workdir)
   assert result["step"] == 4 and np.isfinite(result["loss"])  # steps 3-4 ran again
   lines = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
   assert len(lines) == 1 and "\n" not in lines[0], lines
@@ -174,7 +176,7 @@ def test_no_loadable_checkpoint_is_one_error_and_untouched(finished_run, tmp_pat
   damage(workdir, 4, "truncate")
   before = tree_digest(workdir)
   with pytest.raises(checkpoints.CheckpointError) as info:
-    train.train(smoke(), workdir)
+    train_and_evaluate(smoke(), workdir)
   message = str(info.value)
   assert "step(s) [4, 2] are unreadable" in message and "Delete" in message, message
   assert os.path.join(workdir, "checkpoints", "4") in message and len(message) < 800
@@ -185,9 +187,9 @@ def test_resume_with_a_changed_seed_is_refused_then_recorded(finished_run, tmp_p
   workdir = copy_run(finished_run, tmp_path)
   before = tree_digest(workdir)
   with pytest.raises(ValueError, match=r"seed: 0 -> 1.*allow_config_change"):
-    train.train(smoke(seed=1), workdir)
+    train_and_evaluate(smoke(seed=1), workdir)
   assert tree_digest(workdir) == before
-  train.train(smoke(seed=1, allow_config_change=True), workdir)
+  train_and_evaluate(smoke(seed=1, allow_config_change=True), workdir)
   with open(os.path.join(workdir, "config_history.jsonl")) as f:
     history = [json.loads(line) for line in f]
   assert history == [dict(step=4, changes=[dict(field="seed", old=0, new=1)])]
@@ -234,7 +236,7 @@ def test_unknown_field_on_the_command_line_is_one_line(tmp_path):
 
 
 def test_help_exits_zero_and_lists_the_config_fields(capsys):
-  from experiments import cli as cli_lib
+  from experiments.training import cli as cli_lib
   train.define_flags()
   for flag in ("--help", "--helpfull"):
     with pytest.raises(SystemExit) as info:
@@ -265,7 +267,7 @@ def test_one_variant_syntax():
 
 
 def test_init_from_loads_weights_for_context_extension(finished_run, tmp_path):
-  from experiments import trainer
+  from experiments.training import trainer
   from flax import nnx
   config = smoke()
   source = trainer.make_model(config)
@@ -282,12 +284,12 @@ def test_init_from_loads_weights_for_context_extension(finished_run, tmp_path):
 
 def test_init_step_loads_that_checkpoint(finished_run, tmp_path):
   """`init_from` + `init_step` start from that step's weights (DSA row 4: dense step N - n)."""
-  from experiments import trainer
-  from experiments import workdir as workdir_lib
+  from experiments.training import trainer
+  from experiments.training import workdir as workdir_lib
   from flax import nnx
   config = smoke()
   config.update(init_from=finished_run, init_step=2)
-  run = train.setup(config, workdir_lib.prepare(str(tmp_path / "run")))
+  run = loop.setup(config, workdir_lib.prepare(str(tmp_path / "run")))
   run.ckpt.close()
   step2, latest = trainer.make_model(config), trainer.make_model(config)
   assert checkpoints.load_params(step2, finished_run, 2) == 2
@@ -304,7 +306,7 @@ def jax_leaves(tree):
 
 def test_runs_with_the_same_optim_settings_share_one_transformation():
   """So `train_step` (whose jit cache key holds it) compiles once for a resume in-process."""
-  from experiments import trainer
+  from experiments.training import trainer
   model = trainer.make_model(smoke())
   first, again = (trainer.make_optimizer(model, smoke()) for _ in range(2))
   assert first.tx is again.tx
@@ -320,7 +322,7 @@ def test_base_config_has_every_field_the_configs_use():
 def test_other_task_configs_train(name, tmp_path):
   import importlib
   config = importlib.import_module(f"experiments.configs.{name}").get_config("smoke")
-  result = train.train(config, str(tmp_path))
+  result = train_and_evaluate(config, str(tmp_path))
   assert result["step"] == config.num_steps and np.isfinite(result["loss"])
   assert 0.0 <= result["token_accuracy"] <= 1.0
 
@@ -329,7 +331,7 @@ def test_extend_config_starts_from_a_run(finished_run, tmp_path):
   from experiments.configs import extend
   config = extend.get_config("linear,smoke")
   config.update(init_from=finished_run, eval_after_train=False, num_steps=2)
-  result = train.train(config, str(tmp_path))
+  result = train_and_evaluate(config, str(tmp_path))
   assert result["step"] == 2 and config.task.seq_len == 2 * passkey.get_config("smoke").task.seq_len
   with open(os.path.join(str(tmp_path), "config.json")) as f:
     saved = json.load(f)
@@ -337,23 +339,23 @@ def test_extend_config_starts_from_a_run(finished_run, tmp_path):
 
 
 def test_evaluate_never_overwrites(finished_run, tmp_path):
-  from experiments import evaluate
-  config, model, _ = evaluate.load_run(finished_run)
+  from experiments.evaluation import report, runs, scores
+  config, model, _ = runs.load_run(finished_run)
   grid = dict(lengths=[128], depths=[0.5], examples=2, tag="x")
-  evaluate.evaluate_and_report(model, config, str(tmp_path), **grid)
+  report.evaluate_and_report(model, config, str(tmp_path), **grid)
   with pytest.raises(FileExistsError, match="--overwrite"):
-    evaluate.evaluate_and_report(model, config, str(tmp_path), **grid)
+    report.evaluate_and_report(model, config, str(tmp_path), **grid)
   own = os.path.join(finished_run, "eval_passkey.csv")
   with open(own, "rb") as f:
     trained = f.read()
   options = dict(lengths=[128], depths=[0.5], examples=2, check_rows=0)
-  evaluate.run(finished_run, **options)  # named by what it evaluated
+  runs.run(finished_run, **options)  # named by what it evaluated
   named = os.path.join(finished_run, "eval_passkey_trained_128_n2.csv")
   with open(named, "rb") as f:
     first = f.read()
   with pytest.raises(FileExistsError, match="--overwrite"):
-    evaluate.run(finished_run, **options)
-  evaluate.run(finished_run, rope_scaling="yarn", rope_factor=2.0, **options)
+    runs.run(finished_run, **options)
+  runs.run(finished_run, rope_scaling="yarn", rope_factor=2.0, **options)
   assert os.path.exists(os.path.join(finished_run, "eval_passkey_yarn2_128_n2.csv"))
   for path, content in ((own, trained), (named, first)):
     with open(path, "rb") as f:
@@ -361,12 +363,12 @@ def test_evaluate_never_overwrites(finished_run, tmp_path):
 
 
 def test_evaluate_loads_a_run_with_a_rope_override(finished_run, tmp_path):
-  from experiments import evaluate
-  config, model, step = evaluate.load_run(finished_run, "yarn", 2.0)
+  from experiments.evaluation import report, runs, scores
+  config, model, step = runs.load_run(finished_run, "yarn", 2.0)
   assert step == 4 and model.config.rope_scaling == "yarn"
   assert model.config.rope_original_length == config.task.seq_len
-  assert evaluate.check_generate(model, config, "passkey", config.task.seq_len, 2) == 1.0
-  rows = evaluate.evaluate_and_report(model, config, str(tmp_path), task_names=["needle"],
+  assert scores.check_generate(model, config, "passkey", config.task.seq_len, 2) == 1.0
+  rows = report.evaluate_and_report(model, config, str(tmp_path), task_names=["needle"],
                                       lengths=[160, 256], depths=[0.5], examples=2, tag="yarn")
   assert [(r["length"], r["depth"]) for r in rows["needle"]] == [(160, 0.5), (256, 0.5)]
   assert (tmp_path / "eval_needle_yarn.csv").exists() and (tmp_path / "eval_needle_yarn.png").exists()

@@ -89,3 +89,27 @@ def test_registry_errors():
     kinds.register_layer_kind("half", LayerKind(KindSettings(window=4)))
   with pytest.raises(ValueError, match="already registered"):
     kinds.register_layer_kind("global", LayerKind(KindSettings("dense", 0, 1.0)))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(qk_norm="batch"), "qk_norm"),
+    (dict(mlm_activation="relu6"), "mlm_activation"),
+    (dict(embed_scale=0.0), "embed_scale"),
+    (dict(attention_scale=-1.0), "attention_scale"),
+    (dict(final_logit_soft_cap=0), "final_logit_soft_cap"),
+    (dict(kinds={"global": KindSettings(rope={"thetaa": 2.0})}), "thetaa"),
+    (dict(rope_scaling="llama3", rope_factor=8.0), "original_length"),
+])
+def test_bad_checkpoint_options_raise(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    ModelConfig(**kwargs, **TINY)
+
+
+def test_kind_rope_overrides_the_models_scaling():
+  """Gemma 3: full layers scaled (linear 8), sliding layers plain RoPE at their own theta."""
+  config = ModelConfig(layer_pattern=("local", "global"), rope_scaling="linear", rope_factor=8.0,
+                       kinds={"local": KindSettings(window=4, rope_theta=1e4,
+                                                    rope={"scaling": "none", "factor": 1.0}),
+                              "global": KindSettings(rope_theta=1e6)}, **TINY)
+  assert config.rope("global").scaling == "linear" and config.rope("global").factor == 8.0
+  assert config.rope("local").scaling == "none" and config.rope("local").theta == 1e4

@@ -101,7 +101,7 @@ def test_rotation_is_relative(scaling, s):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(head_dim=7), "even head_dim"),
     (dict(head_dim=D, theta=0.0), "theta"),
-    (dict(head_dim=D, scaling="dynamic"), "unknown rope scaling"),
+    (dict(head_dim=D, scaling="longrope"), "unknown rope scaling"),
     (dict(head_dim=D, scaling="none", factor=2.0), "needs a rope scaling"),
     (dict(head_dim=D, scaling="linear", factor=0.5), ">= 1"),
     (dict(head_dim=D, scaling="yarn", factor=2.0), "original_length"),
