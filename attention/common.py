@@ -11,7 +11,8 @@ module, never a front door, so there is no import cycle.
   backward from lse)` pair; every blockwise backend uses it. Gradients flow through both
   outputs (`row_delta` folds the lse cotangent into the softmax backward's delta).
 * `finish_softmax`, `tile_grads`: the closing step of a softmax tile and the gradient of one
-  score tile from the saved lse (shared by the tiled and the banded flash paths).
+  score tile from the saved lse (shared by the tiled and the banded flash paths);
+  `merge_partials`: the exact merge of per-chunk softmax partials (the decode paths).
 * `pad_to_multiple`, `pad_to_size`, `round_block`, `next_pow2`: padding and tile sizes.
 * `varying_axes`, `to_varying`, `varying_struct`: loop carries and Pallas outputs typed as
   device-varying under `jax.shard_map`'s default `check_vma=True` (a no-op outside shard_map
@@ -32,6 +33,10 @@ import jax.numpy as jnp
 
 from attention.masks import Mask, q_offsets
 from attention.scores import ScoreMods
+
+# Queries per call up to which the front doors run their decode entries (`Implementations`
+# `short_queries`): a decode step, a speculative-decoding draft, a small chunked-prefill step.
+DECODE_MAX_Q_LEN = 16
 
 # --- padding and tile sizes ----------------------------------------------------------------------
 
@@ -78,11 +83,18 @@ class Implementations:
 
   An entry is an object, a "module:attr" string (imported on first `get`), or a tuple of them.
   `resolve(None, interpret)` picks "pallas" on GPU or with `interpret`, "xla" elsewhere.
+
+  Short queries: `short_queries={"xla": "xla_decode", ...}` with `short_max_q_len=16` makes
+  `resolve(name, interpret, q_len)` return the mapped entry when `q_len <= short_max_q_len`
+  (the decode paths of flash attention); naming the mapped entry itself picks it at any length.
   """
 
-  def __init__(self, operation: str, **entries: Any):
+  def __init__(self, operation: str, *, short_queries: dict[str, str] | None = None,
+               short_max_q_len: int = 0, **entries: Any):
     self.operation = operation
     self._entries = dict(entries)
+    self.short_queries = dict(short_queries or {})
+    self.short_max_q_len = short_max_q_len
 
   def register(self, name: str, entry: Any, *, overwrite: bool = False) -> None:
     if name in self._entries and not overwrite:
@@ -92,16 +104,18 @@ class Implementations:
   def names(self) -> tuple[str, ...]:
     return tuple(self._entries)
 
-  def resolve(self, implementation: str | None, interpret: bool) -> str:
+  def resolve(self, implementation: str | None, interpret: bool, q_len: int | None = None) -> str:
     """The implementation name to use; a ValueError lists the known ones."""
     if implementation is None:
-      return "pallas" if interpret or jax.default_backend() == "gpu" else "xla"
-    if implementation not in self._entries:
+      implementation = "pallas" if interpret or jax.default_backend() == "gpu" else "xla"
+    elif implementation not in self._entries:
       raise ValueError(f"{self.operation}: implementation must be one of {self.names()} or "
                        f"None, got {implementation!r}.")
-    if interpret and implementation != "pallas":
+    if interpret and not implementation.startswith("pallas"):
       raise ValueError(f"{self.operation}: interpret=True runs the Pallas kernels; "
                        f"implementation={implementation!r} has nothing to interpret.")
+    if q_len is not None and q_len <= self.short_max_q_len:
+      return self.short_queries.get(implementation, implementation)
     return implementation
 
   def get(self, name: str):
@@ -258,6 +272,21 @@ def finish_softmax(m, l, acc, dtype):
   l_safe = jnp.where(has_key, l, 1.0)
   lse = jnp.where(has_key, m + jnp.log(l_safe), -jnp.inf)
   return (acc / l_safe[..., None]).astype(dtype), lse
+
+
+def merge_partials(m, l, acc, axis: int, dtype):
+  """`(out, lse)` of a softmax over disjoint key sets from their partials (flash-decoding).
+
+  Each set `i` (along `axis` of `m`, `l` `[..]` and `acc` `[.., Hv]`) holds its running max `m_i`,
+  denominator `l_i = sum exp(s - m_i)` and numerator `acc_i = sum exp(s - m_i) v`; the merge
+  rescales them to the common max: exact, whatever the split. Sets with no visible key
+  (`m_i = -inf`, `l_i = 0`) weigh 0; a row with none at all gets out 0 and lse -inf.
+  """
+  m_all = jnp.max(m, axis=axis)
+  safe = jnp.where(m_all == -jnp.inf, 0.0, m_all)
+  w = jnp.exp(m - jnp.expand_dims(safe, axis))
+  return finish_softmax(m_all, jnp.sum(l * w, axis=axis), jnp.sum(acc * w[..., None], axis=axis),
+                        dtype)
 
 
 def backward_lse(lse):

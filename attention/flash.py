@@ -7,6 +7,16 @@ computes exactly what `reference_attention` computes, with the backend picked fr
     "xla"     attention/flash_xla.py   pure JAX tiled online softmax (+ attention/band.py for
                                        narrow windows), any backend
     "pallas"  attention/kernels/flash_pallas.py   Triton kernels (GPU; CPU with interpret=True)
+    "xla_decode"     attention/decode_xla.py              few queries vs a long cache (XLA)
+    "pallas_decode"  attention/kernels/decode_pallas.py   split-K flash-decoding kernel + merge
+
+Decode dispatch: a call with `T <= DECODE_MAX_Q_LEN` queries (decode, speculative decoding,
+small chunked-prefill steps) runs the `_decode` entry of the chosen family ("xla" ->
+"xla_decode", "pallas" -> "pallas_decode", None -> the family None picks), so a model's
+KV-cache step reads its cache once in its own layout; longer calls run the tiled entries.
+Naming a `_decode` entry runs it at any T. The decode entries are differentiable (their
+backward is the tiled family's, from the saved lse), so `jax.grad` through a short call is
+exact too.
 
 Every entry is `attend(q, k, v, mask, scale, block_sizes, interpret, mods) -> (out, lse)` on
 validated inputs (`mods`: soft-cap and ALiBi, `attention.scores`), differentiable in both
@@ -22,11 +32,11 @@ from __future__ import annotations
 
 from jaxtyping import Array, Float
 
-from attention import flash_xla
+from attention import decode_xla, flash_xla
 from attention import masks as masks_lib
 from attention import scores as scores_lib
 from attention.block_sizes import BlockSizes
-from attention.common import Implementations
+from attention.common import DECODE_MAX_Q_LEN, Implementations
 from attention.masks import Mask
 from attention.reference import check_qkv, default_scale
 
@@ -34,6 +44,10 @@ IMPLEMENTATIONS = Implementations(
     "flash_attention",
     xla=flash_xla.attend,
     pallas="attention.kernels.flash_pallas:attend",
+    xla_decode=decode_xla.attend,
+    pallas_decode="attention.kernels.decode_pallas:attend",
+    short_queries={"xla": "xla_decode", "pallas": "pallas_decode"},
+    short_max_q_len=DECODE_MAX_Q_LEN,
 )
 
 
@@ -69,7 +83,10 @@ def flash_attention(
       where it is -inf in both, so the weights are 0, not NaN).
     implementation: a name in `IMPLEMENTATIONS`: "xla" (pure JAX, any backend), "pallas" (GPU
       Triton kernels, or CPU with `interpret=True`), or None: Pallas on GPU, XLA elsewhere.
-    block_sizes: tile sizes (`BlockSizes`); defaults depend on the implementation.
+      With `T <= DECODE_MAX_Q_LEN` the family's decode entry runs ("xla_decode",
+      "pallas_decode"; module docstring); naming one of those runs it at any T.
+    block_sizes: tile sizes (`BlockSizes`); defaults depend on the implementation (the decode
+      entries take `block_kv` as their key chunk).
     interpret: run the Pallas kernels in interpret mode (CPU tests); only with "pallas".
 
   Returns:
@@ -82,7 +99,7 @@ def flash_attention(
   mask = masks_lib.validate(mask, q.shape, k.shape)
   scale = default_scale(h, scale)
   mods = scores_lib.make(logits_soft_cap, alibi_slopes, n)
-  implementation = IMPLEMENTATIONS.resolve(implementation, interpret)
+  implementation = IMPLEMENTATIONS.resolve(implementation, interpret, q.shape[1])
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise ValueError(f"block_sizes must be an attention.BlockSizes, got {block_sizes!r}.")
   attend = IMPLEMENTATIONS.get(implementation)

@@ -15,8 +15,8 @@ ReLU, the head weights and the scales are applied after. `index_k` may also arri
 (`fp8.Quantized`, as the DSA decode cache stores it). The Hadamard rotation DeepSeek applies
 before FP8 is the caller's (`fp8.hadamard` on q_I and k_I; the DSA layer does it).
 
-One query per batch row (a decode step) is scored keys-major (`_one_query_scores`: the cache is
-read in its own layout).
+The dot products live in `attention/index_dots.py` (one query per batch row, a decode step, is
+scored keys-major there, the cache read in its own layout and FP8 keys converted chunk by chunk).
 
 `indexer_topk` never materialises `[T, S]`: it walks blocks of `block_q` queries (`lax.map`),
 scores each block against the key range its mask can reach (causal/window: one of a few static
@@ -39,6 +39,7 @@ from attention import fp8 as fp8_lib
 from attention import masks as masks_lib
 from attention.common import pad_to_size
 from attention.masks import UNBOUNDED, Mask
+from attention.index_dots import prepare_keys, relu_dot_scores
 from attention.topk import select_topk
 
 def check_indexer_inputs(index_q, index_k, index_w) -> tuple[int, int, int, int, int]:
@@ -60,85 +61,7 @@ def check_indexer_inputs(index_q, index_k, index_w) -> tuple[int, int, int, int,
   return b, t, k_shape[1], j, d
 
 
-# --- scores -------------------------------------------------------------------------------------
-
-
-def _prepare_keys(index_k, fmt: fp8_lib.Fp8Format | None):
-  """Keys as `_relu_dot_scores` takes them: float32 `[B, S, D]`, or `Quantized` (FP8 path;
-  keys already quantised, e.g. by the decode cache, are used as they are)."""
-  if isinstance(index_k, fp8_lib.Quantized):
-    d, c = index_k.values.shape[-1], index_k.scale.shape[-1]
-    if fmt is None or d // c != fmt.block_for(d):
-      raise ValueError(f"index_k is FP8 with block {d // c}; score it with fp8 = an "
-                       f"Fp8Format of that block, got fp8={fmt!r}.")
-    return index_k
-  if fmt is None:
-    return index_k.astype(jnp.float32)
-  return fp8_lib.quantize(index_k, fmt)
-
-
-def _relu_dot_scores(q, w, k, fmt: fp8_lib.Fp8Format | None):
-  """Unmasked scores `[B, t, s]` float32: `sum_J w ReLU(q . k)` for `q [B, t, J, D]`, `w [B, t, J]`
-  and keys shared by the queries `[B, s, D]` or per query `[B, t, s, D]` (float32 or Quantized).
-
-  FP8: q is quantised with the keys' blocks; products of float8 values accumulate in float32.
-  With one block per vector both scales are positive scalars per (query head, key), so the
-  q scale folds into w and the k scale multiplies after ReLU (as DeepSeek's `fp8_index`); with
-  C blocks the C partial dots are scaled per block before they are summed (C x the tile).
-  """
-  per_query = jnp.ndim(k.values if fmt is not None else k) == 4
-  if not per_query and q.shape[1] == 1:
-    return _one_query_scores(q, w, k, fmt)
-  eq = "BtJD,BtsD->BtJs" if per_query else "BtJD,BsD->BtJs"
-  w = w.astype(jnp.float32)
-  if fmt is None:
-    dots = jnp.einsum(eq, q.astype(jnp.float32), k, preferred_element_type=jnp.float32)
-    return jnp.einsum("BtJs,BtJ->Bts", jax.nn.relu(dots), w)
-  qq = fp8_lib.quantize(q, fmt)
-  k_scale = k.scale if per_query else k.scale[:, None]  # B t|1 s C
-  c = k_scale.shape[-1]
-  if c == 1:
-    dots = jnp.einsum(eq, fp8_lib.dot_operand(qq.values), fp8_lib.dot_operand(k.values),
-                      preferred_element_type=jnp.float32)
-    return jnp.einsum("BtJs,BtJ->Bts", jax.nn.relu(dots), w * qq.scale[..., 0]) * k_scale[..., 0]
-  qv = qq.values.reshape(*q.shape[:3], c, -1)  # B t J C E
-  kv = k.values.reshape(*k.values.shape[:-1], c, -1)  # B [t] s C E
-  eq_c = "BtJCE,BtsCE->BtJsC" if per_query else "BtJCE,BsCE->BtJsC"
-  dots = jnp.einsum(eq_c, fp8_lib.dot_operand(qv), fp8_lib.dot_operand(kv),
-                    preferred_element_type=jnp.float32)
-  dots = jnp.sum(dots * qq.scale[:, :, :, None, :] * k_scale[:, :, None], axis=-1)
-  return jnp.einsum("BtJs,BtJ->Bts", jax.nn.relu(dots), w)
-
-
-def _one_query_scores(q, w, k, fmt: fp8_lib.Fp8Format | None):
-  """`_relu_dot_scores` for one query per batch row (a decode step): `[B, 1, s]` float32.
-
-  The keys are the matmul's rows (`[s, D] x [D, J]` per batch row), so the cache is read in
-  its own layout: the `[J, D] x [D, s]` form above makes XLA copy every key transposed first
-  (~3/4 of a 131072-key decode step's indexer time on CPU). FP8 keys enter the matmul as
-  `fp8.dot_operand` (exact bfloat16 on CPU; an exact float32 form measured 15-25% slower).
-  The J heads are summed by an unrolled ReLU-weighted add (one fused loop). Same scale order
-  as `_relu_dot_scores`; O(s * J * D).
-  """
-  b, _, j, d = q.shape
-  q, w = q[:, 0], w[:, 0].astype(jnp.float32)  # B J D, B J
-  k_scale = 1.0
-  if fmt is None:
-    dots = jnp.einsum("BsD,BJD->BsJ", k, q.astype(jnp.float32))
-  else:
-    qq = fp8_lib.quantize(q, fmt)  # B J D, scales B J C
-    kv, qv = fp8_lib.dot_operand(k.values), fp8_lib.dot_operand(qq.values)
-    c = k.scale.shape[-1]
-    e = d // c
-    if c == 1:  # both scales are positive per (head, key): q's folds into w, k's goes last
-      dots = jnp.einsum("BsD,BJD->BsJ", kv, qv, preferred_element_type=jnp.float32)
-      w, k_scale = w * qq.scale[..., 0], k.scale[..., 0]
-    else:  # C partial dots, each scaled by its block scales, then summed
-      dots = sum(jnp.einsum("BsE,BJE->BsJ", kv[..., i * e:(i + 1) * e], qv[..., i * e:(i + 1) * e],
-                            preferred_element_type=jnp.float32)
-                 * qq.scale[:, None, :, i] * k.scale[:, :, None, i] for i in range(c))
-  scores = sum(jax.nn.relu(dots[..., h]) * w[:, None, h] for h in range(j))  # B s
-  return (scores * k_scale)[:, None]
+# --- scores ---------------------------------------------------------------------------------
 
 
 def indexer_scores(
@@ -156,7 +79,7 @@ def indexer_scores(
   b, t, s, _, _ = check_indexer_inputs(index_q, index_k, index_w)
   mask = masks_lib.validate(mask, (b, t), (b, s))
   fmt = fp8_lib.resolve(fp8)
-  scores = _relu_dot_scores(index_q, index_w, _prepare_keys(index_k, fmt), fmt)
+  scores = relu_dot_scores(index_q, index_w, prepare_keys(index_k, fmt), fmt)
   return jnp.where(masks_lib.dense_mask(mask, b, t, s), scores, -jnp.inf)
 
 
@@ -205,7 +128,7 @@ def _window_topk(mask: Mask, blk: _Block, keys, fmt, width: int, first, k_eff: i
   kv_pos = start + jnp.arange(width, dtype=jnp.int32)
   visible = masks_lib.element_mask(mask, blk.q_pos, kv_pos[None], blk.q_seg, cols(kv_seg))
   visible &= blk.valid[:, :, None]  # padded queries see nothing
-  scores = _relu_dot_scores(blk.q, blk.w, cols(k_all), fmt)  # B bq W
+  scores = relu_dot_scores(blk.q, blk.w, cols(k_all), fmt)  # B bq W
   kw = min(k_eff, width)
   pos = select_topk(scores.reshape(b * bq, width), visible.reshape(b * bq, width), kw)
   pos = jnp.where(pos >= 0, pos + start, -1).reshape(b, bq, kw)
@@ -267,7 +190,7 @@ def indexer_topk(
   nq = -(-t // bq)
   k_eff = min(top_k, s)
   fmt = fp8_lib.resolve(fp8)
-  keys = (_prepare_keys(index_k, fmt), None)
+  keys = (prepare_keys(index_k, fmt), None)
   q, w = pad_to_size(index_q, 1, nq * bq), pad_to_size(index_w, 1, nq * bq)
   offsets = masks_lib.q_offsets(mask, b)
   q_seg = None
@@ -307,10 +230,10 @@ def indexer_scores_at(
   b, t, s, _, _ = check_indexer_inputs(index_q, index_k, index_w)
   check_indices(indices, b, t)
   fmt = fp8_lib.resolve(fp8)
-  keys = _prepare_keys(index_k, fmt)
+  keys = prepare_keys(index_k, fmt)
   safe = jnp.clip(indices, 0, s - 1)
   k_sel = jax.tree.map(lambda x: jax.vmap(lambda a, i: a[i])(x, safe), keys)  # B T k D
-  scores = _relu_dot_scores(index_q, index_w, k_sel, fmt)
+  scores = relu_dot_scores(index_q, index_w, k_sel, fmt)
   return jnp.where(indices >= 0, scores, -jnp.inf)
 
 

@@ -15,8 +15,14 @@ lse)` (`mods`: the soft-cap, `attention.scores`; ALiBi is refused):
 
     "xla"     attention/sparse_xla.py             blocks of queries, gathered K/V rows
     "pallas"  attention/kernels/sparse_pallas.py  Triton: one program per query, atomics
+    "pallas_decode"  attention/kernels/sparse_decode_pallas.py  Triton, T <= DECODE_MAX_Q_LEN:
+              one program per (query, slot split), partials merged (the DSA decode step)
 
-Both save `lse [B, N, T]` (float32) for the backward. Cost O(T * k * N * H) compute.
+"pallas" (or None on GPU) with `T <= DECODE_MAX_Q_LEN` queries runs "pallas_decode" (its
+backward is "pallas"'s). The XLA path needs no decode variant: it gathers the selected rows
+from the cache in place for any T.
+
+Every entry saves `lse [B, N, T]` (float32) for the backward. Cost O(T * k * N * H) compute.
 DeepSeek Sparse Attention (indexer selection + this) is `attention.dsa.dsa_attention`.
 """
 
@@ -28,7 +34,7 @@ from attention import masks as masks_lib
 from attention import scores as scores_lib
 from attention import sparse_xla
 from attention.block_sizes import SparseBlockSizes
-from attention.common import Implementations
+from attention.common import DECODE_MAX_Q_LEN, Implementations
 from attention.masks import Mask
 from attention.reference import check_qkv, default_scale
 
@@ -36,6 +42,9 @@ IMPLEMENTATIONS = Implementations(
     "sparse_attention",
     xla=sparse_xla.attend,
     pallas="attention.kernels.sparse_pallas:attend",
+    pallas_decode="attention.kernels.sparse_decode_pallas:attend",
+    short_queries={"pallas": "pallas_decode"},
+    short_max_q_len=DECODE_MAX_Q_LEN,
 )
 
 
@@ -81,7 +90,7 @@ def sparse_attention(
   scale = default_scale(h, scale)
   scores_lib.refuse("sparse_attention", alibi_slopes=alibi_slopes)
   mods = scores_lib.make(logits_soft_cap, None, n)
-  implementation = IMPLEMENTATIONS.resolve(implementation, interpret)
+  implementation = IMPLEMENTATIONS.resolve(implementation, interpret, t)
   if block_sizes is not None and not isinstance(block_sizes, SparseBlockSizes):
     raise ValueError(f"block_sizes must be an attention.SparseBlockSizes, got {block_sizes!r}.")
   idx = masks_lib.effective_indices(indices, mask, b, t, s, kh)

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import attention
+from attention.decode_xla import SCOPE
 from models import cache as cache_lib
 from models.config import ModelConfig
 from models.kinds import KindSettings
@@ -120,3 +121,18 @@ def test_alibi_kind_uses_slopes_and_no_rope():
   y, y_shifted, want = outputs(layer, x)
   np.testing.assert_allclose(y, want, atol=1e-5, rtol=1e-6)
   np.testing.assert_allclose(y_shifted, y, atol=1e-5, rtol=1e-6)
+
+
+def test_decode_steps_run_the_decode_path():
+  """Global and local (ring cache) layers of a one-token step, and a 16-token prefill chunk,
+  read their caches through flash_attention's decode path; a 17-token chunk does not."""
+  model = Transformer(tiny(("global", "local")), rngs=nnx.Rngs(0))
+  cache = model.init_cache(2, 64)
+
+  def lowered(t):
+    step = nnx.jit(lambda model, tokens, cache: model(tokens, cache=cache)[0])
+    tokens = jnp.zeros((2, t), jnp.int32)
+    return step.lower(model, tokens, cache).as_text(debug_info=True)
+
+  assert lowered(1).count(SCOPE) >= 2 and SCOPE in lowered(16)
+  assert SCOPE not in lowered(17)
