@@ -133,7 +133,8 @@ FIELD_HELP = {
                            "lists the resolved per-layer kinds)",
     "model.rope_scaling": "RoPE scaling: none, linear (PI), ntk, yarn, yarn_hf (transformers'), "
                           "llama3, dynamic",
-    "model.rope_factor": "RoPE scale s = new length / original length",
+    "model.rope_factor": "RoPE scale s = new length / original length (0 with init_from a "
+                         "checkpoint: task.seq_len / its original length)",
     "model.rope_original_length": "training length L that yarn scales from",
     "model.rope_yarn_alpha": "yarn ramp: pairs turning fewer than alpha times over L are "
                              "interpolated (paper: 1)",
