@@ -151,7 +151,7 @@ def with_checkpoint_model(config: ml_collections.ConfigDict) -> ml_collections.C
       continue
     if name in RUNTIME_FIELDS + CONVERTIBLE_FIELDS:
       merged[name] = value
-      changed.append(f"{name}: {stored.get(name)!r} -> {value!r}")
+      changed.append(name)
     else:
       conflicts.append(f"model.{name} = {value!r} (the checkpoint: {stored.get(name)!r})")
   if conflicts:
@@ -170,8 +170,8 @@ def with_checkpoint_model(config: ml_collections.ConfigDict) -> ml_collections.C
   _inherit(merged["kinds"], stored["layer_pattern"], merged["layer_pattern"],
            merged["num_layers"])
   if changed or kind_changes:
-    logging.info("Model of %s with the config's changes: %s", config.init_from,
-                 "; ".join(changed + kind_changes))
+    logging.info("Model of %s with the config's changes: %s", config.init_from, "; ".join(
+        [f"{n}: {stored.get(n)!r} -> {merged[n]!r}" for n in changed] + kind_changes))
   config = ml_collections.ConfigDict(config.to_dict())
   config.model = ml_collections.ConfigDict(merged)
   if tokenizer and tokenizer_lib.is_bytes(config.task.get("tokenizer")):
