@@ -39,7 +39,8 @@ scored; after each stage the needle grid (`niah`) at the stage's length.
   query attending to its `top_k` selected keys (the indexer on its KL over that set). Their
   rows are `DSA_LENGTH` tokens: the dense KL target is O(T^2) memory.
 
-`:smoke` (after any stage) is the tiny run of the tests: rows 1/16 of the stage's length.
+`:smoke` (after any stage) is the tiny run of the tests: rows of 1/16 of the stage's length
+(256 tokens for the DSA stages), 2 steps, one device unless `--config.mesh` says otherwise.
 """
 
 from experiments.configs import common

@@ -165,6 +165,10 @@ def with_checkpoint_model(config: ml_collections.ConfigDict) -> ml_collections.C
     original = merged.get("rope_original_length") or trained_length(origin)
     merged["rope_factor"] = (1.0 if merged["rope_scaling"] == "none"
                              else float(config.task.seq_len) / original)
+    if merged["rope_factor"] < 1:
+      raise ValueError(f"model.rope_factor=0 scales to task.seq_len / the original length, but "
+                       f"task.seq_len {config.task.seq_len} is below the checkpoint's original "
+                       f"length {original}: train longer rows or set --config.model.rope_factor.")
   merged["kinds"], kind_changes = _merged_kinds(stored["kinds"], given.get("kinds") or {},
                                                 defaults.get("kinds") or {})
   _inherit(merged["kinds"], stored["layer_pattern"], merged["layer_pattern"],

@@ -49,6 +49,11 @@ def test_a_stage_takes_its_model_from_the_previous_stage_workdir(tmp_path):
   first.init_from = checkpoint
   first = hf_bridge.with_checkpoint_model(first)
   assert (first.model.rope_factor, first.model.rope_original_length) == (4.0, 64)
+  short = extend_hf.get_config("4k,smoke")
+  short.update(init_from=checkpoint)
+  short.task.seq_len = 32
+  with pytest.raises(ValueError, match="below the checkpoint's original length 64"):
+    hf_bridge.with_checkpoint_model(short)
   workdir = tmp_path / "ext4k"
   workdir.mkdir()
   (workdir / "config.json").write_text(json.dumps(first.to_dict()))
@@ -91,8 +96,8 @@ def smoke_worker() -> dict:
     config.task.path = tokens
     workdir = os.path.join(root, "ext4k")
     result = train_and_evaluate(config, workdir)
-    ring = trainer.make_model(hf_bridge.with_checkpoint_model(config),
-                              mesh=sharding.make_mesh("seq:2")).config.kind_settings("global")
+    ring = sharding.ring_config(trainer.model_config(hf_bridge.with_checkpoint_model(config)),
+                                sharding.make_mesh("seq:2")).kind_settings("global")
     exported = os.path.join(root, "exported")
     run_config, trained, _ = runs.load_run(workdir)
     architecture = hf_bridge.export(trained, run_config, exported)
