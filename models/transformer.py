@@ -125,7 +125,9 @@ class Transformer(nnx.Module):
     if positions is None:
       positions = _default_positions(b, t, segment_ids, index)
     positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, t))
-    apply = nnx.remat(_apply_block) if self.config.remat else _apply_block
+    # remat saves memory in a backward pass; decoding (a cache) has none, and nnx.remat of a
+    # model merged inside jax.jit (generate) fails, so it decodes without it.
+    apply = nnx.remat(_apply_block) if self.config.remat and cache is None else _apply_block
 
     x = self._embed(tokens)  # B T D
     new_caches, layer_aux = [], []

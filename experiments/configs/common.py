@@ -55,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_steps = 300
   c.optim = ml_collections.ConfigDict(dict(
       lr=3e-3, warmup_steps=30, final_lr_ratio=0.1, b1=0.9, b2=0.99, weight_decay=0.01,
-      clip_norm=1.0))
+      clip_norm=1.0, state_dtype="float32"))
 
   c.log_every = 10
   c.eval_every = 100         # 0 = only at the end
@@ -133,7 +133,8 @@ FIELD_HELP = {
                            "lists the resolved per-layer kinds)",
     "model.rope_scaling": "RoPE scaling: none, linear (PI), ntk, yarn, yarn_hf (transformers'), "
                           "llama3, dynamic",
-    "model.rope_factor": "RoPE scale s = new length / original length",
+    "model.rope_factor": "RoPE scale s = new length / original length (0 with init_from a "
+                         "checkpoint: task.seq_len / its original length)",
     "model.rope_original_length": "training length L that yarn scales from",
     "model.rope_yarn_alpha": "yarn ramp: pairs turning fewer than alpha times over L are "
                              "interpolated (paper: 1)",
@@ -179,6 +180,8 @@ FIELD_HELP = {
     "optim.b2": "AdamW beta2",
     "optim.weight_decay": "AdamW decoupled weight decay",
     "optim.clip_norm": "global gradient-norm clip (0 = off)",
+    "optim.state_dtype": "optimizer state dtype: narrower parameters (bf16) get master weights "
+                         "and moments in it (\"\" = each parameter's own dtype)",
     "log_every": "steps between metrics.jsonl lines",
     "eval_every": "steps between held-out evaluations (0 = only at the end)",
     "eval_batches": "batches of batch_size rows per held-out evaluation",

@@ -184,11 +184,14 @@ def find_checkpoints(path: str) -> str:
   return candidate if os.path.isdir(candidate) else path
 
 
-def load_params(model, path: str, step: int | None = None) -> int:
+def load_params(model, path: str, step: int | None = None, *, allow_added: bool = False) -> int:
   """Loads only the model weights of run `path` (latest step unless given) into `model`.
 
   Used by `--config.init_from` (context extension: RoPE scaling changes no parameter) and by
-  evaluate.py. Returns the step loaded.
+  evaluate.py. With `allow_added`, `model` may hold parameters the checkpoint lacks (a layer
+  converted to a kind with more parameters, e.g. DSA's indexers): they keep their
+  initialisation and are logged; every saved parameter must still exist in `model`. Returns
+  the step loaded.
   """
   directory = find_checkpoints(path)
   if not os.path.isdir(directory):
@@ -200,9 +203,14 @@ def load_params(model, path: str, step: int | None = None) -> int:
   if step is None:
     raise CheckpointError(f"no checkpoint steps found in {directory}.")
   try:
+    target = nnx.state(model)
+    if allow_added:
+      target = _saved_part(target, os.path.join(directory, str(step), "model"))
     restored = manager.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(nnx.state(model))))
-    nnx.update(model, placed_like(restored["model"], nnx.state(model)))
+        model=ocp.args.StandardRestore(target)))
+    nnx.update(model, placed_like(restored["model"], target))
+  except CheckpointError:
+    raise
   except Exception as e:  # noqa: BLE001
     raise CheckpointError(f"cannot load the weights of checkpoint {step} in {directory} into "
                           f"this model (corrupt, or a different architecture): "
@@ -210,3 +218,27 @@ def load_params(model, path: str, step: int | None = None) -> int:
   finally:
     manager.close()
   return step
+
+
+def _saved_part(state: nnx.State, item_dir: str) -> nnx.State:
+  """The part of `state` a saved model item holds (its variables' paths, from orbax's
+  metadata); the rest is logged as added. CheckpointError if the item has a path `state`
+  lacks."""
+  saved, stack = set(), [((), ocp.StandardCheckpointer().metadata(item_dir).item_metadata.tree)]
+  while stack:
+    prefix, node = stack.pop()
+    if isinstance(node, dict) and "value" not in node:
+      stack.extend((prefix + (str(k),), v) for k, v in node.items())
+    else:
+      saved.add(prefix)
+  flat = {tuple(map(str, p)): (p, v) for p, v in state.flat_state()}
+  missing = sorted(".".join(p) for p in saved - set(flat))
+  if missing:
+    raise CheckpointError(f"{item_dir} holds parameters this model lacks: {missing[:6]}"
+                          f"{' ...' if len(missing) > 6 else ''}.")
+  added = sorted(".".join(p) for p in set(flat) - saved)
+  if added:
+    logging.warning("init_from: %d parameters are not in the checkpoint and keep their "
+                    "initialisation: %s%s", len(added), ", ".join(added[:6]),
+                    " ..." if len(added) > 6 else "")
+  return nnx.State.from_flat_path([pv for p, pv in flat.items() if p in saved])

@@ -169,7 +169,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str, primary: bool = True)
     hf_bridge.load_weights(model, config.init_from)
     logging.info("Initialised the weights from the checkpoint %s.", config.init_from)
   elif config.init_from:
-    loaded = ckpt_lib.load_params(model, config.init_from, config.init_step or None)
+    source = hf_bridge.run_config(config.init_from) or {}
+    converted = source.get("resolved", {}).get("layer_kinds", list(model.config.layer_kinds))
+    loaded = ckpt_lib.load_params(model, config.init_from, config.init_step or None,
+                                  allow_added=list(converted) != list(model.config.layer_kinds))
     logging.info("Initialised the weights from %s (step %d).", config.init_from, loaded)
   log = None
   if primary:

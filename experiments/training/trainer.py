@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments.training import sharding
+from experiments.training import master_weights, sharding
 from models import KindSettings, ModelConfig, Transformer
 
 _KIND_FIELDS = tuple(f.name for f in dataclasses.fields(KindSettings))  # alibi included
@@ -87,22 +87,30 @@ def make_optimizer(model: Transformer, config: ml_collections.ConfigDict) -> nnx
   """AdamW on `learning_rate(config)` after clipping the global gradient norm, over the
   parameters `trainable_params(config.trainable)` selects.
 
-  Runs with the same `optim` settings and `num_steps` share one optax transformation: it is
-  part of `train_step`'s jit cache key, so a second run in the process (a resume, a test)
-  reuses the compiled step instead of compiling it again.
+  With `optim.state_dtype` (default float32) wider than some trainable parameters (bf16), the
+  optimizer keeps float32 master weights and moments for them (`master_weights`); with
+  float32 parameters its state is plain AdamW's. Runs with the same `optim` settings and
+  `num_steps` share one optax transformation: it is part of `train_step`'s jit cache key, so a
+  second run in the process (a resume, a test) reuses the compiled step.
   """
-  tx = _transformation(tuple(sorted(config.optim.to_dict().items())), config.num_steps)
-  return nnx.Optimizer(model, tx, wrt=trainable_params(config.trainable))
+  wrt = trainable_params(config.trainable)
+  state_dtype = config.optim.get("state_dtype") or ""
+  master = bool(state_dtype) and any(
+      master_weights.needs_master(x.dtype, state_dtype)
+      for x in jax.tree.leaves(nnx.state(model, wrt)))
+  tx = _transformation(tuple(sorted(config.optim.to_dict().items())), config.num_steps, master)
+  return nnx.Optimizer(model, tx, wrt=wrt)
 
 
 @functools.lru_cache(maxsize=16)
-def _transformation(optim: tuple[tuple[str, Any], ...], num_steps: int
+def _transformation(optim: tuple[tuple[str, Any], ...], num_steps: int, master: bool = False
                     ) -> optax.GradientTransformation:
   config = ml_collections.ConfigDict(dict(optim=dict(optim), num_steps=num_steps))
   o = config.optim
-  return optax.chain(
+  tx = optax.chain(
       optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity(),
       optax.adamw(learning_rate(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+  return master_weights.with_master_weights(tx, o.state_dtype) if master else tx
 
 
 # --- steps ---------------------------------------------------------------------------------------

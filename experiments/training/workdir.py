@@ -39,6 +39,7 @@ COMPUTATION_FIELDS = ("seed", "task", "model", "optim", "batch_size", "grad_accu
 # Fields added after runs were saved: a config.json without one computed with this value.
 ADDED_FIELDS = {
     "task.tokenizer": "bytes",
+    "optim.state_dtype": "float32",  # float32 parameters: the same AdamW state either way
     **{f"model.{name}": value for name, value in dict(
         rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_mscale=None,
         rope_truncate=True, qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=None,
