@@ -21,7 +21,10 @@ rounds; each round times every step as a block (`timing.median_seconds`: a warm-
 the median of `calls`), in an order that rotates each round. Every ratio is taken within a
 round and the medians over rounds are reported: dense / read (goal <= 2x at 131072), dense /
 DSA (goal >= 3x at 131072, growing with S), and batch 8's tokens/s over batch 1's
-(`8 t(B=1) / t(B=8)`; goal >= 6x).
+(`8 t(B=1) / t(B=8)`; goal >= 6x). The ms columns are each step's median over rounds, so on a
+loaded machine a ratio need not equal the quotient of two ms columns. The table is printed as
+each (S, K) finishes, between the load averages at the start and the end, and written to
+`decode.csv` under `--workdir`.
 
 Cold caches: each call of a step reads its own copy of the inputs, cycling through as many
 copies as fill `working_set` bytes (default twice this machine's 260 MiB last-level cache), so a
