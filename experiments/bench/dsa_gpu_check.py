@@ -14,17 +14,23 @@ CPU smoke test of this script (interpret mode, tiny shapes):
    "pallas")` (the Triton forward and backward kernels) vs the XLA path on the same inputs in
    float32 under `jax.default_matmul_precision("highest")` (and, for information, in the same
    dtype): forward and gradients (q, k, v) for shared `[B, T, k]` and per-kv-head `[B, T, K, k]`
-   indices, -1 slots, GQA and MQA (up to 16 q heads per kv head), causal; bf16 and float32.
+   indices, -1 slots, GQA and MQA (up to 16 q heads per kv head), causal, and decode steps (the
+   last query alone, T = 1: the split-slot decode gather kernel); bf16 and float32.
    PASS/FAIL against the DESIGN.md tolerances relative to each output's magnitude (grads 2x).
 2. Speed (table `dsa_gpu_check_speed`), bf16, B=1, 8 query heads, 1 kv head, head_dim 64,
    indexer 4 heads x 32 dims, top_k 2048, at 32K and 128K tokens; one row per (tokens, what):
    causal flash (Pallas); the indexer's blockwise exact top-k (`indexer_topk`, GPU block of
    `default_topk_block_q`) and the same selection by `lax.top_k` over full-width score blocks;
    sparse attention given the indices; the whole DSA forward (top-k + sparse); forward+backward
-   of flash and of sparse attention. Order: the forward rows at every length first, then
-   forward+backward, then `lax.top_k` (what a cut run loses least).
-3. Ratios (table `dsa_gpu_check_ratios`): causal flash time / sparse (or DSA) time per length,
-   with the CPU goals (8x given indices, 1.5x whole DSA forward).
+   of flash and of sparse attention; and decode steps (the last token against the whole cache):
+   reading K and V once (`jnp.sum`, the bound), the flash decode step (split-K kernel + merge),
+   the sparse decode step given the selection (split-slot gather kernel) and the DSA decode step
+   (indexer over the FP8 indexer keys as the decode cache holds them, top-k, gather). Order: the
+   forward and decode rows at every length first, then forward+backward, then `lax.top_k`
+   (what a cut run loses least).
+3. Ratios (table `dsa_gpu_check_ratios`): slow / fast time per length, with the CPU goals
+   (flash / sparse given indices 8x, flash / whole DSA forward 1.5x; decode: flash step / DSA
+   step >= 3x, flash step / reading K+V <= 2x).
 
 Every measurement is guarded; nothing starts after `--budget_s - --margin_s` seconds, and what
 did not run is written as "skipped (budget)". Exits 2 at once without a GPU (unless
@@ -41,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 import attention
-from attention import Mask, flash_attention
+from attention import Mask, flash_attention, fp8
 from attention import indexer as indexer_lib
 from attention import sparse as sparse_lib
 from experiments.bench import gpu_run, timing
@@ -87,22 +93,26 @@ def _random_indices(key, b, t, heads: int | None, top_k: int):
   return jnp.where(order, idx, -1).astype(jnp.int32)
 
 
-CASES = [  # name, heads, kv heads, head_dim, per-kv-head indices (their count) or None
-    ("shared idx, mqa 8:1, d64", 8, 1, 64, None),
-    ("per-kv-head idx, gqa 8:2, d64", 8, 2, 64, 2),
-    ("shared idx, mqa 16:1, d128", 16, 1, 128, None),
+CASES = [  # name, heads, kv heads, head_dim, per-kv-head indices (their count) or None, decode
+    ("shared idx, mqa 8:1, d64", 8, 1, 64, None, False),
+    ("decode T=1 shared idx mqa 8:1", 8, 1, 64, None, True),
+    ("per-kv-head idx, gqa 8:2, d64", 8, 2, 64, 2, False),
+    ("decode T=1 per-kv-head gqa 8:2", 8, 2, 64, 2, True),
+    ("shared idx, mqa 16:1, d128", 16, 1, 128, None, False),
 ]
 
 
-def _check_one(n, kh, h, idx_heads, dtype) -> dict:
+def _check_one(n, kh, h, idx_heads, decode, dtype) -> dict:
+  """`decode`: only the last query (T = 1 at position t - 1: the split-slot decode kernel)."""
   t, top_k = FLAGS.check_len, max(8, FLAGS.check_len // 8)
+  t_q, mask = (1, Mask(causal=True, q_offset=t - 1)) if decode else (t, Mask(causal=True))
   keys = jax.random.split(jax.random.key(0), 5)
-  q, dout = _normal(keys[0], (2, t, n, h), dtype), _normal(keys[3], (2, t, n, h), dtype)
+  q, dout = _normal(keys[0], (2, t_q, n, h), dtype), _normal(keys[3], (2, t_q, n, h), dtype)
   k, v = _normal(keys[1], (2, t, kh, h), dtype), _normal(keys[2], (2, t, kh, h), dtype)
-  idx = _random_indices(keys[4], 2, t, idx_heads, top_k)
+  idx = _random_indices(keys[4], 2, t, idx_heads, top_k)[:, t - t_q:]
 
   def run(impl, *xs):
-    fn = functools.partial(sparse_lib.sparse_attention, indices=idx, mask=Mask(causal=True),
+    fn = functools.partial(sparse_lib.sparse_attention, indices=idx, mask=mask,
                            implementation=impl, interpret=FLAGS.interpret and impl == "pallas")
     out, pullback = jax.vjp(lambda q, k, v: fn(q, k, v), *xs[:3])
     return (out, *pullback(xs[3]))
@@ -124,8 +134,8 @@ def check_correctness(budget: gpu_run.Budget, out_dir: str) -> bool:
                         [-30, -8, 6, -31, -31, 5],
                         "sparse pallas vs XLA path (max|err| of out dq dk dv)")
   runs = [(c, d) for c in CASES for d in (jnp.bfloat16, jnp.float32)]
-  cases = [(dict(case=name, dtype=jnp.dtype(dtype).name), (n, kh, h, idx_heads, dtype))
-           for (name, n, kh, h, idx_heads), dtype in runs[:FLAGS.check_cases]]
+  cases = [(dict(case=name, dtype=jnp.dtype(dtype).name), (n, kh, h, idx_heads, decode, dtype))
+           for (name, n, kh, h, idx_heads, decode), dtype in runs[:FLAGS.check_cases]]
   return gpu_run.run_checks(table, cases, _check_one, budget, FLAGS.check_share, "err_f32")
 
 
@@ -184,9 +194,40 @@ def _fns(block_q: int):
   return {"flash causal fwd": flash, "sparse attn fwd": sparse,
           "DSA fwd (top-k + sparse)": dsa,
           f"indexer top-k (bq {block_q})": functools.partial(_select, block_q=block_q),
+          **_decode_fns(opts),
           "flash causal fwd+bwd": grad(flash), "sparse attn fwd+bwd": grad(sparse),
           f"lax.top_k select (bq {block_q})": lambda x: lax_topk_select(
               x["index_q"], x["index_k"], x["index_w"], top_k=FLAGS.top_k, block_q=block_q)}
+
+
+def _decode_inputs(x: dict) -> dict:
+  """The last token's q / indexer q / weights / selection (`*1`, T = 1 at position t - 1) and
+  the indexer keys in FP8, as the DSA layer's decode cache holds them."""
+  return dict(q1=x["q"][:, -1:], index_q1=x["index_q"][:, -1:], index_w1=x["index_w"][:, -1:],
+              indices1=x["indices"][:, -1:], index_k8=jax.jit(fp8.quantize, static_argnums=1)(
+                  x["index_k"], _fp8_format()))
+
+
+def _fp8_format() -> fp8.Fp8Format:
+  """One float32 scale per indexer key (block = d_I, at most DeepSeek's 128)."""
+  return fp8.Fp8Format(min(fp8.DEFAULT_BLOCK, FLAGS.index_dim))
+
+
+def _decode_fns(opts: dict) -> dict:
+  """The decode rows: one token against the whole cache (`_decode_inputs`); reading K and V once
+  (`jnp.sum`) is the bound of the flash step."""
+  at_end = lambda x: Mask(causal=True, q_offset=x["k"].shape[1] - 1)
+  f32 = jnp.float32
+  return {
+      "read K+V (jnp.sum)": lambda x: jnp.sum(x["k"], dtype=f32) + jnp.sum(x["v"], dtype=f32),
+      "flash decode step": lambda x: flash_attention(x["q1"], x["k"], x["v"], mask=at_end(x),
+                                                     **opts),
+      "sparse decode step (given idx)": lambda x: sparse_lib.sparse_attention(
+          x["q1"], x["k"], x["v"], x["indices1"], mask=at_end(x), **opts),
+      "DSA decode step (FP8 keys)": lambda x: attention.dsa_attention(
+          x["q1"], x["k"], x["v"], mask=at_end(x), index_q=x["index_q1"], index_k=x["index_k8"],
+          index_w=x["index_w1"], top_k=FLAGS.top_k, fp8=_fp8_format(), **opts),
+  }
 
 
 def _select(x, block_q: int):
@@ -195,8 +236,9 @@ def _select(x, block_q: int):
 
 
 def plan(lengths, names):
-  """(tokens, name) in order of importance: the forward comparison at every length first
-  (flash, sparse, DSA, the indexer's top-k), then forward+backward, then `lax.top_k`."""
+  """(tokens, name) in order of importance: the forward comparison and the decode steps at every
+  length first (flash, sparse, DSA, the indexer's top-k; reading K+V, the flash, sparse and DSA
+  decode steps), then forward+backward, then `lax.top_k`."""
   tiers = ([n for n in names if "fwd+bwd" not in n and "lax" not in n],
            [n for n in names if "fwd+bwd" in n], [n for n in names if "lax" in n])
   return [(t, name) for tier in tiers for t in lengths for name in tier]
@@ -218,6 +260,7 @@ def run_timing(budget: gpu_run.Budget, out_dir: str) -> dict:
         inputs[t] = _inputs(t)
         inputs[t]["indices"] = jax.block_until_ready(jax.jit(functools.partial(
             _select, block_q=block_q))(inputs[t]))
+        inputs[t].update(_decode_inputs(inputs[t]))
       results[(t, name)] = timing.seconds_per_call(jax.jit(fns[name]), inputs[t], samples=3)
       table.add(tokens=t, what=name, ms=results[(t, name)] * 1e3, status="ok")
     except Exception as e:  # pylint: disable=broad-except
@@ -227,18 +270,31 @@ def run_timing(budget: gpu_run.Budget, out_dir: str) -> dict:
   return results
 
 
+RATIOS = (  # label, slow row, fast row, goal: ("min" | "max", value) or None
+    ("sparse attn (given indices) vs flash, fwd", "flash causal fwd", "sparse attn fwd",
+     ("min", 8)),
+    ("DSA fwd (top-k + sparse) vs flash, fwd", "flash causal fwd", "DSA fwd (top-k + sparse)",
+     ("min", 1.5)),
+    ("sparse attn vs flash, fwd+bwd", "flash causal fwd+bwd", "sparse attn fwd+bwd", None),
+    ("DSA decode step vs flash decode step", "flash decode step", "DSA decode step (FP8 keys)",
+     ("min", 3)),
+    ("flash decode step / reading K+V (x the bound)", "flash decode step", "read K+V (jnp.sum)",
+     ("max", 2)),
+)
+
+
 def report(results: dict, out_dir: str) -> None:
   table = gpu_run.Table(out_dir, "dsa_gpu_check_ratios", ["tokens", "ratio", "speedup", "goal"],
-                        [7, -48, 8, -12], "causal flash time / sparse time (x faster)")
+                        [7, -48, 8, -12], "slow time / fast time (x faster)")
   for t in sorted({t for t, _ in results}):
-    for label, fast, slow, goal in (
-        ("sparse attn (given indices) vs flash, fwd", "sparse attn fwd", "flash causal fwd", 8),
-        ("DSA fwd (top-k + sparse) vs flash, fwd", "DSA fwd (top-k + sparse)",
-         "flash causal fwd", 1.5),
-        ("sparse attn vs flash, fwd+bwd", "sparse attn fwd+bwd", "flash causal fwd+bwd", None)):
+    for label, slow, fast, goal in RATIOS:
       if (t, fast) in results and (t, slow) in results:
         ratio = results[(t, slow)] / results[(t, fast)]
-        verdict = "" if goal is None else f">= {goal}: " + ("met" if ratio >= goal else "not met")
+        verdict = ""
+        if goal is not None:
+          met = ratio >= goal[1] if goal[0] == "min" else ratio <= goal[1]
+          verdict = f"{'>=' if goal[0] == 'min' else '<='} {goal[1]}: " + (
+              "met" if met else "not met")
         table.add(tokens=t, ratio=label, speedup=ratio, goal=verdict)
 
 

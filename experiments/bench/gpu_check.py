@@ -8,22 +8,29 @@ On a lent GPU (one command, ~4 minutes; rows land in $OUT as they are measured):
 CPU smoke test of this script (interpret mode, tiny shapes):
 
     python -m experiments.bench.gpu_check --allow_cpu --interpret --budget_s=120 --check_len=64 \
-        --check_cases=2 --lengths=64 --head_dims=32 --window=32 --tokens=64 --width=64
+        --check_cases=2 --lengths=64 --head_dims=32 --window=32 --tokens=64 --width=64 \
+        --decode_lengths=64 --decode_batches=1
 
 1. Correctness (table `gpu_check_correctness`): the Pallas kernels and the XLA path (same
    dtype) vs the dense float32 reference computed under `jax.default_matmul_precision
    ("highest")`, forward and gradients, over causal / window / segments / GQA / odd lengths /
-   q_offset, in bf16, f16 and float32 (the Pallas float32 dots are exact: `ieee`). One row per
+   q_offset, decode steps (T = 1 and 4 against the whole cache: the split-K decode kernel and
+   the XLA decode path; a ring cache's empty slots as segment ids, a window), in bf16, f16 and
+   float32 (the Pallas float32 dots are exact: `ieee`). One row per
    case: PASS/FAIL against the DESIGN.md tolerances relative to each output's magnitude
    (gradients 2x), the max errors of out, dq, dk, dv for pallas and for XLA. Only the first
    `--check_share` of the budget may start cases.
-2. Speed (table `gpu_check_speed`), bf16, 4K / 16K / 64K tokens, head_dim 128 and 64, causal and
+2. Decode (table `gpu_check_decode`), bf16, one token against a cache of `--decode_lengths`
+   tokens at `--decode_batches`, 32 q heads / 8 kv heads, d128: reading the cache once
+   (`jnp.sum` over K and V, the memory bound), the split-K flash-decoding kernel + merge
+   ("pallas"), the XLA decode path and cuDNN: ms, GB/s of the K/V cache, time / read time.
+3. Speed (table `gpu_check_speed`), bf16, 4K / 16K / 64K tokens, head_dim 128 and 64, causal and
    a causal 4096-token window: one row per (config, mode, implementation) with ms per call and
    TFLOP/s: ours ("pallas"), cuDNN (`jax.nn.dot_product_attention(implementation="cudnn")`),
    JAX's bundled Pallas mha (causal only) and our XLA path. FLOPs count visible (query, key)
    pairs only: forward 4 * B * N * pairs * H, backward 2.5x that. Batch x length = 16K tokens,
    N * H = 2048. The acceptance configurations come first.
-3. Acceptance (table `gpu_check_acceptance`): pallas/cuDNN at 16K d128 causal (goals 0.6 fwd,
+4. Acceptance (table `gpu_check_acceptance`): pallas/cuDNN at 16K d128 causal (goals 0.6 fwd,
    0.5 fwd+bwd) and the 64K window-vs-causal speed-up (goal 8x).
 
 Every measurement is guarded (its error becomes the row's status). Nothing starts after
@@ -67,6 +74,8 @@ def define_flags() -> None:
   flags.DEFINE_list("head_dims", ["128", "64"], "Head dims to time.")
   flags.DEFINE_integer("tokens", 16384, "Batch x length of each timed configuration.")
   flags.DEFINE_integer("width", 2048, "Heads x head_dim of each timed configuration.")
+  flags.DEFINE_list("decode_lengths", ["131072"], "Cache lengths of the decode rows (none: '').")
+  flags.DEFINE_list("decode_batches", ["1", "8"], "Batch sizes of the decode rows.")
 
 
 TOL = {jnp.dtype(jnp.bfloat16): 2e-2, jnp.dtype(jnp.float16): 5e-3,
@@ -92,12 +101,20 @@ def check_cases(length: int):
   seg = jnp.asarray(np.minimum(np.arange(length) * 5 // length, 4)[None].repeat(2, 0), jnp.int32)
   seg = seg.at[:, -max(1, length // 27):].set(-1)
   t_dec, w = max(16, length // 4), max(8, length * 3 // 10)
+  offsets = jnp.array([length - 4, length // 3])  # decode: 4 new tokens ending at the cache's end
+  ring = jnp.where(jnp.arange(length)[None] < jnp.array([[length // 5], [0]]), -1, 0)  # empty first
   causal = ("causal d128", (2, length, length, 8, 8, 128), Mask(causal=True))
   segments = ("segments+pad d128", (2, length, length, 4, 4, 128),
               Mask(causal=True, q_segment_ids=seg, kv_segment_ids=seg))
   return [
       (*causal, jnp.bfloat16), (*segments, jnp.float32), (*causal, jnp.float32),
       ("window gqa 8:2 d64", (2, length, length, 8, 2, 64), local_mask(w), jnp.bfloat16),
+      ("decode T=1 gqa 32:8 d128", (2, 1, length, 32, 8, 128),
+       Mask(causal=True, q_offset=offsets + 3), jnp.bfloat16),
+      ("decode T=4 ring+window mqa d64", (2, 4, length, 8, 1, 64),
+       Mask(causal=True, window=(length // 4, 0), q_offset=offsets,
+            q_segment_ids=jnp.zeros((2, 4), jnp.int32), kv_segment_ids=ring.astype(jnp.int32)),
+       jnp.float32),
       (*segments, jnp.bfloat16),
       ("q_offset [B] mqa d64", (2, t_dec, length, 8, 1, 64),
        Mask(causal=True, window=(length // 2, 0),
@@ -264,6 +281,58 @@ def report(results, out_dir: str, window: int) -> None:
               verdict="n/a" if value is None else ("OK" if value >= 8 else "BELOW"))
 
 
+DECODE_SHAPE = (32, 8, 128)  # query heads, kv heads (GQA 4:1), head_dim of the decode rows
+
+
+def _decode_impls(length: int):
+  """name -> fn(q [B, 1, N, H], k, v) of one decode step at position `length - 1`."""
+  mask = Mask(causal=True, q_offset=length - 1)
+  f32 = jnp.float32
+  impls = {
+      "read K+V (jnp.sum)": lambda q, k, v: jnp.sum(k, dtype=f32) + jnp.sum(v, dtype=f32),
+      "pallas (split-K)": functools.partial(flash_attention, mask=mask, implementation="pallas",
+                                            interpret=FLAGS.interpret),
+      "xla (decode path)": functools.partial(flash_attention, mask=mask, implementation="xla"),
+      # the last token sees every key: no mask
+      "cudnn": functools.partial(jax.nn.dot_product_attention, implementation="cudnn"),
+  }
+  if jax.default_backend() != "gpu":
+    impls["cudnn"] = "n/a (no GPU)"
+  return impls
+
+
+def run_decode(budget: gpu_run.Budget, out_dir: str, lengths, batches) -> None:
+  """One bf16 decode step (T = 1, `DECODE_SHAPE`) per (cache length, batch): the split-K
+  kernel + merge, the XLA decode path and cuDNN next to reading the cache once (`jnp.sum`).
+  GB/s = the K/V bytes (2 B S K H x 2) / time; `x read` = time / the read's time."""
+  table = gpu_run.Table(out_dir, "gpu_check_decode",
+                        ["config", "impl", "ms", "gbs", "x_read", "status"],
+                        [-14, -20, 9, 7, 7, -20], "decode step (bf16, T=1, 32 q / 8 kv heads, "
+                        "d128; GB/s of the K/V cache)")
+  n, kh, h = DECODE_SHAPE
+  for length in lengths:
+    impls = _decode_impls(length)
+    for b in batches:
+      config, read_s, inputs = f"{length} B{b}", None, None
+      for name, impl in impls.items():
+        if not budget.allows():
+          table.add(config=config, impl=name, status="skipped (budget)")
+          continue
+        if isinstance(impl, str):
+          table.add(config=config, impl=name, status=impl)
+          continue
+        try:
+          inputs = inputs or _inputs(2, b, 1, length, n, kh, h, jnp.bfloat16)[:3]
+          seconds = timing.seconds_per_call(jax.jit(impl), *inputs,
+                                            samples=1 if FLAGS.interpret else 5)
+          read_s = seconds if name.startswith("read") else read_s
+          table.add(config=config, impl=name, ms=seconds * 1e3, status="ok",
+                    gbs=2 * b * length * kh * h * 2 / seconds / 1e9,
+                    x_read=seconds / read_s if read_s else "")
+        except Exception as e:  # pylint: disable=broad-except
+          table.add(config=config, impl=name, status=f"ERROR {type(e).__name__}: {str(e)[:200]}")
+
+
 def run_sweep(budget: gpu_run.Budget, out_dir: str):
   """Tile shapes around the defaults: 16K d128 causal, and 64K d128 window (edge-tile waste)."""
   table = gpu_run.Table(out_dir, "gpu_check_sweep", ["config", "mode", "ms", "tflops", "tiles"],
@@ -296,6 +365,8 @@ def main(argv):
   ok = True
   if not FLAGS.skip_check:
     ok = check_correctness(budget, FLAGS.out)
+  run_decode(budget, FLAGS.out, [int(t) for t in FLAGS.decode_lengths],
+             [int(b) for b in FLAGS.decode_batches])
   results = run_timing(budget, FLAGS.out, [int(t) for t in FLAGS.lengths],
                        [int(h) for h in FLAGS.head_dims], FLAGS.window)
   report(results, FLAGS.out, FLAGS.window)

@@ -2,6 +2,7 @@
 
     python -m experiments.benchmark                        # "default": the attention table
     python -m experiments.benchmark --preset=acceptance    # the figures of attention/README.md
+    python -m experiments.benchmark --preset=decode        # decode steps vs reading the cache
     python -m experiments.benchmark --preset=dsa_decode    # one DSA decode step vs dense
 
 A registry, as attention functions and layer kinds are: a new measurement is one decorated
@@ -14,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
-from experiments.bench import attention_bench, dsa_bench
+from experiments.bench import attention_bench, decode_bench, dsa_bench
 
 Values = Mapping[str, Any]
 
@@ -68,6 +69,19 @@ ACCEPTANCE = dict(methods=["jax", "flash", "local"], causal=["false", "true"],
 def acceptance(values: Values, explicit: frozenset[str]) -> None:
   attention_table({**values, **{k: v for k, v in ACCEPTANCE.items() if k not in explicit}},
                   explicit)
+
+
+DECODE_LENGTHS = ("8192", "32768", "131072")
+
+
+@preset("decode", "dense and DSA decode steps vs reading the cache once, 8K-131072 tokens, "
+        "batch 1/8, 1/8 kv heads (experiments/bench/decode_bench.py); --lengths, --dtype, "
+        "--repeats (rounds, at least 3)")
+def decode(values: Values, explicit: frozenset[str]) -> None:
+  lengths = values["lengths"] if "lengths" in explicit else DECODE_LENGTHS
+  decode_bench.run([int(s) for s in lengths], decode_bench.Shape(dtype=values["dtype"]),
+                   rounds=max(3, values["repeats"]), workdir=values["workdir"],
+                   echo=lambda line: print(line, flush=True))
 
 
 @preset("dsa_decode", "one DSA decode step vs dense at a 131072-token cache "

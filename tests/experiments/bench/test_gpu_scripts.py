@@ -82,9 +82,15 @@ def _check_cut_run(result, seconds, budget_s, out_dir, script):
 def test_gpu_check_smoke_cut_by_budget(tmp_path):
   result, seconds, budget_s = _smoke("gpu_check", tmp_path, "--check_len=32", "--check_cases=1",
                                      "--lengths=32,64,128,256", "--head_dims=16,32",
-                                     "--window=16", "--tokens=256", "--width=32")
+                                     "--window=16", "--tokens=256", "--width=32",
+                                     "--decode_lengths=64", "--decode_batches=1")
   _check_cut_run(result, seconds, budget_s, tmp_path, "gpu_check")
   assert "16K d128 causal fwd" in result.stdout  # the acceptance table came last
+  # The decode rows (between correctness and speed): the split-K kernel ran or was cut.
+  decode = {r["impl"]: r["status"] for r in _rows(tmp_path, "gpu_check_decode")}
+  assert decode["cudnn"] == "n/a (no GPU)", decode
+  assert {decode[k] for k in ("read K+V (jnp.sum)", "pallas (split-K)", "xla (decode path)")} <= {
+      "ok", "skipped (budget)"}, decode
 
 
 @pytest.mark.slow
@@ -94,6 +100,7 @@ def test_dsa_gpu_check_smoke_cut_by_budget(tmp_path):
                                      "--top_k=16", "--heads=2")
   _check_cut_run(result, seconds, budget_s, tmp_path, "dsa_gpu_check")
   assert "lax.top_k select" in result.stdout
+  assert "DSA decode step (FP8 keys)" in result.stdout  # a decode row, measured or cut
 
 
 def test_table_rows_reach_disk_as_they_come(tmp_path, capsys):
@@ -126,7 +133,8 @@ def test_scripts_import_only_jax_numpy_absl_jaxtyping():
   importing them defines no flag (`define_flags()` runs only under `__main__`). The smoke runs
   above cover what the scripts import lazily while running."""
   modules = ("experiments.bench.gpu_check", "experiments.bench.dsa_gpu_check",
-             "attention.kernels.flash_pallas", "attention.kernels.sparse_pallas")
+             "attention.kernels.flash_pallas", "attention.kernels.sparse_pallas",
+             "attention.kernels.decode_pallas", "attention.kernels.sparse_decode_pallas")
   code = ("import importlib, sys; from tests.experiments.bench import bare_jax; b = bare_jax.install(); "
           f"[importlib.import_module(m) for m in {modules!r}]; print('blocked:', b.blocked); "
           "from absl import flags; print('flags defined:', 'budget_s' in flags.FLAGS)")
