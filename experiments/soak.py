@@ -7,13 +7,13 @@ Trains the config (`python -m experiments.train` subprocesses, every `--config.x
 straight through into `<workdir>/straight`; then into `<workdir>/killed`, `--kills` times: start
 the same command, let it log a random step past the last one it logged, wait a random time up to
 `--max_delay` seconds more (so the kill lands anywhere: inside a step, a checkpoint write, a
-metrics line) and send it `--signal` (default KILL: no chance to clean up); finally run it to the
-end. Then checks, and prints, that nothing was lost or duplicated: `metrics.jsonl` holds each
+metrics line) and send it the next of `--signals` (default KILL: no chance to clean up); finally
+run it to the end. Then checks, and prints, that nothing was lost or duplicated: `metrics.jsonl` holds each
 step once with the same values as the straight run (all but `tokens_per_s`), and the final
 parameters are equal. Exits 1 on a difference. Runs log every step and write no evaluation grid.
 
-With `--signal=TERM` (or INT, USR1) each stopped run must also exit with code 75 (stopped
-after checkpointing its step, experiments/training/stops.py).
+A run sent TERM, INT or USR1 must also exit with code 75 (stopped after checkpointing its step,
+experiments/training/stops.py): `--signals=TERM,KILL` alternates stop signals and kills.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def run_to_end(command: list[str], timeout: float) -> None:
 def kill_at_random(command: list[str], workdir: str, num_steps: int, rng: random.Random,
                    sig: signal.Signals, max_delay: float, timeout: float) -> dict[str, Any]:
   """Starts `command`, waits for a random step past the last logged one (+ a random delay),
-  sends `sig`; returns what happened (`step` seen, `returncode`, stderr's last line)."""
+  sends `sig`; returns what happened (the `step` logged when it was sent, `returncode`,
+  stderr's last line, the `checkpoints` steps on disk after it)."""
   last = max(logged_steps(workdir), default=0)
   target = rng.randint(last + 1, max(last + 1, num_steps - 1))
   err = tempfile.TemporaryFile("w+")  # not a pipe: a full pipe would stall the run
@@ -95,8 +96,10 @@ def kill_at_random(command: list[str], workdir: str, num_steps: int, rng: random
   err.seek(0)
   lines = err.read().strip().splitlines()
   err.close()
-  return dict(target=target, step=seen, returncode=proc.returncode,
-              message=lines[-1] if lines else "")
+  directory = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+  return dict(signal=sig.name, target=target, step=seen, returncode=proc.returncode,
+              message=lines[-1] if lines else "", checkpoints=steps)
 
 
 def compare(straight: str, killed: str) -> list[str]:
@@ -127,20 +130,19 @@ def compare(straight: str, killed: str) -> list[str]:
   return out
 
 
-def soak(train_args: Sequence[str], workdir: str, num_steps: int, kills: int, seed: int = 0,
-         sig: signal.Signals = signal.SIGKILL, max_delay: float = 0.5, timeout: float = 600,
-         straight: str | None = None) -> dict[str, Any]:
-  """The straight run, `kills` killed-and-restarted runs, the final run; their comparison.
-
-  `straight`: a finished straight run's workdir to compare with (made here if None).
-  """
+def soak(train_args: Sequence[str], workdir: str, num_steps: int,
+         signals: Sequence[signal.Signals], seed: int = 0, max_delay: float = 0.5,
+         timeout: float = 600, straight: str | None = None) -> dict[str, Any]:
+  """The straight run, a run stopped by each of `signals` in turn and restarted, the final
+  run; their comparison. `straight`: a finished straight run's workdir to compare with (made
+  here if None)."""
   killed = os.path.join(workdir, "killed")
   if straight is None:
     straight = os.path.join(workdir, "straight")
     run_to_end(train_command(train_args, straight), timeout)
   rng = random.Random(seed)
   events = [kill_at_random(train_command(train_args, killed), killed, num_steps, rng, sig,
-                           max_delay, timeout) for _ in range(kills)]
+                           max_delay, timeout) for sig in signals]
   run_to_end(train_command(train_args, killed), timeout)
   return dict(events=events, differences=compare(straight, killed))
 
@@ -150,17 +152,20 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore of the comparison
   train_args = [a for a in sys.argv[1:] if a.startswith("--config")]
-  sig = signal.Signals["SIG" + FLAGS.signal.upper().removeprefix("SIG")]
-  result = soak(train_args, FLAGS.workdir, FLAGS.config.num_steps, FLAGS.kills, FLAGS.seed,
-                sig, FLAGS.max_delay)
+  names = [n.strip().upper().removeprefix("SIG") for n in FLAGS.signals.split(",")]
+  cycle = [signal.Signals["SIG" + n] for n in names]
+  signals = [cycle[i % len(cycle)] for i in range(FLAGS.kills)]
+  result = soak(train_args, FLAGS.workdir, FLAGS.config.num_steps, signals, FLAGS.seed,
+                FLAGS.max_delay)
   for event in result["events"]:
-    print(f"killed with {sig.name} at step {event['step']} (exit {event['returncode']})")
+    print(f"{event['signal']} at step {event['step']}: exit {event['returncode']}")
   for line in result["differences"]:
     print(f"DIFFERENT: {line}")
-  wrong = [e for e in result["events"] if sig != signal.SIGKILL and e["returncode"] not in (0, 75)]
+  wrong = [e for e in result["events"]
+           if e["signal"] != "SIGKILL" and e["returncode"] not in (0, 75)]
   if result["differences"] or wrong:
     sys.exit(1)
-  print(f"equal: {FLAGS.kills} kills, same metrics and parameters as the straight run")
+  print(f"equal: {FLAGS.kills} stops, the same metrics and parameters as the straight run")
 
 
 def define_flags() -> None:
@@ -170,7 +175,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("kills", 5, "How many times the run is killed and restarted.")
   flags.DEFINE_integer("seed", 0, "Seed of the random kill points.")
   flags.DEFINE_float("max_delay", 0.5, "Most seconds waited after the target step.")
-  flags.DEFINE_string("signal", "KILL", "Signal sent: KILL, TERM, INT or USR1.")
+  flags.DEFINE_string("signals", "KILL", "Signals sent in turn (comma-separated): KILL, TERM, "
+                      "INT, USR1.")
   flags.mark_flags_as_required(["config", "workdir"])
 
 

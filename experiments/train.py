@@ -57,12 +57,17 @@ def main(argv):
     print(common.describe_fields(FLAGS.config))
     return
   logging.get_absl_handler().addFilter(QuietLibraries())
-  workdir = None
+  run(FLAGS.config, FLAGS.workdir)
+
+
+def run(config, workdir: str | None) -> None:
+  """What the command does once its flags are read: train and evaluate into `workdir`; an
+  expected error or early stop prints one line and exits with its code (see above)."""
   try:
-    workdir = workdir_lib.prepare(FLAGS.workdir)
+    workdir = workdir_lib.prepare(workdir)
     handler = workdir_lib.log_to_file(workdir)
     try:
-      result = evaluation.train_and_evaluate(FLAGS.config, workdir)
+      result = evaluation.train_and_evaluate(config, workdir)
     finally:
       workdir_lib.stop_logging(handler)
   except stops.RunStopped as e:  # preempted, diverged, a failed write: one line, its exit code

@@ -149,16 +149,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
         heartbeat_timeout_seconds=int(config.heartbeat_timeout_s))
   workdir = workdir_lib.prepare(workdir)
   primary = jax.process_index() == 0  # several hosts: one writer (and locker) of the workdir
-  with (workdir_lib.lock(workdir) if primary else contextlib.nullcontext(),
-        stops.StopSignals() as signals):  # a signal from here on stops after a step
-    run = setup(config, workdir, primary)
-    try:
-      end = config.num_steps if stop_at_step is None else min(stop_at_step, config.num_steps)
-      last = train_loop(run, config, end, signals)
-    finally:
-      run.ckpt.close()
-      if run.log is not None:
-        run.log.close()
+  with workdir_lib.lock(workdir) if primary else contextlib.nullcontext():
+    with stops.StopSignals() as signals:  # while training, a signal stops after a step
+      run = setup(config, workdir, primary)
+      try:
+        end = config.num_steps if stop_at_step is None else min(stop_at_step, config.num_steps)
+        last = train_loop(run, config, end, signals)
+      finally:
+        run.ckpt.close()
+        if run.log is not None:
+          run.log.close()
     return finish(run, config, end, last, evaluate)
 
 

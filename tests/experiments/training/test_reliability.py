@@ -8,12 +8,12 @@ import os
 import re
 import signal
 
-from absl import flags
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from experiments import soak, train
+from experiments.configs import passkey
 from experiments.training import checkpoints, stops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -22,19 +22,15 @@ SMOKE = os.path.join(ROOT, "experiments", "configs", "passkey.py") + ":smoke"
 STEPS = 6
 
 
-def run_main(workdir, *overrides):
-  """`python -m experiments.train` in this process; returns its exit code."""
-  train.define_flags()
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(["train", f"--config={SMOKE}", f"--workdir={workdir}",
-               "--config.eval_after_train=False", "--config.log_every=1", *overrides])
+def run_main(workdir, **overrides):
+  """`python -m experiments.train` (past its flags) in this process; returns its exit code."""
+  config = passkey.get_config("smoke")
+  config.update(eval_after_train=False, log_every=1, **overrides)
   try:
-    train.main(["train"])
+    train.run(config, workdir)
     return 0
   except SystemExit as e:
     return e.code
-  finally:
-    flags.FLAGS.unparse_flags()
 
 
 def strict_rows(workdir):
@@ -46,7 +42,6 @@ def strict_rows(workdir):
 
 
 def trainer_model():
-  from experiments.configs import passkey  # pylint: disable=g-import-not-at-top
   from experiments.training import trainer  # pylint: disable=g-import-not-at-top
   return trainer.make_model(passkey.get_config("smoke"))
 
@@ -56,10 +51,11 @@ def last_line(text):
 
 
 def test_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, capsys):
-  """The issue's scenario: lr=1e6, 6 steps, checkpoints every 2, 2 kept."""
+  """lr=1e6 (the loss is NaN from step 3 or 4), 6 steps, checkpoints every 2, 2 kept: before,
+  the run trained on through NaN, exited 0 and rotation left only NaN checkpoints."""
   workdir = str(tmp_path)
-  code = run_main(workdir, "--config.optim.lr=1e6", f"--config.num_steps={STEPS}",
-                  "--config.checkpoint_every=2", "--config.max_to_keep=2")
+  code = run_main(workdir, num_steps=STEPS, checkpoint_every=2, max_to_keep=2,
+                  optim=dict(passkey.get_config("smoke").optim, lr=1e6))
   err = capsys.readouterr().err
   assert code == stops.Diverged.exit_code == 3, err[-2000:]
   line = last_line(err)
@@ -74,7 +70,8 @@ def test_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, capsys
   assert any(r["grad_norm"] is None or r["loss"] is None for r in rows[-3:]), rows
 
 
-def test_failed_checkpoint_write_keeps_older_ones_and_resumes(tmp_path, capsys, monkeypatch):
+def test_failed_checkpoint_write_keeps_older_ones_and_resumes(tmp_path, capsys, monkeypatch,
+                                                              caplog):
   workdir = str(tmp_path)
   real_save, calls = ocp.JsonCheckpointHandler.async_save, []
 
@@ -85,8 +82,8 @@ def test_failed_checkpoint_write_keeps_older_ones_and_resumes(tmp_path, capsys, 
     return await real_save(self, directory, *args, **kwargs)
 
   monkeypatch.setattr(ocp.JsonCheckpointHandler, "async_save", disk_full_at_second_save)
-  args = (f"--config.num_steps={STEPS}", "--config.checkpoint_every=2", "--config.max_to_keep=1")
-  code = run_main(workdir, *args)
+  args = dict(num_steps=STEPS, checkpoint_every=2, max_to_keep=1)
+  code = run_main(workdir, **args)
   err = capsys.readouterr().err
   assert code == stops.WriteFailed.exit_code == 74, err[-2000:]
   line = last_line(err)
@@ -95,48 +92,33 @@ def test_failed_checkpoint_write_keeps_older_ones_and_resumes(tmp_path, capsys, 
       "newest kept checkpoint is step 2" in line), line
   assert checkpoints.load_params(trainer_model(), workdir) == 2  # max_to_keep=1: not rotated out
   monkeypatch.setattr(ocp.JsonCheckpointHandler, "async_save", real_save)
-  assert run_main(workdir, *args) == 0  # the same command: resumes from step 2
-  assert "Resumed from step 2" in capsys.readouterr().err
+  with caplog.at_level("INFO"):
+    assert run_main(workdir, **args) == 0  # the same command: resumes from step 2
+  assert any("Resumed from step 2" in r.getMessage() for r in caplog.records)
   assert [r["step"] for r in strict_rows(workdir)] == list(range(1, STEPS + 1))
   assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(STEPS)]
 
 
-# --- real subprocesses: a stop signal, SIGKILL soak ----------------------------------------------
+# --- real subprocesses: a stop signal, then SIGKILL at random points ---------------------------
 
-TRAIN_ARGS = (f"--config={SMOKE}", f"--config.num_steps={STEPS}", "--config.max_to_keep=2")
-
-
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-  """The uninterrupted run the interrupted ones must equal (checkpoints every 2 steps)."""
-  workdir = str(tmp_path_factory.mktemp("straight"))
-  soak.run_to_end(soak.train_command([*TRAIN_ARGS, "--config.checkpoint_every=2"], workdir), 600)
-  return workdir
+TRAIN_ARGS = (f"--config={SMOKE}", f"--config.num_steps={2 * STEPS}", "--config.max_to_keep=2",
+              "--config.checkpoint_every=3")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM])
-def test_stop_signal_checkpoints_its_step_and_the_rerun_resumes_exactly(sig, straight_run,
-                                                                        tmp_path):
-  """A signal mid-run, with no periodic checkpoint before the end: the step it stops at is
-  saved, the exit code is 75, and the same command then ends equal to the straight run."""
-  args = [*TRAIN_ARGS, "--config.checkpoint_every=1000"]
-  result = soak.soak(args, str(tmp_path), STEPS, kills=1, seed=1, sig=sig, max_delay=0.2,
-                     straight=straight_run)
-  (event,) = result["events"]
-  assert event["returncode"] == stops.Preempted.exit_code == 75, event
-  match = re.fullmatch(rf"stopped: stopped by {sig.name} after step (\d+) of {STEPS}: saved "
-                       rf"checkpoint \1 in (\S+); run the same command again to resume\.",
-                       event["message"])
-  assert match and int(match[1]) >= event["target"], event
-  assert int(match[1]) < STEPS and os.path.isdir(os.path.join(match[2], match[1])), event
-  assert result["differences"] == [], result
-
-
-@pytest.mark.slow
-def test_sigkill_soak_loses_and_duplicates_nothing(straight_run, tmp_path):
-  args = [*TRAIN_ARGS, "--config.checkpoint_every=2"]
-  result = soak.soak(args, str(tmp_path), STEPS, kills=2, seed=0, max_delay=0.2,
-                     straight=straight_run)
-  assert [e["returncode"] for e in result["events"]] == [-signal.SIGKILL] * 2, result
+def test_stop_signal_and_sigkills_then_the_same_command_ends_equal_to_a_straight_run(tmp_path):
+  """`experiments.soak` at a tiny size: SIGTERM mid-run (the step it stops at is saved, exit
+  75), then SIGKILL twice at random points, then the same command runs to the end: its
+  metrics (each step once) and parameters equal the uninterrupted run's."""
+  signals = [signal.SIGTERM, signal.SIGKILL, signal.SIGKILL]
+  result = soak.soak(TRAIN_ARGS, str(tmp_path), 2 * STEPS, signals, seed=1, max_delay=0.2)
+  stopped, *killed = result["events"]
+  assert stopped["returncode"] == stops.Preempted.exit_code == 75, stopped
+  match = re.fullmatch(rf"stopped: stopped by SIGTERM after step (\d+) of {2 * STEPS}: saved "
+                       rf"checkpoint \1 in \S+; run the same command again to resume\.",
+                       stopped["message"])
+  assert match and stopped["target"] <= int(match[1]) < 2 * STEPS, stopped
+  assert int(match[1]) in stopped["checkpoints"], stopped
+  codes = [e["returncode"] for e in killed]  # 0: it ended before the kill (at the last step)
+  assert -signal.SIGKILL in codes and set(codes) <= {-signal.SIGKILL, 0}, result
   assert result["differences"] == [], result
