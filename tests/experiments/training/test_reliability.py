@@ -14,7 +14,7 @@ import pytest
 
 from experiments import soak, train
 from experiments.configs import passkey
-from experiments.training import checkpoints, stops
+from experiments.training import checkpoints, loop, stops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))))
@@ -33,12 +33,15 @@ def run_main(workdir, **overrides):
     return e.code
 
 
-def strict_rows(workdir):
-  """metrics.jsonl parsed as strict JSON (NaN / Infinity are errors)."""
+def strict_rows(workdir, whole_lines_only=False):
+  """`<workdir>/metrics.jsonl` parsed as strict JSON (NaN / Infinity are errors)."""
   def reject(name):
     raise ValueError(f"non-JSON constant {name} in metrics.jsonl")
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line, parse_constant=reject) for line in f]
+    text = f.read()
+  lines = text.splitlines(keepends=True)
+  return [json.loads(line, parse_constant=reject) for line in lines
+          if not whole_lines_only or line.endswith("\n")]
 
 
 def trainer_model():
@@ -97,6 +100,33 @@ def test_failed_checkpoint_write_keeps_older_ones_and_resumes(tmp_path, capsys, 
   assert any("Resumed from step 2" in r.getMessage() for r in caplog.records)
   assert [r["step"] for r in strict_rows(workdir)] == list(range(1, STEPS + 1))
   assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(STEPS)]
+
+
+def test_stop_signals_set_a_flag_until_the_block_ends():
+  before = {sig: signal.getsignal(sig) for sig in stops.SIGNALS}
+  with stops.StopSignals() as signals:
+    assert not signals.agreed()
+    os.kill(os.getpid(), signal.SIGUSR1)  # handled between bytecodes: the process lives on
+    assert signals.agreed() and signals.received == "SIGUSR1"
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C does not wait for the step
+  assert {sig: signal.getsignal(sig) for sig in stops.SIGNALS} == before
+
+
+def test_metrics_are_strict_json_and_a_torn_last_line_is_dropped(tmp_path):
+  path = str(tmp_path / "metrics.jsonl")
+  log = loop.MetricsLog(path, 0)
+  log.write(dict(step=1, loss=float("nan"), grad_norm=float("inf"), skipped_steps=1))
+  log.write(dict(step=2, loss=1.5, skipped_steps=1))
+  log.close()
+  with open(path, "a") as f:
+    f.write('{"step": 3, "loss": 1.')  # killed while appending
+  assert strict_rows(tmp_path, whole_lines_only=True) == [
+      dict(step=1, loss=None, grad_norm=None, skipped_steps=1),
+      dict(step=2, loss=1.5, skipped_steps=1)]
+  assert [r["step"] for r in loop.read_metrics(path)] == [1, 2]
+  loop.MetricsLog(path, 1).close()  # resumed from step 1: the file is rewritten, whole lines
+  assert strict_rows(tmp_path) == [dict(step=1, loss=None, grad_norm=None, skipped_steps=1)]
 
 
 # --- real subprocesses: a stop signal, then SIGKILL at random points ---------------------------
