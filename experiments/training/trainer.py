@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from experiments.training import sharding
 from models import KindSettings, ModelConfig, Transformer
@@ -215,7 +216,7 @@ def evaluate_batches(model: Transformer, batches, put=None) -> dict[str, float]:
   """
   totals = {"exact": 0.0, "rows": 0, "correct": 0.0, "scored": 0.0, "loss": 0.0}
   for batch in batches:
-    scores = jax.device_get(eval_step(model, (put or to_device)(batch)))
+    scores = host_values(eval_step(model, (put or to_device)(batch)))
     totals["exact"] += float(np.sum(scores["exact"]))
     totals["rows"] += len(scores["exact"])
     for key in ("correct", "scored", "loss"):
@@ -223,6 +224,14 @@ def evaluate_batches(model: Transformer, batches, put=None) -> dict[str, float]:
   scored = max(totals["scored"], 1.0)
   return {"accuracy": totals["exact"] / max(totals["rows"], 1),
           "token_accuracy": totals["correct"] / scored, "eval_loss": totals["loss"] / scored}
+
+
+def host_values(tree):
+  """`jax.device_get(tree)`, also for arrays sharded over several processes' devices (each
+  process gets the whole global value: the rows of a data-parallel batch live on all hosts)."""
+  if jax.process_count() > 1:
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
 
 
 def to_device(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
