@@ -8,9 +8,10 @@ straight through into `<workdir>/straight`; then into `<workdir>/killed`, `--kil
 the same command, let it log a random step past the last one it logged, wait a random time up to
 `--max_delay` seconds more (so the kill lands anywhere: inside a step, a checkpoint write, a
 metrics line) and send it the next of `--signals` (default KILL: no chance to clean up); finally
-run it to the end. Then checks, and prints, that nothing was lost or duplicated: `metrics.jsonl` holds each
-step once with the same values as the straight run (all but `tokens_per_s`), and the final
-parameters are equal. Exits 1 on a difference. Runs log every step and write no evaluation grid.
+run it to the end. Then checks, and prints, that nothing was lost or duplicated: `metrics.jsonl`
+holds each step once with the same values as the straight run (all but `tokens_per_s`), and the
+final parameters are equal. Exits 1 on a difference. Runs log every step and write no evaluation
+grid.
 
 A run sent TERM, INT or USR1 must also exit with code 75 (stopped after checkpointing its step,
 experiments/training/stops.py): `--signals=TERM,KILL` alternates stop signals and kills.

@@ -7,16 +7,17 @@
 
 A checkpoint `checkpoints/<step>/` holds three items: `model` (`nnx.state(model)`), `opt`
 (`nnx.state(optimizer)`: AdamW moments and the update count that drives the schedule) and
-`meta` (JSON: the step, the seed, the next data step, and the model config). The data a run
+`meta` (JSON: the step, the seed, the next data step, the model config, and the counts of
+non-finite steps that were not applied: `skipped_steps`, `nonfinite_in_a_row`). The data a run
 sees is a pure function of (seed, step) (experiments/data/tasks.py), so the step *is* the data
 position and a restarted run continues with the same batches. The model is deterministic
 (no dropout), so there is no other RNG state to save.
 
-Never written with a non-finite value, and a failed write leaves the older checkpoints
-loadable (`Checkpoints.save`). Never destructive on error: a checkpoint written by a different model, or a directory where no
-step can be read, raises `CheckpointError` before anything is trained or saved. A newest step
-that cannot be read (a run killed mid-write on a filesystem without atomic renames, a disk
-error) is skipped for the newest step that loads, and moved aside, not deleted.
+Never written with a non-finite value, and a failed write leaves the older checkpoints loadable
+(`Checkpoints.save`). Never destructive on error: a checkpoint written by a different model, or
+a directory where no step can be read, raises `CheckpointError` before anything is trained or
+saved. A newest step that cannot be read (a run killed mid-write on a filesystem without atomic
+renames, a disk error) is skipped for the newest step that loads, and moved aside, not deleted.
 """
 
 from __future__ import annotations

@@ -315,8 +315,9 @@ def count_applied(run: Run, applied: bool, step: int) -> None:
 def diverged_message(run: Run, config: ml_collections.ConfigDict, step: int) -> str:
   """One line: which steps were not finite, and the last good checkpoint to go back to."""
   good = run.ckpt.latest_step()
-  where = (f"the last good checkpoint is step {good} ({os.path.join(run.ckpt.directory, str(good))})"
-           if good is not None else "no checkpoint was written")
+  path = os.path.join(run.ckpt.directory, str(good))
+  where = (f"the last good checkpoint is step {good} ({path})" if good is not None
+           else "no checkpoint was written")
   return (f"training diverged: steps {step - run.in_a_row + 1}-{step} had a non-finite loss or "
           f"gradients ({run.in_a_row} in a row, max_nonfinite_steps="
           f"{config.max_nonfinite_steps}) and none was applied; {where}. Lower optim.lr (or "

@@ -18,6 +18,7 @@ import pytest
 
 from experiments import soak
 from experiments.training import loop
+from tests.multidevice import run_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))))
@@ -43,11 +44,15 @@ def environment(devices: int, process: int | None = None, port: int | None = Non
   return env
 
 
-def one_process(workdir: str) -> None:
-  """The run (or its resume) in one process with 8 devices."""
-  proc = subprocess.run(soak.train_command(ARGS, workdir), env=environment(8),
-                        capture_output=True, text=True, timeout=TIMEOUT)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+def one_process_runs():
+  """Worker (8 devices): the run straight into $STRAIGHT, then the resume of $SHARED, as the
+  command with `ARGS` would do them (one process: the train step compiles once for both)."""
+  from experiments.configs import passkey  # pylint: disable=g-import-not-at-top
+  from experiments.evaluation import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  config = passkey.get_config("smoke")
+  config.update(num_steps=STEPS, mesh="data:2,seq:4", checkpoint_every=1000,
+                heartbeat_timeout_s=10, log_every=1, progress=False, eval_after_train=False)
+  return [train_and_evaluate(config, os.environ[name])["step"] for name in ("STRAIGHT", "SHARED")]
 
 
 def two_processes(workdir: str):
@@ -88,9 +93,9 @@ def params(workdir: str):
 
 
 @pytest.mark.slow
-def test_two_processes_agree_checkpoint_together_and_match_one_process(tmp_path):
+def test_two_processes_agree_checkpoint_together_and_match_one_process(tmp_path,
+                                                                        monkeypatch):
   straight, shared = str(tmp_path / "straight"), str(tmp_path / "two")
-  one_process(straight)
 
   procs = two_processes(shared)
   wait_for_step(shared, 1, procs)
@@ -115,10 +120,13 @@ def test_two_processes_agree_checkpoint_together_and_match_one_process(tmp_path)
   procs[1][0].kill()
   killed_at = time.time()
   (code, err), _ = finish(procs, timeout=120)
-  assert code != 0 and time.time() - killed_at < 120, err[-2000:]
+  assert code != 0 and time.time() - killed_at < 120, (code, err[-2000:])  # JAX aborts it
   assert "another task died" in err or "heartbeat" in err, err[-3000:]
 
-  one_process(shared)  # one process resumes the checkpoint the two wrote
+  # One process: the straight run, and the resume of the checkpoint the two processes wrote.
+  monkeypatch.setenv("STRAIGHT", straight)
+  monkeypatch.setenv("SHARED", shared)
+  assert run_worker(__name__, "one_process_runs", devices=8) == [STEPS, STEPS]
   got = loop.read_metrics(os.path.join(shared, "metrics.jsonl"))
   want = loop.read_metrics(os.path.join(straight, "metrics.jsonl"))
   assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1))

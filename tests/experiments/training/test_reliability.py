@@ -73,8 +73,7 @@ def test_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, capsys
   assert any(r["grad_norm"] is None or r["loss"] is None for r in rows[-3:]), rows
 
 
-def test_failed_checkpoint_write_keeps_older_ones_and_resumes(tmp_path, capsys, monkeypatch,
-                                                              caplog):
+def test_failed_checkpoint_write_keeps_older_ones_and_resumes(tmp_path, capsys, monkeypatch):
   workdir = str(tmp_path)
   real_save, calls = ocp.JsonCheckpointHandler.async_save, []
 
@@ -95,9 +94,16 @@ def test_failed_checkpoint_write_keeps_older_ones_and_resumes(tmp_path, capsys, 
       "newest kept checkpoint is step 2" in line), line
   assert checkpoints.load_params(trainer_model(), workdir) == 2  # max_to_keep=1: not rotated out
   monkeypatch.setattr(ocp.JsonCheckpointHandler, "async_save", real_save)
-  with caplog.at_level("INFO"):
-    assert run_main(workdir, **args) == 0  # the same command: resumes from step 2
-  assert any("Resumed from step 2" in r.getMessage() for r in caplog.records)
+  real_restore, restored = checkpoints.Checkpoints.restore, []
+
+  def spy(self, *args, **kwargs):
+    meta = real_restore(self, *args, **kwargs)
+    restored.append(None if meta is None else meta["step"])
+    return meta
+
+  monkeypatch.setattr(checkpoints.Checkpoints, "restore", spy)
+  assert run_main(workdir, **args) == 0  # the same command: resumes from step 2
+  assert restored == [2]
   assert [r["step"] for r in strict_rows(workdir)] == list(range(1, STEPS + 1))
   assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(STEPS)]
 
