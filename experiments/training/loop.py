@@ -172,6 +172,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str, primary: bool = True)
     raise ValueError(f"task.tokenizer {tok.spec!r} has {tok.vocab_size} tokens: set "
                      f"--config.model.vocab_size={tok.vocab_size} (or more); it is "
                      f"{config.model.vocab_size}.")
+  for name in ("max_nonfinite_steps", "heartbeat_timeout_s"):
+    if int(config[name]) < 1:
+      raise ValueError(f"{name} must be >= 1, got {config[name]}.")
   if config.batch_size % config.grad_accum:
     raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of grad_accum "
                      f"({config.grad_accum}).")

@@ -119,6 +119,14 @@ def test_stop_signals_set_a_flag_until_the_block_ends():
   assert {sig: signal.getsignal(sig) for sig in stops.SIGNALS} == before
 
 
+def test_stop_settings_are_checked_before_training(tmp_path):
+  for name in ("max_nonfinite_steps", "heartbeat_timeout_s"):
+    config = passkey.get_config("smoke")
+    config[name] = 0
+    with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):
+      loop.setup(config, str(tmp_path))
+
+
 def test_metrics_are_strict_json_and_a_torn_last_line_is_dropped(tmp_path):
   path = str(tmp_path / "metrics.jsonl")
   log = loop.MetricsLog(path, 0)
