@@ -13,6 +13,12 @@ that is killed and started again with the same command continues from its last c
 the same data order. The loop is `experiments.training.loop.train`; the safety rules of a
 workdir (lock, corrupt checkpoints, refused config changes) are in its docstring. Expected
 errors print one line; their traceback goes to `train.log`.
+
+Exit codes (`experiments/training/stops.py`): 0 done; 1 an error (one line); 2 a bad flag or
+config field; 3 diverged (`max_nonfinite_steps` non-finite steps in a row, none applied, every
+checkpoint finite); 74 a checkpoint or metrics write failed (older checkpoints intact); 75
+stopped by SIGTERM, SIGINT or SIGUSR1 after checkpointing the step in flight. After 74 or 75,
+the same command resumes exactly where the run stopped.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from ml_collections import config_flags
 from experiments import evaluation
 from experiments.configs import common
 from experiments.training import checkpoints as ckpt_lib
-from experiments.training import cli
+from experiments.training import cli, stops
 from experiments.training import workdir as workdir_lib
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "passkey.py")
@@ -51,14 +57,23 @@ def main(argv):
     print(common.describe_fields(FLAGS.config))
     return
   logging.get_absl_handler().addFilter(QuietLibraries())
-  workdir = None
+  run(FLAGS.config, FLAGS.workdir)
+
+
+def run(config, workdir: str | None) -> None:
+  """What the command does once its flags are read: train and evaluate into `workdir`; an
+  expected error or early stop prints one line and exits with its code (see above)."""
   try:
-    workdir = workdir_lib.prepare(FLAGS.workdir)
+    workdir = workdir_lib.prepare(workdir)
     handler = workdir_lib.log_to_file(workdir)
     try:
-      result = evaluation.train_and_evaluate(FLAGS.config, workdir)
+      result = evaluation.train_and_evaluate(config, workdir)
     finally:
       workdir_lib.stop_logging(handler)
+  except stops.RunStopped as e:  # preempted, diverged, a failed write: one line, its exit code
+    workdir_lib.log_exception(workdir, e)
+    print(f"{e.label}: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
   except EXPECTED_ERRORS as e:
     log = workdir_lib.log_exception(workdir, e)
     sys.exit(f"error: {e}" + (f"\n(traceback in {log})" if log else ""))

@@ -62,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batches = 2         # batches of `batch_size` rows per evaluation
   c.checkpoint_every = 100
   c.max_to_keep = 2
+  c.max_nonfinite_steps = 3  # non-finite steps (not applied) in a row before the run stops
   c.init_from = ""           # a workdir (or checkpoint dir) whose weights initialise the model
   c.init_step = 0            # with init_from: the checkpoint step to load (0 = the latest)
   c.allow_config_change = False  # resume although computation fields changed (recorded)
@@ -72,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ""
   c.fsdp = False             # shard parameters + optimizer state over the data axis
   c.multihost = False        # jax.distributed.initialize() first (one process per host)
+  c.heartbeat_timeout_s = 100  # multihost: a silent peer for this long ends every process
 
   # After training: accuracy over (context length x depth) with the haystack tasks.
   c.eval_after_train = False
@@ -187,6 +189,8 @@ FIELD_HELP = {
     "eval_batches": "batches of batch_size rows per held-out evaluation",
     "checkpoint_every": "steps between checkpoints",
     "max_to_keep": "checkpoints kept (older ones are deleted)",
+    "max_nonfinite_steps": "non-finite steps in a row (each not applied) before the run stops "
+                           "with exit code 3",
     "init_from": "a workdir whose latest weights initialise the model (context extension)",
     "init_step": "with init_from: the checkpoint step whose weights are loaded (0 = latest)",
     "allow_config_change": "resume even if seed/model/task/optim/batch/num_steps changed "
@@ -195,6 +199,8 @@ FIELD_HELP = {
     "mesh": "device mesh: \"\" = one device, \"data:2,seq:4\", \"data:-1\"",
     "fsdp": "shard parameters and optimizer state over the data axis",
     "multihost": "call jax.distributed.initialize() first (one process per host)",
+    "heartbeat_timeout_s": "multihost: seconds without a peer's heartbeat before JAX ends the "
+                           "other processes (a dead peer never leaves them hanging)",
     "eval_after_train": "run the haystack evaluation grid when training ends",
     "eval": "the evaluation grid after training (experiments/evaluate.py)",
     "eval.tasks": "passkey, needle (teacher-forced), niah (real filler, generated answers), "

@@ -7,15 +7,17 @@
 
 A checkpoint `checkpoints/<step>/` holds three items: `model` (`nnx.state(model)`), `opt`
 (`nnx.state(optimizer)`: AdamW moments and the update count that drives the schedule) and
-`meta` (JSON: the step, the seed, the next data step, and the model config). The data a run
+`meta` (JSON: the step, the seed, the next data step, the model config, and the counts of
+non-finite steps that were not applied: `skipped_steps`, `nonfinite_in_a_row`). The data a run
 sees is a pure function of (seed, step) (experiments/data/tasks.py), so the step *is* the data
 position and a restarted run continues with the same batches. The model is deterministic
 (no dropout), so there is no other RNG state to save.
 
-Never destructive on error: a checkpoint written by a different model, or a directory where no
-step can be read, raises `CheckpointError` before anything is trained or saved. A newest step
-that cannot be read (a run killed mid-write on a filesystem without atomic renames, a disk
-error) is skipped for the newest step that loads, and moved aside, not deleted.
+Never written with a non-finite value, and a failed write leaves the older checkpoints loadable
+(`Checkpoints.save`). Never destructive on error: a checkpoint written by a different model, or
+a directory where no step can be read, raises `CheckpointError` before anything is trained or
+saved. A newest step that cannot be read (a run killed mid-write on a filesystem without atomic
+renames, a disk error) is skipped for the newest step that loads, and moved aside, not deleted.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from experiments.training import stops, trainer
+
+_all_finite = jax.jit(trainer.all_finite)  # one reduction over every leaf, on device
 
 
 class CheckpointError(RuntimeError):
@@ -67,6 +73,7 @@ class Checkpoints:
 
   def __init__(self, directory: str, max_to_keep: int = 2):
     self.directory = os.path.abspath(directory)
+    self.write_failed = False
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=False)
     try:
@@ -80,12 +87,33 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def save(self, step: int, model, optimizer, meta: dict[str, Any]) -> None:
-    """Saves model, optimizer and `meta` (JSON) as checkpoint `step` (blocking)."""
-    self.manager.save(step, args=ocp.args.Composite(
-        model=ocp.args.StandardSave(nnx.state(model)),
-        opt=ocp.args.StandardSave(nnx.state(optimizer)),
-        meta=ocp.args.JsonSave(dict(meta, step=step))))
-    self.manager.wait_until_finished()
+    """Saves model, optimizer and `meta` (JSON) as checkpoint `step` (blocking).
+
+    Refuses (`stops.Diverged`) a state with a non-finite value: a checkpoint is never written
+    with NaN or inf parameters or optimizer state, so rotation (`max_to_keep`) only ever drops
+    finite checkpoints for newer finite ones. A failed write (disk full, permission) raises
+    `stops.WriteFailed` naming the step's path: orbax writes into a temporary directory and
+    renames it when complete, and drops old steps only after that, so the checkpoints already
+    there stay loadable and a rerun resumes from the newest of them.
+    """
+    path = os.path.join(self.directory, str(step))
+    if not bool(_all_finite(nnx.state(model), nnx.state(optimizer))):
+      raise stops.Diverged(f"refusing to write checkpoint {step} to {path}: the parameters or "
+                           f"optimizer state are not finite.")
+    previous = self.latest_step()
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          model=ocp.args.StandardSave(nnx.state(model)),
+          opt=ocp.args.StandardSave(nnx.state(optimizer)),
+          meta=ocp.args.JsonSave(dict(meta, step=step))))
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - OSError, or orbax/tensorstore wrapping one
+      self.write_failed = True
+      kept = (f"the newest kept checkpoint is step {previous}" if previous is not None
+              else "no earlier checkpoint")
+      raise stops.WriteFailed(
+          f"cannot write checkpoint {step} to {path} ({short(e)}); {kept}: free space or fix "
+          f"permissions, then run the same command again to resume from it.") from e
 
   def read_meta(self, step: int) -> dict[str, Any]:
     try:
@@ -163,7 +191,14 @@ class Checkpoints:
     self.manager.reload()
 
   def close(self) -> None:
-    self.manager.close()
+    """Closes the manager. After a failed save, whose error is already on its way, an error
+    from closing is logged rather than raised over it."""
+    try:
+      self.manager.close()
+    except Exception as e:  # noqa: BLE001
+      if not self.write_failed:
+        raise
+      logging.warning("closing the checkpoint manager of %s: %s", self.directory, short(e))
 
 
 def placed_like(restored: Any, target: Any) -> Any:

@@ -12,7 +12,11 @@ Safety (`training/workdir.py`): a run holds the workdir's lock, so a second run 
 at once naming the first one's pid; an unreadable newest checkpoint is skipped for the newest
 one that loads; a resume whose seed, model, task, optimizer, batch or num_steps differ from
 `config.json` is refused unless `config.allow_config_change` (then recorded in
-`config_history.jsonl`).
+`config_history.jsonl`). What else a run survives (`training/stops.py` has the exit codes):
+SIGTERM/SIGINT/SIGUSR1 finish the step in flight, checkpoint it and stop (`Preempted`); a
+non-finite step is not applied, and `max_nonfinite_steps` of them in a row stop the run
+(`Diverged`) with every checkpoint finite; a failed checkpoint write stops it (`WriteFailed`)
+with the older checkpoints intact. `metrics.jsonl` is strict JSON (non-finite values as null).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 from typing import Any, Callable
@@ -34,7 +39,7 @@ from experiments.configs import common
 from experiments.data import tasks
 from experiments.training import checkpoints as ckpt_lib
 from experiments.training import hf_bridge
-from experiments.training import plots, sharding, summaries, trainer
+from experiments.training import plots, sharding, stops, summaries, trainer
 from experiments.training import workdir as workdir_lib
 
 WorkdirError = workdir_lib.WorkdirError
@@ -48,38 +53,57 @@ class ConfigChangeError(ValueError):
 
 class MetricsLog:
   """Appends JSON lines to `metrics.jsonl` and the same scalars to TensorBoard event files
-  next to it (`summaries.Scalars`); on resume drops lines past the restored step."""
+  next to it (`summaries.Scalars`); on resume drops lines past the restored step (rewriting
+  the file atomically), so a run killed at any point and resumed logs each step once."""
 
   def __init__(self, path: str, start_step: int):
     self.path = path
-    rows = read_metrics(path)
-    with open(path, "w") as f:
-      for row in rows:
-        if row.get("step", 0) <= start_step:
-          f.write(json.dumps(row) + "\n")
+    kept = [row for row in read_metrics(path) if row.get("step", 0) <= start_step]
+    workdir_lib.write_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
     self.scalars = summaries.Scalars(os.path.dirname(path), start_step)
 
   def write(self, row: dict[str, Any]) -> None:
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
-    self.scalars.write(row)
+    """One line of strict JSON (a non-finite number becomes null); `stops.WriteFailed`
+    naming the file if it cannot be written."""
+    try:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(finite_or_null(row), allow_nan=False) + "\n")
+    except OSError as e:
+      raise stops.WriteFailed(f"cannot append to {self.path} ({type(e).__name__}: "
+                              f"{e.strerror or e}); free space or fix permissions, then run the "
+                              f"same command again to resume.") from e
+    self.scalars.write(finite_or_null(row))  # TensorBoard: finite values only
 
   def close(self) -> None:
     self.scalars.close()
 
 
+def finite_or_null(row: dict[str, Any]) -> dict[str, Any]:
+  """`row` with NaN and infinite floats as None (JSON null: strict readers reject NaN)."""
+  return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+          for k, v in row.items()}
+
+
 def read_metrics(path: str) -> list[dict[str, Any]]:
+  """The rows of `metrics.jsonl`; a torn last line (a run killed while appending it) is
+  ignored (the resumed run writes that step again)."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  rows = [json.loads(line) for line in lines[:-1]]
+  try:
+    rows += [json.loads(line) for line in lines[-1:]]
+  except json.JSONDecodeError:
+    logging.warning("%s: ignoring a torn last line (the run was killed while writing it).", path)
+  return rows
 
 
 def plot_loss(metrics: list[dict[str, Any]], path: str) -> None:
   """Training loss (and eval loss where logged) against step, as a PNG."""
   fig, ax = plots.figure(figsize=(6, 4))
   for key in ("loss", "eval_loss"):
-    points = [(m["step"], m[key]) for m in metrics if key in m]
+    points = [(m["step"], m[key]) for m in metrics if m.get(key) is not None]
     if points:
       ax.plot(*zip(*points), label=key, marker="." if key == "eval_loss" else None)
   ax.set_yscale("log")
@@ -100,6 +124,8 @@ class Run:
   put: Callable
   model_meta: dict[str, Any]
   log: MetricsLog | None
+  skipped: int = 0     # steps not applied (non-finite) since step 0, restored from the checkpoint
+  in_a_row: int = 0    # of which the last ones in a row
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None,
@@ -111,22 +137,28 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
   were killed there (tests of resume determinism). `evaluate` (with
   `config.eval_after_train`) runs once the run has reached `num_steps`, under the lock; its
   results are `result["eval"]`.
+
+  Early stops raise a `stops.RunStopped` (each with its exit code) after closing the files:
+  `Preempted` (SIGTERM/SIGINT/SIGUSR1: the step in flight finished and was checkpointed),
+  `Diverged` (`max_nonfinite_steps` non-finite steps in a row, none applied), `WriteFailed`.
   """
   common.check_config(config)
   config = hf_bridge.with_checkpoint_model(config)  # init_from a Hugging Face directory
   if config.multihost:
-    sharding.initialize_distributed()  # before anything touches a device
+    sharding.initialize_distributed(  # before anything touches a device
+        heartbeat_timeout_seconds=int(config.heartbeat_timeout_s))
   workdir = workdir_lib.prepare(workdir)
   primary = jax.process_index() == 0  # several hosts: one writer (and locker) of the workdir
   with workdir_lib.lock(workdir) if primary else contextlib.nullcontext():
-    run = setup(config, workdir, primary)
-    try:
-      end = config.num_steps if stop_at_step is None else min(stop_at_step, config.num_steps)
-      last = train_loop(run, config, end)
-    finally:
-      run.ckpt.close()
-      if run.log is not None:
-        run.log.close()
+    with stops.StopSignals() as signals:  # while training, a signal stops after a step
+      run = setup(config, workdir, primary)
+      try:
+        end = config.num_steps if stop_at_step is None else min(stop_at_step, config.num_steps)
+        last = train_loop(run, config, end, signals)
+      finally:
+        run.ckpt.close()
+        if run.log is not None:
+          run.log.close()
     return finish(run, config, end, last, evaluate)
 
 
@@ -140,6 +172,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str, primary: bool = True)
     raise ValueError(f"task.tokenizer {tok.spec!r} has {tok.vocab_size} tokens: set "
                      f"--config.model.vocab_size={tok.vocab_size} (or more); it is "
                      f"{config.model.vocab_size}.")
+  for name in ("max_nonfinite_steps", "heartbeat_timeout_s"):
+    if int(config[name]) < 1:
+      raise ValueError(f"{name} must be >= 1, got {config[name]}.")
   if config.batch_size % config.grad_accum:
     raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of grad_accum "
                      f"({config.grad_accum}).")
@@ -163,6 +198,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, primary: bool = True)
     ckpt.close()
     raise
   start = 0 if meta is None else int(meta["step"])
+  skipped = 0 if meta is None else int(meta.get("skipped_steps", 0))
+  in_a_row = 0 if meta is None else int(meta.get("nonfinite_in_a_row", 0))
   if meta is not None:
     logging.info("Resumed from step %d in %s.", start, ckpt.directory)
   elif hf_bridge.is_hf_dir(config.init_from):
@@ -182,7 +219,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, primary: bool = True)
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start)
   logging.info("Model: %s %s", trainer.describe(config, model),
                sharding.describe(mesh, config.fsdp))
-  return Run(workdir, task, model, optimizer, ckpt, start, mesh, put, model_meta, log)
+  return Run(workdir, task, model, optimizer, ckpt, start, mesh, put, model_meta, log,
+             skipped, in_a_row)
 
 
 def check_resume(config: ml_collections.ConfigDict, workdir: str, step: int | None
@@ -212,13 +250,20 @@ def write_config(config: ml_collections.ConfigDict, model, path: str) -> None:
       layer_kinds=list(model.config.layer_kinds),
       note="model.layer_pattern repeats cyclically over model.num_layers; layer_kinds is the "
            "resulting kind of each layer (written for reading, ignored when loading).")
-  with open(path, "w") as f:
-    json.dump(data, f, indent=2, sort_keys=True)
+  workdir_lib.write_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
 
-def train_loop(run: Run, config: ml_collections.ConfigDict, end: int) -> dict[str, Any]:
+def train_loop(run: Run, config: ml_collections.ConfigDict, end: int,
+               signals: stops.StopSignals | None = None) -> dict[str, Any]:
   """Steps `run.start` .. `end`: update, log every `log_every`, evaluate every `eval_every`,
-  checkpoint every `checkpoint_every` (and at `end`). Returns the last logged metrics."""
+  checkpoint every `checkpoint_every` (and at `end`). Returns the last logged metrics.
+
+  A step with a non-finite loss or gradients is not applied (`trainer.update_if_finite`); it
+  is counted (`skipped_steps` in the metrics and the checkpoints), a periodic checkpoint is
+  put off while such steps run in a row, and `config.max_nonfinite_steps` of them in a row
+  raise `stops.Diverged`. After each step, if any process got a stop signal (`signals`), that
+  step is checkpointed and `stops.Preempted` raised.
+  """
   schedule = trainer.learning_rate(config)
   aux_losses = tuple(sorted((k, float(v)) for k, v in config.aux_losses.items()))
   last: dict[str, Any] = {}
@@ -233,23 +278,57 @@ def train_loop(run: Run, config: ml_collections.ConfigDict, end: int) -> dict[st
       metrics = trainer.train_step(run.model, run.optimizer, batch, grad_accum=config.grad_accum,
                                    lm_weight=float(config.lm_loss_weight),
                                    aux_losses=aux_losses, trainable=config.trainable)
+      count_applied(run, bool(metrics.pop("applied")), step + 1)
       timed_tokens += trainer.tokens_per_step(config)
       done = step + 1
       if done % config.log_every == 0 or done == end:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         last = dict(step=done, lr=float(schedule(step)),
-                    tokens_per_s=timed_tokens / (time.perf_counter() - timer), **metrics)
+                    tokens_per_s=timed_tokens / (time.perf_counter() - timer), **metrics,
+                    skipped_steps=run.skipped)
         if (config.eval_every and done % config.eval_every == 0) or done == config.num_steps:
           last.update(trainer.evaluate_batches(run.model, eval_batches(run.task, config), run.put))
         if run.log is not None:
           run.log.write(last)
         bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
         timer, timed_tokens = time.perf_counter(), 0
-      if done % config.checkpoint_every == 0 or done == end:
+      if run.in_a_row >= config.max_nonfinite_steps:
+        raise stops.Diverged(diverged_message(run, config, done))
+      stop = signals is not None and signals.agreed() and done < end
+      if (done % config.checkpoint_every == 0 and not run.in_a_row) or done == end or stop:
         run.ckpt.save(done, run.model, run.optimizer,
-                      dict(seed=config.seed, data_step=done, model=run.model_meta))
+                      dict(seed=config.seed, data_step=done, model=run.model_meta,
+                           skipped_steps=run.skipped, nonfinite_in_a_row=run.in_a_row))
+      if stop:
+        raise stops.Preempted(
+            f"stopped by {signals.received} after step {done} of {config.num_steps}: saved "
+            f"checkpoint {done} in {run.ckpt.directory}; run the same command again to resume.")
   bar.close()
   return last
+
+
+def count_applied(run: Run, applied: bool, step: int) -> None:
+  """Updates the run's counts of steps not applied (non-finite), one warning line for each."""
+  if applied:
+    run.in_a_row = 0
+    return
+  run.skipped += 1
+  run.in_a_row += 1
+  logging.warning("step %d: non-finite loss or gradients; the update was not applied "
+                  "(%d in a row).", step, run.in_a_row)
+
+
+def diverged_message(run: Run, config: ml_collections.ConfigDict, step: int) -> str:
+  """One line: which steps were not finite, and the last good checkpoint to go back to."""
+  good = run.ckpt.latest_step()
+  path = os.path.join(run.ckpt.directory, str(good))
+  where = (f"the last good checkpoint is step {good} ({path})" if good is not None
+           else "no checkpoint was written")
+  return (f"training diverged: steps {step - run.in_a_row + 1}-{step} had a non-finite loss or "
+          f"gradients ({run.in_a_row} in a row, max_nonfinite_steps="
+          f"{config.max_nonfinite_steps}) and none was applied; {where}. Lower optim.lr (or "
+          f"raise optim.warmup_steps) and train into a new --workdir, or from that checkpoint "
+          f"with --config.init_from.")
 
 
 def finish(run: Run, config: ml_collections.ConfigDict, end: int, last: dict[str, Any],

@@ -11,7 +11,8 @@ answers of the recall tasks, every in-document next byte of the text task), plus
 `config.lm_loss_weight` times the mean over the other tokens of the documents. With
 `config.grad_accum = A` a step splits its batch into A micro-batches and averages their
 gradients before one update. The optimizer is optax AdamW on a linear-warmup + cosine schedule,
-after global-norm gradient clipping.
+after global-norm gradient clipping. A step whose loss, gradients or updated state are not finite
+changes nothing (`update_if_finite`) and says so in its metrics (`applied`).
 
 Exact match of greedy decoding is computed with teacher forcing: the greedy continuation equals
 the answer iff the argmax at every answer position, given the correct previous answer tokens,
@@ -31,6 +32,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from experiments.training import master_weights, sharding
 from models import KindSettings, ModelConfig, Transformer
@@ -157,8 +159,10 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer, batch: dict[str, ja
   """One optimizer update on `batch` (split into `grad_accum` equal micro-batches).
 
   Gradients are taken only for `trainable_params(trainable)` (must match the optimizer's).
-  Returns the loss that was minimised, `scored_loss` (its answers-only part) and each
-  auxiliary layer loss of `aux_losses`.
+  Returns the loss that was minimised, `scored_loss` (its answers-only part), each
+  auxiliary layer loss of `aux_losses`, `grad_norm`, and `applied`: False when the loss, a
+  gradient, or the updated state was not finite, in which case nothing was changed
+  (`update_if_finite`; the loop counts such steps and stops after `max_nonfinite_steps`).
   """
   grad_fn = nnx.value_and_grad(
       functools.partial(loss_fn, lm_weight=lm_weight, aux_losses=aux_losses),
@@ -171,8 +175,33 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer, batch: dict[str, ja
     parts = {k: parts.get(k, 0.0) + v / grad_accum for k, v in aux.items()}
     grads = micro_grads if grads is None else jax.tree.map(jnp.add, grads, micro_grads)
   grads = jax.tree.map(lambda g: g / grad_accum, grads)
+  applied = update_if_finite(model, optimizer, grads, trainable_params(trainable),
+                             all_finite(loss, grads))
+  return {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads), "applied": applied}
+
+
+def all_finite(*trees) -> jax.Array:
+  """Scalar bool: every floating-point leaf of `trees` is finite (no NaN, no inf)."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+
+
+def update_if_finite(model: Transformer, optimizer: nnx.Optimizer, grads, wrt,
+                     finite: jax.Array) -> jax.Array:
+  """`optimizer.update(model, grads)`, kept only if `finite` and the new parameters and
+  optimizer state are finite too; otherwise both stay as they were (the update count that
+  drives the schedule included), as `optax.apply_if_finite` does, without changing the
+  optimizer state's structure (checkpoints stay compatible). Returns whether it was kept."""
+  values = lambda state: jax.tree.map(lambda x: x, state)  # arrays now, not live Variables
+  old_params, old_opt = values(nnx.state(model, wrt)), values(nnx.state(optimizer))
   optimizer.update(model, grads)
-  return {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads)}
+  new_params, new_opt = values(nnx.state(model, wrt)), values(nnx.state(optimizer))
+  keep = finite & all_finite(new_params, new_opt)
+  choose = lambda new, old: jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, old)
+  nnx.update(model, choose(new_params, old_params))
+  nnx.update(optimizer, choose(new_opt, old_opt))
+  return keep
 
 
 @nnx.jit
@@ -195,7 +224,7 @@ def evaluate_batches(model: Transformer, batches, put=None) -> dict[str, float]:
   """
   totals = {"exact": 0.0, "rows": 0, "correct": 0.0, "scored": 0.0, "loss": 0.0}
   for batch in batches:
-    scores = jax.device_get(eval_step(model, (put or to_device)(batch)))
+    scores = host_values(eval_step(model, (put or to_device)(batch)))
     totals["exact"] += float(np.sum(scores["exact"]))
     totals["rows"] += len(scores["exact"])
     for key in ("correct", "scored", "loss"):
@@ -203,6 +232,14 @@ def evaluate_batches(model: Transformer, batches, put=None) -> dict[str, float]:
   scored = max(totals["scored"], 1.0)
   return {"accuracy": totals["exact"] / max(totals["rows"], 1),
           "token_accuracy": totals["correct"] / scored, "eval_loss": totals["loss"] / scored}
+
+
+def host_values(tree):
+  """`jax.device_get(tree)`, also for arrays sharded over several processes' devices (each
+  process gets the whole global value: the rows of a data-parallel batch live on all hosts)."""
+  if jax.process_count() > 1:
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
 
 
 def to_device(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:

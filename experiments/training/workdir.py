@@ -104,6 +104,17 @@ def lock(workdir: str, *, shared: bool = False) -> Iterator[None]:
     os.close(fd)  # closing the descriptor releases the flock
 
 
+def write_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file and a rename: a reader (or a run killed
+  mid-write, then resumed) sees the old content or the new one, never a torn file."""
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
 def log_to_file(workdir: str) -> logging.Handler:
   """Adds a handler writing every log record (INFO and up, all libraries) to `train.log`."""
   handler = logging.FileHandler(os.path.join(workdir, LOG_FILE))
