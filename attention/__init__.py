@@ -44,7 +44,7 @@ register("local")(local_attention)
 register("dsa")(dsa_attention)
 register("moba")(moba_attention)
 register("ring")(refusing(ring_attention_sharded, "logits_soft_cap", "alibi_slopes",
-                          "return_lse"))
+                          "return_lse", "sink_logits"))
 
 __all__ = [
     "BlockSizes", "BlockSparseBlockSizes", "GatedDeltaBlockSizes", "Mask", "SparseBlockSizes",
