@@ -137,7 +137,8 @@ def _chunks(k, v, kv_seg, mask: Mask, rows: _Rows, chunk: int):
   # position (never visible), so no key counts twice.
   ns = -(-mask.sinks // chunk)
   pos_s = kv_pos[:, :ns]
-  pos_s = jnp.where(pos_s < first[:, None, None] * chunk, pos_s, UNBOUNDED)
+  start, stop = first[:, None, None] * chunk, (first[:, None, None] + reach) * chunk
+  pos_s = jnp.where((pos_s < start) | (pos_s >= stop), pos_s, UNBOUNDED)
   cat = lambda a, c: jnp.concatenate([a[:, :ns], c], axis=1)
   return (cat(k, k_w), cat(v, v_w), jnp.concatenate([pos_s, pos_w], axis=1),
           None if kv_seg is None else cat(seg_all, kv_seg))
