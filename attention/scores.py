@@ -138,3 +138,15 @@ def apply_sink_logits(out, lse, sink_logits):
   weight = jnp.exp(lse - merged)  # B N T in [0, 1)
   scaled = out.astype(jnp.float32) * jnp.swapaxes(weight, 1, 2)[..., None]
   return scaled.astype(out.dtype), merged
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+  """`(out, lse)` of one softmax over two disjoint key sets from each set's `(out [B, T, N, Hv],
+  lse [B, N, T])` (natural log, -inf: no key): `lse = logaddexp(lse_a, lse_b)`,
+  `out = out_a e^(lse_a - lse) + out_b e^(lse_b - lse)`; rows with no key in either: out 0,
+  lse -inf (never NaN). Differentiable; out in `out_a`'s dtype."""
+  lse = jnp.logaddexp(lse_a, lse_b)
+  safe = jnp.where(jnp.isneginf(lse), 0.0, lse)
+  weight = lambda x: jnp.swapaxes(jnp.exp(x - safe), 1, 2)[..., None]  # B T N 1
+  out = out_a.astype(jnp.float32) * weight(lse_a) + out_b.astype(jnp.float32) * weight(lse_b)
+  return out.astype(out_a.dtype), lse
