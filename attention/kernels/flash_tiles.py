@@ -17,8 +17,9 @@ tables (O(B * blocks)):
 So causal costs ~T*S/2 and a window w ~T*(w + 2 blocks), in the forward and both backward
 kernels. With `Mask.sinks` the q-major schedules carry a fifth row, `sink_hi`: the sink blocks
 `[0, sink_hi)` lying before the band, visited first (masked); the kv-major schedule's `[lo, hi)`
-of a sink block already runs to the last q block (`masks.q_block_range`). With segment ids the schedule does all the segment work, so the kernels' loops hold
-no branch (a `lax.cond` / `lax.switch` around the K/V loads lowers to nested `scf.if`, which
+of a sink block already runs to the last q block (`masks.q_block_range`).
+
+With segment ids the schedule does all the segment work, so the kernels' loops hold no branch (a `lax.cond` / `lax.switch` around the K/V loads lowers to nested `scf.if`, which
 Triton does not software-pipeline): `[lo, hi)` is cut to the streamed blocks whose id range
 meets the resident block's (packed, sorted segments: exactly the non-empty ones), and
 `[full_lo, full_hi)` to the run of blocks that hold the resident block's single segment
