@@ -184,7 +184,7 @@ class ModelConfig:
       if sinks and settings.alibi:
         raise ValueError(f"layer kind {name!r}: sinks with alibi=True is not supported (the "
                          f"decoding cache's sink keys carry no distances); use RoPE.")
-      if settings.sink not in (None, True, False):
+      if settings.sink is not None and not isinstance(settings.sink, bool):
         raise ValueError(f"layer kind {name!r}: sink must be True, False or None, got "
                          f"{settings.sink!r}.")
 
