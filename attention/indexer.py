@@ -179,6 +179,7 @@ def indexer_topk(
   """
   b, t, s, _, _ = check_indexer_inputs(index_q, index_k, index_w)
   mask = masks_lib.validate(mask, (b, t), (b, s))
+  masks_lib.refuse_sinks(mask, "indexer_topk")  # its key reach is the window's
   if block_q is None:
     block_q = default_topk_block_q()
   if num_widths is None:

@@ -11,7 +11,7 @@ A query at absolute position `i` sees a key at position `j` iff all of:
 `0 .. n-1` of the sequence (not of each segment) are visible to every query that causality
 (`j <= i` when `causal`) and the segment ids allow, whatever its window::
 
-    visible(i, j) = (causal & window | (j < n & causal)) & segments
+    visible(i, j) = (in_window(i, j) or j < n) and (j <= i if causal) and same_segment(i, j)
 
 Query `t` has absolute position `q_offset + t` (`q_offset` is an int or a `[B]` array: decode
 and chunked prefill put the new queries after the cached keys); key `s` has position `s`.
