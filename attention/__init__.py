@@ -33,7 +33,7 @@ from attention.masks import (UNBOUNDED, Mask, block_map, effective_indices, loca
                              visible_keys, visible_pairs)
 from attention.moba import moba_attention, moba_gate
 from attention.reference import reference_attention
-from attention.scores import geometric_alibi_slopes
+from attention.scores import geometric_alibi_slopes, merge_attention
 from attention.registry import available, get, refusing, register
 from attention.ring import ring_attention, ring_attention_sharded
 from attention.sparse import sparse_attention
@@ -44,7 +44,7 @@ register("local")(local_attention)
 register("dsa")(dsa_attention)
 register("moba")(moba_attention)
 register("ring")(refusing(ring_attention_sharded, "logits_soft_cap", "alibi_slopes",
-                          "return_lse"))
+                          "return_lse", "sink_logits"))
 
 __all__ = [
     "BlockSizes", "BlockSparseBlockSizes", "GatedDeltaBlockSizes", "Mask", "SparseBlockSizes",
@@ -52,7 +52,7 @@ __all__ = [
     "block_sparse_reference", "dsa_attention", "effective_indices", "flash_attention",
     "gated_delta_reference", "gated_delta_rule", "gated_delta_step", "geometric_alibi_slopes",
     "get", "indexer_kl_loss", "indexer_scores", "indexer_scores_at", "indexer_topk",
-    "local_attention", "local_mask", "moba_attention", "moba_gate", "reference_attention",
-    "refusing", "register", "ring_attention", "ring_attention_sharded", "selected_mass",
-    "sparse_attention", "visible_keys", "visible_pairs",
+    "local_attention", "local_mask", "merge_attention", "moba_attention", "moba_gate",
+    "reference_attention", "refusing", "register", "ring_attention", "ring_attention_sharded",
+    "selected_mass", "sparse_attention", "visible_keys", "visible_pairs",
 ]

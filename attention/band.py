@@ -19,8 +19,8 @@ carry. Compute is O(T * span * H) = O(T * (w + bq) * H); memory O(T + S) plus on
 
 Used by `flash_attention(implementation="xla")` when `band_applies`: the mask has a window
 (both sides finite), `q_offset` is one concrete non-negative value (an int or a concrete 0-d
-array, as in training; traced or `[B]` offsets, as in decoding, take the tiled path), and the
-band is shorter than the key sequence.
+array, as in training; traced or `[B]` offsets, as in decoding, take the tiled path), the
+band is shorter than the key sequence, and the mask has no `sinks` (keys outside the band).
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ def band_applies(mask: Mask, kv_len: int, block_q: int) -> bool:
   """True when the banded path is valid and cheaper than visiting all `kv_len` keys."""
   span = band_span(mask, block_q)
   offset = static_offset(mask.q_offset)
+  if mask.sinks:  # the band is one contiguous key span; sinks lie outside it (tiled path)
+    return False
   return span is not None and offset is not None and offset >= 0 and span < kv_len
 
 

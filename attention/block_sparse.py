@@ -139,6 +139,7 @@ def block_sparse_attention(
     logits_soft_cap: float | None = None,
     alibi_slopes=None,
     return_lse: bool = False,
+    sink_logits=None,
     implementation: str | None = None,
     block_sizes: BlockSparseBlockSizes | None = None,
     interpret: bool = False,
@@ -157,6 +158,7 @@ def block_sparse_attention(
     alibi_slopes: not supported here (a ValueError); use flash_attention.
     return_lse: also return `lse [B, N, T]` (float32, natural log, -inf where nothing is
       visible); gradients flow through both outputs.
+    sink_logits: `[N]` learned sink logits (`attention.scores.apply_sink_logits`).
     implementation: a name in `IMPLEMENTATIONS`: "xla", "pallas" (Triton kernels; CPU needs
       `interpret=True`) or None (Pallas on GPU, XLA elsewhere).
     block_sizes: `BlockSparseBlockSizes` (XLA: `block_entries`; Pallas: `block_rows`); None =
@@ -171,7 +173,9 @@ def block_sparse_attention(
   scale = default_scale(h, scale)
   block_size = check_block_size(block_size)
   scores_lib.refuse("block_sparse_attention", alibi_slopes=alibi_slopes)
+  masks_lib.refuse_sinks(mask, "block_sparse_attention")  # the blocks are the selection
   mods = scores_lib.make(logits_soft_cap, None, n)
+  sinks = scores_lib.check_sink_logits(sink_logits, n)
   implementation = IMPLEMENTATIONS.resolve(implementation, interpret)
   if block_sizes is not None and not isinstance(block_sizes, BlockSparseBlockSizes):
     raise ValueError(f"block_sizes must be an attention.BlockSparseBlockSizes, got "
@@ -179,4 +183,5 @@ def block_sparse_attention(
   idx = effective_block_indices(block_indices, mask, block_size, b, t, s, kh)
   attend = IMPLEMENTATIONS.get(implementation)
   out, lse = attend(q, k, v, idx, mask, block_size, scale, block_sizes, bool(interpret), mods)
+  out, lse = scores_lib.apply_sink_logits(out, lse, sinks)
   return (out, lse) if return_lse else out

@@ -220,7 +220,7 @@ def with_lse_vjp(forward: Callable, backward: Callable) -> Callable:
   `forward(q, k, v, mask, scale, *static, mods=) -> (out, lse)` and `backward(q, k, v, out,
   lse, dout, mask, scale, *static, mods=, dlse=) -> (dq, dk, dv)`. The mask's array leaves
   (segment ids, offsets) and the ALiBi slopes travel as primal inputs with no cotangent; the
-  mask's static structure (causal, window), the soft-cap and `scale` are static arguments.
+  mask's static structure (causal, window, sinks), the soft-cap and `scale` are static arguments.
   """
 
   def fwd(q, k, v, arrays, mask_static, scale, *static):
@@ -236,16 +236,17 @@ def with_lse_vjp(forward: Callable, backward: Callable) -> Callable:
   def call(q, k, v, mask: Mask, scale: float, mods: ScoreMods, *static):
     segments = (mask.q_segment_ids, mask.kv_segment_ids) if mask.has_segments else None
     arrays = (segments, q_offsets(mask, q.shape[0]), mods.alibi_slopes)
-    return attend(q, k, v, arrays, (mask.causal, mask.window, mods.soft_cap), scale, *static)
+    return attend(q, k, v, arrays, (mask.causal, mask.window, mask.sinks, mods.soft_cap), scale,
+                  *static)
 
   return call
 
 
 def _rebuild(mask_static, arrays) -> tuple[Mask, ScoreMods]:
-  (causal, window, soft_cap), (segments, offsets, slopes) = mask_static, arrays
+  (causal, window, sinks, soft_cap), (segments, offsets, slopes) = mask_static, arrays
   q_seg, kv_seg = segments if segments is not None else (None, None)
   return (Mask(causal=causal, window=window, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-               q_offset=offsets), ScoreMods(soft_cap, slopes))
+               q_offset=offsets, sinks=sinks), ScoreMods(soft_cap, slopes))
 
 
 def row_delta(out, dout, dlse=None):

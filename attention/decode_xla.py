@@ -23,6 +23,8 @@ per-split partials and merges them after (`common.merge_partials`).
 
 Reach: a mask with a bounded window (`Mask.window`, causal or not) reads only the chunks the
 window reaches from each batch row's offset (a per-row gather of `n_w` chunks, O(window));
+`Mask.sinks` puts the first `ceil(sinks / c)` chunks in front of those (keys the window chunks
+also hold are masked there, so none counts twice): O(window + sinks);
 without a window every chunk is read (keys past a causal query are computed and masked:
 skipping them would need a sequential loop, whose per-chunk copies cost more on CPU than the
 masked work at the cache lengths that matter). A cache length that is not a multiple of the
@@ -126,9 +128,20 @@ def _chunks(k, v, kv_seg, mask: Mask, rows: _Rows, chunk: int):
   first = jnp.clip((jnp.min(rows.pos, axis=1) - mask.bounds[0]) // chunk, 0,
                    s_pad // chunk - reach)  # B: each row's first reached chunk
   take = jax.vmap(lambda x, j: lax.dynamic_slice_in_dim(x, j, reach, axis=0))
-  kv_seg = None if kv_seg is None else take(kv_seg, first)
-  return take(k, first), take(v, first), take(jnp.broadcast_to(kv_pos, (b,) + kv_pos.shape[1:]),
-                                              first), kv_seg
+  kv_pos = jnp.broadcast_to(kv_pos, (b,) + kv_pos.shape[1:])
+  seg_all, kv_seg = kv_seg, None if kv_seg is None else take(kv_seg, first)
+  k_w, v_w, pos_w = take(k, first), take(v, first), take(kv_pos, first)
+  if not mask.sinks:
+    return k_w, v_w, pos_w, kv_seg
+  # Sinks: the first chunks go in front; keys the window chunks also hold get an out-of-range
+  # position (never visible), so no key counts twice.
+  ns = -(-mask.sinks // chunk)
+  pos_s = kv_pos[:, :ns]
+  start, stop = first[:, None, None] * chunk, (first[:, None, None] + reach) * chunk
+  pos_s = jnp.where((pos_s < start) | (pos_s >= stop), pos_s, UNBOUNDED)
+  cat = lambda a, c: jnp.concatenate([a[:, :ns], c], axis=1)
+  return (cat(k, k_w), cat(v, v_w), jnp.concatenate([pos_s, pos_w], axis=1),
+          None if kv_seg is None else cat(seg_all, kv_seg))
 
 
 def _scores(k, q):
@@ -192,7 +205,9 @@ def _decode_forward(q, k, v, mask: Mask, scale: float, chunk: int, mods: ScoreMo
       slopes = jnp.repeat(mods.alibi_slopes.reshape(kh, rows.g), rows.t, axis=1)
     s, _ = modify(s, mods.soft_cap, slopes, q_pos, k_pos)
   left, right = mask.bounds
-  visible = (k_pos < s_len) & (k_pos - q_pos >= -left) & (k_pos - q_pos <= right)
+  in_reach = (k_pos - q_pos >= -left) & (k_pos - q_pos <= right)
+  sink = masks_lib.sink_visible(mask, q_pos, k_pos)
+  visible = (k_pos < s_len) & (in_reach if sink is None else in_reach | sink)
   if kv_seg is not None:
     q_seg = rows.seg[:, None, None, None, :]
     visible &= (q_seg == kv_seg[..., None, None]) & (q_seg >= 0)

@@ -46,13 +46,14 @@ def dsa_attention(
   The selection (`indexer_topk`, shared by all heads) carries no gradient: the indexer learns
   from `indexer_kl_loss`. With `top_k >= S` and a causal mask every visible key is selected and
   this equals dense causal attention. `options` go to `sparse_attention` (implementation,
-  interpret, block_sizes); `block_q` sets the indexer's query block. `indices`: a selection
-  already made by `indexer_topk` with these settings (the DSA layer reuses it for the KL
-  loss), used instead of selecting again. Cost O(T * S * J * D) for the indexer
+  interpret, block_sizes, `sink_logits`); `block_q` sets the indexer's query block.
+  `indices`: a selection already made by `indexer_topk` with these settings (the DSA layer
+  reuses it for the KL loss), used instead of selecting again. `Mask.sinks` is refused. Cost O(T * S * J * D) for the indexer
   + O(T * top_k * N * H) for the attention; memory O(T * top_k + block_q * S).
   """
   check_qkv(q, k, v, value_dim=True)
   scores_lib.refuse("dsa_attention", alibi_slopes=options.get("alibi_slopes"))  # before top-k
+  masks_lib.refuse_sinks(mask, "dsa_attention")  # the indexer reaches only the window
   if indices is None:
     topk_options = {} if block_q is None else dict(block_q=block_q)
     indices = indexer_topk(

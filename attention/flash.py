@@ -61,6 +61,7 @@ def flash_attention(
     logits_soft_cap: float | None = None,
     alibi_slopes: Float[Array, "N"] | None = None,
     return_lse: bool = False,
+    sink_logits: Float[Array, "N"] | None = None,
     implementation: str | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
@@ -81,6 +82,9 @@ def flash_attention(
       gradients flow through both outputs. Two results over disjoint keys merge as
       `lse = logaddexp(lse_a, lse_b)`, `out = sum_x out_x * exp(lse_x - lse)` (use 0 for lse
       where it is -inf in both, so the weights are 0, not NaN).
+    sink_logits: `[N]` learned per-head sink logits (GPT-OSS): an extra softmax term with a zero
+      value, merged exactly after the backend (`attention.scores.apply_sink_logits`), so every
+      implementation has it, forward and backward; the lse includes it; differentiable.
     implementation: a name in `IMPLEMENTATIONS`: "xla" (pure JAX, any backend), "pallas" (GPU
       Triton kernels, or CPU with `interpret=True`), or None: Pallas on GPU, XLA elsewhere.
       With `T <= DECODE_MAX_Q_LEN` the family's decode entry runs ("xla_decode",
@@ -99,11 +103,13 @@ def flash_attention(
   mask = masks_lib.validate(mask, q.shape, k.shape)
   scale = default_scale(h, scale)
   mods = scores_lib.make(logits_soft_cap, alibi_slopes, n)
+  sinks = scores_lib.check_sink_logits(sink_logits, n)
   implementation = IMPLEMENTATIONS.resolve(implementation, interpret, q.shape[1])
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise ValueError(f"block_sizes must be an attention.BlockSizes, got {block_sizes!r}.")
   attend = IMPLEMENTATIONS.get(implementation)
   out, lse = attend(q, k, v, mask, scale, block_sizes, bool(interpret), mods)
+  out, lse = scores_lib.apply_sink_logits(out, lse, sinks)
   return (out, lse) if return_lse else out
 
 
@@ -122,7 +128,7 @@ def local_attention(
   `window` is an int `w` (causal masks: the last `w` keys including the query itself; otherwise
   `w // 2` keys each side plus the query) or an explicit `(left, right)`. Combined with any
   window already in `mask` by intersection; None uses the mask's window (one is required).
-  Causality and segments come from `mask`.
+  Causality, segments and sinks (`Mask.sinks`) come from `mask`.
   """
   check_qkv(q, k, v, value_dim=True)
   mask = masks_lib.validate(mask, q.shape, k.shape)
@@ -136,5 +142,5 @@ def local_attention(
   if mask.window is not None:
     window = (min(window[0], mask.window[0]), min(window[1], mask.window[1]))
   mask = Mask(causal=mask.causal, window=tuple(window), q_segment_ids=mask.q_segment_ids,
-              kv_segment_ids=mask.kv_segment_ids, q_offset=mask.q_offset)
+              kv_segment_ids=mask.kv_segment_ids, q_offset=mask.q_offset, sinks=mask.sinks)
   return flash_attention(q, k, v, mask=mask, scale=scale, **options)

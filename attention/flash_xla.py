@@ -23,7 +23,8 @@ tiles are `BlockSizes.block_kv_bwd` keys x `block_q_bwd` queries, independent of
 A value head dim Hv != H only changes the shapes of v, out, dout and dv.
 
 Memory is O(T + S) in both passes (plus one tile of scores). Tiles the mask hides entirely
-are skipped by the loop bounds (causal: half the tiles; window w: O(L * w) work) or, for
+are skipped by the loop bounds (causal: half the tiles; window w: O(L * w) work; with
+`Mask.sinks` a q tile visits the sink blocks, then its window band: O(L * (w + sinks))) or, for
 segment ids, by a per-tile `lax.switch` on the block class (EMPTY / PARTIAL / FULL).
 Narrow windows take the banded path instead (`attention/band.py`). GQA: q heads are grouped
 `[K, G]` against `K` kv heads; K/V are never repeated. Any lengths work: inputs are padded to
@@ -74,10 +75,14 @@ class _Tiling:
     the `lax.switch` branches of a tile agree (a no-op outside shard_map)."""
     return to_varying(carry, varying_axes(self.offsets, self.q_seg, self.kv_seg, *arrays))
 
-  def kv_range(self, i):
+  def kv_steps(self, i):
+    """`(steps, block_of)`: q tile i visits kv blocks `block_of(0 .. steps-1)`: the sink blocks
+    before its window band (`masks.sink_blocks`), then the band."""
     q_lo = self.off_min + i * self.bq
     q_hi = self.off_max + i * self.bq + self.bq - 1
-    return masks_lib.kv_block_range(self.mask, q_lo, q_hi, self.bk, self.nk)
+    lo, hi = masks_lib.kv_block_range(self.mask, q_lo, q_hi, self.bk, self.nk)
+    sinks = masks_lib.sink_blocks(self.mask, lo, self.bk)
+    return sinks + hi - lo, lambda step: masks_lib.kv_block_at(step, lo, sinks)
 
   def q_range(self, j):
     return masks_lib.q_block_range(self.mask, j * self.bk, j * self.bk + self.bk - 1,
@@ -178,13 +183,16 @@ def flash_forward_xla(q, k, v, mask: Mask, scale: float, block_q: int, block_kv:
                       preferred_element_type=jnp.float32)
       return m_new, l, acc * alpha[..., None] + pv
 
-    def body(j, carry):
+    steps, block_of = tiling.kv_steps(i)
+
+    def body(step, carry):
+      j = block_of(step)
       return _switch_tile(tiling, i, j, lambda c, masked: update(c, j, masked), carry)
 
     init = tiling.varying((jnp.full((b, kh, g, bq), -jnp.inf, jnp.float32),
                            jnp.zeros((b, kh, g, bq), jnp.float32),
                            jnp.zeros((b, kh, g, bq, hv), jnp.float32)), q_i, kp, vp)
-    m, l, acc = lax.fori_loop(*tiling.kv_range(i), body, init)
+    m, l, acc = lax.fori_loop(0, steps, body, init)
     return finish_softmax(m, l, acc, q.dtype)
 
   out, lse = lax.map(q_tile, jnp.arange(tiling.nq))  # [nq, B, K, G, bq, H], [nq, B, K, G, bq]

@@ -179,6 +179,7 @@ def indexer_topk(
   """
   b, t, s, _, _ = check_indexer_inputs(index_q, index_k, index_w)
   mask = masks_lib.validate(mask, (b, t), (b, s))
+  masks_lib.refuse_sinks(mask, "indexer_topk")  # its key reach is the window's
   if block_q is None:
     block_q = default_topk_block_q()
   if num_widths is None:
@@ -186,9 +187,8 @@ def indexer_topk(
   for name, value in (("top_k", top_k), ("block_q", block_q), ("num_widths", num_widths)):
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"{name} must be a positive int, got {value!r}.")
-  bq = min(block_q, t)
+  bq, k_eff = min(block_q, t), min(top_k, s)
   nq = -(-t // bq)
-  k_eff = min(top_k, s)
   fmt = fp8_lib.resolve(fp8)
   keys = (prepare_keys(index_k, fmt), None)
   q, w = pad_to_size(index_q, 1, nq * bq), pad_to_size(index_w, 1, nq * bq)

@@ -7,6 +7,12 @@ A query at absolute position `i` sees a key at position `j` iff all of:
 * segment ids       -> `q_segment_ids[b, t] == kv_segment_ids[b, s] >= 0`
                        (a negative id is padding: it sees nothing and is seen by nothing)
 
+`sinks=n` (StreamingLLM's attention sinks) widens the window: the keys at absolute positions
+`0 .. n-1` of the sequence (not of each segment) are visible to every query that causality
+(`j <= i` when `causal`) and the segment ids allow, whatever its window::
+
+    visible(i, j) = (in_window(i, j) or j < n) and (j <= i if causal) and same_segment(i, j)
+
 Query `t` has absolute position `q_offset + t` (`q_offset` is an int or a `[B]` array: decode
 and chunked prefill put the new queries after the cached keys); key `s` has position `s`.
 
@@ -24,6 +30,9 @@ Block classification is what kernels use to skip work. For a tile of queries
 
 `kv_block_range` / `q_block_range` give the contiguous range of blocks a causal/window mask can
 touch, so loops iterate only over those: a window of width `w` costs O(L * w), causal O(L^2 / 2).
+With sinks a q tile also visits the `sink_blocks` before its window band (the sink blocks plus
+the band are the only kv tiles visited: O(L * (w + n))); a kv tile holding sinks is seen by
+every later q tile, so `q_block_range` stays one contiguous range.
 """
 
 from __future__ import annotations
@@ -56,6 +65,8 @@ class Mask:
     q_segment_ids: `[B, T]` int; queries see only keys of the same segment; `< 0` is padding.
     kv_segment_ids: `[B, S]` int; required together with `q_segment_ids`.
     q_offset: absolute position of query 0: an int or a `[B]` int array.
+    sinks: the first `sinks` keys of the sequence (positions `0 .. sinks-1`) are visible to
+      every query causality and segments allow, besides its window (StreamingLLM).
   """
 
   causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
@@ -63,8 +74,14 @@ class Mask:
   q_segment_ids: Int[Array, "B T"] | None = None
   kv_segment_ids: Int[Array, "B S"] | None = None
   q_offset: Any = 0
+  sinks: int = dataclasses.field(default=0, metadata=dict(static=True))
 
   def __post_init__(self):
+    if isinstance(self.sinks, bool) or not isinstance(self.sinks, (int, np.integer)) or (
+        self.sinks < 0):
+      raise ValueError(f"Mask.sinks must be an int >= 0 (the first keys every query sees), got "
+                       f"{self.sinks!r}.")
+    object.__setattr__(self, "sinks", int(self.sinks))
     if self.window is not None:
       window = tuple(self.window)
       if len(window) != 2 or not all(isinstance(w, (int, np.integer)) for w in window):
@@ -90,6 +107,15 @@ class Mask:
     if self.causal:
       right = min(right, 0)
     return left, right
+
+
+def sink_visible(mask: Mask, q_pos, kv_pos):
+  """Elementwise visibility through the sinks alone (`kv_pos < sinks`, causal-checked), or None
+  without sinks. `q_pos` / `kv_pos` broadcast against each other (ints or arrays)."""
+  if not mask.sinks:
+    return None
+  vis = kv_pos < mask.sinks
+  return vis & (kv_pos <= q_pos) if mask.causal else vis
 
 
 def local_mask(window: int, *, causal: bool = True, **kw) -> Mask:
@@ -124,6 +150,13 @@ def validate(mask: Mask | None, q_shape: tuple[int, ...], kv_shape: tuple[int, .
   return mask
 
 
+def refuse_sinks(mask: Mask | None, operation: str) -> None:
+  """ValueError when `mask` has `sinks` (for operations whose key reach is only the window)."""
+  if mask is not None and mask.sinks:
+    raise ValueError(f"{operation} does not support Mask.sinks (got sinks={mask.sinks}); use "
+                     f"flash_attention or reference_attention for it.")
+
+
 def q_offsets(mask: Mask, batch: int) -> Int[Array, "B"]:
   return jnp.broadcast_to(jnp.asarray(mask.q_offset, jnp.int32), (batch,))
 
@@ -141,6 +174,9 @@ def element_mask(mask: Mask, q_pos, kv_pos, q_seg=None, kv_seg=None) -> Bool[Arr
   left, right = mask.bounds
   diff = kv_pos[:, None, :] - q_pos[:, :, None]  # B t s: key minus query position
   visible = (diff >= -left) & (diff <= right)
+  sink = sink_visible(mask, q_pos[:, :, None], kv_pos[:, None, :])
+  if sink is not None:
+    visible |= sink
   if q_seg is not None:
     visible &= (q_seg[:, :, None] == kv_seg[:, None, :]) & (q_seg[:, :, None] >= 0)
   return visible
@@ -172,7 +208,9 @@ def effective_indices(indices, mask: Mask, batch: int, q_len: int, kv_len: int,
   q_pos = q_offsets(mask, batch)[:, None] + jnp.arange(q_len, dtype=jnp.int32)[None]
   left, right = mask.bounds
   diff = safe - q_pos[:, :, None, None]  # key minus query position
-  valid &= (diff >= -left) & (diff <= right)
+  in_window = (diff >= -left) & (diff <= right)
+  sink = sink_visible(mask, q_pos[:, :, None, None], safe)
+  valid &= in_window if sink is None else in_window | sink
   if mask.has_segments:
     q_seg = jnp.asarray(mask.q_segment_ids, jnp.int32)[:, :, None, None]
     kv_seg = jax.vmap(lambda seg, i: seg[i])(jnp.asarray(mask.kv_segment_ids, jnp.int32), safe)
@@ -192,7 +230,13 @@ def visible_keys(mask: Mask, q_len: int, kv_len: int) -> np.ndarray:
   i = int(mask.q_offset) + np.arange(q_len, dtype=np.int64)
   lo = np.maximum(i - left, 0)  # int64: no overflow with UNBOUNDED sides
   hi = np.minimum(i + right, kv_len - 1)
-  return np.maximum(hi - lo + 1, 0)
+  count = np.maximum(hi - lo + 1, 0)
+  if mask.sinks:  # the sink keys [0, n) causality allows, minus those inside the window
+    last = np.minimum(i, kv_len - 1) if mask.causal else np.full_like(i, kv_len - 1)
+    n = np.maximum(np.minimum(mask.sinks, last + 1), 0)
+    outside = np.minimum(n, lo) + np.maximum(n - hi - 1, 0)
+    count = count + np.where(count > 0, outside, n)
+  return count
 
 
 def visible_pairs(mask: Mask, q_len: int, kv_len: int, cap: int | None = None) -> int:
@@ -206,7 +250,8 @@ def visible_pairs(mask: Mask, q_len: int, kv_len: int, cap: int | None = None) -
 
 
 def kv_block_range(mask: Mask, q_lo, q_hi, block_kv: int, num_kv_blocks: int):
-  """Range `[lo, hi)` of kv blocks that queries at absolute positions `[q_lo, q_hi]` can see.
+  """Range `[lo, hi)` of kv blocks that queries at absolute positions `[q_lo, q_hi]` can see
+  through their window (the band); sink blocks before it: `sink_blocks`, `kv_block_at`.
 
   Works on Python ints and traced int32 scalars alike (kernels compute it per q block).
   """
@@ -215,17 +260,39 @@ def kv_block_range(mask: Mask, q_lo, q_hi, block_kv: int, num_kv_blocks: int):
   last_key = q_hi + right if right < UNBOUNDED else num_kv_blocks * block_kv - 1
   lo = jnp.clip(first_key // block_kv, 0, num_kv_blocks)
   hi = jnp.clip(last_key // block_kv + 1, lo, num_kv_blocks)
+  if mask.sinks and not mask.causal:  # sinks right of a band (non-causal): widen the band
+    hi = jnp.maximum(hi, jnp.minimum(-(-mask.sinks // block_kv), num_kv_blocks))
   return lo, hi
+
+
+def sink_blocks(mask: Mask, lo, block_kv: int):
+  """kv blocks `[0, n)` holding sinks that a q tile whose window band starts at block `lo`
+  visits before the band: `n = min(ceil(sinks / block_kv), lo)` (0 without sinks)."""
+  if not mask.sinks:
+    return 0 * lo
+  return jnp.minimum(-(-mask.sinks // block_kv), lo)
+
+
+def kv_block_at(step, lo, num_sink_blocks):
+  """The kv block of loop step `step` over `sink_blocks` then the band `[lo, hi)`: a loop runs
+  `num_sink_blocks + hi - lo` steps (no sinks: steps `[0, hi - lo)` map to `[lo, hi)`)."""
+  return jnp.where(step < num_sink_blocks, step, lo + step - num_sink_blocks)
 
 
 def q_block_range(mask: Mask, kv_lo, kv_hi, off_min, off_max, block_q: int, num_q_blocks: int):
   """Range `[lo, hi)` of q blocks that can see some key in positions `[kv_lo, kv_hi]`.
 
-  Query `t` sits at position `t + offset`, with the offset in `[off_min, off_max]`.
+  Query `t` sits at position `t + offset`, with the offset in `[off_min, off_max]`. Keys holding
+  sinks (`kv_lo < sinks`) are seen by every later query: the range then runs to the end.
   """
   left, right = mask.bounds
   first_q = jnp.maximum(kv_lo - right - off_max, 0) if right < UNBOUNDED else 0
   last_q = kv_hi + left - off_min if left < UNBOUNDED else num_q_blocks * block_q - 1
+  if mask.sinks:
+    holds_sink = kv_lo < mask.sinks
+    sink_first = jnp.maximum(kv_lo - off_max, 0) if mask.causal else 0
+    first_q = jnp.where(holds_sink, jnp.minimum(first_q, sink_first), first_q)
+    last_q = jnp.where(holds_sink, num_q_blocks * block_q - 1, last_q)
   lo = jnp.clip(first_q // block_q, 0, num_q_blocks)
   hi = jnp.clip(last_q // block_q + 1, lo, num_q_blocks)
   return lo, hi
@@ -241,7 +308,11 @@ def classify_positions(mask: Mask, q_lo, q_hi, kv_lo, kv_hi):
   d_min, d_max = kv_lo - q_hi, kv_hi - q_lo
   empty = (d_max < -left) | (d_min > right)
   full = (d_min >= -left) & (d_max <= right)
-  return jnp.where(empty, EMPTY, jnp.where(full, FULL, PARTIAL))
+  kind = jnp.where(empty, EMPTY, jnp.where(full, FULL, PARTIAL))
+  if mask.sinks:  # sinks only add keys: a tile holding some that causality allows is not empty
+    sink_seen = (kv_lo < mask.sinks) & ((kv_lo <= q_hi) if mask.causal else True)
+    kind = jnp.where(sink_seen, jnp.maximum(kind, PARTIAL), kind)
+  return kind
 
 
 def segment_ranges(seg: Int[Array, "B L"], block: int) -> tuple[Array, Array]:

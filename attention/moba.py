@@ -135,7 +135,7 @@ def moba_attention(
   gated past blocks per query, the own block on top (defaults: 64 and 2, i.e. three blocks
   attended, the paper's "top-k 3"). With `top_k_blocks >= S / block_size` every causally
   visible key is selected and this equals dense causal attention. `options` go to
-  `block_sparse_attention` (`logits_soft_cap`, `return_lse`, `implementation`,
+  `block_sparse_attention` (`logits_soft_cap`, `return_lse`, `sink_logits`, `implementation`,
   `block_sizes`, `interpret`; `alibi_slopes` is refused). Cost: see the module docstring.
   """
   check_qkv(q, k, v, value_dim=True)
@@ -144,6 +144,7 @@ def moba_attention(
     raise ValueError(f"moba_attention needs a causal mask (MoBA gates the causally complete "
                      f"blocks before each query), got causal={mask.causal}; pass "
                      f"Mask(causal=True, ...).")
+  masks_lib.refuse_sinks(mask, "moba_attention")
   block_size = check_block_size(block_size)
   top_k_blocks = _check_top_k(top_k_blocks)
   scores_lib.refuse("moba_attention", alibi_slopes=options.get("alibi_slopes"))  # before the gate

@@ -77,6 +77,7 @@ def reference_attention(
     logits_soft_cap: float | None = None,
     alibi_slopes: Float[Array, "N"] | None = None,
     return_lse: bool = False,
+    sink_logits: Float[Array, "N"] | None = None,
 ) -> Float[Array, "B T N Hv"] | tuple[Float[Array, "B T N Hv"], Float[Array, "B N T"]]:
   """softmax(mods(q k^T * scale) + mask) v, dense. O(T * S) memory and compute per head.
 
@@ -88,6 +89,8 @@ def reference_attention(
     alibi_slopes: `[N]` ALiBi slopes: `-slope_n * |i - j|` added after the cap.
     return_lse: also return the float32 natural-log log-sum-exp `[B, N, T]` of the scaled,
       capped, biased, masked scores (-inf for a row with no visible key); differentiable.
+    sink_logits: `[N]` learned sink logits (GPT-OSS): one extra score per row with a zero
+      value vector, here an explicit extra column of the softmax; the lse includes it.
 
   Returns:
     `out [B, T, N, Hv]` in q's dtype (rows with no visible key are 0), or `(out, lse)`.
@@ -95,18 +98,22 @@ def reference_attention(
   _, _, _, n, _, _ = check_qkv(q, k, v, value_dim=True)
   mask = masks_lib.validate(mask, q.shape, k.shape)
   mods = scores_lib.make(logits_soft_cap, alibi_slopes, n)
-  out, lse = reference_attention_with_lse(q, k, v, mask=mask, scale=scale, mods=mods)
+  sinks = scores_lib.check_sink_logits(sink_logits, n)
+  out, lse = reference_attention_with_lse(q, k, v, mask=mask, scale=scale, mods=mods,
+                                          sink_logits=sinks)
   return (out, lse) if return_lse else out
 
 
 def reference_attention_with_lse(q, k, v, *, mask: Mask | None = None,
                                  scale: float | None = None,
-                                 mods: scores_lib.ScoreMods = scores_lib.NONE, selected=None):
+                                 mods: scores_lib.ScoreMods = scores_lib.NONE, selected=None,
+                                 sink_logits=None):
   """Dense attention that also returns the float32 log-sum-exp `[B, N, T]` (-inf if no key).
 
   `selected`: an optional boolean `[B, X, T, S]` (X = 1 or K kv heads) of the keys a query may
   use at all (a sparse selection, e.g. `block_sparse.block_sparse_mask`), intersected with
-  `mask`: the oracle of the sparse operations.
+  `mask`: the oracle of the sparse operations. `sink_logits`: `[N]` float32 or None, a
+  softmax column of its own with a zero value.
   """
   b, t, s, n, kh, h = check_qkv(q, k, v, value_dim=True)
   mask = masks_lib.validate(mask, q.shape, k.shape)
@@ -123,6 +130,10 @@ def reference_attention_with_lse(q, k, v, *, mask: Mask | None = None,
   if selected is not None:
     visible = visible & selected[:, :, None]  # B X 1 T S
   logits = jnp.where(visible, logits, -jnp.inf)
+  if sink_logits is not None:  # B K G T S+1: the sink column, its value 0
+    sink = jnp.broadcast_to(sink_logits.reshape(1, kh, g, 1, 1), (*logits.shape[:-1], 1))
+    logits = jnp.concatenate([logits, sink], axis=-1)
+    v = jnp.pad(v, ((0, 0), (0, 1), (0, 0), (0, 0)))
   row_max = jnp.max(logits, axis=-1, keepdims=True)
   row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
   unnormalised = jnp.exp(logits - row_max)  # masked -> exactly 0

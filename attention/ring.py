@@ -143,6 +143,7 @@ def ring_attention(
   """
   _, t, s, _, kh, h = check_qkv(q, k, v)
   mask = masks_lib.validate(mask, q.shape, k.shape)
+  masks_lib.refuse_sinks(mask, "ring_attention")
   _check_options(t, s, kh, head_chunks, block_sizes, layout)
   forward, backward = IMPLEMENTATIONS.get(IMPLEMENTATIONS.resolve(implementation, interpret))
   try:
@@ -258,6 +259,7 @@ def ring_attention_sharded(
   """
   check_qkv(q, k, v)
   mask = masks_lib.validate(mask, q.shape, k.shape)
+  masks_lib.refuse_sinks(mask, "ring_attention_sharded")  # also on one device: one behaviour
   _check_layout_option(layout, permuted)
   mesh = _resolve_mesh(mesh)
   options = dict(scale=scale, implementation=implementation, block_sizes=block_sizes,

@@ -17,6 +17,16 @@ right side) the penalty is symmetric in distance (bidirectional ALiBi, as in Mos
 a bonus for keys ahead. Slopes are constants: they get no gradient.
 `geometric_alibi_slopes(N)` gives the standard `2^(-8 n / N)`, n = 1..N.
 
+Learned sinks (`sink_logits=[N]`, GPT-OSS): one more logit per head, `sink_n`, joins every
+row's softmax denominator with a zero value vector::
+
+    lse' = logaddexp(lse, sink_n);  out' = out * exp(lse - lse')
+
+so a row may put part of its mass "nowhere" (a row with no visible key: out 0, lse' = sink_n).
+`apply_sink_logits` is that exact merge of the attention's `(out, lse)` with the sink's
+`(0, sink_n)`; the front doors apply it after any backend, so gradients reach the sink logits
+(through `lse'`) and q, k, v (through the backends' differentiable `(out, lse)`).
+
 Backward: with `u = tanh(s / cap)`, `d cap*u / ds = 1 - u^2` multiplies the score gradient
 (`ScoreMods.apply` returns it); the bias is additive, so its derivative with respect to the
 scores is 1.
@@ -103,3 +113,40 @@ def refuse(operation: str, **options) -> None:
       shown = f"an array of shape {jnp.shape(value)}" if jnp.ndim(value) else repr(value)
       raise ValueError(f"{operation} does not support {name} (got {shown}); use "
                        f"flash_attention or reference_attention for it.")
+
+
+def check_sink_logits(sink_logits, num_heads: int):
+  """`sink_logits` as a float32 `[N]` array (None passes); ValueError on another shape."""
+  if sink_logits is None:
+    return None
+  if jnp.shape(sink_logits) != (num_heads,):
+    raise ValueError(f"sink_logits must have shape [N] = [{num_heads}] (one learned logit per "
+                     f"query head), got shape {jnp.shape(sink_logits)}.")
+  dtype = jnp.result_type(sink_logits)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"sink_logits must be floating point, got dtype {dtype}.")
+  return jnp.asarray(sink_logits, jnp.float32)
+
+
+def apply_sink_logits(out, lse, sink_logits):
+  """`(out', lse')` of `(out [B, T, N, Hv], lse [B, N, T])` with the sink logits `[N]` (float32,
+  or None: unchanged) in the denominator (module docstring). Differentiable; no NaN for rows
+  with no visible key (lse -inf: weight 0)."""
+  if sink_logits is None:
+    return out, lse
+  merged = jnp.logaddexp(lse, sink_logits[None, :, None])  # B N T, finite
+  weight = jnp.exp(lse - merged)  # B N T in [0, 1)
+  scaled = out.astype(jnp.float32) * jnp.swapaxes(weight, 1, 2)[..., None]
+  return scaled.astype(out.dtype), merged
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+  """`(out, lse)` of one softmax over two disjoint key sets from each set's `(out [B, T, N, Hv],
+  lse [B, N, T])` (natural log, -inf: no key): `lse = logaddexp(lse_a, lse_b)`,
+  `out = out_a e^(lse_a - lse) + out_b e^(lse_b - lse)`; rows with no key in either: out 0,
+  lse -inf (never NaN). Differentiable; out in `out_a`'s dtype."""
+  lse = jnp.logaddexp(lse_a, lse_b)
+  safe = jnp.where(jnp.isneginf(lse), 0.0, lse)
+  weight = lambda x: jnp.swapaxes(jnp.exp(x - safe), 1, 2)[..., None]  # B T N 1
+  out = out_a.astype(jnp.float32) * weight(lse_a) + out_b.astype(jnp.float32) * weight(lse_b)
+  return out.astype(out_a.dtype), lse

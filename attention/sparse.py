@@ -59,6 +59,7 @@ def sparse_attention(
     logits_soft_cap: float | None = None,
     alibi_slopes=None,
     return_lse: bool = False,
+    sink_logits: Float[Array, "N"] | None = None,
     implementation: str | None = None,
     block_sizes: SparseBlockSizes | None = None,
     interpret: bool = False,
@@ -76,6 +77,8 @@ def sparse_attention(
     alibi_slopes: not supported here (a ValueError); use flash_attention.
     return_lse: also return `lse [B, N, T]` (float32, natural log, -inf where nothing is
       selected and visible); gradients flow through both outputs.
+    sink_logits: `[N]` learned sink logits (GPT-OSS), one more softmax term per row with a
+      zero value (`attention.scores.apply_sink_logits`); the lse includes it.
     implementation: a name in `IMPLEMENTATIONS`: "xla", "pallas" (Triton kernels; CPU needs
       `interpret=True`) or None (Pallas on GPU, XLA elsewhere).
     block_sizes: `SparseBlockSizes` (XLA: `block_q`; Pallas: `block_k`); None = defaults.
@@ -90,10 +93,12 @@ def sparse_attention(
   scale = default_scale(h, scale)
   scores_lib.refuse("sparse_attention", alibi_slopes=alibi_slopes)
   mods = scores_lib.make(logits_soft_cap, None, n)
+  sinks = scores_lib.check_sink_logits(sink_logits, n)
   implementation = IMPLEMENTATIONS.resolve(implementation, interpret, t)
   if block_sizes is not None and not isinstance(block_sizes, SparseBlockSizes):
     raise ValueError(f"block_sizes must be an attention.SparseBlockSizes, got {block_sizes!r}.")
   idx = masks_lib.effective_indices(indices, mask, b, t, s, kh)
   attend = IMPLEMENTATIONS.get(implementation)
   out, lse = attend(q, k, v, idx, scale, block_sizes, bool(interpret), mods)
+  out, lse = scores_lib.apply_sink_logits(out, lse, sinks)
   return (out, lse) if return_lse else out

@@ -7,7 +7,7 @@ Public names: `ModelConfig`, `Transformer`, `init_cache` via the model, `decode_
 """
 
 from models import flops
-from models.cache import Cache, FullCache, RingCache
+from models.cache import Cache, FullCache, RingCache, SinkRingCache
 from models.config import ModelConfig
 from models.dsa import DsaAttention, DsaSettings, dsa_kind  # registers the "dsa" layer kind
 from models.kinds import (KindSettings, LayerKind, available_layer_kinds, get_layer_kind,
@@ -17,6 +17,7 @@ from models.transformer import Transformer, decode_step, generate, positions_fro
 
 __all__ = [
     "Cache", "DsaAttention", "DsaSettings", "FullCache", "KindSettings", "LayerKind",
-    "ModelConfig", "RingCache", "Rope", "Transformer", "available_layer_kinds", "decode_step", "dsa_kind", "flops", "generate",
-    "get_layer_kind", "positions_from_segments", "register_layer_kind",
+    "ModelConfig", "RingCache", "Rope", "SinkRingCache", "Transformer", "available_layer_kinds",
+    "decode_step", "dsa_kind", "flops", "generate", "get_layer_kind", "positions_from_segments",
+    "register_layer_kind",
 ]

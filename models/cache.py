@@ -1,4 +1,5 @@
-"""KV caches for decoding: every position for global layers, a ring of `window` keys for local ones.
+"""KV caches for decoding: every position for global layers, a ring of `window` keys for local ones
+(plus the first `n` keys with attention sinks).
 
 Both caches give an attention layer the same thing, so one `attention.Mask` serves both: a
 chronological *view* of the keys/values a chunk of new queries may see, their segment ids
@@ -13,6 +14,13 @@ that view. The layer then calls its attention function with
   `q_offset = R`. Keys in the view sit at the same relative distances as in the stream, so a
   causal window mask over the view is the window over the stream, and memory is O(window)
   whatever `max_len` is. Then the last `min(T, R)` new tokens overwrite the oldest slots.
+
+* `SinkRingCache`: a `RingCache` plus `n` sink slots `[B, n]` holding stream positions
+  `0 .. n-1` (attention sinks, `Mask.sinks`): constant size `n + R`. The ring view is as above
+  (the window); `sinks()` gives the sink slots, which the layer attends with
+  `Mask(causal=True, q_offset=index - window)` (positions `j <= i - window`: exactly the sinks
+  outside each query's window, so no key counts twice) and merges exactly with the window
+  part through the log-sum-exps (`attention.merge_attention`): what `Mask(sinks=n)` computes.
 
 Keys are cached after RoPE (rotated by their absolute positions), so nothing is re-rotated.
 `Cache` bundles the per-layer caches with `index`, the number of tokens decoded so far.
@@ -58,6 +66,10 @@ class FullCache:
     new = FullCache(write(self.k, k), write(self.v, v), write(self.segment_ids, segment_ids))
     return (new.k, new.v, new.segment_ids, index), new
 
+  def sinks(self) -> None:
+    """No separate sink keys (every position is in the view)."""
+    return None
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +97,50 @@ class RingCache:
     write = lambda buf, new: buf.at[:, slots].set(new[:, t - kept:].astype(buf.dtype))
     new = RingCache(write(self.k, k), write(self.v, v), write(self.segment_ids, segment_ids))
     return (*view, size), new
+
+  def sinks(self) -> None:
+    """No sink keys (a plain window)."""
+    return None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SinkRingCache:
+  """A `RingCache` of the window plus the first `n` positions: `k, v [B, n, K, H]`,
+  `segment_ids [B, n]` (-1 = not yet written); position `p < n` in slot `p`."""
+
+  k: Float[Array, "B n K H"]
+  v: Float[Array, "B n K H"]
+  segment_ids: Int[Array, "B n"]
+  ring: RingCache
+
+  @classmethod
+  def create(cls, batch: int, sinks: int, size: int, num_kv_heads: int, head_dim: int,
+             dtype) -> "SinkRingCache":
+    return cls(*_empty(batch, sinks, num_kv_heads, head_dim, dtype),
+               RingCache.create(batch, size, num_kv_heads, head_dim, dtype))
+
+  def update(self, index, k: Float[Array, "B T K H"], v: Float[Array, "B T K H"],
+             segment_ids: Int[Array, "B T"]) -> tuple[View, "SinkRingCache"]:
+    """The ring's view (the window) and the cache with the chunk's positions `< n` written to
+    their sink slots (positions `index .. index + T - 1`; `sinks()` reads them)."""
+    view, ring = self.ring.update(index, k, v, segment_ids)
+    n, t = self.k.shape[1], k.shape[1]
+    slot = jnp.arange(n)
+    src = jnp.clip(slot - index, 0, t - 1)  # chunk row of sink slot p, where p in the chunk
+    fresh = (slot >= index) & (slot < index + t)  # n
+
+    def write(buf, new):
+      taken = jnp.take(new, src, axis=1).astype(buf.dtype)  # B n ...
+      keep = fresh.reshape((1, n) + (1,) * (buf.ndim - 2))
+      return jnp.where(keep, taken, buf)
+
+    return view, SinkRingCache(write(self.k, k), write(self.v, v),
+                               write(self.segment_ids, segment_ids), ring)
+
+  def sinks(self) -> tuple[Array, Array, Array]:
+    """`(k, v [B, n, K, H], segment_ids [B, n])`: the sink slots (key j = stream position j)."""
+    return self.k, self.v, self.segment_ids
 
 
 @jax.tree_util.register_dataclass

@@ -178,6 +178,15 @@ class ModelConfig:
         raise ValueError(f"layer kind {name!r}: window must be an int >= 0 (0 = unbounded), got "
                          f"{window!r}.")
       attention.get(settings.attention)  # ValueError listing the registered functions
+      sinks = settings.sinks or 0
+      if not isinstance(sinks, int) or isinstance(sinks, bool) or sinks < 0:
+        raise ValueError(f"layer kind {name!r}: sinks must be an int >= 0, got {sinks!r}.")
+      if sinks and settings.alibi:
+        raise ValueError(f"layer kind {name!r}: sinks with alibi=True is not supported (the "
+                         f"decoding cache's sink keys carry no distances); use RoPE.")
+      if settings.sink is not None and not isinstance(settings.sink, bool):
+        raise ValueError(f"layer kind {name!r}: sink must be True, False or None, got "
+                         f"{settings.sink!r}.")
 
   # --- derived ------------------------------------------------------------------------------
 

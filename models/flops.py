@@ -63,10 +63,12 @@ def param_counts(config: ModelConfig) -> dict[str, int]:
 
 
 def kind_mask(config: ModelConfig, kind: str) -> attention.Mask:
-  """The causal/window `Mask` of layers of `kind` (no segments), as `layers.Attention` builds."""
-  window = config.kind_settings(kind).window
+  """The causal/window/sinks `Mask` of layers of `kind` (no segments), as `layers.Attention`
+  builds."""
+  settings = config.kind_settings(kind)
+  window = settings.window
   window = attention.local_mask(window, causal=config.causal).window if window else None
-  return attention.Mask(causal=config.causal, window=window)
+  return attention.Mask(causal=config.causal, window=window, sinks=settings.sinks or 0)
 
 
 def visible_keys(config: ModelConfig, kind: str, seq_len: int) -> np.ndarray:
@@ -99,8 +101,11 @@ def attention_flops_per_token(config: ModelConfig, context: int) -> int:
   """
   total = 0
   for kind in config.layer_kinds:
-    left, right = kind_mask(config, kind).bounds
-    total += int(_layer_flops(config, kind, int(min(context, left + right + 1))))
+    mask = kind_mask(config, kind)
+    left, right = mask.bounds
+    keys = min(context, left + right + 1)
+    keys = min(context, keys + mask.sinks) if keys < context else keys  # sinks outside it
+    total += int(_layer_flops(config, kind, int(keys)))
   return total
 
 

@@ -13,6 +13,11 @@ repeated). Each kind carries default `KindSettings`:
   e.g. `{"scaling": "none", "factor": 1.0}`: Gemma 3's sliding layers skip the scaling),
 * `alibi`: ALiBi instead of RoPE (Press et al.): no rotary embedding on this kind's q/k, and the
   attention function gets `alibi_slopes` = the geometric `2^(-8 n / N)` (`rope_theta` unused),
+* `sinks`: attention sinks (StreamingLLM): the first `sinks` tokens of the sequence stay visible
+  to every later query besides its window (`attention.Mask(sinks=...)`); a windowed kind's
+  decoding cache then keeps those tokens and the window (`cache.SinkRingCache`, constant size),
+* `sink`: a learned per-head sink logit (GPT-OSS), a parameter `sink_logits [N]` (zeros at
+  init) passed as the attention function's `sink_logits`,
 
 and the attention module that implements it (`None` = `models.layers.Attention`, which handles
 any kind defined by these settings, KV cache included: a windowed kind keeps a ring buffer of
@@ -46,6 +51,8 @@ class KindSettings:
     options: extra keyword arguments for the attention function, a mapping or pairs.
     alibi: True: ALiBi position biases and no RoPE; None (not set) is False.
     rope: overrides of the model's `Rope` fields (not head_dim / theta), a mapping or pairs.
+    sinks: attention sinks: the first `sinks` tokens visible to every query; None (not set) is 0.
+    sink: True: a learned per-head sink logit in the softmax denominator; None is False.
   """
 
   attention: str | None = None
@@ -54,6 +61,8 @@ class KindSettings:
   options: Mapping[str, Any] | tuple[tuple[str, Any], ...] | None = None  # stored as pairs
   alibi: bool | None = None
   rope: Mapping[str, Any] | tuple[tuple[str, Any], ...] | None = None  # stored as pairs
+  sinks: int | None = None
+  sink: bool | None = None
 
   def __post_init__(self):
     for name in ("options", "rope"):
@@ -88,7 +97,7 @@ def register_layer_kind(name: str, kind: LayerKind, *, overwrite: bool = False) 
   if not isinstance(kind, LayerKind):
     raise ValueError(f"register_layer_kind({name!r}) needs a LayerKind, got {kind!r}.")
   missing = [f.name for f in dataclasses.fields(KindSettings)
-             if f.name not in ("options", "alibi", "rope")
+             if f.name not in ("options", "alibi", "rope", "sinks", "sink")
              and getattr(kind.defaults, f.name) is None]
   if missing:
     raise ValueError(f"layer kind {name!r}: defaults must set {missing}.")

@@ -64,6 +64,9 @@ class Attention(nnx.Module):
   every other visibility rule), so "local", "flash" and "dense" compute the same thing.
   Optional (config): q/k/v and output biases, a norm of q and k over head_dim before RoPE
   (`qk_norm`), and the logit scale (`attention_scale`, default head_dim ** -0.5).
+  Sinks (kind settings): `sinks=n` puts `Mask(sinks=n)` in the mask (a windowed kind decodes
+  from a `SinkRingCache`: the window's ring plus the n sink keys, merged exactly); `sink=True`
+  learns `sink_logits [N]` (float32, zeros at init), the attention function's `sink_logits`.
   """
 
   def __init__(self, config: ModelConfig, kind: str, *, rngs: nnx.Rngs):
@@ -72,7 +75,10 @@ class Attention(nnx.Module):
     self.attention_name = settings.attention
     self.options = tuple(settings.options)
     self.window = settings.window
+    self.sinks = settings.sinks or 0
     self.causal = config.causal
+    self.sink_logits = (nnx.Param(jnp.zeros((config.num_heads,), jnp.float32))
+                        if settings.sink else None)
     # ALiBi kinds: no RoPE; static per-head slopes (Python floats, not parameters).
     self.alibi_slopes = (tuple(float(x) for x in attention.geometric_alibi_slopes(
         config.num_heads)) if settings.alibi else None)
@@ -98,21 +104,47 @@ class Attention(nnx.Module):
 
   # --- masks and the attention function ----------------------------------------------------
 
-  def mask(self, q_segment_ids=None, kv_segment_ids=None, q_offset=0) -> attention.Mask:
-    """This kind's visibility: causality, sliding window, segments, decode offset."""
+  def mask(self, q_segment_ids=None, kv_segment_ids=None, q_offset=0,
+           sinks: bool = True) -> attention.Mask:
+    """This kind's visibility: causality, sliding window, segments, decode offset, and (with
+    `sinks`) the kind's attention sinks."""
     window = attention.local_mask(self.window, causal=self.causal).window if self.window else None
     return attention.Mask(causal=self.causal, window=window, q_segment_ids=q_segment_ids,
-                          kv_segment_ids=kv_segment_ids, q_offset=q_offset)
+                          kv_segment_ids=kv_segment_ids, q_offset=q_offset,
+                          sinks=self.sinks if sinks else 0)
 
-  def attend(self, q: Float[Array, "B T N H"], k: Float[Array, "B S K H"],
-             v: Float[Array, "B S K H"], mask: attention.Mask) -> Float[Array, "B T N H"]:
-    """Calls the registered attention function of this kind (with its ALiBi slopes, if any)."""
+  def _options(self) -> dict:
     options = dict(self.options)
     if self.scale is not None:
       options["scale"] = self.scale
     if self.alibi_slopes is not None:
       options["alibi_slopes"] = jnp.asarray(self.alibi_slopes, jnp.float32)
-    return attention.get(self.attention_name)(q, k, v, mask=mask, **options)
+    if self.sink_logits is not None:
+      options["sink_logits"] = self.sink_logits[...]
+    return options
+
+  def attend(self, q: Float[Array, "B T N H"], k: Float[Array, "B S K H"],
+             v: Float[Array, "B S K H"], mask: attention.Mask, **extra) -> Float[Array, "B T N H"]:
+    """Calls the registered attention function of this kind (with its ALiBi slopes and sink
+    logits, if any; `extra` options such as `return_lse=True` on top)."""
+    return attention.get(self.attention_name)(q, k, v, mask=mask, **self._options(), **extra)
+
+  def attend_cached(self, q, k_view, v_view, q_segment_ids, kv_segment_ids, q_offset, cache,
+                    index) -> Float[Array, "B T N H"]:
+    """Attention of a chunk against the cache's view; with a `SinkRingCache`, merged exactly
+    with the sink keys the window does not reach (keys `j <= i - window`, flash attention)."""
+    mask = self.mask(q_segment_ids, kv_segment_ids, q_offset, sinks=False)
+    sink_keys = cache.sinks()  # None but for a SinkRingCache
+    if sink_keys is None:
+      return self.attend(q, k_view, v_view, mask)
+    out, lse = self.attend(q, k_view, v_view, mask, return_lse=True)
+    k_s, v_s, seg_s = sink_keys
+    sink_mask = attention.Mask(causal=True, q_segment_ids=q_segment_ids, kv_segment_ids=seg_s,
+                               q_offset=index - self.window)
+    options = {name: value for name, value in self._options().items() if name != "sink_logits"}
+    out_s, lse_s = attention.flash_attention(q, k_s, v_s, mask=sink_mask, return_lse=True,
+                                             **options)
+    return attention.merge_attention(out, lse, out_s, lse_s)[0]
 
   # --- forward and decoding ------------------------------------------------------------------
 
@@ -131,7 +163,8 @@ class Attention(nnx.Module):
       if segment_ids is None:
         segment_ids = jnp.zeros(x.shape[:2], jnp.int32)
       (k, v, kv_segment_ids, q_offset), cache = cache.update(cache_index, k, v, segment_ids)
-      out = self.attend(q, k, v, self.mask(segment_ids, kv_segment_ids, q_offset))
+      out = self.attend_cached(q, k, v, segment_ids, kv_segment_ids, q_offset, cache,
+                               cache_index)
     return self.o_proj(out), cache, {}
 
   def project(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"]
@@ -145,11 +178,15 @@ class Attention(nnx.Module):
     return q, k, self.v_proj(x)
 
   def init_cache(self, batch: int, max_len: int):
-    """Empty cache: a ring of `min(window, max_len)` slots if windowed, else `max_len` slots."""
+    """Empty cache: a ring of `min(window, max_len)` slots if windowed (plus `sinks` slots with
+    sinks: `SinkRingCache`), else `max_len` slots."""
     if not self.causal:
       raise ValueError("KV-cache decoding needs a causal (decoder) model; this layer is "
                        "bidirectional.")
     kh, h = self.num_kv_heads, self.head_dim
+    if self.window and self.sinks:
+      return cache_lib.SinkRingCache.create(batch, min(self.sinks, max_len),
+                                            min(self.window, max_len), kh, h, self.dtype)
     if self.window:
       return cache_lib.RingCache.create(batch, min(self.window, max_len), kh, h, self.dtype)
     return cache_lib.FullCache.create(batch, max_len, kh, h, self.dtype)

@@ -17,7 +17,9 @@ its share of the keys once, then an exact merge of the per-split partials::
 
 The reach of the rows (`[offset - left, offset + T - 1 + right]`, clipped to the cache) is
 computed in the kernel from the row's offset and split evenly over the `P` programs, so a window
-over a long cache reads only the window's tiles and still uses every program. `P` is chosen so
+over a long cache reads only the window's tiles and still uses every program. With `Mask.sinks`
+the sink tiles before the window join the split (steps `[0, ns)` are tiles `[0, ns)`, then the
+window's). `P` is chosen so
 that `B * K * P >= TARGET_PROGRAMS` (two waves of an H100's 132 SMs), at most one per tile.
 
 Rows of a group share the kv head's keys, so K/V bytes are read once per kv head (GQA/MQA), not
@@ -60,11 +62,18 @@ def num_splits(batch: int, kv_heads: int, num_tiles: int) -> int:
 
 
 def _reach(geom: tiles.Geometry, offset, q_len: int, block_kv: int, num_tiles: int):
-  """Tiles `[lo, hi)` the rows at positions `offset .. offset + q_len - 1` can see."""
+  """`(lo, hi, ns)`: the rows at positions `offset .. offset + q_len - 1` see tiles `[lo, hi)`
+  through their window and, with sinks, the sink tiles `[0, ns)` before it (`ns <= lo`)."""
   first = jnp.maximum(offset - geom.left, 0) if geom.left < UNBOUNDED else 0
   last = offset + q_len - 1 + geom.right if geom.right < UNBOUNDED else num_tiles * block_kv - 1
   lo = jnp.clip(first // block_kv, 0, num_tiles)
-  return lo, jnp.clip(last // block_kv + 1, lo, num_tiles)
+  hi = jnp.clip(last // block_kv + 1, lo, num_tiles)
+  if not geom.sinks:
+    return lo, hi, 0
+  sink_tiles = min(tiles.cdiv(geom.sinks, block_kv), num_tiles)
+  if not geom.causal:  # sinks right of the window: widen it
+    hi = jnp.maximum(hi, sink_tiles)
+  return lo, hi, jnp.minimum(sink_tiles, lo)
 
 
 def _decode_kernel(offsets_ref, q_ref, k_ref, v_ref, *refs, geom: tiles.Geometry, scale: float,
@@ -80,11 +89,13 @@ def _decode_kernel(offsets_ref, q_ref, k_ref, v_ref, *refs, geom: tiles.Geometry
   q_pos = offset + jnp.arange(rows, dtype=jnp.int32)[:, None] % q_len  # Xp 1
   q_seg = q_seg_ref[...][:, None] if geom.has_segments else None
   slope = slopes_ref[...][:, None] if geom.alibi else None
-  lo, hi = _reach(geom, offset, q_len, bk, num_tiles)
-  per = (hi - lo + splits - 1) // splits
-  start = jnp.minimum(lo + p * per, hi)
+  lo, hi, ns = _reach(geom, offset, q_len, bk, num_tiles)
+  total = ns + hi - lo  # steps over the sink tiles, then the window's (masks.kv_block_at)
+  per = (total + splits - 1) // splits
+  start = jnp.minimum(p * per, total)
 
-  def step(j, carry):
+  def step(i, carry):
+    j = masks_lib.kv_block_at(i, lo, ns)
     m, l, acc = carry
     kv = pl.ds(pl.multiple_of(j * bk, bk), bk)
     k, v = k_ref[kv, :], v_ref[kv, :]
@@ -103,7 +114,7 @@ def _decode_kernel(offsets_ref, q_ref, k_ref, v_ref, *refs, geom: tiles.Geometry
 
   init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
           jnp.zeros((rows, v_ref.shape[-1]), jnp.float32))
-  m, l, acc = lax.fori_loop(start, jnp.minimum(start + per, hi), step, init)
+  m, l, acc = lax.fori_loop(start, jnp.minimum(start + per, total), step, init)
   acc_ref[...] = acc
   m_ref[...] = m * tiles.LN2  # base 2 -> natural log
   l_ref[...] = l

@@ -130,7 +130,7 @@ def dkdv_call(q, k, v, dout, lse2, delta, offsets, schedule, segments, slopes=No
 def _dq_kernel(offsets_ref, schedule_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref,
                *refs, geom: tiles.Geometry, scale: float, block_q: int, block_kv: int,
                num_q_blocks: int, precision):
-  """Refs: offsets, schedule `[B, 4, nq]`, q `[bq, H]`, dout `[bq, Hv]`, k `[Sp, H]`, v
+  """Refs: offsets, schedule `[B, 4 | 5, nq]`, q `[bq, H]`, dout `[bq, Hv]`, k `[Sp, H]`, v
   `[Sp, Hv]`, lse/delta `[bq]`, then q_seg `[bq]`, kv_seg `[Sp]` (segments only), slopes `[Np]`
   (ALiBi only); output dq `[bq, H]`."""
   q_seg_ref, kv_seg_ref, slopes_ref, (dq_ref,) = tiles.split_refs(geom, refs)
@@ -159,7 +159,7 @@ def _dq_kernel(offsets_ref, schedule_ref, q_ref, k_ref, v_ref, dout_ref, lse_ref
       ds = ds * dcap
     return dq + plgpu.dot(ds.astype(k.dtype), k, precision=precision)
 
-  dq = tiles.visit(tiles.read_row(schedule_ref, b, i, 4), step,
+  dq = tiles.visit(tiles.read_row(schedule_ref, b, i, geom.schedule_rows), step,
                    jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 

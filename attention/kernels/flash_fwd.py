@@ -37,7 +37,7 @@ from attention.kernels import flash_tiles as tiles
 
 def _forward_kernel(offsets_ref, schedule_ref, q_ref, k_ref, v_ref, *refs, geom: tiles.Geometry,
                     scale: float, block_q: int, block_kv: int, num_q_blocks: int, precision):
-  """Refs: offsets `[B]`, schedule `[B, 4, nq]`, q `[bq, H]`, k `[Sp, H]`, v `[Sp, Hv]` (one kv
+  """Refs: offsets `[B]`, schedule `[B, 4 | 5, nq]`, q `[bq, H]`, k `[Sp, H]`, v `[Sp, Hv]` (one kv
   head), then q_seg `[bq]`, kv_seg `[Sp]` (segments only), slopes `[Np]` (ALiBi only);
   outputs out `[bq, Hv]`, lse `[bq]`."""
   q_seg_ref, kv_seg_ref, slopes_ref, (out_ref, lse_ref) = tiles.split_refs(geom, refs)
@@ -71,7 +71,7 @@ def _forward_kernel(offsets_ref, schedule_ref, q_ref, k_ref, v_ref, *refs, geom:
 
   init = (jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32),
           jnp.zeros((bq, value_dim), jnp.float32))
-  m, l, acc = tiles.visit(tiles.read_row(schedule_ref, b, i, 4), step, init)
+  m, l, acc = tiles.visit(tiles.read_row(schedule_ref, b, i, geom.schedule_rows), step, init)
 
   has_key = l > 0.0
   l_safe = jnp.where(has_key, l, 1.0)

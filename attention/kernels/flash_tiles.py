@@ -15,8 +15,11 @@ tables (O(B * blocks)):
   diagonal and window edges, 1-3 blocks each) are visited masked.
 
 So causal costs ~T*S/2 and a window w ~T*(w + 2 blocks), in the forward and both backward
-kernels. With segment ids the schedule does all the segment work, so the kernels' loops hold
-no branch (a `lax.cond` / `lax.switch` around the K/V loads lowers to nested `scf.if`, which
+kernels. With `Mask.sinks` the q-major schedules carry a fifth row, `sink_hi`: the sink blocks
+`[0, sink_hi)` lying before the band, visited first (masked); the kv-major schedule's `[lo, hi)`
+of a sink block already runs to the last q block (`masks.q_block_range`).
+
+With segment ids the schedule does all the segment work, so the kernels' loops hold no branch (a `lax.cond` / `lax.switch` around the K/V loads lowers to nested `scf.if`, which
 Triton does not software-pipeline): `[lo, hi)` is cut to the streamed blocks whose id range
 meets the resident block's (packed, sorted segments: exactly the non-empty ones), and
 `[full_lo, full_hi)` to the run of blocks that hold the resident block's single segment
@@ -72,13 +75,20 @@ class Geometry:
   has_segments: bool
   soft_cap: float | None = None  # logits soft-cap (`attention.scores`)
   alibi: bool = False  # ALiBi slopes arrive as a `[Np]` float32 operand
+  sinks: int = 0  # `Mask.sinks`: keys `< sinks` visible to every query causality allows
+  causal: bool = False
 
   @classmethod
   def of(cls, mask: Mask, kv_len: int, mods: ScoreMods = NO_MODS) -> "Geometry":
     left, right = mask.bounds
     return cls(left=int(left), right=int(right), kv_len=int(kv_len),
                has_segments=mask.has_segments, soft_cap=mods.soft_cap,
-               alibi=mods.alibi_slopes is not None)
+               alibi=mods.alibi_slopes is not None, sinks=mask.sinks, causal=mask.causal)
+
+  @property
+  def schedule_rows(self) -> int:
+    """Rows of a q-major schedule: `(lo, hi, full_lo, full_hi)`, `+ (sink_hi,)` with sinks."""
+    return 5 if self.sinks else 4
 
   @property
   def has_mods(self) -> bool:
@@ -141,7 +151,9 @@ def _finish(lo, hi, full_lo, full_hi, seg_range=None, full_run=None):
 
 def q_major_schedule(mask: Mask, offsets, num_q_blocks: int, block_q: int, kv_len: int,
                      block_kv: int, q_tab=None, kv_tab=None):
-  """`[B, 4, num_q_blocks]`: per q block, the kv blocks to visit (forward and dQ kernels).
+  """`[B, 4, num_q_blocks]`: per q block, the kv blocks to visit (forward and dQ kernels);
+  `[B, 5, num_q_blocks]` with `mask.sinks`, the fifth row `sink_hi`: the sink blocks
+  `[0, sink_hi)` before the band `[lo, hi)` (`masks.sink_blocks`).
 
   Only kv blocks holding real keys (`< cdiv(kv_len, block_kv)`) are ever visited.
   """
@@ -156,9 +168,15 @@ def q_major_schedule(mask: Mask, offsets, num_q_blocks: int, block_q: int, kv_le
   zero = 0 * q_lo
   lo, hi, full_lo, full_hi = lo + zero, hi + zero, full_lo + zero, full_hi + zero
   if q_tab is None:
-    return _finish(lo, hi, full_lo, full_hi)
-  return _finish(lo, hi, full_lo, full_hi, _segment_range(q_tab, kv_tab, num_q_blocks, nk),
-                 _segment_full_run(q_tab, kv_tab, num_q_blocks, nk, full_lo, full_hi))
+    schedule = _finish(lo, hi, full_lo, full_hi)
+  else:
+    schedule = _finish(lo, hi, full_lo, full_hi, _segment_range(q_tab, kv_tab, num_q_blocks, nk),
+                       _segment_full_run(q_tab, kv_tab, num_q_blocks, nk, full_lo, full_hi))
+  if not mask.sinks:
+    return schedule
+  # Sinks: the blocks [0, sink_hi) before the band, visited masked (`visit`).
+  sink_hi = masks_lib.sink_blocks(mask, schedule[:, 0], block_kv)
+  return jnp.concatenate([schedule, sink_hi[:, None].astype(jnp.int32)], axis=1)
 
 
 def kv_major_schedule(mask: Mask, offsets, num_kv_blocks: int, block_kv: int, kv_len: int,
@@ -194,12 +212,18 @@ def visible(geom: Geometry, q_pos, kv_pos, q_seg=None, kv_seg=None):
 
   Callers pass `[r, 1]` and `[1, c]` columns/rows in whichever orientation their scores use.
   """
-  vis = kv_pos < geom.kv_len  # padded keys are never visible
   diff = kv_pos - q_pos
+  reach = None  # the window (with causality); None: unbounded
   if geom.left < UNBOUNDED:
-    vis &= diff >= -geom.left
+    reach = diff >= -geom.left
   if geom.right < UNBOUNDED:
-    vis &= diff <= geom.right
+    reach = diff <= geom.right if reach is None else reach & (diff <= geom.right)
+  if geom.sinks and reach is not None:  # sinks: besides the window, if causality allows
+    sink = kv_pos < geom.sinks
+    reach |= sink & (diff <= 0) if geom.causal else sink
+  vis = kv_pos < geom.kv_len  # padded keys are never visible
+  if reach is not None:
+    vis &= reach
   if q_seg is not None:
     vis &= (q_seg == kv_seg) & (q_seg >= 0)
   return vis
@@ -291,8 +315,11 @@ def visit(schedule, step, carry):
 
   `schedule = (lo, hi, full_lo, full_hi)` scalars: `[lo, full_lo)` and `[full_hi, hi)` masked,
   `[full_lo, full_hi)` unmasked. Three plain loops, no branch inside (Triton pipelines them).
+  A fifth scalar `sink_hi` (sinks) adds a first loop over the sink blocks `[0, sink_hi)`, masked.
   """
-  lo, hi, full_lo, full_hi = schedule
+  lo, hi, full_lo, full_hi, *sinks = schedule
+  if sinks:
+    carry = lax.fori_loop(0, sinks[0], lambda j, c: step(j, c, True), carry)
   carry = lax.fori_loop(lo, full_lo, lambda j, c: step(j, c, True), carry)
   carry = lax.fori_loop(full_lo, full_hi, lambda j, c: step(j, c, False), carry)
   return lax.fori_loop(full_hi, hi, lambda j, c: step(j, c, True), carry)

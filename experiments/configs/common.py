@@ -167,7 +167,8 @@ FIELD_HELP = {
     "model.dtype": "activation dtype",
     "model.param_dtype": "parameter dtype",
     "model.remat": "recompute each layer in the backward pass (less memory)",
-    "model.kinds": "per layer kind: attention, window, rope_theta, options (models.KindSettings)",
+    "model.kinds": "per layer kind: attention, window, rope_theta, options, sinks, sink "
+                   "(models.KindSettings)",
     "batch_size": "rows per optimizer step",
     "grad_accum": "micro-batches per step (batch_size must divide evenly)",
     "lm_loss_weight": "weight of the LM loss on unscored tokens (0 = answers only)",

@@ -38,6 +38,8 @@ class Case:
   value_dim: int | None = None
   alibi: bool = False
   lse: bool = False
+  sinks: int = 0  # Mask.sinks
+  sink_logits: bool = False  # learned per-head sink logits
   seed: int = 0  # of the random inputs (the fuzzed cases draw it)
 
   @property
@@ -45,7 +47,8 @@ class Case:
     """The optional contract features this case exercises (a subset of FEATURES)."""
     return frozenset(name for name, on in (
         ("soft_cap", self.soft_cap is not None), ("value_dim", self.value_dim is not None),
-        ("alibi", self.alibi), ("lse", self.lse)) if on)
+        ("alibi", self.alibi), ("lse", self.lse), ("sinks", self.sinks > 0),
+        ("sink_logits", self.sink_logits)) if on)
 
   def options(self) -> dict:
     """Keyword options of the attention call (and of the reference) for this case."""
@@ -56,6 +59,8 @@ class Case:
       options["alibi_slopes"] = jnp.asarray(geometric_alibi_slopes(self.heads))
     if self.lse:
       options["return_lse"] = True
+    if self.sink_logits:  # some below, some above the rows' typical lse
+      options["sink_logits"] = jnp.linspace(-1.0, 3.0, self.heads, dtype=jnp.float32)
     return options
 
   @property
@@ -82,7 +87,7 @@ class Case:
     offset = jnp.asarray(self.q_offset, jnp.int32) if isinstance(self.q_offset, tuple) else (
         self.q_offset)
     mask = Mask(causal=self.causal, window=self.window, q_segment_ids=q_seg,
-                kv_segment_ids=kv_seg, q_offset=offset)
+                kv_segment_ids=kv_seg, q_offset=offset, sinks=self.sinks)
     return q, k, v, mask
 
 
@@ -129,8 +134,17 @@ CASES = [
          soft_cap=2.0, lse=True, value_dim=16),
     Case("band_all_features", batch=1, q_len=200, kv_len=200, heads=2, kv_heads=1, causal=True,
          window=(15, 0), alibi=True, soft_cap=2.0, lse=True, value_dim=16),
+    # Attention sinks: Mask.sinks (windows with the first keys, causal and not; sinks over more
+    # than one Pallas tile; decode from a long cache) and learned sink logits.
+    Case("sinks_window", causal=True, window=(7, 0), q_offset=-3, sinks=5, sink_logits=True,
+         lse=True),  # the first 3 rows see no key: out 0, lse = the sink logit
+    Case("sinks_bidir_segments", window=(5, 5), sinks=20, segments=3),
+    Case("sinks_decode_all", q_len=7, kv_len=100, causal=True, window=(20, 0),
+         q_offset=(93, 60), sinks=4, sink_logits=True, lse=True),
+    Case("sinks_200", batch=1, q_len=200, kv_len=200, heads=2, kv_heads=1, causal=True,
+         window=(20, 0), sinks=4, sink_logits=True, lse=True, soft_cap=2.0),
 ]
-FEATURES = frozenset({"soft_cap", "value_dim", "alibi", "lse"})
+FEATURES = frozenset({"soft_cap", "value_dim", "alibi", "lse", "sinks", "sink_logits"})
 BY_NAME = {c.name: c for c in CASES}
 # Cases also run in bfloat16 and float16; the feature cases also in bfloat16.
 DTYPE_CASES = ("causal", "segments_causal", "chunk_offsets", "gqa_8_2")

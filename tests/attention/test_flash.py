@@ -89,6 +89,27 @@ def test_causal_and_window_skip_blocks():
       assert list(np.nonzero(bmap[:, j])[0]) == list(range(int(lo), int(hi)))
 
 
+def test_sinks_visit_the_sink_blocks_and_the_band_only():
+  """With sinks the forward loop (`masks.sink_blocks`, `kv_block_at`) visits exactly the
+  non-empty kv tiles of each q row: the sink tile and the window band, O(L * (w + sinks)); the
+  backward's q ranges of a sink tile run to the last q tile."""
+  from attention import masks as masks_lib
+  t, b = 2048, 256
+  n = t // b
+  for mask in (Mask(causal=True, window=(255, 0), sinks=4), Mask(window=(40, 40), sinks=300)):
+    bmap = attention.block_map(mask, t, t, b, b)
+    for i in range(n):
+      lo, hi = masks_lib.kv_block_range(mask, i * b, i * b + b - 1, b, n)
+      sinks = masks_lib.sink_blocks(mask, lo, b)
+      visited = [int(masks_lib.kv_block_at(s, lo, sinks)) for s in range(int(sinks + hi - lo))]
+      assert visited == list(np.nonzero(bmap[i])[0])
+    for j in range(n):
+      lo, hi = masks_lib.q_block_range(mask, j * b, j * b + b - 1, 0, 0, b, n)
+      assert list(np.nonzero(bmap[:, j])[0]) == list(range(int(lo), int(hi)))
+  causal_sinks = attention.block_map(Mask(causal=True, window=(255, 0), sinks=4), t, t, b, b)
+  assert (causal_sinks != 0).sum() == 3 * n - 3  # diagonal, the tile below it, tile 0
+
+
 def test_memory_linear_in_length():
   """fwd+bwd temp memory of flash grows ~linearly (dense grows quadratically)."""
   def temp_bytes(fn, t):

@@ -87,7 +87,7 @@ def _kernel_calls(text: str) -> int:
 
 
 # The contract options' cases lower in f32 and bf16 through the two that hold all of them.
-FEATURE_LOWER = ("alibi_decode_all", "alibi_bidir_segments")
+FEATURE_LOWER = ("alibi_decode_all", "alibi_bidir_segments", "sinks_window", "sinks_decode_all")
 LOWER_CASES = ([(c, d) for c in PALLAS_CASES for d in (jnp.float32, jnp.bfloat16)
                 if not c.features or c.name in FEATURE_LOWER]
                + [(BY_NAME[name], jnp.float16) for name in DTYPE_CASES])
@@ -214,7 +214,8 @@ def _visible_tiles(case: Case, bq: int, bk: int):
   dense[:, :t, :s] = np.asarray(masks_lib.dense_mask(mask, b, t, s))
   blocks = dense.reshape(b, nq, bq, nk, bk)
   any_vis = blocks.any(axis=(2, 4))
-  pos_only = Mask(causal=mask.causal, window=mask.window, q_offset=mask.q_offset)
+  pos_only = Mask(causal=mask.causal, window=mask.window, q_offset=mask.q_offset,
+                  sinks=mask.sinks)
   dense_pos = np.zeros_like(dense)
   dense_pos[:, :, :s] = np.asarray(masks_lib.dense_mask(pos_only, b, nq * bq, s))
   pos_blocks = dense_pos.reshape(b, nq, bq, nk, bk)
@@ -238,6 +239,9 @@ def test_schedules_cover_visible_tiles(case):
     lo, hi, full_lo, full_hi = (sched[:, r, :, None] for r in range(4))
     idx = np.arange(any_vis.shape[axis])[None, None]
     visited, unmasked = (lo <= idx) & (idx < hi), (full_lo <= idx) & (idx < full_hi)
+    if sched.shape[1] == 5:  # sinks: the blocks [0, sink_hi) before the band
+      assert axis == 2 and mask.sinks
+      visited |= idx < np.minimum(sched[:, 4, :, None], lo)
     if axis == 1:
       visited, unmasked = visited.transpose(0, 2, 1), unmasked.transpose(0, 2, 1)
     assert np.all(visited[any_vis]), "a tile with visible keys is skipped"

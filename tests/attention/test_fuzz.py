@@ -48,7 +48,7 @@ FUZZED = {
     "registered_dense": (lambda c: True, False),
     "registered_flash": (lambda c: True, False),
     "registered_local": (lambda c: c.window is not None, False),
-    "registered_moba": (lambda c: c.causal and not c.alibi, False),
+    "registered_moba": (lambda c: c.causal and not c.alibi and not c.sinks, False),
 }
 IMPLS = {impl.name: impl for impl in IMPLEMENTATIONS if impl.name in FUZZED}
 
@@ -78,7 +78,9 @@ def cases(draw) -> tuple[str, Case, str]:
       segments=draw(st.integers(1, 4)) if self_attention and draw(st.booleans()) else 0,
       soft_cap=draw(st.sampled_from([0.5, 2.0, 30.0])) if "soft_cap" in features else None,
       value_dim=draw(st.sampled_from([8, 12, 48])) if "value_dim" in features else None,
-      alibi="alibi" in features, lse="lse" in features, seed=draw(st.integers(0, 2**16)))
+      alibi="alibi" in features, lse="lse" in features,
+      sinks=draw(st.integers(1, 20)) if "sinks" in features else 0,
+      sink_logits="sink_logits" in features, seed=draw(st.integers(0, 2**16)))
   hypothesis.assume(needs(case))
   dtype = draw(st.sampled_from(["f32", "bf16", "f16"])) if low_precision else "f32"
   return name, case, dtype

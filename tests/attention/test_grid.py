@@ -38,8 +38,11 @@ PALLAS_TILES = BlockSizes(block_q=16, block_kv=16, block_q_bwd=16, block_kv_bwd=
 REGISTRY_CASES = ("segments_window", "chunk_offsets")
 SPARSE_CASES = ("full", "causal", "window_3_0", "segments_causal", "gqa_8_2", "mqa", "len_7",
                 "chunk_offsets", "no_key_rows", "cross_attn", "lse_no_key_rows",
-                "soft_cap_segments", "value_dim_offsets")
-SPARSE_FEATURES = frozenset({"soft_cap", "value_dim", "lse"})  # ALiBi: refused
+                "soft_cap_segments", "value_dim_offsets", "sinks_window")
+SPARSE_FEATURES = frozenset({"soft_cap", "value_dim", "lse", "sinks",
+                             "sink_logits"})  # ALiBi: refused
+# Block-sparse: the blocks are the selection, so Mask.sinks is refused.
+BLOCK_SPARSE_FEATURES = SPARSE_FEATURES - {"sinks"}
 # Block-sparse, every block selected (tests/attention/test_block_sparse.py has sparse selections).
 BLOCK_SPARSE_CASES = ("segments_window", "value_dim_offsets")
 BLOCK_SPARSE_PALLAS_CASES = ("lse_no_key_rows", "soft_cap_segments")
@@ -128,14 +131,15 @@ IMPLEMENTATIONS = [
          lambda c: c.name in SPARSE_CASES, low_precision=False, features=SPARSE_FEATURES),
     Impl("sparse_pallas_all_keys", _sparse("pallas", SparseBlockSizes(block_k=16)),
          lambda c: c.name in ("causal", "segments_window", "chunk_offsets", "len_7",
-                              "soft_cap_segments", "value_dim_offsets"),
+                              "soft_cap_segments", "value_dim_offsets", "sinks_decode_all"),
          low_precision=False, features=SPARSE_FEATURES),
     Impl("block_sparse_xla_all_blocks",
          _block_sparse("xla", 8, BlockSparseBlockSizes(block_entries=16)),
-         lambda c: c.name in BLOCK_SPARSE_CASES, low_precision=False, features=SPARSE_FEATURES),
+         lambda c: c.name in BLOCK_SPARSE_CASES, low_precision=False,
+         features=BLOCK_SPARSE_FEATURES),
     Impl("block_sparse_pallas_all_blocks", _block_sparse("pallas", 16, None),
          lambda c: c.name in BLOCK_SPARSE_PALLAS_CASES, low_precision=False,
-         features=SPARSE_FEATURES),
+         features=BLOCK_SPARSE_FEATURES),
 ] + [_registered(name) for name in attention.available()]
 
 PARAMS = [(impl, case, dtype) for impl in IMPLEMENTATIONS for case, dtype in case_dtypes(CASES)
@@ -253,12 +257,15 @@ def test_ring_matches_reference(name: str):
 OPTIONS_CASE = Case("options_tiny", batch=1, q_len=16, kv_len=16, heads=2, kv_heads=1,
                     head_dim=16, causal=True, window=(7, 0))  # "local" needs a window
 FEATURE_SETTINGS = {"soft_cap": dict(soft_cap=1.5), "value_dim": dict(value_dim=8),
-                    "alibi": dict(alibi=True), "lse": dict(lse=True)}
+                    "alibi": dict(alibi=True), "lse": dict(lse=True), "sinks": dict(sinks=3),
+                    "sink_logits": dict(sink_logits=True)}
 # What each registered name refuses; every other (name, option) must equal the reference.
-REFUSED = {"ring": FEATURES, "dsa": frozenset({"alibi"}), "moba": frozenset({"alibi"})}
+REFUSED = {"ring": FEATURES, "dsa": frozenset({"alibi", "sinks"}),
+           "moba": frozenset({"alibi", "sinks"})}
 # The word a refusal must contain.
 OPTION_WORDS = {"soft_cap": "logits_soft_cap", "value_dim": "value head dim",
-                "alibi": "alibi_slopes", "lse": "return_lse"}
+                "alibi": "alibi_slopes", "lse": "return_lse", "sinks": "Mask.sinks",
+                "sink_logits": "sink_logits"}
 
 
 @pytest.mark.parametrize("feature", sorted(FEATURES))

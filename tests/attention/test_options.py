@@ -109,3 +109,47 @@ def test_alibi_memory_is_linear():
   plain, alibi = temp_bytes(), temp_bytes(alibi_slopes=slopes)
   assert alibi <= 1.1 * plain + (1 << 20), (plain, alibi)
   assert alibi < 4096 * 4096 * 4 // 4, alibi
+
+
+def _all_keys(q, k):
+  return jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (*q.shape[:2], k.shape[1]))
+
+
+# The Pallas kernels' sink cases (out, lse, dq/dk/dv) are in the shared grid; the sink logits'
+# own gradient comes from the front door's merge, the same for every backend.
+SINK_IMPLEMENTATIONS = {
+    "flash_xla": lambda q, k, v, mask, **o: attention.flash_attention(
+        q, k, v, mask=mask, implementation="xla", block_sizes=BlockSizes(16, 16, 16, 16), **o),
+    "sparse_xla": lambda q, k, v, mask, **o: attention.sparse_attention(
+        q, k, v, _all_keys(q, k), mask=mask, implementation="xla", **o),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SINK_IMPLEMENTATIONS))
+def test_sink_logits_gradients_equal_the_reference(name):
+  """d/d sink_logits (and d/dq, dk, dv) through out and the lse, with Mask.sinks and rows that
+  see no key (their lse is the sink logit, their out 0), equal the reference's explicit column."""
+  q, k, v = random_qkv(12, 1, 40, 40, 4, 2, 16)
+  mask = Mask(causal=True, window=(9, 0), q_offset=-2, sinks=3)
+  sinks = jnp.asarray([-2.0, 0.0, 1.0, 4.0])
+
+  def loss(fn):
+    def f(q, k, v, sinks):
+      out, lse = fn(q, k, v, mask, sink_logits=sinks, return_lse=True)
+      return jnp.sum(jnp.sin(out)) + jnp.sum(jnp.cos(lse))
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(q, k, v, sinks)
+
+  got, want = loss(SINK_IMPLEMENTATIONS[name]), loss(
+      lambda q, k, v, mask, **o: attention.reference_attention(q, k, v, mask=mask, **o))
+  assert_close(got[0], want[0], jnp.float32)
+  assert float(jnp.max(jnp.abs(want[1][3]))) > 0.1  # the sinks do get a gradient
+  for g, w in zip(got[1], want[1]):
+    assert_close(g, w, jnp.float32, grad=True)
+
+
+def test_sink_logits_refused_with_a_clear_error():
+  q, k, v = random_qkv(13, 1, 8, 8, 4, 2, 16)
+  with pytest.raises(ValueError, match=r"sink_logits must have shape \[N\] = \[4\]"):
+    attention.flash_attention(q, k, v, sink_logits=jnp.zeros((2,)))
+  with pytest.raises(ValueError, match="Mask.sinks must be an int >= 0"):
+    Mask(sinks=-1)

@@ -136,3 +136,35 @@ def test_decode_steps_run_the_decode_path():
 
   assert lowered(1).count(SCOPE) >= 2 and SCOPE in lowered(16)
   assert SCOPE not in lowered(17)
+
+
+def _sink_model(sink: bool = True) -> Transformer:
+  """One global and one local layer with 2 attention sinks (and learned sink logits, set to
+  random values so that they matter)."""
+  config = ModelConfig(layer_pattern=("global", "local"), num_layers=2, **TINY,
+                       kinds={"local": KindSettings(window=WINDOW, sinks=2, sink=sink),
+                              "global": KindSettings(sink=sink)})
+  model = Transformer(config, rngs=nnx.Rngs(5))
+  if sink:
+    for i, block in enumerate(model.blocks):
+      block.attn.sink_logits[...] = jax.random.normal(jax.random.key(10 + i), (4,))
+  return model
+
+
+@pytest.mark.parametrize("chunk", [1, 8])
+def test_sink_layers_decode_equals_full_forward(chunk):
+  """Token by token and in chunks of 8 > window (sinks written inside a chunk, and read back
+  for queries beyond the window): the sink ring cache equals the forward's Mask(sinks=2)."""
+  model = _sink_model()
+  tokens = jax.random.randint(jax.random.key(6), (2, T), 0, VOCAB, jnp.int32)
+  decoded, _ = cached_logits(model, tokens, chunk)
+  np.testing.assert_allclose(decoded, forward(model, tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_sink_cache_is_constant_size():
+  model = _sink_model(sink=False)
+  short, long = model.init_cache(1, 2 * WINDOW), model.init_cache(1, 4096)
+  cache = long.layers[1]
+  assert isinstance(cache, cache_lib.SinkRingCache)
+  assert cache.k.shape[1] == 2 and cache.ring.k.shape[1] == WINDOW
+  assert cache_lib.nbytes(short.layers[1]) == cache_lib.nbytes(cache)

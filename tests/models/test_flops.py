@@ -38,6 +38,12 @@ def test_attention_flops_per_token():
   encoder = ModelConfig(**TINY, causal=False, layer_pattern=("local",),
                         kinds={"local": KindSettings(window=16)}, num_layers=1)
   assert flops.attention_flops_per_token(encoder, 1000) == per_key * 17  # 8 each side + self
+  sinks = ModelConfig(**TINY, num_layers=1, layer_pattern=("local",),
+                      kinds={"local": KindSettings(window=16, sinks=4)})
+  assert flops.attention_flops_per_token(sinks, 1000) == per_key * 20  # window + 4 sinks
+  assert flops.attention_flops_per_token(sinks, 18) == per_key * 18
+  np.testing.assert_array_equal(flops.visible_keys(sinks, "local", 22)[15:],
+                                [16, 17, 18, 19, 20, 20, 20])
 
 
 def test_forward_flops_sums_visible_keys_exactly():
