@@ -2,6 +2,8 @@
 
     model = Transformer(ModelConfig(...), rngs=nnx.Rngs(0))
     logits, aux = model(tokens)                                  # [B, T, V] float32
+    x, aux = model.hidden(tokens)                                # [B, T, D] before the head
+    losses, argmax = model.token_losses(x, targets, chunk=512)   # [B, T]: no [B, T, V] logits
     logits, aux = model(tokens, segment_ids=ids)                 # packed documents
     cache = model.init_cache(batch, max_len)
     logits, aux = model(prompt, cache=cache); cache = aux["cache"]   # prefill (any chunk)
@@ -29,6 +31,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from models import cache as cache_lib
+from models import chunked_loss
 from models import layers
 from models.choices import ACTIVATIONS
 from models.config import ModelConfig
@@ -109,7 +112,8 @@ class Transformer(nnx.Module):
       positions: Int[Array, "B T"] | None = None,
       cache: cache_lib.Cache | None = None,
   ) -> tuple[Float[Array, "B T V"], dict]:
-    """Logits `[B, T, V]` (float32) and `aux` (`"cache"`, `"layers"`).
+    """Logits `[B, T, V]` (float32) and `aux` (`"cache"`, `"layers"`): `self.hidden(...)`
+    followed by the head (final norm, [MLM head], vocabulary projection, [soft-cap]).
 
     Args:
       tokens: `[B, T]` ints.
@@ -120,6 +124,19 @@ class Transformer(nnx.Module):
       cache: from `init_cache`: `tokens` continue the cached stream; the updated cache is
         `aux["cache"]`.
     """
+    x, aux = self.hidden(tokens, segment_ids=segment_ids, positions=positions, cache=cache)
+    return self.logits(x), aux
+
+  def hidden(
+      self,
+      tokens: Int[Array, "B T"],
+      *,
+      segment_ids: Int[Array, "B T"] | None = None,
+      positions: Int[Array, "B T"] | None = None,
+      cache: cache_lib.Cache | None = None,
+  ) -> tuple[Float[Array, "B T D"], dict]:
+    """The last block's output `[B, T, D]` (before the final norm) and `aux`; arguments as
+    `__call__`. `self.logits(x)` or `self.token_losses(x, targets, chunk)` finish the pass."""
     b, t = self._check_inputs(tokens, segment_ids, positions, cache)
     index = None if cache is None else cache.index
     if positions is None:
@@ -136,7 +153,7 @@ class Transformer(nnx.Module):
       layer_aux.append(aux)
     new_cache = None if cache is None else cache_lib.Cache(index + t, tuple(new_caches),
                                                            cache.max_len)
-    return self._logits(x), {"cache": new_cache, "layers": tuple(layer_aux)}
+    return x, {"cache": new_cache, "layers": tuple(layer_aux)}
 
   def _embed(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
     x = self.embed(tokens)
@@ -144,8 +161,9 @@ class Transformer(nnx.Module):
       x = x * jnp.asarray(self.config.embed_scale, x.dtype)
     return _maybe(self.embed_norm, x)
 
-  def _logits(self, x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
-    """Final norm, [MLM head], vocabulary projection [+ bias], float32 [soft-capped] logits."""
+  def logits(self, x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+    """Final norm, [MLM head], vocabulary projection [+ bias], float32 [soft-capped] logits of
+    `hidden`'s output (position-wise: any slice of positions gives the same rows)."""
     x = self.final_norm(x)
     if self.mlm_head is not None:
       x = self.mlm_head(x)
@@ -155,6 +173,13 @@ class Transformer(nnx.Module):
     logits = logits.astype(jnp.float32)
     cap = self.config.final_logit_soft_cap
     return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+  def token_losses(self, x: Float[Array, "B T D"], targets: Int[Array, "B T"], chunk: int = 0
+                   ) -> tuple[Float[Array, "B T"], Int[Array, "B T"]]:
+    """Cross-entropy `[B, T]` (float32) of `self.logits(x)` against `targets`, and its argmax,
+    computed `chunk` positions at a time (`models.chunked_loss`: the `[B, T, V]` logits never
+    exist; 0 = plain logits). Equal to the plain loss in value and gradient."""
+    return chunked_loss.token_losses(self.logits, x, targets, chunk)
 
   def init_cache(self, batch: int, max_len: int) -> cache_lib.Cache:
     """An empty cache for `batch` streams of up to `max_len` tokens (decoders only).

@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.lm_loss_weight = 0.0     # + this x the LM loss on the unscored tokens (0 = answers only)
   c.aux_losses = ml_collections.ConfigDict()  # {name: weight} of losses layers put in aux
   c.trainable = ""           # train only params whose path contains this ("" = all)
+  c.loss_chunk = -1          # cross-entropy positions per chunk: 0 = full logits, -1 = auto
   c.num_steps = 300
   c.optim = ml_collections.ConfigDict(dict(
       lr=3e-3, warmup_steps=30, final_lr_ratio=0.1, b1=0.9, b2=0.99, weight_decay=0.01,
@@ -169,6 +170,9 @@ FIELD_HELP = {
     "grad_accum": "micro-batches per step (batch_size must divide evenly)",
     "lm_loss_weight": "weight of the LM loss on unscored tokens (0 = answers only)",
     "aux_losses": "{name: weight} of losses layers report in aux (e.g. indexer_kl)",
+    "loss_chunk": "cross-entropy computed this many positions at a time (the [B, T, V] logits "
+                  "never exist); 0 = full logits; -1 = chunked when the float32 logits of a "
+                  "batch exceed 1 GiB (models/chunked_loss.py)",
     "trainable": "train only parameters whose path contains this (\"\" = all)",
     "num_steps": "optimizer steps (also the length of the cosine schedule)",
     "optim": "AdamW on linear warmup + cosine decay, after gradient clipping",
