@@ -14,7 +14,9 @@ Layout: embed [x embed_scale, embed norm] -> blocks (pre-norm attention + pre-no
 residual; with `post_norms` each output is normalised before its residual add) -> final norm ->
 [MLM head: dense, activation, norm] -> vocabulary projection (tied to the embedding or not;
 [+ bias]) -> [final logit soft-cap]. Layer `i`'s attention is built by its kind
-(`config.layer_kinds[i]`, models/kinds.py).
+(`config.layer_kinds[i]`, models/kinds.py). Without a cache the blocks run under a `lax.scan`
+over repeats of the layer pattern with the `config.remat` policy on its body
+(models/layer_scan.py, models/remat.py); with a cache, one by one.
 
 `aux` holds `"cache"` (the updated `Cache`, or None without one) and `"layers"` (each layer's
 attention aux dict: where kinds such as DSA report their losses and statistics).
@@ -31,7 +33,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from models import cache as cache_lib
-from models import chunked_loss
+from models import chunked_loss, layer_scan
 from models import layers
 from models.choices import ACTIVATIONS
 from models.config import ModelConfig
@@ -62,10 +64,6 @@ class Block(nnx.Module):
                               segment_ids=segment_ids, cache=cache, cache_index=cache_index)
     x = x + _maybe(self.attn_post_norm, h)
     return x + _maybe(self.mlp_post_norm, self.mlp(self.mlp_norm(x))), cache, aux
-
-
-def _apply_block(block: Block, x, positions, segment_ids, cache, cache_index):
-  return block(x, positions, segment_ids, cache, cache_index)
 
 
 class MLMHead(nnx.Module):
@@ -142,17 +140,18 @@ class Transformer(nnx.Module):
     if positions is None:
       positions = _default_positions(b, t, segment_ids, index)
     positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, t))
-    apply = nnx.remat(_apply_block) if self.config.remat else _apply_block
-
     x = self._embed(tokens)  # B T D
-    new_caches, layer_aux = [], []
+    if cache is None:
+      x, layer_aux = layer_scan.run_blocks(
+          self.blocks, period=len(self.config.layer_pattern), x=x, positions=positions,
+          segment_ids=segment_ids, remat=self.config.remat, scan=self.config.scan_layers)
+      return x, {"cache": None, "layers": layer_aux}
+    new_caches, layer_aux = [], []  # decoding: layer by layer, each with its cache
     for i, block in enumerate(self.blocks):
-      layer_cache = None if cache is None else cache.layers[i]
-      x, layer_cache, aux = apply(block, x, positions, segment_ids, layer_cache, index)
+      x, layer_cache, aux = block(x, positions, segment_ids, cache.layers[i], index)
       new_caches.append(layer_cache)
       layer_aux.append(aux)
-    new_cache = None if cache is None else cache_lib.Cache(index + t, tuple(new_caches),
-                                                           cache.max_len)
+    new_cache = cache_lib.Cache(index + t, tuple(new_caches), cache.max_len)
     return x, {"cache": new_cache, "layers": tuple(layer_aux)}
 
   def _embed(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
