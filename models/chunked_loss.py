@@ -4,18 +4,13 @@
     chunk = auto_loss_chunk(batch, seq_len, vocab_size)                     # -1 config -> tokens
 
 At 128K tokens a 128K-token vocabulary makes the float32 logits of one row 64 GiB; the
-per-token losses are 512 KiB. `token_losses` splits the sequence into `N = ceil(T / C)` chunks
-of `C` positions per row, and a `lax.scan` over them computes each chunk's logits
-(`logits_fn`: final norm, head, vocabulary projection, soft-cap, whatever the model does per
-token), its cross-entropy and argmax, and keeps only those. The scan body is under
-`jax.checkpoint` saving nothing, so the backward pass recomputes one chunk's logits at a time
-instead of keeping all of them: peak memory is O(B * C * V) instead of O(B * T * V), at the
-cost of one more vocabulary projection (forward FLOPs of the head, ~2 B T D V).
-
-Chunk `n` holds the positions `t` with `t % N == n` (strided, not contiguous): a sequence that
-is split over a `seq` mesh axis in contiguous blocks stays split the same way inside every
-chunk, so each device computes the logits of its own tokens and nothing is gathered. The
-losses come back in token order; positions padded to make `T` a multiple of `N` are dropped.
+per-token losses are 512 KiB. `token_losses` runs the head (`logits_fn`: final norm, head,
+vocabulary projection, soft-cap, whatever the model does per position), the cross-entropy and
+the argmax over chunks of `C` positions per row with `tiling.map_positions` (a `lax.scan`
+whose body is under `jax.checkpoint` saving nothing), and keeps only the losses and argmaxes:
+peak memory of the logits is O(B * C * V) forward and backward instead of O(B * T * V), at the
+cost of one more vocabulary projection (the backward recomputes each chunk's logits). Chunks
+are strided (models/tiling.py), so a sequence split over a `seq` mesh axis stays split.
 
 Masks and weights are the caller's: the result is the loss of every position (ignored
 positions, padding, other documents are weighted after), exactly as
@@ -26,11 +21,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 from jaxtyping import Array, Float, Int
+
+from models import tiling
 
 # Automatic chunking: used when the float32 logits of a batch would exceed LOGITS_LIMIT bytes;
 # chunks are then made small enough that one chunk's logits take at most CHUNK_LOGITS bytes.
@@ -88,25 +83,7 @@ def token_losses(logits_fn: LogitsFn, x: Float[Array, "B T D"], targets: Int[Arr
   if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
     raise ValueError(f"chunk must be 0 (plain logits) or a positive number of positions, got "
                      f"{chunk!r}.")
-  b, t, d = x.shape
-  if chunk == 0 or chunk >= t:
+  if chunk == 0:
     return plain_token_losses(logits_fn(x), targets)
-  n = -(-t // chunk)      # chunks
-  c = -(-t // n)          # positions per chunk; n * c >= t
-  pad = n * c - t
-  if pad:
-    x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
-  xs = x.reshape(b, c, n, d).transpose(2, 0, 1, 3)       # N B C D: chunk n = positions t % N == n
-  ts = targets.reshape(b, c, n).transpose(2, 0, 1)       # N B C
-
-  @jax.checkpoint
-  def chunk_losses(xc, tc):  # saves nothing: the backward recomputes this chunk's logits
-    return plain_token_losses(logits_fn(xc), tc)
-
-  def body(carry, inputs):
-    return carry, chunk_losses(*inputs)
-
-  _, (losses, predictions) = lax.scan(body, None, (xs, ts))  # N B C each
-  untangle = lambda a: a.transpose(1, 2, 0).reshape(b, n * c)[:, :t]
-  return untangle(losses), untangle(predictions)
+  return tiling.map_positions(lambda xc, tc: plain_token_losses(logits_fn(xc), tc),
+                              (x, targets), chunk)

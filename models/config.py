@@ -71,6 +71,8 @@ class ModelConfig:
     dtype: compute dtype; param_dtype: parameter dtype (bf16 compute + f32 params works).
     remat: remat policy name (models/remat.py): "none", "block" (keep only each scanned
       repeat's input), "dots" (also matmul outputs); old booleans True/False = "block"/"none".
+    mlp_chunk: run the MLP this many positions at a time, recomputed in the backward
+      (models/tiling.py; same values, less memory at long context); 0 = all at once.
     scan_layers: run the blocks under a `lax.scan` over repeats of the layer pattern
       (models/layer_scan.py); False = a Python loop (same values; slower to compile).
     init_std: stddev of the embedding initialiser.
@@ -117,6 +119,7 @@ class ModelConfig:
   param_dtype: Any = "float32"
   remat: str = "none"
   scan_layers: bool = True
+  mlp_chunk: int = 0
   init_std: float = 0.02
   norm_eps: float = 1e-6
 
@@ -151,6 +154,9 @@ class ModelConfig:
         raise ValueError(f"{name} must be a number > 0{'' if name == 'embed_scale' else ' or None'}"
                          f", got {value!r}.")
     fill("remat", remat_lib.policy_name(self.remat))
+    chunk = self.mlp_chunk
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+      raise ValueError(f"mlp_chunk must be an int >= 0 (0 = no chunking), got {chunk!r}.")
     if not isinstance(self.scan_layers, bool):
       raise ValueError(f"scan_layers must be True or False, got {self.scan_layers!r}.")
     self._normalise_pattern_and_kinds()

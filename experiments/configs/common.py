@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
       embed_norm=False, embed_scale=1.0, attention_scale=config_dict.placeholder(float),
       final_logit_soft_cap=config_dict.placeholder(float), output_bias=False,
       mlm_head_bias=False, mlm_activation="gelu_tanh", dtype="float32", param_dtype="float32",
-      remat="none", scan_layers=True, init_std=0.02, norm_eps=1e-6))
+      remat="none", scan_layers=True, mlp_chunk=0, init_std=0.02, norm_eps=1e-6))
   c.model.kinds = ml_collections.ConfigDict({
       "global": dict(rope_theta=160_000.0), "local": dict(window=64, rope_theta=10_000.0)})
 
@@ -167,6 +167,8 @@ FIELD_HELP = {
     "model.remat": "remat policy of the scanned layers: none, block (keep each repeat's input), "
                    "dots (also matmul outputs); models/remat.py",
     "model.scan_layers": "lax.scan over repeats of layer_pattern (False = a Python loop)",
+    "model.mlp_chunk": "MLP computed this many positions at a time, recomputed in the backward "
+                       "(0 = all at once; less memory at long context)",
     "model.kinds": "per layer kind: attention, window, rope_theta, options (models.KindSettings)",
     "batch_size": "rows per optimizer step",
     "grad_accum": "micro-batches per step (batch_size must divide evenly)",

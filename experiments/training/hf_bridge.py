@@ -41,7 +41,7 @@ from models.rope import NEEDS_LENGTH
 RUNTIME_FIELDS = ("rope_scaling", "rope_factor", "rope_original_length", "rope_yarn_alpha",
                   "rope_yarn_beta", "rope_low_freq_factor", "rope_high_freq_factor",
                   "rope_mscale", "rope_truncate", "dtype", "param_dtype", "remat", "scan_layers",
-                  "init_std", "kinds")
+                  "mlp_chunk", "init_std", "kinds")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
 

@@ -45,7 +45,7 @@ ADDED_FIELDS = {
         post_norms=False, first_attn_norm=True, embed_norm=False, embed_scale=1.0,
         attention_scale=None, final_logit_soft_cap=None, output_bias=False,
         mlm_head_bias=False, mlm_activation="gelu_tanh", init_std=0.02, norm_eps=1e-6,
-        scan_layers=True).items()},
+        scan_layers=True, mlp_chunk=0).items()},
 }
 # Values saved under an older meaning: the same computation as the new value.
 RENAMED_VALUES = {"model.remat": {True: "block", False: "none"}}

@@ -30,15 +30,16 @@ def loss_and_grads(config: ModelConfig, state, graphdef_of, tokens, segment_ids)
   return jax.value_and_grad(loss, has_aux=True)(state)
 
 
-@pytest.mark.parametrize("pattern,layers,fields,policies", [
-    # 2 scanned repeats + 1 remainder layer, DSA's per-layer aux losses
-    (("dsa", "local"), 5, dict(kinds=DSA), ("block",)),
+@pytest.mark.parametrize("pattern,layers,fields,variants", [
+    # 2 scanned repeats + 1 remainder layer, DSA's per-layer aux losses; the MLP 3 positions
+    # at a time (T = 16: 6 chunks, 2 padded positions)
+    (("dsa", "local"), 5, dict(kinds=DSA), [dict(remat="block", mlp_chunk=3)]),
     # layer 0 has no attention pre-norm: it runs outside the scan
-    (("global",), 4, dict(first_attn_norm=False), ("none", "dots")),
-], ids=["dsa_local_remainder", "first_layer_differs"])
-def test_scanned_layers_equal_the_loop(pattern, layers, fields, policies):
+    (("global",), 4, dict(first_attn_norm=False), [dict(remat="none"), dict(remat="dots")]),
+], ids=["dsa_local_remainder_tiled_mlp", "first_layer_differs"])
+def test_scanned_layers_equal_the_loop(pattern, layers, fields, variants):
   """Values, per-layer aux losses and gradients of the scanned model under each remat policy
-  (each policy once over the cases) equal the unrolled model without remat (float32)."""
+  (each once over the cases) and with a tiled MLP equal the unrolled model (float32)."""
   base = ModelConfig(layer_pattern=pattern, num_layers=layers, **TINY, **fields)
   model = Transformer(dataclasses.replace(base, scan_layers=False),
                       rngs=nnx.Rngs(0))
@@ -49,8 +50,9 @@ def test_scanned_layers_equal_the_loop(pattern, layers, fields, policies):
   @jax.jit
   def everything(state):
     out = {"loop": loss_and_grads(model.config, state, graphdef, tokens, segment_ids)}
-    for policy in policies:
-      config = dataclasses.replace(base, remat=policy)
+    for variant in variants:
+      policy = str(variant)
+      config = dataclasses.replace(base, **variant)
       scanned = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))[0]  # same tree, other graph
       out[policy] = loss_and_grads(config, state, scanned, tokens, segment_ids)
     return out
@@ -94,6 +96,8 @@ def test_remat_names_and_old_booleans():
     ModelConfig(remat="blocks")
   with pytest.raises(ValueError, match="scan_layers must be"):
     ModelConfig(scan_layers="yes")
+  with pytest.raises(ValueError, match="mlp_chunk must be"):
+    ModelConfig(mlp_chunk=-1)
 
 
 def test_decoding_with_a_cache_equals_the_scanned_forward():
