@@ -115,3 +115,4 @@ def test_decoding_with_a_cache_equals_the_scanned_forward():
 
   logits, decoded = both(model, tokens)
   np.testing.assert_allclose(decoded, logits, atol=1e-5, rtol=1e-5)
+
