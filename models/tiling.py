@@ -12,8 +12,10 @@ position order. Its intermediates then exist for `C` positions at a time, forwar
 
 Chunk `n` holds the positions `t` with `t % N == n` (strided, not contiguous): a sequence split
 over a `seq` mesh axis in contiguous blocks stays split the same way inside every chunk, so
-each device computes its own positions and nothing is gathered. `T` is padded (with zeros) to
-a multiple of `N` and the padded positions' outputs dropped.
+each device computes its own positions and nothing is gathered, as long as `N` divides `T`
+(else `T` is padded with zeros to a multiple of `N`, the padded positions' outputs dropped,
+and on a mesh the padding makes XLA gather: checked on `seq:4` at T = 128, chunk 32 compiles
+with no all-gather, chunk 48 with some).
 
 Gradients with respect to what `fn` closes over (weights) are summed over the chunks by the
 scan's transpose, in the weights' dtype.
