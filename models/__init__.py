@@ -3,10 +3,11 @@
 Public names: `ModelConfig`, `Transformer`, `init_cache` via the model, `decode_step`,
 `generate`, the layer-kind registry (`KindSettings`, `LayerKind`, `register_layer_kind`,
 `get_layer_kind`, `available_layer_kinds`), the "dsa" kind (`DsaAttention`, `DsaSettings`,
-`dsa_kind`), `Rope`, `Cache`, and `flops` (param/FLOP counts).
+`dsa_kind`), `Rope`, `Cache`, `flops` (param/FLOP counts) and `chunked_loss` (cross-entropy without
+[B, T, V] logits).
 """
 
-from models import flops
+from models import chunked_loss, flops
 from models.cache import Cache, FullCache, RingCache, SinkRingCache
 from models.config import ModelConfig
 from models.dsa import DsaAttention, DsaSettings, dsa_kind  # registers the "dsa" layer kind
@@ -18,6 +19,6 @@ from models.transformer import Transformer, decode_step, generate, positions_fro
 __all__ = [
     "Cache", "DsaAttention", "DsaSettings", "FullCache", "KindSettings", "LayerKind",
     "ModelConfig", "RingCache", "Rope", "SinkRingCache", "Transformer", "available_layer_kinds",
-    "decode_step", "dsa_kind", "flops", "generate", "get_layer_kind", "positions_from_segments",
-    "register_layer_kind",
+    "chunked_loss", "decode_step", "dsa_kind", "flops", "generate", "get_layer_kind",
+    "positions_from_segments", "register_layer_kind",
 ]

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 import attention
 from models import choices
+from models import remat as remat_lib
 from models import rope as rope_lib
 from models.kinds import KindSettings, available_layer_kinds, get_layer_kind
 
@@ -68,7 +69,12 @@ class ModelConfig:
     mlm_head_bias, mlm_activation: the MLM head's dense bias and activation (a
       `choices.ACTIVATIONS` key; "gelu_tanh" by default, ModernBERT "gelu").
     dtype: compute dtype; param_dtype: parameter dtype (bf16 compute + f32 params works).
-    remat: rematerialise each block in the backward pass (`nnx.remat`).
+    remat: remat policy name (models/remat.py): "none", "block" (keep only each scanned
+      repeat's input), "dots" (also matmul outputs); old booleans True/False = "block"/"none".
+    mlp_chunk: run the MLP this many positions at a time, recomputed in the backward
+      (models/tiling.py; same values, less memory at long context); 0 = all at once.
+    scan_layers: run the blocks under a `lax.scan` over repeats of the layer pattern
+      (models/layer_scan.py); False = a Python loop (same values; slower to compile).
     init_std: stddev of the embedding initialiser.
     norm_eps: epsilon of the norms.
   """
@@ -111,7 +117,9 @@ class ModelConfig:
   mlm_activation: str = "gelu_tanh"
   dtype: Any = "float32"
   param_dtype: Any = "float32"
-  remat: bool = False
+  remat: str = "none"
+  scan_layers: bool = True
+  mlp_chunk: int = 0
   init_std: float = 0.02
   norm_eps: float = 1e-6
 
@@ -145,6 +153,12 @@ class ModelConfig:
       if value is not None and not (isinstance(value, (int, float)) and value > 0):
         raise ValueError(f"{name} must be a number > 0{'' if name == 'embed_scale' else ' or None'}"
                          f", got {value!r}.")
+    fill("remat", remat_lib.policy_name(self.remat))
+    chunk = self.mlp_chunk
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+      raise ValueError(f"mlp_chunk must be an int >= 0 (0 = no chunking), got {chunk!r}.")
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"scan_layers must be True or False, got {self.scan_layers!r}.")
     self._normalise_pattern_and_kinds()
     for name in ("dtype", "param_dtype"):
       fill(name, _check_dtype(name, getattr(self, name)))

@@ -19,6 +19,7 @@ from jaxtyping import Array, Float, Int
 
 import attention
 from models import cache as cache_lib
+from models import tiling
 from models.choices import MLP_ACTIVATIONS, NORMS
 from models.config import ModelConfig
 
@@ -40,16 +41,25 @@ def make_norm(config: ModelConfig, *, rngs: nnx.Rngs, features: int | None = Non
 
 class MLP(nnx.Module):
   """Gated MLP (GeGLU / SwiGLU): `out = (act(x W_gate) * (x W_up)) W_out` (+ biases if
-  `config.mlp_bias`)."""
+  `config.mlp_bias`). With `config.mlp_chunk = C > 0` it runs C positions at a time, recomputed
+  in the backward (`tiling.map_positions`: the `[B, T, 2F]` activations never exist; same
+  values)."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     dense = functools.partial(nnx.Linear, use_bias=config.mlp_bias, dtype=config.dtype,
                               param_dtype=config.param_dtype, rngs=rngs)
     self.activation = config.mlp
+    self.chunk = config.mlp_chunk
     self.wi = dense(config.d_model, 2 * config.mlp_dim)  # gate and up, fused
     self.wo = dense(config.mlp_dim, config.d_model)
 
   def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+    if self.chunk:
+      return tiling.map_positions(self.apply_all, (x,), self.chunk)
+    return self.apply_all(x)
+
+  def apply_all(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+    """The MLP on every position of `x` at once."""
     gate, up = jnp.split(self.wi(x), 2, axis=-1)  # B T F each
     return self.wo(MLP_ACTIVATIONS[self.activation](gate) * up)
 

@@ -2,6 +2,8 @@
 
     model = Transformer(ModelConfig(...), rngs=nnx.Rngs(0))
     logits, aux = model(tokens)                                  # [B, T, V] float32
+    x, aux = model.hidden(tokens)                                # [B, T, D] before the head
+    losses, argmax = model.token_losses(x, targets, chunk=512)   # [B, T]: no [B, T, V] logits
     logits, aux = model(tokens, segment_ids=ids)                 # packed documents
     cache = model.init_cache(batch, max_len)
     logits, aux = model(prompt, cache=cache); cache = aux["cache"]   # prefill (any chunk)
@@ -12,7 +14,9 @@ Layout: embed [x embed_scale, embed norm] -> blocks (pre-norm attention + pre-no
 residual; with `post_norms` each output is normalised before its residual add) -> final norm ->
 [MLM head: dense, activation, norm] -> vocabulary projection (tied to the embedding or not;
 [+ bias]) -> [final logit soft-cap]. Layer `i`'s attention is built by its kind
-(`config.layer_kinds[i]`, models/kinds.py).
+(`config.layer_kinds[i]`, models/kinds.py). Without a cache the blocks run under a `lax.scan`
+over repeats of the layer pattern with the `config.remat` policy on its body
+(models/layer_scan.py, models/remat.py); with a cache, one by one.
 
 `aux` holds `"cache"` (the updated `Cache`, or None without one) and `"layers"` (each layer's
 attention aux dict: where kinds such as DSA report their losses and statistics).
@@ -29,6 +33,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from models import cache as cache_lib
+from models import chunked_loss, layer_scan
 from models import layers
 from models.choices import ACTIVATIONS
 from models.config import ModelConfig
@@ -59,10 +64,6 @@ class Block(nnx.Module):
                               segment_ids=segment_ids, cache=cache, cache_index=cache_index)
     x = x + _maybe(self.attn_post_norm, h)
     return x + _maybe(self.mlp_post_norm, self.mlp(self.mlp_norm(x))), cache, aux
-
-
-def _apply_block(block: Block, x, positions, segment_ids, cache, cache_index):
-  return block(x, positions, segment_ids, cache, cache_index)
 
 
 class MLMHead(nnx.Module):
@@ -109,7 +110,8 @@ class Transformer(nnx.Module):
       positions: Int[Array, "B T"] | None = None,
       cache: cache_lib.Cache | None = None,
   ) -> tuple[Float[Array, "B T V"], dict]:
-    """Logits `[B, T, V]` (float32) and `aux` (`"cache"`, `"layers"`).
+    """Logits `[B, T, V]` (float32) and `aux` (`"cache"`, `"layers"`): `self.hidden(...)`
+    followed by the head (final norm, [MLM head], vocabulary projection, [soft-cap]).
 
     Args:
       tokens: `[B, T]` ints.
@@ -120,25 +122,37 @@ class Transformer(nnx.Module):
       cache: from `init_cache`: `tokens` continue the cached stream; the updated cache is
         `aux["cache"]`.
     """
+    x, aux = self.hidden(tokens, segment_ids=segment_ids, positions=positions, cache=cache)
+    return self.logits(x), aux
+
+  def hidden(
+      self,
+      tokens: Int[Array, "B T"],
+      *,
+      segment_ids: Int[Array, "B T"] | None = None,
+      positions: Int[Array, "B T"] | None = None,
+      cache: cache_lib.Cache | None = None,
+  ) -> tuple[Float[Array, "B T D"], dict]:
+    """The last block's output `[B, T, D]` (before the final norm) and `aux`; arguments as
+    `__call__`. `self.logits(x)` or `self.token_losses(x, targets, chunk)` finish the pass."""
     b, t = self._check_inputs(tokens, segment_ids, positions, cache)
     index = None if cache is None else cache.index
     if positions is None:
       positions = _default_positions(b, t, segment_ids, index)
     positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, t))
-    # remat saves memory in a backward pass; decoding (a cache) has none, and nnx.remat of a
-    # model merged inside jax.jit (generate) fails, so it decodes without it.
-    apply = nnx.remat(_apply_block) if self.config.remat and cache is None else _apply_block
-
     x = self._embed(tokens)  # B T D
-    new_caches, layer_aux = [], []
+    if cache is None:
+      x, layer_aux = layer_scan.run_blocks(
+          self.blocks, period=len(self.config.layer_pattern), x=x, positions=positions,
+          segment_ids=segment_ids, remat=self.config.remat, scan=self.config.scan_layers)
+      return x, {"cache": None, "layers": layer_aux}
+    new_caches, layer_aux = [], []  # decoding: layer by layer, each with its cache
     for i, block in enumerate(self.blocks):
-      layer_cache = None if cache is None else cache.layers[i]
-      x, layer_cache, aux = apply(block, x, positions, segment_ids, layer_cache, index)
+      x, layer_cache, aux = block(x, positions, segment_ids, cache.layers[i], index)
       new_caches.append(layer_cache)
       layer_aux.append(aux)
-    new_cache = None if cache is None else cache_lib.Cache(index + t, tuple(new_caches),
-                                                           cache.max_len)
-    return self._logits(x), {"cache": new_cache, "layers": tuple(layer_aux)}
+    new_cache = cache_lib.Cache(index + t, tuple(new_caches), cache.max_len)
+    return x, {"cache": new_cache, "layers": tuple(layer_aux)}
 
   def _embed(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
     x = self.embed(tokens)
@@ -146,8 +160,9 @@ class Transformer(nnx.Module):
       x = x * jnp.asarray(self.config.embed_scale, x.dtype)
     return _maybe(self.embed_norm, x)
 
-  def _logits(self, x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
-    """Final norm, [MLM head], vocabulary projection [+ bias], float32 [soft-capped] logits."""
+  def logits(self, x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+    """Final norm, [MLM head], vocabulary projection [+ bias], float32 [soft-capped] logits of
+    `hidden`'s output (position-wise: any slice of positions gives the same rows)."""
     x = self.final_norm(x)
     if self.mlm_head is not None:
       x = self.mlm_head(x)
@@ -157,6 +172,13 @@ class Transformer(nnx.Module):
     logits = logits.astype(jnp.float32)
     cap = self.config.final_logit_soft_cap
     return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+  def token_losses(self, x: Float[Array, "B T D"], targets: Int[Array, "B T"], chunk: int = 0
+                   ) -> tuple[Float[Array, "B T"], Int[Array, "B T"]]:
+    """Cross-entropy `[B, T]` (float32) of `self.logits(x)` against `targets`, and its argmax,
+    computed `chunk` positions at a time (`models.chunked_loss`: the `[B, T, V]` logits never
+    exist; 0 = plain logits). Equal to the plain loss in value and gradient."""
+    return chunked_loss.token_losses(self.logits, x, targets, chunk)
 
   def init_cache(self, batch: int, max_len: int) -> cache_lib.Cache:
     """An empty cache for `batch` streams of up to `max_len` tokens (decoders only).

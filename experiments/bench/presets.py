@@ -4,6 +4,7 @@
     python -m experiments.benchmark --preset=acceptance    # the figures of attention/README.md
     python -m experiments.benchmark --preset=decode        # decode steps vs reading the cache
     python -m experiments.benchmark --preset=dsa_decode    # one DSA decode step vs dense
+    python -m experiments.benchmark --preset=memory128k    # a 1B model's train step, 8K-128K
 
 A registry, as attention functions and layer kinds are: a new measurement is one decorated
 function of the command's flag values (`values`: flag name -> value; `explicit`: the flags the
@@ -15,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
-from experiments.bench import attention_bench, decode_bench, dsa_bench
+from experiments.bench import attention_bench, decode_bench, dsa_bench, memory_bench
 
 Values = Mapping[str, Any]
 
@@ -95,3 +96,14 @@ def dsa_decode(values: Values, explicit: frozenset[str]) -> None:
 def dsa_fp8(values: Values, explicit: frozenset[str]) -> None:
   del values, explicit
   print(dsa_bench.fp8_agreement_table(4096, 512), flush=True)
+
+
+MEMORY_LENGTHS = ["8192", "32768", "131072"]
+
+
+@preset("memory128k", "compiled memory of a Llama-3.2-1B-shaped train step at 8K-128K tokens: "
+        "dense, flash, remat, chunked loss, seq:8 ring (experiments/bench/memory_bench.py)")
+def memory128k(values: Values, explicit: frozenset[str]) -> None:
+  memory_bench.ask_for_host_devices(8)  # before anything initialises the backend
+  lengths = values["lengths"] if "lengths" in explicit else MEMORY_LENGTHS
+  memory_bench.run([int(t) for t in lengths], values["workdir"])

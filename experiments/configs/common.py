@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
       embed_norm=False, embed_scale=1.0, attention_scale=config_dict.placeholder(float),
       final_logit_soft_cap=config_dict.placeholder(float), output_bias=False,
       mlm_head_bias=False, mlm_activation="gelu_tanh", dtype="float32", param_dtype="float32",
-      remat=False, init_std=0.02, norm_eps=1e-6))
+      remat="none", scan_layers=True, mlp_chunk=0, init_std=0.02, norm_eps=1e-6))
   c.model.kinds = ml_collections.ConfigDict({
       "global": dict(rope_theta=160_000.0), "local": dict(window=64, rope_theta=10_000.0)})
 
@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.lm_loss_weight = 0.0     # + this x the LM loss on the unscored tokens (0 = answers only)
   c.aux_losses = ml_collections.ConfigDict()  # {name: weight} of losses layers put in aux
   c.trainable = ""           # train only params whose path contains this ("" = all)
+  c.loss_chunk = -1          # cross-entropy positions per chunk: 0 = full logits, -1 = auto
   c.num_steps = 300
   c.optim = ml_collections.ConfigDict(dict(
       lr=3e-3, warmup_steps=30, final_lr_ratio=0.1, b1=0.9, b2=0.99, weight_decay=0.01,
@@ -166,13 +167,20 @@ FIELD_HELP = {
     "model.norm_eps": "epsilon of the norms",
     "model.dtype": "activation dtype",
     "model.param_dtype": "parameter dtype",
-    "model.remat": "recompute each layer in the backward pass (less memory)",
+    "model.remat": "remat policy of the scanned layers: none, block (keep each repeat's input), "
+                   "dots (also matmul outputs); models/remat.py",
+    "model.scan_layers": "lax.scan over repeats of layer_pattern (False = a Python loop)",
+    "model.mlp_chunk": "MLP computed this many positions at a time, recomputed in the backward "
+                       "(0 = all at once; less memory at long context)",
     "model.kinds": "per layer kind: attention, window, rope_theta, options, sinks, sink "
                    "(models.KindSettings)",
     "batch_size": "rows per optimizer step",
     "grad_accum": "micro-batches per step (batch_size must divide evenly)",
     "lm_loss_weight": "weight of the LM loss on unscored tokens (0 = answers only)",
     "aux_losses": "{name: weight} of losses layers report in aux (e.g. indexer_kl)",
+    "loss_chunk": "cross-entropy computed this many positions at a time (the [B, T, V] logits "
+                  "never exist); 0 = full logits; -1 = chunked when the float32 logits of a "
+                  "batch exceed 1 GiB (models/chunked_loss.py)",
     "trainable": "train only parameters whose path contains this (\"\" = all)",
     "num_steps": "optimizer steps (also the length of the cosine schedule)",
     "optim": "AdamW on linear warmup + cosine decay, after gradient clipping",

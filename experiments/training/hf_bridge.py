@@ -49,8 +49,8 @@ from models.rope import NEEDS_LENGTH
 
 RUNTIME_FIELDS = ("rope_scaling", "rope_factor", "rope_original_length", "rope_yarn_alpha",
                   "rope_yarn_beta", "rope_low_freq_factor", "rope_high_freq_factor",
-                  "rope_mscale", "rope_truncate", "dtype", "param_dtype", "remat", "init_std",
-                  "kinds")
+                  "rope_mscale", "rope_truncate", "dtype", "param_dtype", "remat", "scan_layers",
+                  "mlp_chunk", "init_std", "kinds")
 CONVERTIBLE_FIELDS = ("layer_pattern",)  # may change when the new model only adds parameters
 AUTO_FACTOR = 0.0  # model.rope_factor: task.seq_len / the checkpoint's original length
 INHERITED = ("rope_theta", "rope")  # a kind replacing another at the same layers takes these

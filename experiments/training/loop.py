@@ -277,7 +277,8 @@ def train_loop(run: Run, config: ml_collections.ConfigDict, end: int,
       batch = run.put(run.task.batch(step, config.batch_size))
       metrics = trainer.train_step(run.model, run.optimizer, batch, grad_accum=config.grad_accum,
                                    lm_weight=float(config.lm_loss_weight),
-                                   aux_losses=aux_losses, trainable=config.trainable)
+                                   aux_losses=aux_losses, trainable=config.trainable,
+                                   loss_chunk=config.loss_chunk)
       count_applied(run, bool(metrics.pop("applied")), step + 1)
       timed_tokens += trainer.tokens_per_step(config)
       done = step + 1
@@ -287,7 +288,8 @@ def train_loop(run: Run, config: ml_collections.ConfigDict, end: int,
                     tokens_per_s=timed_tokens / (time.perf_counter() - timer), **metrics,
                     skipped_steps=run.skipped)
         if (config.eval_every and done % config.eval_every == 0) or done == config.num_steps:
-          last.update(trainer.evaluate_batches(run.model, eval_batches(run.task, config), run.put))
+          last.update(trainer.evaluate_batches(run.model, eval_batches(run.task, config), run.put,
+                                               loss_chunk=config.loss_chunk))
         if run.log is not None:
           run.log.write(last)
         bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")

@@ -10,9 +10,12 @@ Loss: token cross-entropy averaged over `batch["loss_mask"]` (only scored tokens
 answers of the recall tasks, every in-document next byte of the text task), plus optionally
 `config.lm_loss_weight` times the mean over the other tokens of the documents. With
 `config.grad_accum = A` a step splits its batch into A micro-batches and averages their
-gradients before one update. The optimizer is optax AdamW on a linear-warmup + cosine schedule,
-after global-norm gradient clipping. A step whose loss, gradients or updated state are not finite
-changes nothing (`update_if_finite`) and says so in its metrics (`applied`).
+gradients before one update. With `config.loss_chunk` the cross-entropy is computed a chunk
+of positions at a time (`models.chunked_loss`; -1 = automatically past 1 GiB of float32
+logits), so the `[B, T, V]` logits never exist. The optimizer is optax AdamW on a
+linear-warmup + cosine schedule, after global-norm gradient clipping. A step whose loss,
+gradients or updated state are not finite changes nothing (`update_if_finite`) and says so
+in its metrics (`applied`).
 
 Exact match of greedy decoding is computed with teacher forcing: the greedy continuation equals
 the answer iff the argmax at every answer position, given the correct previous answer tokens,
@@ -35,7 +38,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from experiments.training import master_weights, sharding
-from models import KindSettings, ModelConfig, Transformer
+from models import KindSettings, ModelConfig, Transformer, chunked_loss
 
 _KIND_FIELDS = tuple(f.name for f in dataclasses.fields(KindSettings))  # alibi included
 
@@ -127,17 +130,28 @@ def layer_losses(aux: dict, aux_losses: tuple[tuple[str, float], ...]) -> dict[s
   return out
 
 
+def token_losses(model: Transformer, batch: dict[str, jax.Array], loss_chunk: int = -1
+                 ) -> tuple[jax.Array, jax.Array, dict]:
+  """`(losses [B, T], argmax [B, T], aux)` of the model on `batch`, the cross-entropy computed
+  `resolve_loss_chunk(loss_chunk, ...)` positions at a time (0 = from full logits)."""
+  x, aux = model.hidden(batch["tokens"], segment_ids=batch["segment_ids"],
+                        positions=batch.get("positions"))  # B T D
+  b, t = batch["tokens"].shape
+  chunk = chunked_loss.resolve_loss_chunk(loss_chunk, b, t, model.config.vocab_size)
+  losses, predictions = model.token_losses(x, batch["targets"], chunk)  # B T each
+  return losses, predictions, aux
+
+
 def loss_fn(model: Transformer, batch: dict[str, jax.Array], lm_weight: float = 0.0,
-            aux_losses: tuple[tuple[str, float], ...] = ()) -> tuple[jax.Array, dict]:
+            aux_losses: tuple[tuple[str, float], ...] = (), loss_chunk: int = -1
+            ) -> tuple[jax.Array, dict]:
   """Mean cross-entropy over the scored tokens (`loss_mask`), plus `lm_weight` times the mean
   over the other in-document tokens (an auxiliary language-modelling loss; 0 = answers only),
   plus `weight * layer_losses(...)[name]` for each `(name, weight)` of `aux_losses` (losses the
-  layers report in `aux`, e.g. DSA's "indexer_kl")."""
-  logits, aux = model(batch["tokens"], segment_ids=batch["segment_ids"],
-                      positions=batch.get("positions"))  # B T V
+  layers report in `aux`, e.g. DSA's "indexer_kl"). `loss_chunk`: see `token_losses`."""
+  losses, _, aux = token_losses(model, batch, loss_chunk)  # B T
   extra = layer_losses(aux, aux_losses)
   extra_total = sum(weight * extra[name] for name, weight in aux_losses)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # B T
   mask = batch["loss_mask"]
   scored = (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
   if not lm_weight:
@@ -151,11 +165,11 @@ def loss_fn(model: Transformer, batch: dict[str, jax.Array], lm_weight: float = 
 
 
 @functools.partial(nnx.jit, static_argnames=("grad_accum", "lm_weight", "aux_losses",
-                                             "trainable"))
+                                             "trainable", "loss_chunk"))
 def train_step(model: Transformer, optimizer: nnx.Optimizer, batch: dict[str, jax.Array],
                grad_accum: int = 1, lm_weight: float = 0.0,
                aux_losses: tuple[tuple[str, float], ...] = (),
-               trainable: str = "") -> dict[str, jax.Array]:
+               trainable: str = "", loss_chunk: int = -1) -> dict[str, jax.Array]:
   """One optimizer update on `batch` (split into `grad_accum` equal micro-batches).
 
   Gradients are taken only for `trainable_params(trainable)` (must match the optimizer's).
@@ -165,7 +179,8 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer, batch: dict[str, ja
   (`update_if_finite`; the loop counts such steps and stops after `max_nonfinite_steps`).
   """
   grad_fn = nnx.value_and_grad(
-      functools.partial(loss_fn, lm_weight=lm_weight, aux_losses=aux_losses),
+      functools.partial(loss_fn, lm_weight=lm_weight, aux_losses=aux_losses,
+                        loss_chunk=loss_chunk),
       argnums=nnx.DiffState(0, trainable_params(trainable)), has_aux=True)
   micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
   loss, parts, grads = 0.0, {}, None
@@ -204,27 +219,27 @@ def update_if_finite(model: Transformer, optimizer: nnx.Optimizer, grads, wrt,
   return keep
 
 
-@nnx.jit
-def eval_step(model: Transformer, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+@functools.partial(nnx.jit, static_argnames=("loss_chunk",))
+def eval_step(model: Transformer, batch: dict[str, jax.Array],
+              loss_chunk: int = -1) -> dict[str, jax.Array]:
   """Per-row scores: `exact` (every answer token greedy-correct), `correct`/`scored` tokens, loss."""
-  logits, _ = model(batch["tokens"], segment_ids=batch["segment_ids"],
-                    positions=batch.get("positions"))
+  losses, predictions, _ = token_losses(model, batch, loss_chunk)
   mask = batch["loss_mask"] > 0
-  hit = (jnp.argmax(logits, axis=-1) == batch["targets"]) & mask
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  hit = (predictions == batch["targets"]) & mask
   return {"exact": jnp.all(hit | ~mask, axis=1) & jnp.any(mask, axis=1),
           "correct": hit.sum(axis=1), "scored": mask.sum(axis=1),
           "loss": (losses * mask).sum(axis=1)}
 
 
-def evaluate_batches(model: Transformer, batches, put=None) -> dict[str, float]:
+def evaluate_batches(model: Transformer, batches, put=None,
+                     loss_chunk: int = -1) -> dict[str, float]:
   """Aggregate `eval_step` over batches: exact-match accuracy, token accuracy, loss per token.
 
   `put` places a host batch on devices (default `to_device`; sharded runs pass theirs).
   """
   totals = {"exact": 0.0, "rows": 0, "correct": 0.0, "scored": 0.0, "loss": 0.0}
   for batch in batches:
-    scores = host_values(eval_step(model, (put or to_device)(batch)))
+    scores = host_values(eval_step(model, (put or to_device)(batch), loss_chunk=loss_chunk))
     totals["exact"] += float(np.sum(scores["exact"]))
     totals["rows"] += len(scores["exact"])
     for key in ("correct", "scored", "loss"):

@@ -45,8 +45,11 @@ ADDED_FIELDS = {
         rope_truncate=True, qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=None,
         post_norms=False, first_attn_norm=True, embed_norm=False, embed_scale=1.0,
         attention_scale=None, final_logit_soft_cap=None, output_bias=False,
-        mlm_head_bias=False, mlm_activation="gelu_tanh", init_std=0.02, norm_eps=1e-6).items()},
+        mlm_head_bias=False, mlm_activation="gelu_tanh", init_std=0.02, norm_eps=1e-6,
+        scan_layers=True, mlp_chunk=0).items()},
 }
+# Values saved under an older meaning: the same computation as the new value.
+RENAMED_VALUES = {"model.remat": {True: "block", False: "none"}}
 
 
 class WorkdirError(RuntimeError):
@@ -157,6 +160,7 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]
   """`(field, saved value, current value)` for each `COMPUTATION_FIELDS` leaf that differs."""
   old, new = _flatten(saved), _flatten(json.loads(json.dumps(current)))
   old = {**{k: v for k, v in ADDED_FIELDS.items() if k in new}, **old}
+  old.update({k: RENAMED_VALUES[k].get(v, v) for k, v in old.items() if k in RENAMED_VALUES})
   keep = lambda path: any(path == f or path.startswith(f + ".") for f in COMPUTATION_FIELDS)
   return [(path, old.get(path), new.get(path)) for path in sorted(set(old) | set(new))
           if keep(path) and _normal(old.get(path)) != _normal(new.get(path))]

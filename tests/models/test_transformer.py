@@ -117,15 +117,19 @@ def test_adamw_reduces_loss_on_a_fixed_batch():
   assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_remat_wraps_each_block_in_a_checkpoint():
-  """remat=True puts every block under jax.checkpoint (traced only: no compile needed)."""
+def test_remat_policy_goes_on_the_scan_body():
+  """4 layers of a 2-kind pattern: one lax.scan over 2 repeats, its body under jax.checkpoint
+  with a policy; no per-layer checkpoint outside it (traced only: no compile needed)."""
   tokens = random_tokens(7, (2, T + 1))
-  for remat in (False, True):
-    model = Transformer(tiny(("global", "local"), remat=remat), rngs=nnx.Rngs(0))
+  for remat in ("none", "block"):
+    model = Transformer(tiny(("global", "local"), num_layers=4, remat=remat), rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     jaxpr = jax.make_jaxpr(lambda s: next_token_loss(nnx.merge(graphdef, s), tokens))(state)
-    checkpoints = [e for e in jaxpr.jaxpr.eqns if e.primitive.name.startswith("remat")]
-    assert len(checkpoints) == (2 if remat else 0)
+    scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    top = [e for e in jaxpr.jaxpr.eqns if e.primitive.name.startswith("remat")]
+    assert len(scans) == 1 and scans[0].params["length"] == 2 and not top
+    inner = [e for e in scans[0].params["jaxpr"].jaxpr.eqns if e.primitive.name.startswith("remat")]
+    assert len(inner) == (1 if remat == "block" else 0)
 
 
 def test_bad_inputs_raise():

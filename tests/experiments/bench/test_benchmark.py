@@ -7,13 +7,16 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import attention
 from attention import Mask
 from experiments import benchmark
-from experiments.bench import attention_bench, presets, timing
+from experiments.bench import attention_bench, memory_bench, presets, timing
+from models import Transformer
 
 
 def test_visible_pairs():
@@ -67,3 +70,17 @@ def test_presets_registry_and_command_flags(monkeypatch):
   methods, lengths, causal, settings, _ = seen["args"]
   assert methods == presets.ACCEPTANCE["methods"] and lengths[-1] == 131072
   assert causal == [False, True] and settings.window == 7
+
+
+def test_memory_preset_lengths_and_the_1b_shape(monkeypatch):
+  """The memory128k preset measures 8K-128K unless --lengths is given; `llama_1b` has
+  Llama-3.2-1B's 1,235,814,400 parameters (abstract: nothing is allocated or compiled)."""
+  seen = {}
+  monkeypatch.setattr(memory_bench, "run", lambda lengths, workdir: seen.update(l=lengths))
+  monkeypatch.setattr(memory_bench, "ask_for_host_devices", lambda count: None)  # keep devices
+  presets.run("memory128k", dict(lengths=["64"], workdir="/tmp/x"))
+  assert seen["l"] == [8192, 32768, 131072]
+  presets.run("memory128k", dict(lengths=["64"], workdir="/tmp/x"), frozenset({"lengths"}))
+  assert seen["l"] == [64]
+  model = nnx.eval_shape(lambda: Transformer(memory_bench.llama_1b(), rngs=nnx.Rngs(0)))
+  assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) == 1_235_814_400
