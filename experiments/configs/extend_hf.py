@@ -60,11 +60,10 @@ DSA_OPTIONS = dict(index_heads=16, index_dim=64, top_k=2048)
 
 
 def memory_settings(config) -> None:
-  """Block remat and the automatic chunked loss, in whichever form the schema has them
-  (`model.remat`: a policy name, or the older boolean; `loss_chunk`: -1 = automatic)."""
-  config.model.remat = "block" if isinstance(config.model.remat, str) else True
-  if "loss_chunk" in config:
-    config.loss_chunk = -1
+  """Block remat, the automatic chunked loss and the tiled MLP: what a long row needs to fit
+  (experiments/README.md, "Memory at long context")."""
+  config.model.update(remat="block", mlp_chunk=4096)
+  config.loss_chunk = -1
 
 
 def get_config(variant: str | None = None):
