@@ -27,6 +27,11 @@ A kind that needs parameters or inputs of its own (DeepSeek sparse attention: an
 `module=`: a class built as `module(config, kind, rngs=rngs)` that follows the protocol of
 `layers.Attention` (`__call__(x, *, positions, segment_ids, cache) -> (y, cache, aux)` and
 `init_cache(batch, max_len)`); whatever it puts in `aux` reaches the model's `aux["layers"]`.
+
+A kind without softmax attention (`attends=False`: the recurrent "gdn" kind, models/gdn.py) reads
+only `options`: its defaults leave `attention`, `window`, `rope_theta` unset, and a config that
+sets them (or `alibi`, `rope`) for it is a ValueError. Its module also provides the counts of
+`models.flops` (`attention_flops`, `cache_bytes`), as every layer module does.
 """
 
 from __future__ import annotations
@@ -72,10 +77,12 @@ class KindSettings:
 
 @dataclasses.dataclass(frozen=True)
 class LayerKind:
-  """A registered kind: complete default settings and its attention module (None = standard)."""
+  """A registered kind: complete default settings and its attention module (None = standard);
+  `attends=False` for a kind without softmax attention (its settings are only `options`)."""
 
   defaults: KindSettings
   module: Callable[..., Any] | None = None
+  attends: bool = True
 
 
 _KINDS: dict[str, LayerKind] = {}
@@ -89,7 +96,9 @@ def register_layer_kind(name: str, kind: LayerKind, *, overwrite: bool = False) 
     raise ValueError(f"register_layer_kind({name!r}) needs a LayerKind, got {kind!r}.")
   missing = [f.name for f in dataclasses.fields(KindSettings)
              if f.name not in ("options", "alibi", "rope")
-             and getattr(kind.defaults, f.name) is None]
+             and getattr(kind.defaults, f.name) is None and kind.attends]
+  if not kind.attends and kind.module is None:
+    raise ValueError(f"layer kind {name!r}: attends=False needs its own module.")
   if missing:
     raise ValueError(f"layer kind {name!r}: defaults must set {missing}.")
   if kind.defaults.options is None:

@@ -145,11 +145,30 @@ class Attention(nnx.Module):
     return q, k, self.v_proj(x)
 
   def init_cache(self, batch: int, max_len: int):
-    """Empty cache: a ring of `min(window, max_len)` slots if windowed, else `max_len` slots."""
+    """Empty cache: a ring of `cache_slots(window, max_len)` slots."""
     if not self.causal:
       raise ValueError("KV-cache decoding needs a causal (decoder) model; this layer is "
                        "bidirectional.")
     kh, h = self.num_kv_heads, self.head_dim
     if self.window:
-      return cache_lib.RingCache.create(batch, min(self.window, max_len), kh, h, self.dtype)
+      return cache_lib.RingCache.create(batch, cache_slots(self.window, max_len), kh, h,
+                                        self.dtype)
     return cache_lib.FullCache.create(batch, max_len, kh, h, self.dtype)
+
+  # --- counts (models.flops): one formula per layer module, so each kind counts itself ------
+
+  @staticmethod
+  def attention_flops(config: ModelConfig, kind: str, keys):
+    """Attention FLOPs of queries seeing `keys` keys each (int or array): `q k^T` and `p v`."""
+    return 4 * config.num_heads * config.head_dim * keys
+
+  @staticmethod
+  def cache_bytes(config: ModelConfig, kind: str, batch: int, max_len: int) -> int:
+    """Bytes of `init_cache(batch, max_len)` by arithmetic (`cache.kv_nbytes`)."""
+    slots = cache_slots(config.kind_settings(kind).window, max_len)
+    return cache_lib.kv_nbytes(batch, slots, config.num_kv_heads, config.head_dim, config.dtype)
+
+
+def cache_slots(window: int, max_len: int) -> int:
+  """Positions a layer's KV cache holds: `min(window, max_len)` if windowed, else `max_len`."""
+  return min(window, max_len) if window else max_len
