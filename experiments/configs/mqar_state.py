@@ -40,6 +40,6 @@ def get_config(variant: str | None = None):
   config.eval_every = 100
   config.checkpoint_every = 300
   if smoke:
-    common.smoke(config, num_layers=4)
+    common.smoke(config, num_layers=2)  # the quick row: the code path, not the 3:1 pattern
     config.task.update(seq_len=32, num_kv_pairs=8)
   return config
