@@ -1,8 +1,8 @@
 """Row 7: recall against state size. MQAR at 8-64 key-value pairs for attention, gdn, hybrid.
 
 experiments/configs/mqar_state.py's four patterns (`:global`, `:gdn`, `:hybrid` = gdn:global
-3:1, `:local`; identical parameters, steps, data and seeds), each trained once per seed at 64
-pairs / 256 tokens, then scored on `BATCHES` held-out batches of MQAR at each of `PAIRS` pairs
+3:1, `:local`; identical parameters, steps, data and seeds), each trained once per seed at 16
+pairs / 64 tokens, then scored on `BATCHES` held-out batches of MQAR at each of `PAIRS` pairs
 (row 2's density: `seq_len = 4 x pairs`; same vocabulary, the trainer's evaluation stream's
 salt): per-query accuracy (Zoology's metric) and exact match. Each record also carries the
 layers' decode memory at that length (`models.flops.cache_bytes`): growing with the context for
