@@ -15,8 +15,11 @@ tokens, vocabulary 256** (room for 64 pairs), then scored at 8, 16, 32 and 64 pa
 * `:hybrid`  N N N G   Qwen3-Next's 3:1 (the default);
 * `:local`   L L L L   sliding window of 4 tokens (RoPE theta 1e4): reaches 12 tokens back.
 
-CPU-sized: 1000 steps of 16 sequences, lr 3e-3 (a first try at 64 pairs / 256 tokens with
-d_model 32 and 600 steps of 8 left gdn at chance, loss ln 128, after 400 steps).
+CPU-sized: 1000 steps of 16 sequences, lr 3e-3, about 1-3 CPU minutes a run. At this budget no
+pattern learns the key-value binding (results row 7: global sits at "a value from the context",
+the others at chance); a first try at 64 pairs / 256 tokens with d_model 32 and 600 steps of 8
+left gdn at chance (loss ln 128) after 400 steps. Row 2's all-global needed 2500-6500 steps
+of 32 sequences at 8 pairs.
 `:smoke` is the tiny run (alone or after a pattern: `:gdn,smoke`).
 """
 
