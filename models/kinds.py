@@ -26,12 +26,14 @@ Adding a kind never copies the model::
 A kind that needs parameters or inputs of its own (DeepSeek sparse attention: an indexer) passes
 `module=`: a class built as `module(config, kind, rngs=rngs)` that follows the protocol of
 `layers.Attention` (`__call__(x, *, positions, segment_ids, cache) -> (y, cache, aux)` and
-`init_cache(batch, max_len)`); whatever it puts in `aux` reaches the model's `aux["layers"]`.
+`init_cache(batch, max_len)`, and the static counts `models.flops` reads,
+`attention_flops(config, kind, keys)` and `cache_bytes(config, kind, batch, max_len)`: a subclass
+of `layers.Attention` inherits them); whatever it puts in `aux` reaches the model's
+`aux["layers"]`.
 
 A kind without softmax attention (`attends=False`: the recurrent "gdn" kind, models/gdn.py) reads
 only `options`: its defaults leave `attention`, `window`, `rope_theta` unset, and a config that
-sets them (or `alibi`, `rope`) for it is a ValueError. Its module also provides the counts of
-`models.flops` (`attention_flops`, `cache_bytes`), as every layer module does.
+sets them (or `alibi`, `rope`) for it is a ValueError.
 """
 
 from __future__ import annotations
