@@ -158,3 +158,15 @@ def test_refusals():
     gdn_kind(width=4)
   with pytest.raises(ValueError, match="chunk_size"):
     gdn_kind(chunk_size=6)
+
+
+def test_training_step_with_the_pallas_kernels_lowers_for_cuda():
+  """A bf16 gdn model's gradient with implementation="pallas" lowers for CUDA without a GPU:
+  the forward and backward Triton kernels of the chunkwise rule are in it."""
+  config = ModelConfig(**{**TINY, "num_layers": 1}, layer_pattern=("gdn",), dtype="bfloat16",
+                       kinds={"gdn": gdn_kind(implementation="pallas", chunk_size=16)})
+  graphdef, state = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
+  loss = lambda state, tokens: jnp.mean(nnx.merge(graphdef, state)(tokens)[0])
+  tokens = jax.ShapeDtypeStruct((1, 40), jnp.int32)  # 40: not a multiple of the chunk
+  text = jax.jit(jax.grad(loss)).trace(state, tokens).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") + text.count("@triton_kernel_call_ffi") == 2
