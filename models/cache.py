@@ -45,6 +45,12 @@ def _empty(batch: int, length: int, num_kv_heads: int, head_dim: int, dtype):
   return kv, kv, jnp.full((batch, length), -1, jnp.int32)
 
 
+def kv_nbytes(batch: int, length: int, num_kv_heads: int, head_dim: int, dtype) -> int:
+  """Bytes of a `FullCache` / `RingCache` of `length` slots, by arithmetic: k and v in `dtype`
+  plus int32 segment ids."""
+  return batch * length * (2 * num_kv_heads * head_dim * jnp.dtype(dtype).itemsize + 4)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class FullCache:

@@ -163,7 +163,8 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       fill(name, _check_dtype(name, getattr(self, name)))
     for kind in set(self.layer_pattern):
-      self.rope(kind)  # validates the rope fields for every kind's theta
+      if get_layer_kind(kind).attends:
+        self.rope(kind)  # validates the rope fields for every kind's theta
     if not self.init_std > 0 or not self.norm_eps > 0:
       raise ValueError(f"init_std and norm_eps must be > 0, got {self.init_std}, {self.norm_eps}.")
 
@@ -187,6 +188,9 @@ class ModelConfig:
         raise ValueError(f"kinds[{name!r}] must be a KindSettings, got {settings!r}.")
     for name in sorted(set(pattern) | {name for name, _ in overrides}):
       settings = self.kind_settings(name)
+      if not get_layer_kind(name).attends:
+        _check_non_attending(name, settings)
+        continue
       window = settings.window
       if not isinstance(window, int) or isinstance(window, bool) or window < 0:
         raise ValueError(f"layer kind {name!r}: window must be an int >= 0 (0 = unbounded), got "
@@ -219,6 +223,8 @@ class ModelConfig:
     """The RoPE of layers of `kind`: its theta, the model's scaling with the kind's `rope`
     overrides (e.g. `{"scaling": "none"}`) applied."""
     settings = self.kind_settings(kind)
+    if not get_layer_kind(kind).attends:
+      raise ValueError(f"layer kind {kind!r} has no attention and no RoPE.")
     overrides = dict(settings.rope or ())
     unknown = sorted(set(overrides) - set(_ROPE_OVERRIDES))
     if unknown:
@@ -248,6 +254,15 @@ class ModelConfig:
 def _check_positive_int(name: str, value) -> None:
   if not isinstance(value, int) or isinstance(value, bool) or value < 1:
     raise ValueError(f"{name} must be a positive int, got {value!r}.")
+
+
+def _check_non_attending(kind: str, settings: KindSettings) -> None:
+  """A kind without softmax attention (e.g. "gdn") reads only `options`: refuse the rest."""
+  unused = [f for f in ("attention", "window", "rope_theta", "alibi", "rope")
+            if getattr(settings, f) not in (None, False, ())]
+  if unused:
+    raise ValueError(f"layer kind {kind!r} has no softmax attention: it reads only `options`, "
+                     f"so it cannot take {unused}.")
 
 
 def _check_choice(name: str, value, choices) -> None:

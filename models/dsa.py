@@ -43,6 +43,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 from jaxtyping import Array, Float, Int
@@ -292,6 +293,31 @@ class DsaAttention(layers.Attention):
     index_k = fp8_lib.Quantized(jnp.zeros((batch, max_len, e), fp8_lib.FP8_DTYPE),
                                 jnp.ones((batch, max_len, blocks), jnp.float32))
     return DsaCache(kv, index_k, fmt)
+
+
+  # --- counts (models.flops) -------------------------------------------------------------------
+
+  @staticmethod
+  def attention_flops(config, kind: str, keys):
+    """Sparse stage: `top_k` keys attended plus the indexer scoring every visible key
+    (`2 J E` per key); dense stage: dense attention (the indexer only trains then)."""
+    s = DsaSettings.from_options(config.kind_settings(kind).options)
+    dense = layers.Attention.attention_flops
+    if s.stage != "sparse":
+      return dense(config, kind, keys)
+    return dense(config, kind, np.minimum(keys, s.top_k)) + 2 * s.index_heads * s.index_dim * keys
+
+  @staticmethod
+  def cache_bytes(config, kind: str, batch: int, max_len: int) -> int:
+    """Bytes of `init_cache(batch, max_len)`: the K/V of every position and the indexer keys
+    (`E` values per token in the compute dtype, or float8 + one float32 scale per block)."""
+    s = DsaSettings.from_options(config.kind_settings(kind).options)
+    kv = cache_lib.kv_nbytes(batch, max_len, config.num_kv_heads, config.head_dim, config.dtype)
+    fmt = s.fp8_format
+    per_token = (s.index_dim * jnp.dtype(config.dtype).itemsize if fmt is None else
+                 s.index_dim * jnp.dtype(fp8_lib.FP8_DTYPE).itemsize
+                 + 4 * (s.index_dim // fmt.block_for(s.index_dim)))
+    return kv + batch * max_len * per_token
 
 
 STAGE_FNS = {"dense": DsaAttention._dense, "sparse": DsaAttention._sparse}  # pylint: disable=protected-access

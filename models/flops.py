@@ -11,6 +11,12 @@ and activations are not counted (they are O(D) or O(S) per token against O(D^2) 
   indexer scores every visible key: `+ 2 * index_heads * index_dim * visible_keys` (the ReLU,
   head weights and top-k selection not counted). In the dense stage (warm-up) it is dense
   attention: the indexer then only trains (its KL target), which inference does not need.
+* A gdn layer (models/gdn.py) attends to nothing: its "attention" is the recurrence,
+  `6 * value_heads * key_dim * value_dim` per token whatever the context; its projections and
+  the depthwise conv (`2 * width` FLOPs per channel and token) count as matmul parameters, and
+  so do its `A_log` and `dt_bias` (2 per value head: 4 FLOPs a token counted for elementwise
+  work, negligible). Each layer module holds its kind's formula (`layer_module`).
+* Decode memory: `cache_bytes(config, max_len)`, the bytes of `init_cache` by arithmetic.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from flax import nnx
 
 import attention
 from models.config import ModelConfig
-from models.dsa import DsaAttention, DsaSettings
+from models import layers
 from models.kinds import get_layer_kind
 from models.transformer import Transformer
 
@@ -76,21 +82,15 @@ def visible_keys(config: ModelConfig, kind: str, seq_len: int) -> np.ndarray:
   return attention.visible_keys(kind_mask(config, kind), seq_len, seq_len)
 
 
-def sparse_dsa(config: ModelConfig, kind: str) -> DsaSettings | None:
-  """The DSA settings of `kind` if its layers attend to indexer-selected keys (sparse stage)."""
-  if get_layer_kind(kind).module is not DsaAttention:
-    return None
-  settings = DsaSettings.from_options(config.kind_settings(kind).options)
-  return settings if settings.stage == "sparse" else None
+def layer_module(kind: str):
+  """The module class of layers of `kind` (as `transformer.Block` builds it): it holds the
+  kind's counts, `attention_flops(config, kind, keys)` and `cache_bytes(config, kind, ...)`."""
+  return get_layer_kind(kind).module or layers.Attention
 
 
 def _layer_flops(config: ModelConfig, kind: str, keys):
   """Attention FLOPs of queries that see `keys` keys each (int or array) in a `kind` layer."""
-  per_key = 4 * config.num_heads * config.head_dim
-  dsa = sparse_dsa(config, kind)
-  if dsa is None:
-    return per_key * keys
-  return per_key * np.minimum(keys, dsa.top_k) + 2 * dsa.index_heads * dsa.index_dim * keys
+  return layer_module(kind).attention_flops(config, kind, keys)
 
 
 def attention_flops_per_token(config: ModelConfig, context: int) -> int:
@@ -121,3 +121,19 @@ def forward_flops(config: ModelConfig, seq_len: int, batch: int = 1) -> int:
   attn = sum(int(np.sum(_layer_flops(config, kind, visible_keys(config, kind, seq_len))))
              for kind in config.layer_kinds)
   return batch * (seq_len * matmul_flops_per_token(config) + attn)
+
+
+# --- decode memory -----------------------------------------------------------------------------
+
+
+def cache_bytes(config: ModelConfig, max_len: int, batch: int = 1) -> int:
+  """Bytes of `Transformer(config).init_cache(batch, max_len)`, by arithmetic (nothing built).
+
+  Each layer's module counts its own cache (`cache_bytes`): global layers `max_len` K/V
+  positions, local ones a ring of `min(window, max_len)`, DSA layers every position plus the
+  indexer keys, gdn layers a fixed conv tail and state; plus the 4-byte int32 `Cache.index`.
+  """
+  if not config.causal:
+    raise ValueError("cache_bytes: only decoders (causal=True) have a KV cache.")
+  return 4 + sum(layer_module(kind).cache_bytes(config, kind, batch, max_len)
+                 for kind in config.layer_kinds)

@@ -31,7 +31,14 @@ Adding a kind never copies the model::
 A kind that needs parameters or inputs of its own (DeepSeek sparse attention: an indexer) passes
 `module=`: a class built as `module(config, kind, rngs=rngs)` that follows the protocol of
 `layers.Attention` (`__call__(x, *, positions, segment_ids, cache) -> (y, cache, aux)` and
-`init_cache(batch, max_len)`); whatever it puts in `aux` reaches the model's `aux["layers"]`.
+`init_cache(batch, max_len)`, and the static counts `models.flops` reads,
+`attention_flops(config, kind, keys)` and `cache_bytes(config, kind, batch, max_len)`: a subclass
+of `layers.Attention` inherits them); whatever it puts in `aux` reaches the model's
+`aux["layers"]`.
+
+A kind without softmax attention (`attends=False`: the recurrent "gdn" kind, models/gdn.py) reads
+only `options`: its defaults leave `attention`, `window`, `rope_theta` unset, and a config that
+sets them (or `alibi`, `rope`) for it is a ValueError.
 """
 
 from __future__ import annotations
@@ -81,10 +88,12 @@ class KindSettings:
 
 @dataclasses.dataclass(frozen=True)
 class LayerKind:
-  """A registered kind: complete default settings and its attention module (None = standard)."""
+  """A registered kind: complete default settings and its attention module (None = standard);
+  `attends=False` for a kind without softmax attention (its settings are only `options`)."""
 
   defaults: KindSettings
   module: Callable[..., Any] | None = None
+  attends: bool = True
 
 
 _KINDS: dict[str, LayerKind] = {}
@@ -98,7 +107,9 @@ def register_layer_kind(name: str, kind: LayerKind, *, overwrite: bool = False) 
     raise ValueError(f"register_layer_kind({name!r}) needs a LayerKind, got {kind!r}.")
   missing = [f.name for f in dataclasses.fields(KindSettings)
              if f.name not in ("options", "alibi", "rope", "sinks", "sink")
-             and getattr(kind.defaults, f.name) is None]
+             and getattr(kind.defaults, f.name) is None and kind.attends]
+  if not kind.attends and kind.module is None:
+    raise ValueError(f"layer kind {name!r}: attends=False needs its own module.")
   if missing:
     raise ValueError(f"layer kind {name!r}: defaults must set {missing}.")
   if kind.defaults.options is None:

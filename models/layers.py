@@ -188,8 +188,8 @@ class Attention(nnx.Module):
     return q, k, self.v_proj(x)
 
   def init_cache(self, batch: int, max_len: int):
-    """Empty cache: a ring of `min(window, max_len)` slots if windowed (plus `sinks` slots with
-    sinks: `SinkRingCache`), else `max_len` slots."""
+    """Empty cache: a ring of `cache_slots(window, max_len)` slots if windowed (plus `sinks`
+    slots with sinks: `SinkRingCache`), else `max_len` slots."""
     if not self.causal:
       raise ValueError("KV-cache decoding needs a causal (decoder) model; this layer is "
                        "bidirectional.")
@@ -198,5 +198,27 @@ class Attention(nnx.Module):
       return cache_lib.SinkRingCache.create(batch, min(self.sinks, max_len),
                                             min(self.window, max_len), kh, h, self.dtype)
     if self.window:
-      return cache_lib.RingCache.create(batch, min(self.window, max_len), kh, h, self.dtype)
+      return cache_lib.RingCache.create(batch, cache_slots(self.window, max_len), kh, h,
+                                        self.dtype)
     return cache_lib.FullCache.create(batch, max_len, kh, h, self.dtype)
+
+  # --- counts (models.flops): one formula per layer module, so each kind counts itself ------
+
+  @staticmethod
+  def attention_flops(config: ModelConfig, kind: str, keys):
+    """Attention FLOPs of queries seeing `keys` keys each (int or array): `q k^T` and `p v`."""
+    return 4 * config.num_heads * config.head_dim * keys
+
+  @staticmethod
+  def cache_bytes(config: ModelConfig, kind: str, batch: int, max_len: int) -> int:
+    """Bytes of `init_cache(batch, max_len)` by arithmetic (`cache.kv_nbytes`)."""
+    settings = config.kind_settings(kind)
+    slots = cache_slots(settings.window, max_len)
+    if settings.window and settings.sinks:  # SinkRingCache: the sink slots besides the ring
+      slots += min(settings.sinks, max_len)
+    return cache_lib.kv_nbytes(batch, slots, config.num_kv_heads, config.head_dim, config.dtype)
+
+
+def cache_slots(window: int, max_len: int) -> int:
+  """Positions a layer's KV cache holds: `min(window, max_len)` if windowed, else `max_len`."""
+  return min(window, max_len) if window else max_len

@@ -66,6 +66,11 @@ class Row:
   unmeasured: tuple[str, ...] = ()  # columns that may be NaN: "not measured" (e.g. untimed)
 
 
+def layer_letters(kinds: Sequence[str]) -> str:
+  """`"NNNG"`: one letter per layer, its kind's initial (N for gdn: G is global)."""
+  return "".join("N" if k == "gdn" else k[0].upper() for k in kinds)
+
+
 def spread(values: Sequence[float]) -> dict[str, float]:
   """Mean, min and max of one cell's per-seed values."""
   values = [float(v) for v in values]

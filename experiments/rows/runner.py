@@ -18,14 +18,16 @@ import json
 import os
 import time
 
-from experiments.rows import base, dsa, extension, mqar, patterns, performance, streaming, text
+from experiments.rows import (base, decode_memory, dsa, extension, mqar, patterns, performance,
+                              recall_state, streaming, text)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "results")
 
 # Every row, by its number in experiments/results/README.md.
 ROWS: dict[int, base.Row] = {m.ROW.number: m.ROW for m in (patterns, mqar, extension, dsa, text,
-                                                          performance, streaming)}
+                                                          performance, recall_state,
+                                                          decode_memory, streaming)}
 
 
 def parse_rows(spec: str) -> list[base.Row]:
