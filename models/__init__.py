@@ -3,13 +3,15 @@
 Public names: `ModelConfig`, `Transformer`, `init_cache` via the model, `decode_step`,
 `generate`, the layer-kind registry (`KindSettings`, `LayerKind`, `register_layer_kind`,
 `get_layer_kind`, `available_layer_kinds`), the "dsa" kind (`DsaAttention`, `DsaSettings`,
-`dsa_kind`), `Rope`, `Cache`, and `flops` (param/FLOP counts).
+`dsa_kind`), the "moba" kind (`MobaAttention`, `moba_kind`), `Rope`, `Cache`, and `flops`
+(param/FLOP counts).
 """
 
 from models import flops
 from models.cache import Cache, FullCache, RingCache
 from models.config import ModelConfig
 from models.dsa import DsaAttention, DsaSettings, dsa_kind  # registers the "dsa" layer kind
+from models.moba import MobaAttention, moba_kind  # registers the "moba" layer kind
 from models.kinds import (KindSettings, LayerKind, available_layer_kinds, get_layer_kind,
                           register_layer_kind)
 from models.rope import Rope
@@ -17,6 +19,6 @@ from models.transformer import Transformer, decode_step, generate, positions_fro
 
 __all__ = [
     "Cache", "DsaAttention", "DsaSettings", "FullCache", "KindSettings", "LayerKind",
-    "ModelConfig", "RingCache", "Rope", "Transformer", "available_layer_kinds", "decode_step", "dsa_kind", "flops", "generate",
-    "get_layer_kind", "positions_from_segments", "register_layer_kind",
+    "ModelConfig", "MobaAttention", "RingCache", "Rope", "Transformer", "available_layer_kinds", "decode_step", "dsa_kind", "flops", "generate",
+    "get_layer_kind", "moba_kind", "positions_from_segments", "register_layer_kind",
 ]

@@ -43,6 +43,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 from jaxtyping import Array, Float, Int
@@ -229,6 +230,16 @@ class DsaAttention(layers.Attention):
       raise ValueError(f"layer kind {kind!r} (DSA) does not support attention_scale (its "
                        f"attention and indexer target use head_dim ** -0.5).")
     self.indexer = Indexer(config, self.dsa, self.rope, rngs=rngs)
+
+  @classmethod
+  def attention_flops(cls, config, kind: str, keys):
+    """Sparse stage: `top_k` keys attended + the indexer's score of every visible key (the
+    ReLU, head weights and top-k not counted); dense stage: dense attention."""
+    dsa = DsaSettings.from_options(config.kind_settings(kind).options)
+    if dsa.stage != "sparse":
+      return super().attention_flops(config, kind, keys)
+    return (super().attention_flops(config, kind, np.minimum(keys, dsa.top_k))
+            + 2 * dsa.index_heads * dsa.index_dim * keys)
 
   def __call__(self, x: Float[Array, "B T D"], *, positions: Int[Array, "B T"],
                segment_ids: Int[Array, "B T"] | None = None, cache=None,

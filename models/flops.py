@@ -22,6 +22,7 @@ from flax import nnx
 
 import attention
 from models.config import ModelConfig
+from models import layers
 from models.dsa import DsaAttention, DsaSettings
 from models.kinds import get_layer_kind
 from models.transformer import Transformer
@@ -83,12 +84,11 @@ def sparse_dsa(config: ModelConfig, kind: str) -> DsaSettings | None:
 
 
 def _layer_flops(config: ModelConfig, kind: str, keys):
-  """Attention FLOPs of queries that see `keys` keys each (int or array) in a `kind` layer."""
-  per_key = 4 * config.num_heads * config.head_dim
-  dsa = sparse_dsa(config, kind)
-  if dsa is None:
-    return per_key * keys
-  return per_key * np.minimum(keys, dsa.top_k) + 2 * dsa.index_heads * dsa.index_dim * keys
+  """Attention FLOPs of queries that see `keys` keys each (int or array) in a `kind` layer: the
+  kind's attention module says (`attention_flops`, a classmethod of `layers.Attention` that
+  sparse kinds override)."""
+  module = get_layer_kind(kind).module or layers.Attention
+  return module.attention_flops(config, kind, keys)
 
 
 def attention_flops_per_token(config: ModelConfig, context: int) -> int:

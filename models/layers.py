@@ -96,6 +96,14 @@ class Attention(nnx.Module):
                          make_norm(config, rngs=rngs, features=h, norm=config.qk_norm))
     self.q_norm, self.k_norm = head_norm(), head_norm()
 
+  @classmethod
+  def attention_flops(cls, config: ModelConfig, kind: str, keys):
+    """Forward attention FLOPs of one query that sees `keys` keys (int or array) in a layer of
+    `kind`: `q k^T` and `p v`, 2 FLOPs per multiply-add (`models.flops`). Kinds that attend
+    to fewer keys, or score them first, override this."""
+    del kind
+    return 4 * config.num_heads * config.head_dim * keys
+
   # --- masks and the attention function ----------------------------------------------------
 
   def mask(self, q_segment_ids=None, kv_segment_ids=None, q_offset=0) -> attention.Mask:
