@@ -3,7 +3,8 @@
 Public names: `ModelConfig`, `Transformer`, `init_cache` via the model, `decode_step`,
 `generate`, the layer-kind registry (`KindSettings`, `LayerKind`, `register_layer_kind`,
 `get_layer_kind`, `available_layer_kinds`), the "dsa" kind (`DsaAttention`, `DsaSettings`,
-`dsa_kind`), the "moba" kind (`MobaAttention`, `moba_kind`), `Rope`, `Cache`, and `flops`
+`dsa_kind`), the "moba" kind (`MobaAttention`, `moba_kind`), the "nsa" kind
+(`NsaAttention`, `NsaSettings`, `nsa_kind`), `Rope`, `Cache`, and `flops`
 (param/FLOP counts).
 """
 
@@ -12,6 +13,7 @@ from models.cache import Cache, FullCache, RingCache
 from models.config import ModelConfig
 from models.dsa import DsaAttention, DsaSettings, dsa_kind  # registers the "dsa" layer kind
 from models.moba import MobaAttention, moba_kind  # registers the "moba" layer kind
+from models.nsa import NsaAttention, NsaSettings, nsa_kind  # registers the "nsa" layer kind
 from models.kinds import (KindSettings, LayerKind, available_layer_kinds, get_layer_kind,
                           register_layer_kind)
 from models.rope import Rope
@@ -19,6 +21,6 @@ from models.transformer import Transformer, decode_step, generate, positions_fro
 
 __all__ = [
     "Cache", "DsaAttention", "DsaSettings", "FullCache", "KindSettings", "LayerKind",
-    "ModelConfig", "MobaAttention", "RingCache", "Rope", "Transformer", "available_layer_kinds", "decode_step", "dsa_kind", "flops", "generate",
-    "get_layer_kind", "moba_kind", "positions_from_segments", "register_layer_kind",
+    "ModelConfig", "MobaAttention", "NsaAttention", "NsaSettings", "RingCache", "Rope", "Transformer", "available_layer_kinds", "decode_step", "dsa_kind", "flops", "generate",
+    "get_layer_kind", "moba_kind", "nsa_kind", "positions_from_segments", "register_layer_kind",
 ]

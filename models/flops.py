@@ -4,13 +4,16 @@ Conventions: a multiply-add is 2 FLOPs; forward pass only (training ~ 3x); norms
 and activations are not counted (they are O(D) or O(S) per token against O(D^2) or O(S * D)).
 
 * Matmul FLOPs per token: `2 * (projection parameters)`, the vocabulary projection included
-  (tied or not), the embedding lookup and the DSA indexer excluded.
+  (tied or not), the embedding lookup, the DSA indexer and NSA's compressors excluded.
 * Attention FLOPs per token: per layer `4 * num_heads * head_dim * visible_keys`
   (`q k^T` and `p v`), where `visible_keys` is what the layer kind's mask lets one token see.
   A DSA layer in its sparse stage attends to `min(top_k, visible_keys)` keys and its lightning
   indexer scores every visible key: `+ 2 * index_heads * index_dim * visible_keys` (the ReLU,
   head weights and top-k selection not counted). In the dense stage (warm-up) it is dense
   attention: the indexer then only trains (its KL target), which inference does not need.
+  Each kind's count is its attention module's `attention_flops` classmethod: MoBA
+  (`models/moba.py`) and NSA (`models/nsa.py`, its compression MLPs included) count their
+  selected keys and their gates' scores.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from models.kinds import get_layer_kind
 from models.transformer import Transformer
 
 
-GROUPS = ("embedding", "attention", "indexer", "mlp", "norms", "head")
+GROUPS = ("embedding", "attention", "indexer", "compressor", "mlp", "norms", "head")
 
 
 def _group(path: tuple) -> str:
@@ -38,6 +41,8 @@ def _group(path: tuple) -> str:
     return "embedding"
   if "indexer" in names:
     return "indexer"
+  if any(n.startswith("compress_") for n in names):
+    return "compressor"
   if any(n.endswith("norm") for n in names):
     return "norms"
   if "attn" in names:
@@ -51,8 +56,8 @@ def _group(path: tuple) -> str:
 def param_counts(config: ModelConfig) -> dict[str, int]:
   """Parameters by group, counted from the model's nnx state (shapes only: nothing allocated).
 
-  Groups: embedding, attention (q/k/v/o), indexer (DSA), mlp, norms, head; plus total and
-  non_embedding.
+  Groups: embedding, attention (q/k/v/o, NSA's gates), indexer (DSA), compressor (NSA's
+  block compression MLPs), mlp, norms, head; plus total and non_embedding.
   """
   model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   counts = dict.fromkeys(GROUPS, 0)
