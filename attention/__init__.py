@@ -26,7 +26,7 @@ and never import a front door.
 from attention.block_sizes import (BlockSizes, BlockSparseBlockSizes, GatedDeltaBlockSizes,
                                    SparseBlockSizes)
 from attention.block_sparse import block_sparse_attention, block_sparse_reference
-from attention.dsa import attention_target, dsa_attention, selected_mass
+from attention.dsa import attention_target, dsa_attention, selected_mass, selection_recall
 from attention.flash import flash_attention, local_attention
 from attention.gated_delta import gated_delta_rule
 from attention.gated_delta_reference import gated_delta_reference, gated_delta_step
@@ -59,5 +59,6 @@ __all__ = [
     "local_attention", "local_mask", "moba_attention", "moba_gate", "nsa_compressed_attention",
     "nsa_compression_windows", "reference_attention",
     "refusing", "register", "ring_attention", "ring_attention_sharded", "selected_mass",
+    "selection_recall",
     "sparse_attention", "visible_keys", "visible_pairs",
 ]

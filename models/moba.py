@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -46,6 +47,44 @@ class MobaAttention(layers.Attention):
     if unknown:
       raise ValueError(f"layer kind {kind!r} (MoBA): unknown option(s) {unknown}; known: "
                        f"{list(OPTION_NAMES)}.")
+    self.gate_settings = gate_settings(config, kind)
+    self.recall = False  # `set_recall`: report `aux["selection_recall"]` (evaluation)
+
+  def __call__(self, x, *, positions, segment_ids=None, cache=None, cache_index=None):
+    """`layers.Attention`'s call; with `recall` on, `aux["selection_recall"]`: over the queries
+    with a complete past block and the kv heads, the share of the dense attention's top
+    `top_k_blocks` past blocks (by attention mass, the group's heads summed) that the gate
+    picks. Costs the dense O(T * S) distribution: evaluation only."""
+    y, cache, aux = super().__call__(x, positions=positions, segment_ids=segment_ids,
+                                     cache=cache, cache_index=cache_index)
+    if self.recall:
+      if cache is not None:
+        raise ValueError("MoBA's selection recall is measured on a full forward pass, not while "
+                         "decoding.")
+      q, k, _ = self.project(x, positions)
+      aux = dict(aux, selection_recall=self.block_recall(q, k, self.mask(segment_ids,
+                                                                        segment_ids)))
+    return y, cache, aux
+
+  def block_recall(self, q, k, mask):
+    """The `selection_recall` of `__call__` for `q [B, T, N, H]`, `k [B, S, K, H]`."""
+    block_size, top = self.gate_settings
+    b, t, n, _ = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    if top == 0:
+      return jnp.ones((), jnp.float32)
+    gated = attention.moba_gate(q, k, block_size=block_size, top_k_blocks=top, mask=mask)
+    nbk = -(-s // block_size)
+    past = jnp.arange(nbk) < (jnp.arange(t) // block_size)[:, None]  # T nbk (offset 0)
+    total, rows = 0.0, 0
+    for g in range(kh):
+      group = q[:, :, g * (n // kh):(g + 1) * (n // kh)]
+      target = attention.attention_target(group, k[:, :, g:g + 1], mask=mask)  # B T S
+      target = jnp.pad(target, ((0, 0), (0, 0), (0, nbk * block_size - s)))
+      mass = jnp.where(past, target.reshape(b, t, nbk, block_size).sum(-1), 0.0)
+      recall, has = attention.selection_recall(mass, gated[:, :, g, :top], min(top, nbk))
+      total, rows = total + jnp.sum(jnp.where(has, recall, 0.0)), rows + jnp.sum(has)
+    return total / jnp.maximum(rows, 1)
 
 
   @classmethod
@@ -67,6 +106,17 @@ def gate_settings(config, kind: str) -> tuple[int, int]:
   defaults = inspect.signature(attention.moba_attention).parameters
   return tuple(options.get(name, defaults[name].default)
                for name in ("block_size", "top_k_blocks"))
+
+
+def set_recall(model: nnx.Module, on: bool = True) -> int:
+  """Turns the `selection_recall` report of every MoBA layer in `model` on (or off); returns
+  how many (static: jitted calls retrace once)."""
+  found = 0
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, MobaAttention):
+      module.recall = on
+      found += 1
+  return found
 
 
 def moba_kind(**options) -> KindSettings:

@@ -3,6 +3,7 @@
     python -m experiments.benchmark                        # "default": the attention table
     python -m experiments.benchmark --preset=acceptance    # the figures of attention/README.md
     python -m experiments.benchmark --preset=dsa_decode    # one DSA decode step vs dense
+    python -m experiments.benchmark --preset=sparse        # MoBA / NSA fwd+bwd vs flash
 
 A registry, as attention functions and layer kinds are: a new measurement is one decorated
 function of the command's flag values (`values`: flag name -> value; `explicit`: the flags the
@@ -14,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
-from experiments.bench import attention_bench, dsa_bench
+from experiments.bench import attention_bench, dsa_bench, sparse_bench
 
 Values = Mapping[str, Any]
 
@@ -81,3 +82,10 @@ def dsa_decode(values: Values, explicit: frozenset[str]) -> None:
 def dsa_fp8(values: Values, explicit: frozenset[str]) -> None:
   del values, explicit
   print(dsa_bench.fp8_agreement_table(4096, 512), flush=True)
+
+
+@preset("sparse", "MoBA and NSA forward+backward vs causal flash at 8192 and 32768 tokens, "
+        "DSA's 2048-key budget (experiments/bench/sparse_bench.py)")
+def sparse(values: Values, explicit: frozenset[str]) -> None:
+  lengths = [int(t) for t in values["lengths"]] if "lengths" in explicit else (8192, 32768)
+  print(sparse_bench.sparse_table(lengths, rounds=max(1, values["repeats"])), flush=True)

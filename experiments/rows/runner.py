@@ -18,14 +18,15 @@ import json
 import os
 import time
 
-from experiments.rows import base, dsa, extension, mqar, patterns, performance, text
+from experiments.rows import (base, dsa, extension, mqar, patterns, performance, sparse,
+                              text)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "results")
 
 # Every row, by its number in experiments/results/README.md.
 ROWS: dict[int, base.Row] = {m.ROW.number: m.ROW for m in (patterns, mqar, extension, dsa, text,
-                                                          performance)}
+                                                          performance, sparse)}
 
 
 def parse_rows(spec: str) -> list[base.Row]:

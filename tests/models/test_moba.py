@@ -59,3 +59,34 @@ def test_attention_flops_count_the_selected_keys_and_the_gate():
                               (100, 12, 24)):
     want = 2 * (per_key * attended + gate * blocks)  # two moba layers
     assert flops.attention_flops_per_token(config, c) == want, c
+
+
+def test_selection_recall_of_the_dense_top_blocks_matches_numpy():
+  """Per kv head and query with a complete past block: the share of the top `top_k_blocks`
+  past blocks by dense attention mass (the group's heads summed) that the gate picks."""
+  from models.moba import MobaAttention  # pylint: disable=g-import-not-at-top
+  module = MobaAttention(moba_config(), "moba", rngs=nnx.Rngs(0))
+  b, t, n, kh, h, bs, top = 2, T, 4, 2, 8, 4, 2
+  keys = jax.random.split(jax.random.key(3), 2)
+  q = jax.random.normal(keys[0], (b, t, n, h))
+  k = jax.random.normal(keys[1], (b, t, kh, h))
+  got = float(module.block_recall(q, k, module.mask()))
+  qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  means = kn.reshape(b, t // bs, bs, kh, h).mean(2)  # B nb K H
+  hits, rows = 0.0, 0
+  for bi, ti, g in np.ndindex(b, t, kh):
+    past = ti // bs
+    if past == 0:
+      continue
+    group = qn[bi, ti, g * 2:(g + 1) * 2]  # G H
+    logits = group @ kn[bi, :ti + 1, g].T / np.sqrt(h)  # G S
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    mass = (p / p.sum(-1, keepdims=True)).sum(0)
+    mass = np.pad(mass, (0, t - ti - 1)).reshape(-1, bs).sum(-1)[:past]
+    dense_top = set(np.argsort(-mass, kind="stable")[:min(top, past)])
+    gate = means[bi, :past, g] @ group.sum(0)
+    gated = set(np.argsort(-gate, kind="stable")[:top])
+    hits += len(dense_top & gated) / len(dense_top)
+    rows += 1
+  assert got == pytest.approx(hits / rows, abs=1e-6)
+  assert 0 < got < 1
