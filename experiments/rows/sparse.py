@@ -18,6 +18,7 @@ selection contains).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from flax import nnx
@@ -27,7 +28,7 @@ from experiments.configs import sparse
 from experiments.data import tasks
 from experiments.evaluation import runs, scores
 from experiments.rows import base, dsa, grids
-from experiments.training import trainer
+from experiments.training import plots, trainer
 from models import dsa as dsa_model
 from models import flops
 from models import moba as moba_model
@@ -106,8 +107,11 @@ def measure(ctx: base.Context, workdir: str, setting: str, seed: int) -> list[di
 
 def run(ctx: base.Context) -> base.Result:
   settings = QUICK if ctx.quick else tuple(f"{t}/{m}" for t in TASKS for m in MODELS)
-  records = grids.run_settings(ctx, settings, lambda s, d: make_config(ctx, s, d),
-                               lambda w, s, d: measure(ctx, w, s, d))
+  records = []
+  for seed in ctx.run_seeds:  # seed-major: an interrupted row has every setting of a seed
+    records += grids.run_settings(dataclasses.replace(ctx, seeds=(seed,)), settings,
+                                  lambda s, d: make_config(ctx, s, d),
+                                  lambda w, s, d: measure(ctx, w, s, d))
   models = list(dict.fromkeys(r["model"] for r in records))
   metrics = list(dict.fromkeys(r["metric"] for r in records))
   at = lambda metric, model, key="value": [r[key] for r in records
@@ -127,7 +131,23 @@ def run(ctx: base.Context) -> base.Result:
   table = base.markdown_table(["measure \\ model"] + models, rows)
   note = (f"L = {records[0]['length']}, k = L/8 selected keys; {grids.seeds_note(records)}; "
           "mean (min-max) over seeds.")
-  return base.Result(records, f"{table}\n\n{note}", None)
+  return base.Result(records, f"{table}\n\n{note}", lambda path: plot_bars(records, path))
+
+
+def plot_bars(records: list[dict], path: str) -> None:
+  """One panel per measure: mean over seeds per model, min-max error bars."""
+  metrics = list(dict.fromkeys(r["metric"] for r in records))
+  fig, axes = plots.figure(1, len(metrics), figsize=(3 * len(metrics), 3.2), squeeze=False)
+  for ax, metric in zip(axes[0], metrics):
+    models = list(dict.fromkeys(r["model"] for r in records if r["metric"] == metric))
+    stats = [base.spread([r["value"] for r in records
+                          if r["metric"] == metric and r["model"] == m]) for m in models]
+    means = [s["mean"] for s in stats]
+    errors = [[m - s["lo"] for m, s in zip(means, stats)],
+              [s["hi"] - m for m, s in zip(means, stats)]]
+    ax.bar(models, means, yerr=errors, capsize=4, color=[f"C{i}" for i in range(len(models))])
+    plots.label(ax, title=metric, legend=False)
+  plots.save(fig, path)
 
 
 ROW = base.Row(number=10, name="sparse",
