@@ -123,10 +123,9 @@ def run(ctx: base.Context) -> base.Result:
     rows.append([f"selection recall ({task})"] + [
         base.cell(at(first, m, "selection_recall")) if m in ("dsa", "moba") and at(first, m)
         else "-" for m in models])
-  first_metric = metrics[0]
   for key, label in (("attn_flops_per_token", f"attention FLOPs / token at {records[0]['length']}"),
                      ("attn_flops_per_token_128k", "attention FLOPs / token at 128K")):
-    rows.append([label] + [f"{at(first_metric, m, key)[0]:,}" if at(first_metric, m) else "-"
+    rows.append([label] + [f"{next(r[key] for r in records if r['model'] == m):,}"
                            for m in models])
   table = base.markdown_table(["measure \\ model"] + models, rows)
   note = (f"L = {records[0]['length']}, k = L/8 selected keys; {grids.seeds_note(records)}; "
