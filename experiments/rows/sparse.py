@@ -8,7 +8,8 @@ k = L / 8 = 16 selected keys per query) trained per task and seed with equal tot
   checkpoint at `STEPS - SPARSE_STEPS` (row 4's chain, `dsa.chain_stage`): `STEPS` in all;
 * `moba`, `nsa`: trained from scratch for `STEPS` steps.
 
-Measured per (task, model, seed): passkey exact match by depth (`scores.grid`), MQAR per-query
+Measured per (task, model, seed): passkey exact match by depth (`scores.grid`; and the share of
+answer digits right, over all depths), MQAR per-query
 accuracy and text held-out bits per byte (`BATCHES` held-out batches each); attention FLOPs
 per token at L and at 128K (`models.flops`); for DSA and MoBA the recall of the dense choice
 (`selection_recall`: on the task's held-out batches, the share of the model's own dense
@@ -87,8 +88,10 @@ def measure(ctx: base.Context, workdir: str, setting: str, seed: int) -> list[di
   held_out = [task.batch(i, config.batch_size, salt=1) for i in range(batches)]
   if task_name == "passkey":
     examples = 2 if ctx.quick else EXAMPLES
-    cells = [(f"passkey depth {c['depth']:.2f}", c["accuracy"]) for c in scores.grid(
-        model, config, "passkey", [config.task.seq_len], DEPTHS, examples, examples)]
+    grid = scores.grid(model, config, "passkey", [config.task.seq_len], DEPTHS, examples,
+                       examples)
+    cells = [(f"passkey depth {c['depth']:.2f}", c["accuracy"]) for c in grid] + [
+        ("passkey digit accuracy", sum(c["token_accuracy"] for c in grid) / len(grid))]
   else:
     result = trainer.evaluate_batches(model, held_out)
     cells = [("MQAR per-query accuracy", result["token_accuracy"])] if task_name == "mqar" else [
