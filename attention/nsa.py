@@ -128,8 +128,7 @@ def compressed_attention(
   Returns:
     `(out [B, T, N, Hv]` in q's dtype (0 where no compressed block is visible),
     `block_ids [B, T, K, min(top_n, ceil(S / l'))]` int32 (decreasing importance, -1 for
-    unused slots)). The
-    selection carries no gradient.
+    unused slots)). The selection carries no gradient.
   """
   l, d, ls = check_geometry(block_len, stride, select_block)
   b, t, n, h = q.shape
