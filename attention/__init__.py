@@ -3,7 +3,9 @@
 Public names: `Mask`, `BlockSizes`, `SparseBlockSizes`, `BlockSparseBlockSizes`,
 `reference_attention`, `flash_attention`, `local_attention`, `sparse_attention`,
 `block_sparse_attention` (+ its oracle `block_sparse_reference`), `ring_attention(_sharded)`,
-the DSA pieces, MoBA (`moba_attention`, `moba_gate`), `geometric_alibi_slopes`, and the registry
+the DSA pieces, MoBA (`moba_attention`, `moba_gate`), NSA's compressed branch and block
+selection (`nsa_compressed_attention`, `nsa_compression_windows`; the layer with its learned
+compression and gates is `models.nsa`), `geometric_alibi_slopes`, and the registry
 (`register`, `get`, `available`, `refusing`). Registered: "dense" (the O(L^2) reference),
 "flash" (blockwise, exact), "local" (flash with a sliding window), "dsa" (DeepSeek sparse
 attention: lightning-indexer top-k + top-k gather attention; needs index_q/index_k/index_w),
@@ -24,7 +26,7 @@ and never import a front door.
 from attention.block_sizes import (BlockSizes, BlockSparseBlockSizes, GatedDeltaBlockSizes,
                                    SparseBlockSizes)
 from attention.block_sparse import block_sparse_attention, block_sparse_reference
-from attention.dsa import attention_target, dsa_attention, selected_mass
+from attention.dsa import attention_target, dsa_attention, selected_mass, selection_recall
 from attention.flash import flash_attention, local_attention
 from attention.gated_delta import gated_delta_rule
 from attention.gated_delta_reference import gated_delta_reference, gated_delta_step
@@ -32,6 +34,8 @@ from attention.indexer import indexer_kl_loss, indexer_scores, indexer_scores_at
 from attention.masks import (UNBOUNDED, Mask, block_map, effective_indices, local_mask,
                              visible_keys, visible_pairs)
 from attention.moba import moba_attention, moba_gate
+from attention.nsa import compressed_attention as nsa_compressed_attention
+from attention.nsa import compression_windows as nsa_compression_windows
 from attention.reference import reference_attention
 from attention.scores import geometric_alibi_slopes, merge_attention
 from attention.registry import available, get, refusing, register
@@ -53,6 +57,7 @@ __all__ = [
     "gated_delta_reference", "gated_delta_rule", "gated_delta_step", "geometric_alibi_slopes",
     "get", "indexer_kl_loss", "indexer_scores", "indexer_scores_at", "indexer_topk",
     "local_attention", "local_mask", "merge_attention", "moba_attention", "moba_gate",
-    "reference_attention", "refusing", "register", "ring_attention", "ring_attention_sharded",
-    "selected_mass", "sparse_attention", "visible_keys", "visible_pairs",
+    "nsa_compressed_attention", "nsa_compression_windows", "reference_attention", "refusing",
+    "register", "ring_attention", "ring_attention_sharded", "selected_mass", "selection_recall",
+    "sparse_attention", "visible_keys", "visible_pairs",
 ]

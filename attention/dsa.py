@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from attention import fp8 as fp8_lib
 from attention import masks as masks_lib
@@ -111,3 +111,19 @@ def selected_mass(
   check_indices(indices, b, t)
   picked = jnp.take_along_axis(target, jnp.clip(indices, 0, s - 1), axis=-1)
   return jnp.sum(jnp.where(indices >= 0, picked, 0.0), axis=-1)
+
+
+def selection_recall(
+    weights: Float[Array, "B T X"],
+    indices: Int[Array, "B T m"],
+    top: int,
+) -> tuple[Float[Array, "B T"], Bool[Array, "B T"]]:
+  """Recall of a selection against the dense choice: per row, the share of the `top` largest
+  positive entries of `weights` (keys or blocks, e.g. `attention_target` or its block sums)
+  that `indices` holds (-1 slots ignored). Returns `(recall, has_any)`; rows without a
+  positive weight have recall 0 and `has_any` False. Ties go to the lower index."""
+  value, best = lax.top_k(jnp.asarray(weights, jnp.float32), top)  # B T top
+  wanted = value > 0
+  hit = jnp.any(best[..., :, None] == jnp.asarray(indices)[..., None, :], axis=-1) & wanted
+  count = jnp.sum(wanted, axis=-1)
+  return jnp.sum(hit, axis=-1) / jnp.maximum(count, 1), count > 0

@@ -42,6 +42,9 @@ class ModelConfig:
     norm: a key of `choices.NORMS` ("rms", "layer"); pre-norm everywhere.
     causal: decoder (True) or bidirectional encoder (False).
     layer_pattern: tuple of layer kind names, repeated over depth.
+    last_layers: kind names of the last `len(last_layers)` layers, replacing the pattern there
+      (MoBA's hybrid, the paper's last layers full attention: `last_layers=("global",) * 3`);
+      `()` = the pattern all the way down.
     kinds: per-kind overrides `{kind: KindSettings or dict of its fields}` of the registered
       defaults; stored as a sorted tuple of pairs (hashable).
     rope_scaling: "none", "linear" (PI), "ntk" or "yarn" (applies to every layer kind).
@@ -90,6 +93,7 @@ class ModelConfig:
   norm: str = "rms"
   causal: bool = True
   layer_pattern: tuple[str, ...] = ("global",)
+  last_layers: tuple[str, ...] = ()
   kinds: Mapping[str, KindSettings] | tuple[tuple[str, KindSettings], ...] = ()
   rope_scaling: str = "none"
   rope_factor: float = 1.0
@@ -162,7 +166,7 @@ class ModelConfig:
     self._normalise_pattern_and_kinds()
     for name in ("dtype", "param_dtype"):
       fill(name, _check_dtype(name, getattr(self, name)))
-    for kind in set(self.layer_pattern):
+    for kind in set(self.layer_kinds):
       if get_layer_kind(kind).attends:
         self.rope(kind)  # validates the rope fields for every kind's theta
     if not self.init_std > 0 or not self.norm_eps > 0:
@@ -175,6 +179,13 @@ class ModelConfig:
     for kind in pattern:
       get_layer_kind(kind)  # ValueError listing the known kinds
     object.__setattr__(self, "layer_pattern", tuple(pattern))
+    last = self.last_layers
+    if isinstance(last, str) or not isinstance(last, (tuple, list)) or len(last) > self.num_layers:
+      raise ValueError(f"last_layers must be a tuple of at most num_layers ({self.num_layers}) "
+                       f"layer kinds, got {last!r}.")
+    for kind in last:
+      get_layer_kind(kind)
+    object.__setattr__(self, "last_layers", tuple(last))
     overrides = self.kinds.items() if isinstance(self.kinds, Mapping) else self.kinds
     overrides = tuple(sorted(
         ((name, KindSettings(**settings) if isinstance(settings, Mapping) else settings)
@@ -186,7 +197,7 @@ class ModelConfig:
                          f"{available_layer_kinds()}.")
       if not isinstance(settings, KindSettings):
         raise ValueError(f"kinds[{name!r}] must be a KindSettings, got {settings!r}.")
-    for name in sorted(set(pattern) | {name for name, _ in overrides}):
+    for name in sorted(set(pattern) | set(self.last_layers) | {name for name, _ in overrides}):
       settings = self.kind_settings(name)
       if not get_layer_kind(name).attends:
         _check_non_attending(name, settings)
@@ -210,8 +221,11 @@ class ModelConfig:
 
   @property
   def layer_kinds(self) -> tuple[str, ...]:
-    """The kind of every layer: `layer_pattern` repeated over `num_layers`."""
-    return tuple(self.layer_pattern[i % len(self.layer_pattern)] for i in range(self.num_layers))
+    """The kind of every layer: `layer_pattern` repeated over `num_layers`, the last ones
+    replaced by `last_layers`."""
+    body = self.num_layers - len(self.last_layers)
+    return tuple(self.layer_pattern[i % len(self.layer_pattern)] for i in range(body)
+                 ) + self.last_layers
 
   def kind_settings(self, kind: str) -> KindSettings:
     """Registered defaults of `kind` with this config's overrides applied (all fields set)."""

@@ -79,7 +79,9 @@ class DsaSettings:
     block_q: queries per block of the indexer's top-k selection; None = the backend's default
       (`attention.indexer_topk`: 16 on CPU, 256 on GPU).
     recall: also report `aux["indexer_recall"]`, the share of the dense attention mass that
-      falls on the top_k keys the indexer selects (mean over queries that see a key). Costs
+      falls on the top_k keys the indexer selects (mean over queries that see a key), and
+      `aux["selection_recall"]`, the share of the dense attention's own top_k keys (summed
+      over heads) that the indexer selects. Costs
       the dense O(T * S) target: for evaluation (`experiments.evaluate`), not training.
   """
 
@@ -231,6 +233,16 @@ class DsaAttention(layers.Attention):
                        f"attention and indexer target use head_dim ** -0.5).")
     self.indexer = Indexer(config, self.dsa, self.rope, rngs=rngs)
 
+  @classmethod
+  def attention_flops(cls, config, kind: str, keys):
+    """Sparse stage: `top_k` keys attended + the indexer's score of every visible key (the
+    ReLU, head weights and top-k not counted); dense stage: dense attention."""
+    dsa = DsaSettings.from_options(config.kind_settings(kind).options)
+    if dsa.stage != "sparse":
+      return super().attention_flops(config, kind, keys)
+    return (super().attention_flops(config, kind, np.minimum(keys, dsa.top_k))
+            + 2 * dsa.index_heads * dsa.index_dim * keys)
+
   def __call__(self, x: Float[Array, "B T D"], *, positions: Int[Array, "B T"],
                segment_ids: Int[Array, "B T"] | None = None, cache=None,
                cache_index=None) -> tuple[Float[Array, "B T D"], Any, dict]:
@@ -246,7 +258,8 @@ class DsaAttention(layers.Attention):
     out, aux = STAGE_FNS[self.dsa.stage](self, q, k, v, iq, ik, iw, mask)
     indices = aux.pop("indices", None)  # the sparse stage's selection, reused by the report
     if self.dsa.recall:
-      aux["indexer_recall"] = self._recall(q, k, iq, ik, iw, mask, indices)
+      aux["indexer_recall"], aux["selection_recall"] = self._recall(q, k, iq, ik, iw, mask,
+                                                                    indices)
     return self.o_proj(out), cache, aux
 
   def _select(self, iq, ik, iw, mask):
@@ -275,13 +288,16 @@ class DsaAttention(layers.Attention):
     return out, {"indexer_kl": attention.indexer_kl_loss(scores, target), "indices": indices}
 
   def _recall(self, q, k, iq, ik, iw, mask, indices=None):
-    """Mean share of the dense attention distribution on the selected keys (visible rows)."""
+    """Over the rows that see a key: the mean share of the dense attention distribution on
+    the selected keys, and the mean share of the dense distribution's top_k keys selected."""
     if indices is None:
       indices = self._select(iq, ik, iw, mask)
     target = attention.attention_target(q, k, mask=mask)  # B T S, rows sum to 1 or 0
     has_key = jnp.sum(target, axis=-1) > 0
     mass = attention.selected_mass(target, indices)
-    return jnp.sum(jnp.where(has_key, mass, 0.0)) / jnp.maximum(jnp.sum(has_key), 1)
+    mean = lambda x, rows: jnp.sum(jnp.where(rows, x, 0.0)) / jnp.maximum(jnp.sum(rows), 1)
+    recall, rows = attention.selection_recall(target, indices, min(self.dsa.top_k, k.shape[1]))
+    return mean(mass, has_key), mean(recall, rows)
 
   def init_cache(self, batch: int, max_len: int) -> DsaCache:
     """Every position of K/V and of the indexer keys (top-k looks at the whole stream)."""
@@ -294,18 +310,7 @@ class DsaAttention(layers.Attention):
                                 jnp.ones((batch, max_len, blocks), jnp.float32))
     return DsaCache(kv, index_k, fmt)
 
-
   # --- counts (models.flops) -------------------------------------------------------------------
-
-  @staticmethod
-  def attention_flops(config, kind: str, keys):
-    """Sparse stage: `top_k` keys attended plus the indexer scoring every visible key
-    (`2 J E` per key); dense stage: dense attention (the indexer only trains then)."""
-    s = DsaSettings.from_options(config.kind_settings(kind).options)
-    dense = layers.Attention.attention_flops
-    if s.stage != "sparse":
-      return dense(config, kind, keys)
-    return dense(config, kind, np.minimum(keys, s.top_k)) + 2 * s.index_heads * s.index_dim * keys
 
   @staticmethod
   def cache_bytes(config, kind: str, batch: int, max_len: int) -> int:

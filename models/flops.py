@@ -4,7 +4,7 @@ Conventions: a multiply-add is 2 FLOPs; forward pass only (training ~ 3x); norms
 and activations are not counted (they are O(D) or O(S) per token against O(D^2) or O(S * D)).
 
 * Matmul FLOPs per token: `2 * (projection parameters)`, the vocabulary projection included
-  (tied or not), the embedding lookup and the DSA indexer excluded.
+  (tied or not), the embedding lookup, the DSA indexer and NSA's compressors excluded.
 * Attention FLOPs per token: per layer `4 * num_heads * head_dim * visible_keys`
   (`q k^T` and `p v`), where `visible_keys` is what the layer kind's mask lets one token see.
   A DSA layer in its sparse stage attends to `min(top_k, visible_keys)` keys and its lightning
@@ -17,6 +17,8 @@ and activations are not counted (they are O(D) or O(S) per token against O(D^2) 
   so do its `A_log` and `dt_bias` (2 per value head: 4 FLOPs a token counted for elementwise
   work, negligible). Each layer module holds its kind's formula (`layer_module`).
 * Decode memory: `cache_bytes(config, max_len)`, the bytes of `init_cache` by arithmetic.
+* MoBA (`models/moba.py`) and NSA (`models/nsa.py`, its compression MLPs included) count
+  their selected keys and their gates' scores in their modules' `attention_flops`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from models.kinds import get_layer_kind
 from models.transformer import Transformer
 
 
-GROUPS = ("embedding", "attention", "indexer", "mlp", "norms", "head")
+GROUPS = ("embedding", "attention", "indexer", "compressor", "mlp", "norms", "head")
 
 
 def _group(path: tuple) -> str:
@@ -43,6 +45,8 @@ def _group(path: tuple) -> str:
     return "embedding"
   if "indexer" in names:
     return "indexer"
+  if any(n.startswith("compress_") for n in names):
+    return "compressor"
   if any(n.endswith("norm") for n in names):
     return "norms"
   if "attn" in names:
@@ -56,8 +60,8 @@ def _group(path: tuple) -> str:
 def param_counts(config: ModelConfig) -> dict[str, int]:
   """Parameters by group, counted from the model's nnx state (shapes only: nothing allocated).
 
-  Groups: embedding, attention (q/k/v/o), indexer (DSA), mlp, norms, head; plus total and
-  non_embedding.
+  Groups: embedding, attention (q/k/v/o, NSA's gates), indexer (DSA), compressor (NSA's
+  block compression MLPs), mlp, norms, head; plus total and non_embedding.
   """
   model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   counts = dict.fromkeys(GROUPS, 0)

@@ -12,8 +12,9 @@ step (e.g. "block": the residual stream entering each repeat). This is MaxText's
 `scan_layers`; Gemma's 5:1 local:global pattern scans over its 6-layer repeats.
 
 Layers outside the scan run one by one, under the same policy: the `L % P` remainder layers,
-and repeat 0 when its structure differs from the others (ModernBERT's layer 0 has no
-attention pre-norm).
+repeat 0 when its structure differs from the others (ModernBERT's layer 0 has no
+attention pre-norm), and the last repeats when theirs differ (`ModelConfig.last_layers`, MoBA's
+hybrid with its last layers full attention).
 
 The parameter tree does not change: each `Block` keeps its own parameters (so checkpoints,
 Hugging Face import/export and FSDP partitioning see `blocks.{i}` as before); the stacking
@@ -71,7 +72,9 @@ def run_blocks(blocks: Sequence[nnx.Module], *, period: int, x: Float[Array, "B 
   structure = [tuple(_structure(s) for s in splits[r * period:(r + 1) * period])
                for r in range(repeats)]
   first = 1 if repeats > 1 and structure[0] != structure[1] else 0
-  if repeats - first < 2 or len(set(structure[first:])) > 1:  # nothing (uniform) to scan
+  while repeats > first and structure[repeats - 1] != structure[first]:
+    repeats -= 1  # a tail that differs (`ModelConfig.last_layers`) runs unrolled after the scan
+  if repeats - first < 2 or len(set(structure[first:repeats])) > 1:  # nothing uniform to scan
     first = repeats = 0
   scanned = range(first * period, repeats * period)
   layer_aux: list[dict] = []

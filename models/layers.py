@@ -112,6 +112,14 @@ class Attention(nnx.Module):
                          make_norm(config, rngs=rngs, features=h, norm=config.qk_norm))
     self.q_norm, self.k_norm = head_norm(), head_norm()
 
+  @classmethod
+  def attention_flops(cls, config: ModelConfig, kind: str, keys):
+    """Forward attention FLOPs of one query that sees `keys` keys (int or array) in a layer of
+    `kind`: `q k^T` and `p v`, 2 FLOPs per multiply-add (`models.flops`). Kinds that attend
+    to fewer keys, or score them first, override this."""
+    del kind
+    return 4 * config.num_heads * config.head_dim * keys
+
   # --- masks and the attention function ----------------------------------------------------
 
   def mask(self, q_segment_ids=None, kv_segment_ids=None, q_offset=0,
@@ -203,11 +211,6 @@ class Attention(nnx.Module):
     return cache_lib.FullCache.create(batch, max_len, kh, h, self.dtype)
 
   # --- counts (models.flops): one formula per layer module, so each kind counts itself ------
-
-  @staticmethod
-  def attention_flops(config: ModelConfig, kind: str, keys):
-    """Attention FLOPs of queries seeing `keys` keys each (int or array): `q k^T` and `p v`."""
-    return 4 * config.num_heads * config.head_dim * keys
 
   @staticmethod
   def cache_bytes(config: ModelConfig, kind: str, batch: int, max_len: int) -> int:

@@ -5,6 +5,7 @@
     python -m experiments.benchmark --preset=decode        # decode steps vs reading the cache
     python -m experiments.benchmark --preset=dsa_decode    # one DSA decode step vs dense
     python -m experiments.benchmark --preset=memory128k    # a 1B model's train step, 8K-128K
+    python -m experiments.benchmark --preset=sparse        # MoBA / NSA fwd+bwd vs flash
 
 A registry, as attention functions and layer kinds are: a new measurement is one decorated
 function of the command's flag values (`values`: flag name -> value; `explicit`: the flags the
@@ -16,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
-from experiments.bench import attention_bench, decode_bench, dsa_bench, memory_bench
+from experiments.bench import attention_bench, decode_bench, dsa_bench, memory_bench, sparse_bench
 
 Values = Mapping[str, Any]
 
@@ -107,3 +108,10 @@ def memory128k(values: Values, explicit: frozenset[str]) -> None:
   memory_bench.ask_for_host_devices(8)  # before anything initialises the backend
   lengths = values["lengths"] if "lengths" in explicit else MEMORY_LENGTHS
   memory_bench.run([int(t) for t in lengths], values["workdir"])
+
+
+@preset("sparse", "MoBA and NSA forward+backward vs causal flash at 8192 and 32768 tokens, "
+        "DSA's 2048-key budget (experiments/bench/sparse_bench.py)")
+def sparse(values: Values, explicit: frozenset[str]) -> None:
+  lengths = [int(t) for t in values["lengths"]] if "lengths" in explicit else (8192, 32768)
+  print(sparse_bench.sparse_table(lengths, rounds=max(1, values["repeats"])), flush=True)

@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
       vocab_size=256, d_model=64, num_layers=4, num_heads=4,
       num_kv_heads=config_dict.placeholder(int), head_dim=config_dict.placeholder(int),
       mlp_dim=config_dict.placeholder(int), mlp="geglu", norm="rms", causal=True,
-      layer_pattern=("global", "local", "local"),
+      layer_pattern=("global", "local", "local"), last_layers=(),
       rope_scaling="none", rope_factor=1.0, rope_original_length=config_dict.placeholder(int),
       rope_yarn_alpha=1.0, rope_yarn_beta=32.0, rope_low_freq_factor=1.0,
       rope_high_freq_factor=4.0, rope_mscale=config_dict.placeholder(float), rope_truncate=True,
@@ -134,6 +134,8 @@ FIELD_HELP = {
     "model.causal": "decoder (True) or bidirectional encoder (False)",
     "model.layer_pattern": "layer kinds, repeated cyclically over num_layers (config.json "
                            "lists the resolved per-layer kinds)",
+    "model.last_layers": "kinds of the last layers, replacing the pattern there (MoBA's "
+                         "hybrid: global,global,global = the last three layers full attention)",
     "model.rope_scaling": "RoPE scaling: none, linear (PI), ntk, yarn, yarn_hf (transformers'), "
                           "llama3, dynamic",
     "model.rope_factor": "RoPE scale s = new length / original length (0 with init_from a "

@@ -19,7 +19,7 @@ import os
 import time
 
 from experiments.rows import (base, decode_memory, dsa, extension, mqar, patterns, performance,
-                              recall_state, streaming, text)
+                              recall_state, sparse, streaming, text)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "results")
@@ -27,7 +27,7 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 # Every row, by its number in experiments/results/README.md.
 ROWS: dict[int, base.Row] = {m.ROW.number: m.ROW for m in (patterns, mqar, extension, dsa, text,
                                                           performance, recall_state,
-                                                          decode_memory, streaming)}
+                                                          decode_memory, streaming, sparse)}
 
 
 def parse_rows(spec: str) -> list[base.Row]:

@@ -53,6 +53,9 @@ def model_config(config: ml_collections.ConfigDict, **overrides) -> ModelConfig:
   pattern = fields.pop("layer_pattern")
   if isinstance(pattern, str):
     pattern = tuple(p.strip() for p in pattern.split(",") if p.strip())
+  last = fields.pop("last_layers", ())
+  if isinstance(last, str):
+    last = tuple(p.strip() for p in last.split(",") if p.strip())
   kinds = {}
   for name, settings in (fields.pop("kinds") or {}).items():
     unknown = sorted(set(settings) - set(_KIND_FIELDS))
@@ -60,7 +63,8 @@ def model_config(config: ml_collections.ConfigDict, **overrides) -> ModelConfig:
       raise ValueError(f"config.model.kinds.{name} has unknown fields {unknown}; known: "
                        f"{list(_KIND_FIELDS)}.")
     kinds[name] = KindSettings(**settings)
-  return ModelConfig(layer_pattern=tuple(pattern), kinds=kinds, **fields)
+  return ModelConfig(layer_pattern=tuple(pattern), last_layers=tuple(last or ()), kinds=kinds,
+                     **fields)
 
 
 def make_model(config: ml_collections.ConfigDict, *, mesh=None, **overrides) -> Transformer:

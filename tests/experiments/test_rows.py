@@ -161,3 +161,20 @@ def test_mqar_row_dsa_chain_has_the_dense_models_total_steps():
   assert mqar_row.make_config(ctx, "alternating", 1).num_steps == mqar_row.STEPS
   with pytest.raises(ValueError, match="sparse_steps"):
     dsa_row.chain_stage(mqar.get_config("dsa"), True, "/rows/d", 100, 100)
+
+
+def test_sparse_row_models_select_the_same_number_of_keys():
+  """Row 10: DSA's top_k, MoBA's (gated + own) blocks and NSA's top_n blocks hold L/8 keys."""
+  from experiments.configs import sparse  # pylint: disable=g-import-not-at-top
+  for setting in sparse.SETTINGS:
+    config = sparse.get_config(setting)
+    kinds = config.model.kinds
+    assert config.task.seq_len == sparse.LENGTH == 128
+    assert kinds.dsa.options.top_k == 16
+    moba = kinds.moba.options
+    assert (moba.top_k_blocks + 1) * moba.block_size == 16
+    assert kinds.nsa.options.top_n * kinds.nsa.options.select_block == 16
+    assert config.model.layer_pattern[1] == ("dsa" if setting in ("dense", "dsa") else setting)
+  assert sparse.get_config("dsa").model.kinds.dsa.options.stage == "sparse"
+  with pytest.raises(ValueError, match="unknown task"):
+    sparse.set_task(sparse.get_config(), "nope")

@@ -34,8 +34,10 @@ def loss_and_grads(config: ModelConfig, state, graphdef_of, tokens, segment_ids)
     # 2 scanned repeats + 1 remainder layer; the MLP 3 positions at a time (T = 16: 6 chunks,
     # 2 padded positions)
     (("global", "local"), 5, dict(kinds=DSA), [dict(remat="block", mlp_chunk=3)]),
-    # layer 0 has no attention pre-norm: it runs outside the scan
-    (("global",), 4, dict(first_attn_norm=False), [dict(remat="none"), dict(remat="dots")]),
+    # layer 0 has no attention pre-norm and layer 3 is another kind (`last_layers`): both run
+    # outside the scan of layers 1-2
+    (("global",), 4, dict(first_attn_norm=False, last_layers=("local",)),
+     [dict(remat="none"), dict(remat="dots")]),
 ], ids=["remainder_tiled_mlp", "first_layer_differs"])
 def test_scanned_layers_equal_the_loop(pattern, layers, fields, variants):
   """Values, per-layer aux losses and gradients of the scanned model under each remat policy
