@@ -100,12 +100,11 @@ def test_train_from_the_checkpoint_then_export_loads_back(llama_dir, tmp_path):
                         cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
-  _, trained, _ = runs.load_run(workdir)
+  run_config, trained, _ = runs.load_run(workdir)
   tokens = jnp.asarray(np.arange(24).reshape(2, 12) % 384)
   np.testing.assert_array_equal(hf.load(out)(tokens)[0], trained(tokens)[0])
-  again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False,
-                         cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
-  assert again.returncode != 0 and "already exists" in again.stderr
+  with pytest.raises(FileExistsError, match="already exists"):  # what the command reports
+    hf_bridge.export(trained, run_config, out)
 
 
 def test_evaluate_a_checkpoint_directly(llama_dir, tmp_path):
