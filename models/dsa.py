@@ -52,7 +52,7 @@ import attention
 from attention import fp8 as fp8_lib
 from models import cache as cache_lib
 from models import layers
-from models.kinds import KindSettings, LayerKind, register_layer_kind
+from models.kinds import KindSettings, LayerKind, register_layer_kind, settings_from_options
 
 STAGES = ("dense", "sparse")
 
@@ -135,12 +135,7 @@ class DsaSettings:
   @classmethod
   def from_options(cls, options: Mapping[str, Any] | tuple | None) -> "DsaSettings":
     """From a kind's `options` (mapping or pairs); unknown names raise a ValueError."""
-    options = dict(options or ())
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-      raise ValueError(f"unknown DSA option(s) {unknown}; known: {sorted(known)}.")
-    return cls(**options)
+    return settings_from_options(cls, options, "DSA")
 
 
 # --- indexer ---------------------------------------------------------------------------------------

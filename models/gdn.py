@@ -45,7 +45,7 @@ from jaxtyping import Array, Float, Int
 
 import attention
 from models import layers
-from models.kinds import KindSettings, LayerKind, register_layer_kind
+from models.kinds import KindSettings, LayerKind, register_layer_kind, settings_from_options
 from models.norms import GatedRMSNorm
 
 
@@ -83,12 +83,8 @@ class GdnSettings:
 
   @classmethod
   def from_options(cls, options: Mapping[str, Any] | tuple | None) -> "GdnSettings":
-    options = dict(options or ())
-    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-      raise ValueError(f"unknown gdn options {unknown}; known: "
-                       f"{[f.name for f in dataclasses.fields(cls)]}.")
-    return cls(**options)
+    """From a kind's `options` (mapping or pairs); unknown names raise a ValueError."""
+    return settings_from_options(cls, options, "gdn")
 
   def resolved(self, config) -> "GdnSettings":
     """These settings with every None filled from `config`; checks the head grouping."""

@@ -137,3 +137,15 @@ def available_layer_kinds() -> tuple[str, ...]:
 register_layer_kind("global", LayerKind(KindSettings("flash", 0, 160_000.0)))
 register_layer_kind("local", LayerKind(KindSettings("local", 128, 10_000.0)))
 register_layer_kind("alibi", LayerKind(KindSettings("flash", 0, 10_000.0, alibi=True)))
+
+
+def settings_from_options(cls, options, label: str):
+  """`cls(**options)` for a kind's settings dataclass `cls` from its `options` (a mapping, pairs
+  or None); an option name `cls` does not have raises a ValueError naming it and the known ones
+  (`label` says whose options they are, e.g. "DSA")."""
+  options = dict(options or ())
+  known = sorted(f.name for f in dataclasses.fields(cls))
+  unknown = sorted(set(options) - set(known))
+  if unknown:
+    raise ValueError(f"unknown {label} option(s) {unknown}; known: {known}.")
+  return cls(**options)

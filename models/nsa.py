@@ -39,7 +39,7 @@ from jaxtyping import Array, Float, Int
 
 import attention
 from models import layers
-from models.kinds import KindSettings, LayerKind, register_layer_kind
+from models.kinds import KindSettings, LayerKind, register_layer_kind, settings_from_options
 
 BRANCHES = ("compressed", "selected", "window")
 
@@ -89,12 +89,7 @@ class NsaSettings:
   @classmethod
   def from_options(cls, options: Mapping[str, Any] | tuple | None) -> "NsaSettings":
     """From a kind's `options` (mapping or pairs); unknown names raise a ValueError."""
-    options = dict(options or ())
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-      raise ValueError(f"unknown NSA option(s) {unknown}; known: {sorted(known)}.")
-    return cls(**options)
+    return settings_from_options(cls, options, "NSA")
 
 
 class Compressor(nnx.Module):
