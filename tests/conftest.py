@@ -14,15 +14,10 @@ subprocess a test starts use it, through the `JAX_*` environment variables): the
 computation, built again from a new Python function (a new train step per run, per test),
 compiles once. Only compilation is shared; every test still traces and runs its own code.
 
-The suite's programs are tiny and compiled once each, so most of its CPU time is XLA compiling,
-not running: it compiles with JAX's `jax_disable_most_optimizations` (XLA's LLVM backend at -O0,
-no expensive LLVM passes; the HLO passes, fusion and buffer assignment, are unchanged, so the
-compiled memory figures the tests check are the same). Numerics follow the same HLO, and every
-comparison is within the tolerances of its dtype either way, except the sharded-vs-one-device
-train step (tests/experiments/training/test_sharding.py), whose 1e-5 bound is about float32 summation
-order: its worker compiles with the optimised build. The environment variable
-`JAX_DISABLE_MOST_OPTIMIZATIONS` carries it into the workers, subprocesses and notebook
-kernels; set it to 0 to test the optimised build. Benchmarks and experiments never set it.
+The suite compiles fast (tests/fast_compile.py: XLA:CPU at -O0 with its classic fusion
+emitters; the same HLO, fusion and buffer assignment, so the compiled memory and FLOP figures
+the tests check are those users get). `JAX_DISABLE_MOST_OPTIMIZATIONS=0` tests the optimised
+build. Benchmarks and experiments never set either switch.
 """
 
 import importlib.util
@@ -35,6 +30,8 @@ import pytest
 from jaxtyping import config as jaxtyping_config
 from jaxtyping import install_import_hook
 
+from tests import fast_compile
+
 _HOOK = install_import_hook(["attention"], "beartype.beartype")
 
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
@@ -45,16 +42,13 @@ _CACHE_SETTINGS = {  # jax config name -> value; the environment variable is its
     "jax_persistent_cache_min_entry_size_bytes": -1,
     "jax_compilation_cache_max_size": 2**34,  # a size limit makes JAX lock the directory
 }                                             # (filelock), so two workers never race
-_FAST_COMPILE_ENV = "JAX_DISABLE_MOST_OPTIMIZATIONS"  # jax's own flag (a user's value wins)
 
 
 def pytest_configure(config):
   """Owns the session's compilation cache directory, unless one is already set (a worker
   inherits its controller's; a user's own `JAX_COMPILATION_CACHE_DIR` is respected)."""
   import jax  # pylint: disable=g-import-not-at-top
-  os.environ.setdefault(_FAST_COMPILE_ENV, "1")
-  fast_compile = os.environ[_FAST_COMPILE_ENV].strip().lower() in ("1", "true", "yes", "on")
-  jax.config.update("jax_disable_most_optimizations", fast_compile)
+  jax.config.update("jax_disable_most_optimizations", fast_compile.configure())
   if importlib.util.find_spec("filelock") is None:  # the [test] extra has it; without the lock,
     return                                          # two workers could read a half-written entry
   if _CACHE_ENV not in os.environ:

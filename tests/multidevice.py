@@ -16,13 +16,18 @@ import os
 import subprocess
 import sys
 
+from tests import fast_compile
+
 _MARKER = "MULTIDEVICE_RESULT "
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_worker(module: str, function: str, devices: int = 8, timeout: float = 600) -> object:
-  """`module.function()` in a subprocess with `devices` CPU devices; returns its JSON result."""
-  env = dict(os.environ)
+def run_worker(module: str, function: str, devices: int = 8, timeout: float = 600,
+               optimised: bool = False) -> object:
+  """`module.function()` in a subprocess with `devices` CPU devices; returns its JSON result.
+  `optimised`: compiled as users run it, not in the suite's fast-compile mode
+  (tests/fast_compile.py)."""
+  env = fast_compile.optimised(dict(os.environ)) if optimised else dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                       f" --xla_force_host_platform_device_count={devices}").strip()
   env["JAX_PLATFORMS"] = "cpu"

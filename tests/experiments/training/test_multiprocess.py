@@ -36,8 +36,8 @@ def free_port() -> int:
 
 
 def environment(devices: int, process: int | None = None, port: int | None = None):
-  env = dict(soak.environment(), JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+  env = dict(soak.environment(), JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip())
   if process is not None:
     env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(process))
