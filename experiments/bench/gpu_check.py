@@ -15,7 +15,8 @@ CPU smoke test of this script (interpret mode, tiny shapes):
    dtype) vs the dense float32 reference computed under `jax.default_matmul_precision
    ("highest")`, forward and gradients, over causal / window / segments / GQA / odd lengths /
    q_offset, decode steps (T = 1 and 4 against the whole cache: the split-K decode kernel and
-   the XLA decode path; a ring cache's empty slots as segment ids, a window), in bf16, f16 and
+   the XLA decode path; a ring cache's empty slots as segment ids, a window), sink tokens with
+   learned sink logits, in bf16, f16 and
    float32 (the Pallas float32 dots are exact: `ieee`). One row per
    case: PASS/FAIL against the DESIGN.md tolerances relative to each output's magnitude
    (gradients 2x), the max errors of out, dq, dk, dv for pallas and for XLA. Only the first
@@ -97,7 +98,8 @@ def _value_and_grads(fn, q, k, v, dout):
 
 
 def check_cases(length: int):
-  """(name, (B, T, S, N, K, H), mask, dtype), most important first; lengths scale with `length`."""
+  """(name, (B, T, S, N, K, H), mask, dtype[, sink_logits]), most important first; lengths scale
+  with `length`; a True fifth entry adds learned sink logits (fixed values, one per head)."""
   seg = jnp.asarray(np.minimum(np.arange(length) * 5 // length, 4)[None].repeat(2, 0), jnp.int32)
   seg = seg.at[:, -max(1, length // 27):].set(-1)
   t_dec, w = max(16, length // 4), max(8, length * 3 // 10)
@@ -122,18 +124,24 @@ def check_cases(length: int):
       ("bidirectional window d256", (1, length * 7 // 10, length * 7 // 10, 4, 2, 256),
        Mask(window=(w // 4, w // 4)), jnp.bfloat16),
       (*causal, jnp.float16),
+      # StreamingLLM sink tokens (the kernels visit the sink tile and the window band only) and
+      # GPT-OSS sink logits (an extra softmax term, merged after the kernel), together.
+      ("4 sinks+window+sink logits gqa", (2, length, length, 8, 2, 64),
+       Mask(causal=True, window=(w // 2, 0), sinks=4), jnp.bfloat16, True),
   ]
 
 
-def _check_one(name, shape, mask, dtype) -> dict:
+def _check_one(name, shape, mask, dtype, sink_logits=False) -> dict:
   q, k, v, dout = _inputs(0, *shape, dtype)
+  sinks = dict(sink_logits=jnp.linspace(-2.0, 3.0, shape[3])) if sink_logits else {}
   run = lambda impl: jax.jit(functools.partial(_value_and_grads, functools.partial(
       flash_attention, mask=mask, implementation=impl,
-      interpret=FLAGS.interpret and impl == "pallas")))(q, k, v, dout)
+      interpret=FLAGS.interpret and impl == "pallas", **sinks)))(q, k, v, dout)
   ours, xla = run("pallas"), run("xla")
   with jax.default_matmul_precision("highest"):
     ref = jax.jit(functools.partial(_value_and_grads, functools.partial(
-        reference_attention, mask=mask)))(*(x.astype(jnp.float32) for x in (q, k, v, dout)))
+        reference_attention, mask=mask, **sinks)))(
+            *(x.astype(jnp.float32) for x in (q, k, v, dout)))
   err = lambda xs: [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b))) for a, b in zip(xs, ref)]
   errs, errs_xla = err(ours), err(xla)
   ok = gpu_run.verdict(ours, errs, ref, TOL[jnp.dtype(dtype)])
@@ -146,8 +154,9 @@ def check_correctness(budget: gpu_run.Budget, out_dir: str) -> bool:
                         ["case", "dtype", "status", "pallas_err", "xla_err", "s"],
                         [-26, -8, 6, -31, -31, 5],
                         "correctness vs the float32 reference (max|err| of out dq dk dv)")
-  cases = [(dict(case=name, dtype=jnp.dtype(dtype).name), (name, shape, mask, dtype))
-           for name, shape, mask, dtype in check_cases(FLAGS.check_len)[:FLAGS.check_cases]]
+  cases = [(dict(case=name, dtype=jnp.dtype(dtype).name), (name, shape, mask, dtype, *sinks))
+           for name, shape, mask, dtype, *sinks
+           in check_cases(FLAGS.check_len)[:FLAGS.check_cases]]
   return gpu_run.run_checks(table, cases, _check_one, budget, FLAGS.check_share, "pallas_err")
 
 
