@@ -147,6 +147,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
   if config.multihost:
     sharding.initialize_distributed(  # before anything touches a device
         heartbeat_timeout_seconds=int(config.heartbeat_timeout_s))
+    workdir_lib.set_process(jax.process_index())  # from here on, each process its own log
   workdir = workdir_lib.prepare(workdir)
   primary = jax.process_index() == 0  # several hosts: one writer (and locker) of the workdir
   with workdir_lib.lock(workdir) if primary else contextlib.nullcontext():
@@ -193,7 +194,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, primary: bool = True)
   try:  # both raise before anything is written
     changes = check_resume(config, workdir, ckpt.latest_step())
     meta = ckpt.restore(model, optimizer, model_meta,
-                        log_path=os.path.join(workdir, workdir_lib.LOG_FILE))
+                        log_path=workdir_lib.log_path(workdir))
   except BaseException:
     ckpt.close()
     raise

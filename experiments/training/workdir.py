@@ -118,10 +118,56 @@ def write_atomic(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+_process = 0  # this process's index in a multi-host run (`set_process`), else 0
+
+
+def set_process(index: int) -> None:
+  """Called by the training loop once the processes of a multi-host run have connected: from
+  then on this process logs to its own file (`log_path`)."""
+  global _process  # pylint: disable=global-statement
+  _process = int(index)
+
+
+def log_path(workdir: str) -> str:
+  """This process's log: `<workdir>/train.log`, or `train.process<k>.log` for process k > 0
+  of a multi-host run (every host appends only to its own file: appends from several hosts to
+  one file on a shared filesystem interleave or tear)."""
+  return os.path.join(workdir, LOG_FILE if _process == 0 else f"train.process{_process}.log")
+
+
+class _ProcessLog(logging.Handler):
+  """Appends records to `log_path(workdir)`, reopening when it changes (the processes of a
+  multi-host run learn their index after the handler is added: `set_process`)."""
+
+  def __init__(self, workdir: str):
+    super().__init__(logging.INFO)
+    self.workdir, self.path, self.file = workdir, None, None
+
+  def emit(self, record: logging.LogRecord) -> None:
+    try:
+      path = log_path(self.workdir)
+      if path != self.path:
+        self.close_file()
+        self.path, self.file = path, open(path, "a")  # pylint: disable=consider-using-with
+      self.file.write(self.format(record) + "\n")
+      self.file.flush()
+    except Exception:  # pylint: disable=broad-except
+      self.handleError(record)
+
+  def close_file(self) -> None:
+    if self.file is not None:
+      self.file.close()
+      self.file = None
+
+  def close(self) -> None:
+    self.close_file()
+    super().close()
+
+
 def log_to_file(workdir: str) -> logging.Handler:
-  """Adds a handler writing every log record (INFO and up, all libraries) to `train.log`."""
-  handler = logging.FileHandler(os.path.join(workdir, LOG_FILE))
-  handler.setLevel(logging.INFO)
+  """Adds a handler writing every log record (INFO and up, all libraries) to this process's
+  log (`log_path`: `train.log` on one host)."""
+  handler = _ProcessLog(workdir)
   handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
   logging.getLogger().addHandler(handler)
   return handler
@@ -133,10 +179,10 @@ def stop_logging(handler: logging.Handler) -> None:
 
 
 def log_exception(workdir: str | None, error: BaseException) -> str | None:
-  """Appends `error`'s full traceback to `<workdir>/train.log`; returns the log's path."""
+  """Appends `error`'s full traceback to this process's log (`log_path`); returns its path."""
   if not workdir or not os.path.isdir(workdir):
     return None
-  path = os.path.join(workdir, LOG_FILE)
+  path = log_path(workdir)
   with open(path, "a") as f:
     f.write("".join(traceback.format_exception(error)))
   return path

@@ -2,7 +2,8 @@
 training `passkey.py:smoke` on a `data:2,seq:4` mesh with ring attention, against the same run
 in one 8-device process: a stop signal to one process stops both at the same step, with a
 checkpoint both wrote; a 1-process run resumes it and ends equal to the 1-process straight run;
-only process 0 holds the lock and writes metrics; a killed peer ends the other process."""
+only process 0 holds the lock and writes metrics; each process writes its own log; a killed
+peer ends the other process."""
 
 import os
 import re
@@ -113,6 +114,8 @@ def test_two_processes_agree_checkpoint_together_and_match_one_process(tmp_path,
   assert os.listdir(os.path.join(shared, "checkpoints")) == [str(stop)]
   rows = loop.read_metrics(os.path.join(shared, "metrics.jsonl"))
   assert [r["step"] for r in rows] == list(range(1, stop + 1))  # one writer: no duplicates
+  logs = [(tmp_path / "two" / name).read_text() for name in ("train.log", "train.process1.log")]
+  assert "stopped by SIGTERM" in logs[1] and "stopped by SIGTERM" not in logs[0], logs  # own logs
 
   # Two processes again, one killed mid-run: the other ends within the heartbeat timeout.
   procs = two_processes(shared)
