@@ -19,10 +19,11 @@ positions, padding, other documents are weighted after), exactly as
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax.numpy as jnp
 import optax
+from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from models import tiling
@@ -68,14 +69,19 @@ def plain_token_losses(logits: Float[Array, "B T V"], targets: Int[Array, "B T"]
 
 
 def token_losses(logits_fn: LogitsFn, x: Float[Array, "B T D"], targets: Int[Array, "B T"],
-                 chunk: int) -> tuple[Float[Array, "B T"], Int[Array, "B T"]]:
+                 chunk: int, module: nnx.Module | None = None, wrt: Any = nnx.Param
+                 ) -> tuple[Float[Array, "B T"], Int[Array, "B T"]]:
   """Per-position cross-entropy (float32) and argmax of `logits_fn(x)` against `targets`.
 
   Args:
-    logits_fn: position-wise map `[B, C, D] -> [B, C, V]` float32 logits (the model's head).
+    logits_fn: position-wise map `[B, C, D] -> [B, C, V]` float32 logits (the model's head);
+      with `module`, `logits_fn(module, x)`.
     x: `[B, T, D]` features that `logits_fn` turns into logits.
     targets: `[B, T]` token ids (any value at ignored positions: weight them after).
     chunk: positions per row per chunk, `C > 0`; 0 = one call of `logits_fn` on all of `x`.
+    module, wrt: the nnx module (and the filter of its parameters) the head uses: their
+      gradients are summed over the chunks in float32 (`tiling.map_positions`), so bfloat16
+      parameters get the unchunked loss's gradients, not one rounding per chunk.
 
   Equal to `plain_token_losses(logits_fn(x), targets)` (values and gradients); peak memory of
   the logits O(B C V) forward and backward. Cost: the head runs twice (once recomputed).
@@ -83,7 +89,11 @@ def token_losses(logits_fn: LogitsFn, x: Float[Array, "B T D"], targets: Int[Arr
   if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
     raise ValueError(f"chunk must be 0 (plain logits) or a positive number of positions, got "
                      f"{chunk!r}.")
+  if module is None:
+    head, args = (lambda xc, tc: plain_token_losses(logits_fn(xc), tc)), {}
+  else:
+    head, args = (lambda m, xc, tc: plain_token_losses(logits_fn(m, xc), tc)), dict(
+        module=module, wrt=wrt)
   if chunk == 0:
-    return plain_token_losses(logits_fn(x), targets)
-  return tiling.map_positions(lambda xc, tc: plain_token_losses(logits_fn(xc), tc),
-                              (x, targets), chunk)
+    return head(*([module] if module is not None else []), x, targets)
+  return tiling.map_positions(head, (x, targets), chunk, **args)

@@ -55,7 +55,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
     if self.chunk:
-      return tiling.map_positions(self.apply_all, (x,), self.chunk)
+      return tiling.map_positions(MLP.apply_all, (x,), self.chunk, module=self)
     return self.apply_all(x)
 
   def apply_all(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:

@@ -39,6 +39,10 @@ from models.choices import ACTIVATIONS
 from models.config import ModelConfig
 from models.kinds import get_layer_kind
 
+# The submodules `Transformer.logits` uses (the head); the chunked loss sums their gradients
+# over chunks in float32.
+HEAD = ("final_norm", "mlm_head", "embed", "lm_head", "output_bias")
+
 
 def _maybe(norm, x):
   return x if norm is None else norm(x)
@@ -178,7 +182,8 @@ class Transformer(nnx.Module):
     """Cross-entropy `[B, T]` (float32) of `self.logits(x)` against `targets`, and its argmax,
     computed `chunk` positions at a time (`models.chunked_loss`: the `[B, T, V]` logits never
     exist; 0 = plain logits). Equal to the plain loss in value and gradient."""
-    return chunked_loss.token_losses(self.logits, x, targets, chunk)
+    return chunked_loss.token_losses(Transformer.logits, x, targets, chunk, module=self,
+                                     wrt=nnx.Any(*map(nnx.PathContains, HEAD)))
 
   def init_cache(self, batch: int, max_len: int) -> cache_lib.Cache:
     """An empty cache for `batch` streams of up to `max_len` tokens (decoders only).
