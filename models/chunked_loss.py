@@ -89,11 +89,7 @@ def token_losses(logits_fn: LogitsFn, x: Float[Array, "B T D"], targets: Int[Arr
   if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
     raise ValueError(f"chunk must be 0 (plain logits) or a positive number of positions, got "
                      f"{chunk!r}.")
-  if module is None:
-    head, args = (lambda xc, tc: plain_token_losses(logits_fn(xc), tc)), {}
-  else:
-    head, args = (lambda m, xc, tc: plain_token_losses(logits_fn(m, xc), tc)), dict(
-        module=module, wrt=wrt)
+  head = lambda *inputs: plain_token_losses(logits_fn(*inputs[:-1]), inputs[-1])  # [m,] x, t
   if chunk == 0:
-    return head(*([module] if module is not None else []), x, targets)
-  return tiling.map_positions(head, (x, targets), chunk, **args)
+    return head(*([] if module is None else [module]), x, targets)
+  return tiling.map_positions(head, (x, targets), chunk, module=module, wrt=wrt)

@@ -51,11 +51,11 @@ def map_positions(fn: Callable[..., Any], arrays: Sequence[Array], chunk: int,
   """
   if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
     raise ValueError(f"chunk must be a positive number of positions, got {chunk!r}.")
+  b, t = arrays[0].shape[:2]
+  if chunk >= t:  # one call: nothing to sum over chunks
+    return fn(*arrays) if module is None else fn(module, *arrays)
   if module is not None:
     return _map_with_wide_gradients(fn, arrays, chunk, module, wrt)
-  b, t = arrays[0].shape[:2]
-  if chunk >= t:
-    return fn(*arrays)
   n = -(-t // chunk)      # chunks
   c = -(-t // n)          # positions per chunk; n * c >= t
 

@@ -39,9 +39,10 @@ from models.choices import ACTIVATIONS
 from models.config import ModelConfig
 from models.kinds import get_layer_kind
 
-# The submodules `Transformer.logits` uses (the head); the chunked loss sums their gradients
-# over chunks in float32.
-HEAD = ("final_norm", "mlm_head", "embed", "lm_head", "output_bias")
+# The parameters `Transformer.logits` uses (the head's submodules); the chunked loss sums their
+# gradients over chunks in float32.
+HEAD = nnx.Any(*map(nnx.PathContains, ("final_norm", "mlm_head", "embed", "lm_head",
+                                       "output_bias")))
 
 
 def _maybe(norm, x):
@@ -183,7 +184,7 @@ class Transformer(nnx.Module):
     computed `chunk` positions at a time (`models.chunked_loss`: the `[B, T, V]` logits never
     exist; 0 = plain logits). Equal to the plain loss in value and gradient."""
     return chunked_loss.token_losses(Transformer.logits, x, targets, chunk, module=self,
-                                     wrt=nnx.Any(*map(nnx.PathContains, HEAD)))
+                                     wrt=HEAD)
 
   def init_cache(self, batch: int, max_len: int) -> cache_lib.Cache:
     """An empty cache for `batch` streams of up to `max_len` tokens (decoders only).
