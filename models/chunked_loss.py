@@ -90,6 +90,4 @@ def token_losses(logits_fn: LogitsFn, x: Float[Array, "B T D"], targets: Int[Arr
     raise ValueError(f"chunk must be 0 (plain logits) or a positive number of positions, got "
                      f"{chunk!r}.")
   head = lambda *inputs: plain_token_losses(logits_fn(*inputs[:-1]), inputs[-1])  # [m,] x, t
-  if chunk == 0:
-    return head(*([] if module is None else [module]), x, targets)
-  return tiling.map_positions(head, (x, targets), chunk, module=module, wrt=wrt)
+  return tiling.map_positions(head, (x, targets), chunk or x.shape[1], module=module, wrt=wrt)

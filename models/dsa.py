@@ -217,15 +217,8 @@ class DsaAttention(layers.Attention):
   def __init__(self, config, kind: str, *, rngs: nnx.Rngs):
     super().__init__(config, kind, rngs=rngs)
     self.dsa = DsaSettings.from_options(self.options)
-    if not config.causal or self.window:
-      raise ValueError(f"layer kind {kind!r} (DSA) needs a causal model and window=0, got "
-                       f"causal={config.causal}, window={self.window}.")
-    if self.alibi_slopes is not None:
-      raise ValueError(f"layer kind {kind!r} (DSA) does not support alibi=True (sparse "
-                       f"attention refuses ALiBi); it uses RoPE.")
-    if self.scale is not None:
-      raise ValueError(f"layer kind {kind!r} (DSA) does not support attention_scale (its "
-                       f"attention and indexer target use head_dim ** -0.5).")
+    self.require_plain_causal("DSA", scale=True, reason="it uses RoPE; its attention and "
+                              "indexer target use head_dim ** -0.5")
     self.indexer = Indexer(config, self.dsa, self.rope, rngs=rngs)
 
   @classmethod

@@ -144,8 +144,12 @@ def settings_from_options(cls, options, label: str):
   or None); an option name `cls` does not have raises a ValueError naming it and the known ones
   (`label` says whose options they are, e.g. "DSA")."""
   options = dict(options or ())
-  known = sorted(f.name for f in dataclasses.fields(cls))
-  unknown = sorted(set(options) - set(known))
-  if unknown:
-    raise ValueError(f"unknown {label} option(s) {unknown}; known: {known}.")
+  check_option_names(options, [f.name for f in dataclasses.fields(cls)], label)
   return cls(**options)
+
+
+def check_option_names(options, known, label: str) -> None:
+  """A ValueError naming the option names of `options` (a mapping or pairs) not in `known`."""
+  unknown = sorted(set(dict(options or ())) - set(known))
+  if unknown:
+    raise ValueError(f"unknown {label} option(s) {unknown}; known: {sorted(known)}.")

@@ -112,6 +112,18 @@ class Attention(nnx.Module):
                          make_norm(config, rngs=rngs, features=h, norm=config.qk_norm))
     self.q_norm, self.k_norm = head_norm(), head_norm()
 
+  def require_plain_causal(self, label: str, *, scale: bool, window_note: str = "",
+                           reason: str = "it uses RoPE") -> None:
+    """For kinds that select among all earlier keys themselves (DSA, MoBA, NSA): a ValueError
+    naming `label` unless the model is causal with window=0 and no ALiBi (and, with `scale`,
+    no `attention_scale`)."""
+    if not self.causal or self.window:
+      raise ValueError(f"layer kind {self.kind!r} ({label}) needs a causal model and "
+                       f"window=0{window_note}, got causal={self.causal}, window={self.window}.")
+    if self.alibi_slopes is not None or (scale and self.scale is not None):
+      raise ValueError(f"layer kind {self.kind!r} ({label}) supports neither alibi=True"
+                       f"{' nor attention_scale' if scale else ''} ({reason}).")
+
   @classmethod
   def attention_flops(cls, config: ModelConfig, kind: str, keys):
     """Forward attention FLOPs of one query that sees `keys` keys (int or array) in a layer of

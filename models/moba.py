@@ -26,7 +26,7 @@ from flax import nnx
 import attention
 
 from models import layers
-from models.kinds import KindSettings, LayerKind, register_layer_kind
+from models.kinds import KindSettings, LayerKind, check_option_names, register_layer_kind
 
 OPTION_NAMES = ("block_size", "top_k_blocks", "implementation", "block_sizes", "interpret",
                 "logits_soft_cap")
@@ -37,16 +37,9 @@ class MobaAttention(layers.Attention):
 
   def __init__(self, config, kind: str, *, rngs: nnx.Rngs):
     super().__init__(config, kind, rngs=rngs)
-    if not config.causal or self.window:
-      raise ValueError(f"layer kind {kind!r} (MoBA) needs a causal model and window=0, got "
-                       f"causal={config.causal}, window={self.window}.")
-    if self.alibi_slopes is not None:
-      raise ValueError(f"layer kind {kind!r} (MoBA) does not support alibi=True (block-sparse "
-                       f"attention refuses ALiBi); it uses RoPE.")
-    unknown = sorted(set(dict(self.options)) - set(OPTION_NAMES))
-    if unknown:
-      raise ValueError(f"layer kind {kind!r} (MoBA): unknown option(s) {unknown}; known: "
-                       f"{list(OPTION_NAMES)}.")
+    self.require_plain_causal("MoBA", scale=False, reason="block-sparse attention refuses "
+                              "ALiBi; it uses RoPE")
+    check_option_names(self.options, OPTION_NAMES, "MoBA")
     self.gate_settings = gate_settings(config, kind)
     self.recall = False  # `set_recall`: report `aux["selection_recall"]` (evaluation)
 
@@ -121,9 +114,7 @@ def set_recall(model: nnx.Module, on: bool = True) -> int:
 
 def moba_kind(**options) -> KindSettings:
   """`KindSettings` overriding the "moba" kind's options, e.g. `moba_kind(block_size=16)`."""
-  unknown = sorted(set(options) - set(OPTION_NAMES))
-  if unknown:
-    raise ValueError(f"unknown MoBA option(s) {unknown}; known: {list(OPTION_NAMES)}.")
+  check_option_names(options, OPTION_NAMES, "MoBA")
   return KindSettings(options=options)
 
 

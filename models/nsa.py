@@ -119,13 +119,8 @@ class NsaAttention(layers.Attention):
   def __init__(self, config, kind: str, *, rngs: nnx.Rngs):
     super().__init__(config, kind, rngs=rngs)
     self.nsa = NsaSettings.from_options(self.options)
-    if not config.causal or self.window:
-      raise ValueError(f"layer kind {kind!r} (NSA) needs a causal model and window=0 (the "
-                       f"sliding branch's width is the option `window`), got "
-                       f"causal={config.causal}, window={self.window}.")
-    if self.alibi_slopes is not None or self.scale is not None:
-      raise ValueError(f"layer kind {kind!r} (NSA) supports neither alibi=True nor "
-                       f"attention_scale (it uses RoPE and head_dim ** -0.5).")
+    self.require_plain_causal("NSA", scale=True, window_note=" (the sliding branch's width is "
+                              "the option `window`)", reason="it uses RoPE and head_dim ** -0.5")
     hidden = self.nsa.hidden or config.head_dim
     self.compress_k = Compressor(config, self.nsa.block_len, hidden, rngs=rngs)
     self.compress_v = Compressor(config, self.nsa.block_len, hidden, rngs=rngs)
