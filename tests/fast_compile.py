@@ -27,6 +27,7 @@ import sys
 
 ENV = "JAX_DISABLE_MOST_OPTIMIZATIONS"  # jax's own flag, read from the environment
 XLA_FLAG = "--xla_cpu_use_fusion_emitters=false"
+_REFUSED = "LONGCTX_TESTS_XLA_FLAG_REFUSED"  # set when this jaxlib rejected XLA_FLAG
 
 
 def enabled(environ=os.environ) -> bool:
@@ -48,8 +49,12 @@ def configure(environ=os.environ) -> bool:
   returns whether compiling is in the fast mode."""
   environ.setdefault(ENV, "1")
   flags = environ.get("XLA_FLAGS", "")
-  if enabled(environ) and "xla_cpu_use_fusion_emitters" not in flags and xla_accepts(XLA_FLAG):
-    environ["XLA_FLAGS"] = f"{flags} {XLA_FLAG}".strip()
+  if enabled(environ) and "xla_cpu_use_fusion_emitters" not in flags and (
+      environ.get(_REFUSED) != "1"):
+    if xla_accepts(XLA_FLAG):
+      environ["XLA_FLAGS"] = f"{flags} {XLA_FLAG}".strip()
+    else:
+      environ[_REFUSED] = "1"  # the workers and subprocesses do not try again
   return enabled(environ)
 
 

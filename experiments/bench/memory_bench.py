@@ -5,7 +5,8 @@
 The model has Llama-3.2-1B's shape (`llama_1b`: 16 layers, d_model 2048, 32 query and 8 KV
 heads of 64, SwiGLU MLP 8192, vocabulary 128256, tied embeddings, bf16 parameters and
 activations). One step is exactly the trainer's (`trainer.train_step`: loss + gradient +
-clipping + AdamW update, moments in the parameters' dtype), lowered with abstract inputs
+clipping + AdamW update; `optim.state_dtype` float32 by default: float32 master weights and
+moments for the bf16 parameters), lowered with abstract inputs
 (`jax.ShapeDtypeStruct`, nothing is allocated) and compiled for the host CPU; the numbers are
 `compiled.memory_analysis()`:
 
@@ -105,14 +106,13 @@ def compile_step(setting: Setting, length: int, model_overrides: dict | None = N
     metrics = trainer.train_step(model, optimizer, batch, loss_chunk=config.loss_chunk)
     return nnx.state((model, optimizer)), metrics
 
-  jitted = jax.jit(step, donate_argnums=0)
-  if mesh is not None:
-    replicated = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), state)
-    rows = {k: sharding.batch_sharding(mesh) for k in batch}
-    jitted = jax.jit(step, donate_argnums=0, in_shardings=(replicated, rows))
-    with jax.sharding.set_mesh(mesh):
-      return jitted.lower(state, batch).compile()
-  return jitted.lower(state, batch).compile()
+  if mesh is None:
+    return jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+  replicated = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), state)
+  rows = {k: sharding.batch_sharding(mesh) for k in batch}
+  jitted = jax.jit(step, donate_argnums=0, in_shardings=(replicated, rows))
+  with jax.sharding.set_mesh(mesh):
+    return jitted.lower(state, batch).compile()
 
 
 def measure(setting: Setting, length: int, model_overrides: dict | None = None) -> dict:

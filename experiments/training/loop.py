@@ -65,14 +65,15 @@ class MetricsLog:
   def write(self, row: dict[str, Any]) -> None:
     """One line of strict JSON (a non-finite number becomes null); `stops.WriteFailed`
     naming the file if it cannot be written."""
+    row = finite_or_null(row)
     try:
       with open(self.path, "a") as f:
-        f.write(json.dumps(finite_or_null(row), allow_nan=False) + "\n")
+        f.write(json.dumps(row, allow_nan=False) + "\n")
     except OSError as e:
       raise stops.WriteFailed(f"cannot append to {self.path} ({type(e).__name__}: "
                               f"{e.strerror or e}); free space or fix permissions, then run the "
                               f"same command again to resume.") from e
-    self.scalars.write(finite_or_null(row))  # TensorBoard: finite values only
+    self.scalars.write(row)  # TensorBoard: finite values only
 
   def close(self) -> None:
     self.scalars.close()
@@ -143,11 +144,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
   `Diverged` (`max_nonfinite_steps` non-finite steps in a row, none applied), `WriteFailed`.
   """
   common.check_config(config)
-  config = hf_bridge.with_checkpoint_model(config)  # init_from a Hugging Face directory
+  check_stop_settings(config)
   if config.multihost:
     sharding.initialize_distributed(  # before anything touches a device
         heartbeat_timeout_seconds=int(config.heartbeat_timeout_s))
     workdir_lib.set_process(jax.process_index())  # from here on, each process its own log
+  config = hf_bridge.with_checkpoint_model(config)  # init_from a Hugging Face directory
   workdir = workdir_lib.prepare(workdir)
   primary = jax.process_index() == 0  # several hosts: one writer (and locker) of the workdir
   with workdir_lib.lock(workdir) if primary else contextlib.nullcontext():
@@ -163,6 +165,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     return finish(run, config, end, last, evaluate)
 
 
+def check_stop_settings(config) -> None:
+  """A ValueError unless `max_nonfinite_steps` and `heartbeat_timeout_s` are >= 1."""
+  for name in ("max_nonfinite_steps", "heartbeat_timeout_s"):
+    if int(config[name]) < 1:
+      raise ValueError(f"{name} must be >= 1, got {config[name]}.")
+
+
 def setup(config: ml_collections.ConfigDict, workdir: str, primary: bool = True) -> Run:
   """Task, model, optimizer (sharded over `config.mesh`), restored from the newest loadable
   checkpoint or `config.init_from`; writes `config.json` and opens `metrics.jsonl`."""
@@ -173,9 +182,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, primary: bool = True)
     raise ValueError(f"task.tokenizer {tok.spec!r} has {tok.vocab_size} tokens: set "
                      f"--config.model.vocab_size={tok.vocab_size} (or more); it is "
                      f"{config.model.vocab_size}.")
-  for name in ("max_nonfinite_steps", "heartbeat_timeout_s"):
-    if int(config[name]) < 1:
-      raise ValueError(f"{name} must be >= 1, got {config[name]}.")
+  check_stop_settings(config)
   if config.batch_size % config.grad_accum:
     raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of grad_accum "
                      f"({config.grad_accum}).")
